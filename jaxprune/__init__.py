@@ -1,0 +1,1 @@
+"""jaxprune: structured filter pruning for Flax CNNs."""

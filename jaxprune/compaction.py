@@ -1,0 +1,146 @@
+"""Compaction: remove pruned channels for real and rebuild a smaller model.
+
+`compact` slices every leaf that a group touches down to the kept positions and rebuilds the
+model through the compactable-model contract (docs/design.md section 6): the model is cloned
+with ``keep_out`` / ``keep_in`` (module path -> kept original channel indices of that
+conv/dense's output / input), from which it derives its widths and the static re-indexing at
+residual adds. The result computes exactly what the masked model computes:
+``compact_model.apply(compact_vars, x) == model.apply(apply_masks(variables, binarize(masks),
+graph), x)``: a removed channel's BN scale and bias are removed with its filter, so the BN
+constant of a zeroed filter never reaches the compact model (methods.md section 6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.graph import PruningGraph, leaf_paths, module_path
+from jaxprune.masks import _plans, validate_masks
+
+AxisKeep = dict[tuple[str, ...], dict[int, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactResult:
+    """Output of `compact`.
+
+    Attributes:
+      model: the rebuilt, smaller model (``model.clone(keep_out=..., keep_in=...)``).
+      variables: its variables (params and batch stats) with the pruned slices removed.
+      keep_out: module path -> kept output channel indices (original numbering).
+      keep_in: module path -> kept input channel indices (original numbering).
+      axis_keep: leaf path -> {axis: kept positions}: the surgery, replayable on any tree of
+        the same structure with `slice_tree` (fresh model, optimizer state, EMA params).
+    """
+
+    model: Any
+    variables: Any
+    keep_out: dict[str, tuple[int, ...]]
+    keep_in: dict[str, tuple[int, ...]]
+    axis_keep: AxisKeep
+
+
+def surgery(masks: Mapping[str, Any], graph: PruningGraph
+            ) -> tuple[AxisKeep, dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """Host-side plan of the compaction: kept positions of every touched leaf axis.
+
+    Returns ``(axis_keep, keep_out, keep_in)``; see `CompactResult`.
+    """
+    validate_masks(masks, graph)
+    keep = {n: (np.asarray(m) != 0) for n, m in masks.items()}
+    axis_keep: AxisKeep = {}
+    for path, plans in _plans(graph, None).items():
+        for plan in plans:
+            vec = np.concatenate([keep[n] for n in plan.groups] + [np.ones(1, bool)])
+            axis_keep.setdefault(path, {})[plan.axis] = np.flatnonzero(vec[plan.index])
+    keep_out: dict[str, tuple[int, ...]] = {}
+    keep_in: dict[str, tuple[int, ...]] = {}
+    for g in graph.groups.values():
+        for m in g.members:
+            target = keep_out if m.role == "out" else keep_in if m.role == "in" else None
+            if target is not None:
+                target[m.module] = tuple(int(i) for i in axis_keep[m.path][m.axis])
+    return axis_keep, keep_out, keep_in
+
+
+def slice_tree(tree: Any, axis_keep: AxisKeep, prefix: tuple[str, ...] = (),
+               match_suffix: bool = False) -> Any:
+    """Applies a recorded surgery to ``tree`` (variables, a params tree, an optax state).
+
+    Args:
+      tree: a pytree; a leaf is sliced when its path (``prefix`` + path) is in ``axis_keep``,
+        or, with ``match_suffix``, when its path ends with a recorded path without its
+        collection (how optax states nest params-shaped trees).
+    """
+    by_suffix = {p[1:]: v for p, v in axis_keep.items()} if match_suffix else {}
+    flat, treedef = jax.tree_util.tree_flatten(tree)
+    out = []
+    for leaf, path in zip(flat, leaf_paths(tree)):
+        full = tuple(prefix) + path
+        cut = axis_keep.get(full)
+        if cut is None and match_suffix:
+            cut = next((by_suffix[path[k:]] for k in range(len(path)) if path[k:] in by_suffix),
+                       None)
+        if cut is not None and np.ndim(leaf) > max(cut):
+            for axis, idx in cut.items():
+                leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def compact_variables(variables: Any, masks: Mapping[str, Any], graph: PruningGraph
+                      ) -> tuple[Any, AxisKeep]:
+    """Removes every pruned slice from ``variables``; model-independent."""
+    axis_keep, _, _ = surgery(masks, graph)
+    return slice_tree(variables, axis_keep), axis_keep
+
+
+def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph
+            ) -> CompactResult:
+    """Builds the physically smaller model and variables (see module docstring).
+
+    ``model`` must follow the compactable-model contract: a Flax Linen module with
+    ``keep_out`` and ``keep_in`` fields (all bundled models do). Channels whose mask is 0 are
+    removed; the kept ones are copied unchanged.
+    """
+    for field in ("keep_out", "keep_in"):
+        if not hasattr(model, field):
+            raise TypeError(
+                f"{type(model).__name__} has no {field!r} field: compaction rebuilds a model "
+                "through the keep_out/keep_in contract (docs/design.md, section 6); use "
+                "compact_variables for the variables alone")
+    axis_keep, keep_out, keep_in = surgery(masks, graph)
+    old_out = dict(getattr(model, "keep_out") or {})
+    old_in = dict(getattr(model, "keep_in") or {})
+    new_out = _compose(old_out, keep_out)
+    new_in = _compose(old_in, keep_in)
+    from flax.core import FrozenDict
+
+    new_model = model.clone(keep_out=FrozenDict(new_out), keep_in=FrozenDict(new_in))
+    new_vars = slice_tree(variables, axis_keep)
+    return CompactResult(new_model, new_vars, new_out, new_in, axis_keep)
+
+
+def _compose(old: Mapping[str, tuple[int, ...]], new: Mapping[str, tuple[int, ...]]
+             ) -> dict[str, tuple[int, ...]]:
+    """Keeps indices in the ORIGINAL numbering when an already compact model is compacted."""
+    out = dict(old)
+    for k, idx in new.items():
+        out[k] = tuple(old[k][i] for i in idx) if k in old else tuple(idx)
+    return out
+
+
+def axis_keep_to_json(axis_keep: AxisKeep) -> dict[str, dict[str, list[int]]]:
+    """JSON-safe form of a surgery (for checkpoint metadata)."""
+    return {"/".join(p): {str(a): [int(i) for i in idx] for a, idx in v.items()}
+            for p, v in axis_keep.items()}
+
+
+def axis_keep_from_json(data: Mapping[str, Mapping[str, list[int]]]) -> AxisKeep:
+    return {tuple(p.split("/")): {int(a): np.asarray(idx, np.int64) for a, idx in v.items()}
+            for p, v in data.items()}

@@ -1,0 +1,744 @@
+"""Data: CIFAR-10/100 and digits as in-memory uint8 arrays, on-device augmentation, batch orders,
+and a TensorFlow-free ImageNet stream.
+
+The CIFAR recipe (docs/methods.md, section 2) is random horizontal flip + 4-pixel zero pad +
+random 32x32 crop, then per-channel normalisation; evaluation normalises only.  Images stay
+``uint8`` on the host; :func:`augment_batch` (train) and :func:`normalize` (eval) turn a batch into
+normalised ``float32`` on the device.  Padding is applied to the ``[0, 1]`` image *before*
+normalisation, so a padded pixel is ``-mean / std`` exactly as in the PyTorch pipeline
+(``ToTensor -> RandomCrop(padding=4) -> Normalize``).
+
+Batch orders are pure functions of ``(seed, epoch)`` (:func:`epoch_batches`), so a run resumed
+mid-training sees the same order; :func:`eval_batches` covers every example exactly once with a
+weight mask for the padded tail.
+
+ImageNet (:func:`imagenet_pipeline`) reads TFDS ``array_record`` data through
+``tfds.data_source`` and does the standard ResNet preprocessing with PIL/numpy, so it needs
+neither TensorFlow nor ``tf.data``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ENV_DATA_DIR",
+    "Dataset",
+    "load_cifar",
+    "load_digits_dataset",
+    "normalize",
+    "augment_batch",
+    "augment_params",
+    "epoch_batches",
+    "eval_batches",
+    "num_batches",
+    "random_resized_crop_box",
+    "preprocess_imagenet_train",
+    "preprocess_imagenet_eval",
+    "ImagenetStream",
+    "imagenet_pipeline",
+]
+
+# Normalisation constants of the official SFP/FPGM scripts, in 0..1 units.
+CIFAR10_MEAN = tuple(v / 255.0 for v in (125.3, 123.0, 113.9))
+CIFAR10_STD = tuple(v / 255.0 for v in (63.0, 62.1, 66.7))
+CIFAR100_MEAN = tuple(v / 255.0 for v in (129.3, 124.1, 112.4))
+CIFAR100_STD = tuple(v / 255.0 for v in (68.2, 65.4, 70.4))
+# torchvision's ImageNet constants.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: Environment variable naming a folder that holds ``cifar10/`` (``cifar100/``) or the shards.
+ENV_DATA_DIR = "JAXPRUNE_DATA_DIR"
+
+_CIFAR = {
+    "cifar10": dict(num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "cifar100": dict(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
+}
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset container
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """An in-memory image classification data set.
+
+    ``x_*`` are ``uint8 [N, H, W, C]`` (NHWC), ``y_*`` are ``int32 [N]``; ``mean``/``std`` are the
+    per-channel normalisation constants in 0..1 units (what :func:`normalize` and
+    :func:`augment_batch` take).  The arrays are made read-only.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    name: str
+
+    def __post_init__(self):
+        for field in ("x_train", "y_train", "x_test", "y_test"):
+            a = np.asarray(getattr(self, field))
+            want = np.uint8 if field.startswith("x") else np.int32
+            if a.dtype != want:
+                a = a.astype(want)
+            a.flags.writeable = False
+            object.__setattr__(self, field, a)
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.ndim != 4 or x.shape[0] != y.shape[0] or y.ndim != 1:
+                raise ValueError(f"{split}: expected x [N,H,W,C] and y [N], got {x.shape}, {y.shape}")
+            if y.size and (y.min() < 0 or y.max() >= self.num_classes):
+                raise ValueError(f"{split}: labels outside 0..{self.num_classes - 1}")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(f"train/test image shapes differ: {self.x_train.shape} vs {self.x_test.shape}")
+        c = self.x_train.shape[-1]
+        if len(self.mean) != c or len(self.std) != c:
+            raise ValueError(f"mean/std need {c} channels, got {len(self.mean)}/{len(self.std)}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def num_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, train={self.x_train.shape}, test={self.x_test.shape}, "
+            f"num_classes={self.num_classes})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------------------------
+
+
+def _shard_files(folder: Path) -> list[Path] | None:
+    """``train_0..train_{k-1}.npz`` (contiguous) if ``folder`` holds the offline layout."""
+    if not (folder / "test.npz").is_file():
+        return None
+    found = {}
+    for p in folder.glob("train_*.npz"):
+        m = re.fullmatch(r"train_(\d+)\.npz", p.name)
+        if m:
+            found[int(m.group(1))] = p
+    if not found or sorted(found) != list(range(len(found))):
+        return None
+    return [found[i] for i in range(len(found))]
+
+
+def _default_offline_roots() -> list[Path]:
+    """The shared offline copy: ``../shared/data`` from the current dir and from the repo root."""
+    roots = []
+    for base in (Path.cwd(), _REPO_ROOT):
+        r = (base / ".." / "shared" / "data").resolve()
+        if r not in roots:
+            roots.append(r)
+    return roots
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify_checksums(folder: Path, files: Sequence[Path]) -> None:
+    sums_file = folder / "SHA256SUMS"
+    if not sums_file.is_file():
+        return
+    sums = {}
+    for line in sums_file.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            sums[parts[-1].lstrip("*")] = parts[0].lower()
+    for f in files:
+        want = sums.get(f.name)
+        if want is None:
+            continue
+        got = _sha256(f)
+        if got != want:
+            raise ValueError(f"checksum mismatch for {f}: SHA256SUMS says {want}, file hashes to {got}")
+
+
+def _load_npz_layout(folder: Path, files: list[Path], verify: bool):
+    if verify:
+        _verify_checksums(folder, [*files, folder / "test.npz"])
+    xs, ys = [], []
+    for f in files:
+        with np.load(f) as z:
+            xs.append(z["x"])
+            ys.append(z["y"])
+    with np.load(folder / "test.npz") as z:
+        x_test, y_test = z["x"], z["y"]
+    return np.concatenate(xs), np.concatenate(ys), x_test, y_test
+
+
+def _tfds_module():
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except Exception:  # pragma: no cover - tfds is a dependency, but stay robust
+        return None
+    return tfds
+
+
+def _have_tensorflow() -> bool:
+    try:
+        import tensorflow  # noqa: F401, PLC0415
+    except Exception:
+        return False
+    return True
+
+
+def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bool):
+    """TFDS fallback. Returns ``(arrays, None)`` or ``(None, reason)``; never raises."""
+    tfds = _tfds_module()
+    if tfds is None:
+        return None, "tensorflow_datasets is not importable"
+    try:
+        builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
+        where = str(builder.data_dir)
+        has_tf = _have_tensorflow()
+        if not builder.is_prepared():
+            if not download:
+                return None, f"TFDS {name!r} is not prepared in {where}"
+            # Without TensorFlow only the random-access array_record format can be read.
+            builder.download_and_prepare(**({} if has_tf else {"file_format": "array_record"}))
+        out = []
+        for split in ("train", "test"):
+            if has_tf:
+                d = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+                out += [np.asarray(d["image"]), np.asarray(d["label"])]
+            else:
+                src = builder.as_data_source(split=split)
+                items = src.__getitems__(range(len(src))) if hasattr(src, "__getitems__") else list(src)
+                out += [np.stack([np.asarray(e["image"]) for e in items]),
+                        np.asarray([int(e["label"]) for e in items])]
+        return tuple(out), None
+    except Exception as e:  # TFDS raises many types (DatasetNotFoundError, NotImplementedError..)
+        return None, f"TFDS {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def load_cifar(
+    name: str = "cifar10",
+    data_dir: str | os.PathLike | None = None,
+    *,
+    verify: bool = False,
+    download: bool = False,
+) -> Dataset:
+    """Load CIFAR-10 or CIFAR-100 into memory as a :class:`Dataset`.
+
+    Where the data is looked for, in order:
+
+    1. ``data_dir`` if given: the offline shard layout in ``data_dir/<name>/`` or ``data_dir``
+       itself, else a TFDS data dir (``tfds.builder(name, data_dir=data_dir)``).  An explicit
+       ``data_dir`` is authoritative: nothing else is tried.
+    2. ``$JAXPRUNE_DATA_DIR`` (``<dir>/<name>/`` or the shards directly in ``<dir>``).
+    3. The shared offline copy ``../shared/data/<name>`` relative to the current directory and
+       to the repository root.
+    4. TFDS in its default data dir (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); with
+       ``download=True`` TFDS may download and prepare it (needs internet; without TensorFlow
+       the ``array_record`` format is used).
+
+    The offline layout is ``train_0.npz .. train_{k-1}.npz`` + ``test.npz``, each with ``x``
+    ``uint8 [N,32,32,3]`` and ``y`` labels; ``verify=True`` checks them against ``SHA256SUMS``
+    when that file is present (``ValueError`` on mismatch).
+
+    Raises ``FileNotFoundError`` listing every place looked at when no data is found.
+    """
+    if name not in _CIFAR:
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(_CIFAR)}")
+    meta = _CIFAR[name]
+    looked: list[str] = []
+
+    def try_folder(root: Path, direct: bool = True):
+        for d in [root / name, root] if direct else [root / name]:
+            files = _shard_files(d)
+            if files is not None:
+                return _load_npz_layout(d, files, verify)
+            looked.append(f"{d} (no train_0.npz .. + test.npz)")
+        return None
+
+    arrays = None
+    tfds_dirs: list[str | os.PathLike | None] = []
+    if data_dir is not None:
+        arrays = try_folder(Path(data_dir).expanduser())
+        tfds_dirs = [Path(data_dir).expanduser()]
+    else:
+        env = os.environ.get(ENV_DATA_DIR)
+        if env:
+            arrays = try_folder(Path(env).expanduser())
+        else:
+            looked.append(f"${ENV_DATA_DIR} (not set)")
+        if arrays is None:
+            for root in _default_offline_roots():
+                arrays = try_folder(root, direct=False)
+                if arrays is not None:
+                    break
+        tfds_dirs = [None]
+    if arrays is None:
+        for d in tfds_dirs:
+            arrays, reason = _load_cifar_tfds(name, d, download)
+            if arrays is not None:
+                break
+            looked.append(reason)
+    if arrays is None:
+        where = "\n  - ".join(looked)
+        raise FileNotFoundError(
+            f"{name} data not found. Looked in:\n  - {where}\n"
+            f"Provide it in one of these ways:\n"
+            f"  * pass data_dir=<folder> (the --data_dir flag of the CLI) holding {name}/train_0.npz.. "
+            f"+ test.npz, or those files directly;\n"
+            f"  * set {ENV_DATA_DIR}=<folder> with the same layout;\n"
+            f"  * place the offline copy at ../shared/data/{name} relative to the project root;\n"
+            f"  * or prepare it with TFDS on a machine with internet: "
+            f"`tfds build {name} --file_format=array_record` (or load_cifar(..., download=True))."
+        )
+    x_train, y_train, x_test, y_test = arrays
+    return Dataset(
+        x_train=np.asarray(x_train, np.uint8),
+        y_train=np.asarray(y_train).astype(np.int32),
+        x_test=np.asarray(x_test, np.uint8),
+        y_test=np.asarray(y_test).astype(np.int32),
+        num_classes=meta["num_classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        name=name,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Digits (offline quickstart)
+# --------------------------------------------------------------------------------------------
+
+
+def load_digits_dataset(image_size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download) as a Dataset.
+
+    Pixel values 0..16 are rescaled to 0..255 ``uint8``; ``image_size`` must be a multiple of 8
+    (8 keeps the images, 16 upsamples 2x by pixel repetition).  The split is stratified and
+    deterministic in ``seed``; mean/std are computed on the training images.
+    """
+    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415
+
+    if image_size <= 0 or image_size % 8:
+        raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
+    d = load_digits()
+    x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    f = image_size // 8
+    if f > 1:
+        x = x.repeat(f, axis=1).repeat(f, axis=2)
+    x = x[..., None]
+    y = d.target.astype(np.int32)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y
+    )
+    idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
+    xt = x[idx_train].astype(np.float64) / 255.0
+    return Dataset(
+        x_train=x[idx_train],
+        y_train=y[idx_train],
+        x_test=x[idx_test],
+        y_test=y[idx_test],
+        num_classes=10,
+        mean=(float(xt.mean()),),
+        std=(float(xt.std()),),
+        name="digits",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# On-device preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def _stats(mean, std, dtype=jnp.float32):
+    return jnp.asarray(mean, dtype), jnp.asarray(std, dtype)
+
+
+@jax.jit
+def normalize(images: jax.Array, mean, std) -> jax.Array:
+    """``(images / 255 - mean) / std`` in float32, per channel (last axis). Eval preprocessing."""
+    m, s = _stats(mean, std)
+    return (jnp.asarray(images).astype(jnp.float32) / 255.0 - m) / s
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size", "pad", "flip"))
+def augment_params(rng: jax.Array, batch_size: int, pad: int = 4, flip: bool = True):
+    """The random draws :func:`augment_batch` uses for ``rng``.
+
+    Returns ``(offsets int32 [B, 2], flips bool [B])``: the (row, col) corner of each crop in the
+    padded image (uniform in ``0..2*pad``) and whether each example is mirrored.  The crop key and
+    the flip key are split from ``rng`` the same way whatever ``pad``/``flip`` are.
+    """
+    k_crop, k_flip = jax.random.split(rng)
+    if pad > 0:
+        offsets = jax.random.randint(k_crop, (batch_size, 2), 0, 2 * pad + 1, dtype=jnp.int32)
+    else:
+        offsets = jnp.zeros((batch_size, 2), jnp.int32)
+    if flip:
+        flips = jax.random.bernoulli(k_flip, 0.5, (batch_size,))
+    else:
+        flips = jnp.zeros((batch_size,), bool)
+    return offsets, flips
+
+
+@functools.partial(jax.jit, static_argnames=("pad", "flip"))
+def augment_batch(rng: jax.Array, images, mean, std, pad: int = 4, flip: bool = True) -> jax.Array:
+    """CIFAR training augmentation on device: zero pad + random crop + random flip + normalise.
+
+    ``images`` is ``uint8 [B, H, W, C]``.  Each image is scaled to ``[0, 1]``, padded with ``pad``
+    zeros on every side, cropped back to ``H x W`` at a random offset, mirrored left-right with
+    probability 1/2 (``flip=True``) and normalised with ``mean``/``std`` (0..1 units) -- so padded
+    pixels come out as ``-mean / std``, as in the PyTorch recipe.  Pure and jittable; the draws
+    are those of :func:`augment_params`.  Returns ``float32 [B, H, W, C]``.
+    """
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    b, h, w, c = x.shape
+    offsets, flips = augment_params(rng, b, pad, flip)
+    if pad > 0:
+        xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+        crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))  # noqa: E731
+        x = jax.vmap(crop)(xp, offsets)
+    if flip:
+        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
+    m, s = _stats(mean, std)
+    return (x - m) / s
+
+
+# --------------------------------------------------------------------------------------------
+# Batch orders
+# --------------------------------------------------------------------------------------------
+
+
+def num_batches(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
+    """How many batches :func:`epoch_batches` / :func:`eval_batches` produce."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
+
+
+def epoch_batches(
+    num_examples: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True
+) -> np.ndarray | list[np.ndarray]:
+    """Shuffled index batches of one epoch, a pure function of ``(seed, epoch)``.
+
+    The order is the permutation drawn by ``np.random.default_rng((seed, epoch))``, so resuming
+    at any epoch/step reproduces the original order.  With ``drop_last=True`` (the default) the
+    result is an ``int64 [num_batches, batch_size]`` array and the incomplete tail is dropped;
+    with ``drop_last=False`` it is a list of 1-D arrays whose last one may be shorter.
+    """
+    if num_examples < 0 or seed < 0 or epoch < 0:
+        raise ValueError("num_examples, seed and epoch must be non-negative")
+    nb = num_batches(num_examples, batch_size, drop_last)
+    perm = np.random.default_rng((seed, epoch)).permutation(num_examples)
+    if drop_last:
+        return perm[: nb * batch_size].reshape(nb, batch_size)
+    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
+
+
+def eval_batches(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequential batches covering every example exactly once, for exact evaluation.
+
+    Returns ``(indices int64 [nb, batch_size], weights float32 [nb, batch_size])``.  The last
+    batch is padded with index 0 and weight 0, so ``sum(weights * correct)`` counts each example
+    once and every batch has the same shape (one compiled eval step).
+    """
+    nb = num_batches(num_examples, batch_size, drop_last=False)
+    idx = np.zeros(nb * batch_size, np.int64)
+    idx[:num_examples] = np.arange(num_examples)
+    w = np.zeros(nb * batch_size, np.float32)
+    w[:num_examples] = 1.0
+    return idx.reshape(nb, batch_size), w.reshape(nb, batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet (TFDS array_record + PIL; no TensorFlow)
+# --------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of an Inception-style random crop.
+
+    Area fraction uniform in ``scale``, aspect ratio (w/h) log-uniform in ``ratio``; after
+    ``attempts`` misses, the largest central crop whose aspect ratio lies in ``ratio``.
+    """
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(attempts):
+        target = area * rng.uniform(scale[0], scale[1])
+        ar = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_pil_rgb(image):
+    from PIL import Image  # noqa: PLC0415
+
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(bytes(image)))
+        img.load()
+    elif isinstance(image, Image.Image):
+        img = image
+    else:
+        a = np.asarray(image)
+        if a.dtype != np.uint8:
+            raise ValueError(f"expected uint8 image, got {a.dtype}")
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        elif a.ndim == 3 and a.shape[-1] == 4:
+            a = a[..., :3]
+        img = Image.fromarray(a)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess_imagenet_train(image, rng: np.random.Generator, image_size: int = 224) -> np.ndarray:
+    """Random-resized-crop (area 0.08..1, aspect 3/4..4/3) to ``image_size``, bilinear, then a
+    random horizontal flip. ``image``: uint8 HWC array, encoded bytes or PIL image. -> uint8 HWC."""
+    from PIL import Image  # noqa: PLC0415
+
+    img = _to_pil_rgb(image)
+    top, left, h, w = random_resized_crop_box(rng, img.height, img.width)
+    out = img.resize(
+        (image_size, image_size), resample=Image.BILINEAR, box=(left, top, left + w, top + h)
+    )
+    a = np.asarray(out, np.uint8)
+    if rng.random() < 0.5:
+        a = a[:, ::-1]
+    return np.ascontiguousarray(a)
+
+
+def preprocess_imagenet_eval(image, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
+    """Resize the shorter side to ``resize_size`` (bilinear), center crop ``image_size``."""
+    from PIL import Image  # noqa: PLC0415
+
+    if resize_size < image_size:
+        raise ValueError(f"resize_size {resize_size} < image_size {image_size}")
+    img = _to_pil_rgb(image)
+    w, h = img.width, img.height
+    if h <= w:
+        nh, nw = resize_size, int(resize_size * w / h)
+    else:
+        nw, nh = resize_size, int(resize_size * h / w)
+    a = np.asarray(img.resize((nw, nh), resample=Image.BILINEAR), np.uint8)
+    top = int(round((nh - image_size) / 2.0))
+    left = int(round((nw - image_size) / 2.0))
+    return np.ascontiguousarray(a[top : top + image_size, left : left + image_size])
+
+
+def _imagenet_not_found(name: str, split: str, data_dir, reason: str) -> FileNotFoundError:
+    where = data_dir if data_dir is not None else "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    return FileNotFoundError(
+        f"{name} split {split!r} is not available in {where}: {reason}\n"
+        f"Prepare it once in the array_record format (no TensorFlow needed to read it):\n"
+        f"  1. put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/\n"
+        f"  2. run `tfds build {name} --data_dir=<data_dir> --file_format=array_record`\n"
+        f"then pass data_dir=<data_dir> (or set TFDS_DATA_DIR), or pass source=<sequence of "
+        f"{{'image', 'label'}} dicts>."
+    )
+
+
+def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, Any]]:
+    tfds = _tfds_module()
+    if tfds is None:
+        raise _imagenet_not_found(name, split, data_dir, "tensorflow_datasets is not importable")
+    dd = None if data_dir is None else os.fspath(data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=dd)
+    except Exception as e:
+        raise _imagenet_not_found(name, split, data_dir, f"{type(e).__name__}: {e}") from e
+    if not builder.is_prepared():
+        raise _imagenet_not_found(name, split, data_dir, f"no prepared data in {builder.data_dir}")
+    try:  # keep the JPEG bytes; decoding happens in the worker threads
+        return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception:
+        pass
+    try:
+        return builder.as_data_source(split=split)
+    except Exception as e:  # e.g. prepared as TFRECORD: no random access
+        raise _imagenet_not_found(
+            name, split, data_dir, f"cannot open it for random access ({type(e).__name__}: {e})"
+        ) from e
+
+
+class ImagenetStream:
+    """Iterable of preprocessed batches (see :func:`imagenet_pipeline`); ``len()`` = batches."""
+
+    def __init__(
+        self,
+        source: Sequence[Mapping[str, Any]],
+        batch_size: int,
+        *,
+        train: bool,
+        image_size: int,
+        resize_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        drop_last: bool,
+        num_workers: int,
+    ):
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size)
+        self.seed, self.epoch = int(seed), int(epoch)
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.num_workers = max(1, int(num_workers))
+        self.num_examples = len(source)
+        if shuffle:
+            batches = epoch_batches(self.num_examples, self.batch_size, self.seed, self.epoch, drop_last)
+            self._batches = [(np.asarray(b), np.ones(len(b), np.float32)) for b in batches]
+        else:
+            idx, w = eval_batches(self.num_examples, self.batch_size)
+            if drop_last:
+                keep = int(np.sum(w.min(axis=1) > 0))
+                idx, w = idx[:keep], w[:keep]
+            self._batches = list(zip(idx, w))
+        # The pad of an incomplete eval batch repeats example 0 with weight 0.
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def _read(self, idx: np.ndarray):
+        ids = [int(i) for i in idx]
+        getitems = getattr(self.source, "__getitems__", None)
+        if getitems is not None:
+            return list(getitems(ids))
+        return [self.source[i] for i in ids]
+
+    def _process(self, item: Mapping[str, Any], index: int) -> np.ndarray:
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            return preprocess_imagenet_train(item["image"], rng, self.image_size)
+        return preprocess_imagenet_eval(item["image"], self.image_size, self.resize_size)
+
+    def _submit(self, pool, idx):
+        items = self._read(idx)
+        labels = np.asarray([int(e["label"]) for e in items], np.int32)
+        futs = [pool.submit(self._process, e, int(i)) for e, i in zip(items, idx)]
+        return futs, labels
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if not self._batches:
+            return
+        with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
+            pending = self._submit(pool, self._batches[0][0])
+            for k in range(len(self._batches)):
+                futs, labels = pending
+                if k + 1 < len(self._batches):  # prefetch the next batch while this one finishes
+                    pending = self._submit(pool, self._batches[k + 1][0])
+                images = np.stack([f.result() for f in futs])
+                yield {"image": images, "label": labels, "mask": self._batches[k][1]}
+
+
+def imagenet_pipeline(
+    split: str,
+    batch_size: int,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    train: bool = True,
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    resize_size: int | None = None,
+    shuffle: bool | None = None,
+    drop_last: bool | None = None,
+    num_workers: int | None = None,
+    dataset_name: str = "imagenet2012",
+    source: Sequence[Mapping[str, Any]] | None = None,
+) -> ImagenetStream:
+    """Stream ImageNet batches with the standard ResNet preprocessing, without TensorFlow.
+
+    Reads ``tfds.data_source(dataset_name)`` (the ``array_record`` format) from ``data_dir``
+    (default: TFDS's data dir), or any ``source`` sequence of ``{'image', 'label'}`` dicts
+    (image: uint8 HWC array, encoded JPEG/PNG bytes or PIL image).  ``train=True``: random
+    resized crop to ``image_size`` (area 0.08..1, aspect 3/4..4/3) + random flip, shuffled with
+    :func:`epoch_batches` ``(seed, epoch)``, incomplete tail dropped; per-example randomness is
+    seeded by ``(seed, epoch, index)`` so it does not depend on thread timing.  ``train=False``:
+    resize the shorter side to ``resize_size`` (default ``image_size * 256 / 224``), center crop,
+    sequential order, last batch padded (weight 0) like :func:`eval_batches`.
+
+    Returns an iterable (``len()`` = number of batches) of dicts ``image`` uint8
+    ``[B, S, S, 3]``, ``label`` int32 ``[B]``, ``mask`` float32 ``[B]``; normalise on device with
+    ``normalize(batch['image'], IMAGENET_MEAN, IMAGENET_STD)``.  Raises ``FileNotFoundError`` with
+    preparation instructions when the data set is not prepared.
+    """
+    if source is None:
+        source = _open_tfds_source(dataset_name, split, data_dir)
+    if resize_size is None:
+        resize_size = int(round(image_size * 256 / 224))
+    shuffle = train if shuffle is None else shuffle
+    drop_last = train if drop_last is None else drop_last
+    if num_workers is None:
+        num_workers = min(16, os.cpu_count() or 1)
+    return ImagenetStream(
+        source,
+        batch_size,
+        train=train,
+        image_size=image_size,
+        resize_size=resize_size,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        num_workers=num_workers,
+    )

@@ -1,0 +1,733 @@
+"""Prunable-group graph: which parameter slices belong to each prunable channel.
+
+`trace` runs the model's apply function abstractly (`jax.make_jaxpr`) and propagates channel
+identity through every primitive of the jaxpr. Each channel of each tensor axis is a node;
+primitive rules add edges between nodes that must be removed together (a conv's output
+filter, its BN entries, the next conv's input slice, residual partners). Connected components
+are single prunable channels; components with the same set of member leaves form a `Group`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+ROLES = ("out", "in", "vector", "other")
+RESIDUAL_POLICIES = ("coupled", "scatter")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Member:
+    """One leaf's share of a group: ``leaf[..., index[c, :], ...]`` along ``axis`` is channel c.
+
+    Attributes:
+      path: leaf path from the variables root, e.g. ``('params', 'conv1', 'kernel')``.
+      axis: the leaf axis the group indexes.
+      index: int array ``[C, m]``; the ``m`` leaf positions along ``axis`` of each channel
+        (``m > 1`` when a flatten spreads a channel over several classifier rows).
+      role: ``'out'`` (output filters of a conv/dense kernel), ``'in'`` (input slice of a
+        consumer kernel), ``'vector'`` (bias, BN scale/bias/mean/var) or ``'other'``.
+    """
+
+    path: tuple[str, ...]
+    axis: int
+    index: np.ndarray
+    role: str
+
+    @property
+    def module(self) -> str:
+        """Module path of the leaf: the path without collection and leaf name."""
+        return module_path(self.path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Group:
+    """A set of coupled channels pruned together; its mask is one vector of shape ``[size]``."""
+
+    name: str
+    size: int
+    members: tuple[Member, ...]
+    producers: tuple[str, ...]
+    kind: str  # 'conv' if any producer is a convolution, else 'dense'
+
+    def filters(self) -> tuple[Member, ...]:
+        """The members whose slices are the group's filters (role ``'out'``)."""
+        return tuple(m for m in self.members if m.role == "out")
+
+
+def module_path(path: Sequence[str]) -> str:
+    """``('params', 'layer1_0', 'conv1', 'kernel') -> 'layer1_0/conv1'``."""
+    return "/".join(path[1:-1])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Factor:
+    """A channel count of one tensor axis, as a function of the groups' masks.
+
+    ``count = fixed + sum_g sum_c per_channel[g][c] * keep_g[c]``: ``fixed`` positions belong to
+    no group, ``per_channel[g][c]`` positions of the axis are channel ``c`` of group ``g``.
+    """
+
+    size: int
+    fixed: int
+    per_channel: tuple[tuple[str, np.ndarray], ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CostOp:
+    """One multiply-accumulate op (conv or dot_general) of the forward pass, per example.
+
+    ``macs = const * prod(factor counts)``.
+    """
+
+    kind: str  # 'conv' or 'dense'
+    module: str  # module path of the kernel, '' when the weights are not a variable
+    const: int
+    factors: tuple[Factor, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LeafInfo:
+    path: tuple[str, ...]
+    shape: tuple[int, ...]
+    factors: tuple[Factor, ...]  # one per axis
+
+    @property
+    def is_param(self) -> bool:
+        return self.path[0] == "params"
+
+
+class TraceError(ValueError):
+    """The tracer met something it cannot follow on a prunable channel."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PruningGraph:
+    """The prunable groups of a model, plus what is needed to count its cost.
+
+    Attributes:
+      groups: group name -> `Group`, in forward order of their first producer.
+      unprunable: producer module path -> reason its channels cannot be pruned.
+      leaves: every traced variable leaf (path, shape, per-axis channel factors).
+      ops: every conv / dot_general with its per-example MAC structure.
+      residual: the residual policy used, 'coupled' or 'scatter'.
+    """
+
+    groups: Mapping[str, Group]
+    unprunable: Mapping[str, str]
+    leaves: tuple[LeafInfo, ...]
+    ops: tuple[CostOp, ...]
+    residual: str
+
+    def group_sizes(self) -> dict[str, int]:
+        return {name: g.size for name, g in self.groups.items()}
+
+    def conv_groups(self) -> list[str]:
+        """Names of groups whose filters come from convolutions."""
+        return [n for n, g in self.groups.items() if g.kind == "conv"]
+
+    def producer_to_group(self) -> dict[str, str]:
+        """Producer module path -> name of the group holding its filters."""
+        return {p: n for n, g in self.groups.items() for p in g.producers}
+
+    def summary(self) -> str:
+        lines = [f"{len(self.groups)} prunable groups (residual policy {self.residual!r}):"]
+        for n, g in self.groups.items():
+            extra = f" + {len(g.producers) - 1} coupled" if len(g.producers) > 1 else ""
+            lines.append(f"  {n:32s} {g.size:5d} channels, {len(g.members):3d} slices{extra}")
+        for p, why in self.unprunable.items():
+            lines.append(f"  not prunable: {p}: {why}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_paths(tree: Any) -> list[tuple[str, ...]]:
+    """Paths (tuples of strings) of the leaves of ``tree`` in flatten order."""
+    import jax
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [tuple(_key_str(k) for k in kp) for kp, _ in flat]
+
+
+# ----------------------------------------------------------------------------- tracing
+
+_UNARY_LIKE = {
+    "neg", "exp", "exp2", "log", "log1p", "expm1", "tanh", "logistic", "abs", "sign", "sqrt",
+    "rsqrt", "cbrt", "square", "integer_pow", "convert_element_type", "copy", "copy_p", "erf",
+    "erfc", "erf_inv", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh",
+    "acosh", "atanh", "floor", "ceil", "round", "is_finite", "not", "reduce_precision", "real",
+    "imag", "conj", "sharding_constraint", "device_put", "stop_gradient", "pow", "add", "sub",
+    "mul", "div", "max", "min", "atan2", "rem", "and", "or", "xor", "ne", "eq", "gt", "ge",
+    "lt", "le", "select_n", "clamp", "nextafter", "add_any", "threefry2x32", "population_count",
+    "shift_left", "shift_right_logical", "shift_right_arithmetic", "optimization_barrier",
+    "mesh_cast", "reshard", "square", "tan", "logaddexp",
+}
+_ORIGIN_PRESERVING = {"convert_element_type", "copy", "copy_p", "reduce_precision",
+                      "sharding_constraint", "device_put", "optimization_barrier"}
+_NO_LINK = {"iota", "random_bits", "random_seed", "random_wrap", "random_unwrap",
+            "rng_bit_generator", "random_fold_in", "random_split", "rng_uniform"}
+_REDUCE_OK = {"reduce_sum", "reduce_and", "reduce_or", "reduce_xor"}
+_REDUCE_BAD = {"reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"}
+_CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
+
+
+class _Tracer:
+    def __init__(self, residual: str):
+        from jax.extend import core as jcore
+
+        self._literal = jcore.Literal
+        self.residual = residual
+        self.n = 0
+        self.ids: dict[Any, list[np.ndarray]] = {}
+        self.edges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.reshapes: list[tuple[np.ndarray, list[np.ndarray], list[int]]] = []
+        self.poison: list[tuple[np.ndarray, str]] = []
+        self.unknown: list[tuple[np.ndarray, str]] = []
+        self.data: set[Any] = set()
+        self.origin: dict[Any, int] = {}
+        self.roles: dict[tuple[int, int], str] = {}
+        self.producer_ids: list[np.ndarray] = []
+        self.channel_ids: list[np.ndarray] = []
+        self.ops: list[tuple[str, int, int, list[np.ndarray]]] = []  # kind, leaf, const, axes
+
+    # -- ids
+    def axes(self, v) -> list[np.ndarray] | None:
+        if isinstance(v, self._literal):
+            return None
+        if v not in self.ids:
+            shape = getattr(v.aval, "shape", ())
+            out = []
+            for d in shape:
+                out.append(np.arange(self.n, self.n + d, dtype=np.int64))
+                self.n += d
+            self.ids[v] = out
+        return self.ids[v]
+
+    def link(self, a: np.ndarray, b: np.ndarray) -> None:
+        if len(a) != len(b):
+            raise AssertionError("internal: linking axes of different sizes")
+        if len(a):
+            self.edges.append((a, b))
+
+    def is_data(self, v) -> bool:
+        return not isinstance(v, self._literal) and v in self.data
+
+    # -- walking
+    def run(self, jaxpr, invar_ids: Sequence[list[np.ndarray] | None]) -> None:
+        for v, ids in zip(jaxpr.invars, invar_ids):
+            if ids is not None:
+                self.ids[v] = ids
+        for eqn in jaxpr.eqns:
+            self.eqn(eqn)
+
+    def alias_call(self, eqn, sub) -> None:
+        inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        for outer, iv in zip(eqn.invars, inner.invars):
+            ids = self.axes(outer)
+            if ids is None:
+                continue
+            self.ids[iv] = ids
+            if outer in self.data:
+                self.data.add(iv)
+            if outer in self.origin:
+                self.origin[iv] = self.origin[outer]
+        for eq in inner.eqns:
+            self.eqn(eq)
+        for outer, ov in zip(eqn.outvars, inner.outvars):
+            o_ids = self.axes(outer)
+            i_ids = self.axes(ov)
+            if i_ids is None:
+                continue
+            for a, b in zip(o_ids, i_ids):
+                self.link(a, b)
+            if self.is_data(ov):
+                self.data.add(outer)
+            if not isinstance(ov, self._literal) and ov in self.origin:
+                self.origin[outer] = self.origin[ov]
+
+    def eqn(self, eqn) -> None:
+        name = eqn.primitive.name
+        ins = [self.axes(v) for v in eqn.invars]
+        outs = [self.axes(v) for v in eqn.outvars]
+        if any(self.is_data(v) for v in eqn.invars):
+            self.data.update(eqn.outvars)
+        sub = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
+        if sub is not None and name not in ("while", "cond", "scan"):
+            return self.alias_call(eqn, sub)
+        rule = getattr(self, "rule_" + name.replace("-", "_"), None)
+        if rule is not None:
+            return rule(eqn, ins, outs)
+        if name in _UNARY_LIKE:
+            return self.elementwise(eqn, ins, outs)
+        if name in _NO_LINK:
+            return None
+        where = _where(eqn)
+        for ids in ins + outs:
+            for a in ids or ():
+                self.unknown.append((a, f"primitive '{name}' ({where})"))
+
+    def elementwise(self, eqn, ins, outs) -> None:
+        out_shape = eqn.outvars[0].aval.shape
+        if (self.residual == "scatter" and eqn.primitive.name in ("add", "add_any")
+                and len(eqn.invars) == 2
+                and all(self.is_data(v) and v.aval.shape == out_shape for v in eqn.invars)):
+            return  # a residual merge: the output stream is its own channel space
+        for o in outs:
+            for ids, v in zip(ins, eqn.invars):
+                if ids is None or len(ids) != len(o):
+                    continue
+                for a, b, sa in zip(ids, o, v.aval.shape):
+                    if sa == len(b):
+                        self.link(a, b)
+        if eqn.primitive.name in _ORIGIN_PRESERVING or (
+                not any(self.is_data(v) for v in eqn.invars)):
+            origins = [self.origin[v] for v in eqn.invars
+                       if not isinstance(v, self._literal) and v in self.origin
+                       and v.aval.shape == out_shape]
+            if len(origins) == 1:
+                self.origin[eqn.outvars[0]] = origins[0]
+
+    # -- structural primitives
+    def rule_broadcast_in_dim(self, eqn, ins, outs):
+        (x,), (o,) = ins[:1], outs
+        if x is None:
+            return
+        for i, d in enumerate(eqn.params["broadcast_dimensions"]):
+            if len(x[i]) == len(o[d]):
+                self.link(x[i], o[d])
+
+    def rule_transpose(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        for i, p in enumerate(eqn.params["permutation"]):
+            self.link(x[p], o[i])
+        if eqn.invars[0] in self.origin:
+            self.origin[eqn.outvars[0]] = self.origin[eqn.invars[0]]
+
+    def rule_squeeze(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        dims = {d % len(x) for d in eqn.params["dimensions"]}
+        kept = [a for i, a in enumerate(x) if i not in dims]
+        for a, b in zip(kept, o):
+            self.link(a, b)
+
+    def rule_reshape(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        if eqn.params.get("dimensions") is not None:
+            return self._unknown_all(eqn, ins, outs)
+        xs = [len(a) for a in x]
+        os_ = [len(a) for a in o]
+        i = j = 0
+        while i < len(xs) or j < len(os_):
+            bi, bj = [i], [j]
+            pi = xs[i] if i < len(xs) else 1
+            pj = os_[j] if j < len(os_) else 1
+            i, j = i + 1, j + 1
+            while pi != pj:
+                if pi < pj:
+                    bi.append(i); pi *= xs[i]; i += 1
+                else:
+                    bj.append(j); pj *= os_[j]; j += 1
+            bi = [k for k in bi if k < len(xs) and xs[k] > 1]
+            bj = [k for k in bj if k < len(os_) and os_[k] > 1]
+            if len(bi) == 1 and len(bj) == 1:
+                self.link(x[bi[0]], o[bj[0]])
+            elif len(bi) > 1 and len(bj) == 1:
+                self.reshapes.append((o[bj[0]], [x[k] for k in bi], [xs[k] for k in bi]))
+            elif len(bi) == 1 and len(bj) > 1:
+                self.reshapes.append((x[bi[0]], [o[k] for k in bj], [os_[k] for k in bj]))
+            elif bi and bj:
+                for a in [x[k] for k in bi] + [o[k] for k in bj]:
+                    self.poison.append((a, "a reshape regroups several axes"))
+
+    def _reduce(self, eqn, ins, outs, bad: bool):
+        x, o = ins[0], outs[0]
+        axes = set(eqn.params["axes"])
+        kept = [a for i, a in enumerate(x) if i not in axes]
+        for a, b in zip(kept, o):
+            self.link(a, b)
+        if bad:
+            for i in axes:
+                self.poison.append((x[i], f"reduced over by {eqn.primitive.name}"))
+
+    def rule_reduce_sum(self, eqn, ins, outs):
+        self._reduce(eqn, ins, outs, bad=False)
+
+    rule_reduce_and = rule_reduce_or = rule_reduce_xor = rule_reduce_sum
+
+    def rule_reduce_max(self, eqn, ins, outs):
+        self._reduce(eqn, ins, outs, bad=True)
+
+    rule_reduce_min = rule_reduce_prod = rule_argmax = rule_argmin = rule_reduce_max
+
+    def _windowed(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        p = eqn.params
+        for k, (a, b) in enumerate(zip(x, o)):
+            if (p["window_dimensions"][k] == 1 and p["window_strides"][k] == 1
+                    and tuple(p["padding"][k]) == (0, 0) and len(a) == len(b)):
+                self.link(a, b)
+            else:
+                self.poison.append((a, f"pooled over by {eqn.primitive.name}"))
+
+    rule_reduce_window_sum = rule_reduce_window_max = rule_reduce_window_min = _windowed
+    rule_reduce_window = _windowed
+
+    def rule_cumsum(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        for k, (a, b) in enumerate(zip(x, o)):
+            self.link(a, b)
+        self.poison.append((x[eqn.params["axis"]], f"accumulated over by {eqn.primitive.name}"))
+
+    rule_cumprod = rule_cummax = rule_cummin = rule_cumlogsumexp = rule_cumsum
+
+    def rule_pad(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        for a, b, (lo, hi, interior) in zip(x, o, eqn.params["padding_config"]):
+            src = np.arange(len(a))
+            dst = int(lo) + src * (int(interior) + 1)
+            ok = (dst >= 0) & (dst < len(b))
+            self.link(a[src[ok]], b[dst[ok]])
+
+    def rule_slice(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        p = eqn.params
+        strides = p["strides"] or (1,) * len(x)
+        for a, b, s, st in zip(x, o, p["start_indices"], strides):
+            self.link(a[int(s) + np.arange(len(b)) * int(st)], b)
+
+    def rule_rev(self, eqn, ins, outs):
+        x, o = ins[0], outs[0]
+        dims = set(eqn.params["dimensions"])
+        for k, (a, b) in enumerate(zip(x, o)):
+            self.link(a[::-1] if k in dims else a, b)
+
+    def rule_concatenate(self, eqn, ins, outs):
+        o = outs[0]
+        d = eqn.params["dimension"]
+        off = 0
+        for x in ins:
+            if x is None:
+                continue
+            for k, (a, b) in enumerate(zip(x, o)):
+                self.link(a, b[off:off + len(a)] if k == d else b)
+            off += len(x[d])
+
+    def rule_split(self, eqn, ins, outs):
+        x = ins[0]
+        d = eqn.params["axis"]
+        off = 0
+        for o in outs:
+            for k, (a, b) in enumerate(zip(x, o)):
+                self.link(a[off:off + len(b)] if k == d else a, b)
+            off += len(o[d])
+
+    def rule_conv_general_dilated(self, eqn, ins, outs):
+        lhs, rhs = ins
+        out = outs[0]
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        lb, lf, *_ = dn.lhs_spec
+        ro, ri, *rsp = dn.rhs_spec
+        ob, of, *osp = dn.out_spec
+        g = p["feature_group_count"]
+        self.link(lhs[lb], out[ob])
+        if p["batch_group_count"] != 1:
+            for a in (lhs[lf], out[of]):
+                self.poison.append((a, "convolution with batch_group_count > 1"))
+        elif g == 1:
+            self.link(lhs[lf], rhs[ri])
+        elif len(rhs[ri]) == 1 and len(lhs[lf]) == g == len(rhs[ro]):
+            self.link(lhs[lf], rhs[ro])  # depthwise: channel c reads only input c
+        else:
+            for a in (lhs[lf], out[of]):
+                self.poison.append((a, f"grouped convolution (feature_group_count={g})"))
+        self.link(rhs[ro], out[of])
+        self.producer_ids.append(rhs[ro])
+        self.channel_ids.extend([rhs[ri], lhs[lf]])
+        leaf = self.origin.get(eqn.invars[1], -1)
+        if leaf >= 0:
+            self.roles[(leaf, ro)] = "out"
+            if g == 1:
+                self.roles[(leaf, ri)] = "in"
+        const = int(np.prod([len(rhs[k]) for k in rsp])) if rsp else 1
+        self.ops.append(("conv", leaf, const, [out[k] for k in range(len(out))] + [rhs[ri]]))
+
+    def rule_dot_general(self, eqn, ins, outs):
+        lhs, rhs = ins
+        out = outs[0]
+        (lc, rc), (lbd, rbd) = eqn.params["dimension_numbers"]
+        for a, b in zip(lc, rc):
+            self.link(lhs[a], rhs[b])
+        k = 0
+        for a, b in zip(lbd, rbd):
+            self.link(lhs[a], rhs[b])
+            self.link(lhs[a], out[k])
+            k += 1
+        lfree = [i for i in range(len(lhs)) if i not in lc and i not in lbd]
+        rfree = [i for i in range(len(rhs)) if i not in rc and i not in rbd]
+        for i in lfree:
+            self.link(lhs[i], out[k]); k += 1
+        for i in rfree:
+            self.link(rhs[i], out[k]); k += 1
+        leaf = self.origin.get(eqn.invars[1], -1)
+        w, free, contr, wi = rhs, rfree, rc, 1
+        if leaf < 0 and self.origin.get(eqn.invars[0], -1) >= 0:
+            leaf, w, free, contr, wi = self.origin[eqn.invars[0]], lhs, lfree, lc, 0
+        if leaf >= 0:
+            for i in free:
+                self.roles[(leaf, i)] = "out"
+                self.producer_ids.append(w[i])
+            for i in contr:
+                self.roles[(leaf, i)] = "in"
+                self.channel_ids.append(w[i])
+        self.ops.append(("dense", leaf, 1, list(out) + [lhs[i] for i in lc]))
+
+    def _unknown_all(self, eqn, ins, outs):
+        where = _where(eqn)
+        for ids in ins + outs:
+            for a in ids or ():
+                self.unknown.append((a, f"primitive '{eqn.primitive.name}' ({where})"))
+
+
+def _where(eqn) -> str:
+    try:
+        from jax._src import source_info_util
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # pragma: no cover - best effort location
+        return "unknown location"
+
+
+def _components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    if edges:
+        a = np.concatenate([e[0] for e in edges])
+        b = np.concatenate([e[1] for e in edges])
+    else:
+        a = b = np.zeros(0, np.int64)
+    m = coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n))
+    return connected_components(m, directed=False)[1]
+
+
+def trace(
+    apply_fn: Callable[..., Any],
+    variables: Any,
+    *example_args: Any,
+    residual: str = "coupled",
+) -> PruningGraph:
+    """Traces ``apply_fn(variables, *example_args)`` and returns its prunable groups.
+
+    Args:
+      apply_fn: a pure function of the variables pytree and the inputs, in inference mode,
+        e.g. ``lambda v, x: model.apply(v, x, train=False)``.
+      variables: the variables pytree (arrays or ``jax.ShapeDtypeStruct``s).
+      *example_args: example inputs; the first one's leading (batch) axis is traced with size
+        1, so the cost figures are per example.
+      residual: ``'coupled'`` prunes every channel joined by a residual add with shared
+        indices (policy b); ``'scatter'`` prunes each branch on its own and keeps the residual
+        stream at full width (policy a, SFP's small model).
+
+    Returns:
+      The `PruningGraph`.
+
+    Raises:
+      TraceError: a primitive the tracer cannot follow touches a prunable channel.
+      ValueError: ``residual`` is not one of 'coupled', 'scatter'.
+    """
+    import jax
+
+    if residual not in RESIDUAL_POLICIES:
+        raise ValueError(f"residual={residual!r}: expected one of {RESIDUAL_POLICIES}")
+    args = list(example_args)
+    if args and hasattr(args[0], "shape") and len(args[0].shape) >= 1:
+        args[0] = jax.ShapeDtypeStruct((1,) + tuple(args[0].shape[1:]), args[0].dtype)
+    flat_vars, treedef = jax.tree_util.tree_flatten(variables)
+    paths = leaf_paths(variables)
+    specs = [jax.ShapeDtypeStruct(np.shape(x), getattr(x, "dtype", np.float32)) for x in flat_vars]
+
+    def flat_fn(flat, *a):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, flat), *a)
+
+    closed = jax.make_jaxpr(flat_fn)(specs, *args)
+    jaxpr = closed.jaxpr
+    t = _Tracer(residual)
+    n_leaves = len(flat_vars)
+    for i, v in enumerate(jaxpr.invars):
+        t.axes(v)
+        if i < n_leaves:
+            t.origin[v] = i
+        else:
+            t.data.add(v)
+    t.run(jaxpr, [t.ids[v] for v in jaxpr.invars])
+    for v in jaxpr.outvars:
+        t.axes(v)
+
+    leaf_ids = [t.ids[v] for v in jaxpr.invars[:n_leaves]]
+    for k, ids in enumerate(leaf_ids):
+        if len(ids) == 1:
+            t.channel_ids.append(ids[0])
+
+    comp = _components(t.n, t.edges)
+    if t.reshapes:
+        channel = np.zeros(comp.max() + 1 if t.n else 1, bool)
+        for ids in t.channel_ids:
+            channel[comp[ids]] = True
+        for merged, parts, sizes in t.reshapes:
+            live = [k for k, p in enumerate(parts) if channel[comp[p]].any()]
+            if len(live) == 1:
+                k = live[0]
+                inner = int(np.prod(sizes[k + 1:])) if k + 1 < len(sizes) else 1
+                pos = (np.arange(len(merged)) // inner) % sizes[k]
+                t.link(merged, parts[k][pos])
+            elif len(live) > 1:
+                for p in parts:
+                    t.poison.append((p, "a reshape merges several channel axes"))
+        comp = _components(t.n, t.edges)
+    return _build_graph(t, comp, jaxpr, paths, leaf_ids, residual)
+
+
+def _build_graph(t: _Tracer, comp, jaxpr, paths, leaf_ids, residual) -> PruningGraph:
+    n_comp = int(comp.max()) + 1 if t.n else 0
+    is_producer = np.zeros(n_comp, bool)
+    for ids in t.producer_ids:
+        is_producer[comp[ids]] = True
+    reason: dict[int, str] = {}
+    n_leaves = len(leaf_ids)
+    for v in jaxpr.invars[n_leaves:]:
+        for a in t.ids[v]:
+            for c in np.unique(comp[a]):
+                reason.setdefault(int(c), "tied to the model input")
+    for v in jaxpr.outvars:
+        for a in t.axes(v) or ():
+            for c in np.unique(comp[a]):
+                reason.setdefault(int(c), "tied to the model output")
+    for ids, why in t.poison:
+        for c in np.unique(comp[ids]):
+            reason.setdefault(int(c), why)
+    for ids, why in t.unknown:
+        for c in np.unique(comp[ids]):
+            if is_producer[c] and int(c) not in reason:
+                raise TraceError(
+                    f"cannot follow {why} on a prunable channel; register a rule for it or "
+                    "exclude that part of the model from tracing")
+
+    # Leaf elements of each component: (leaf, axis, position).
+    members: dict[int, dict[tuple[int, int], list[int]]] = {}
+    for li, ids in enumerate(leaf_ids):
+        for ax, a in enumerate(ids):
+            cs = comp[a]
+            for pos in np.flatnonzero(is_producer[cs]):
+                members.setdefault(int(cs[pos]), {}).setdefault((li, ax), []).append(int(pos))
+
+    # Producer order: first conv/dense op that writes the component.
+    first_op: dict[int, int] = {}
+    for k, (_, leaf, _, _) in enumerate(t.ops):
+        if leaf < 0:
+            continue
+        for ax, a in enumerate(leaf_ids[leaf]):
+            if t.roles.get((leaf, ax)) == "out":
+                for c in np.unique(comp[a]):
+                    first_op.setdefault(int(c), k)
+
+    def role(li: int, ax: int) -> str:
+        r = t.roles.get((li, ax))
+        if r:
+            return r
+        return "vector" if len(leaf_ids[li]) == 1 else "other"
+
+    by_sig: dict[tuple, list[int]] = {}
+    unprunable: dict[str, str] = {}
+    for c, mem in members.items():
+        prods = sorted({module_path(paths[li]) for (li, ax) in mem if role(li, ax) == "out"})
+        if c in reason:
+            for p in prods:
+                unprunable.setdefault(p, reason[c])
+            continue
+        sig = tuple(sorted((k, len(v)) for k, v in mem.items()))
+        by_sig.setdefault(sig, []).append(c)
+
+    groups: list[tuple[int, Group]] = []
+    comp_group: dict[int, tuple[str, int]] = {}
+    for sig, comps in by_sig.items():
+        keys = [k for k, _ in sig]
+        outs = [k for k in keys if role(*k) == "out"]
+        if not outs:
+            continue
+        lead = outs[0]
+        comps.sort(key=lambda c: min(members[c][lead]))
+        mlist = []
+        for (li, ax) in keys:
+            index = np.array([sorted(members[c][(li, ax)]) for c in comps], dtype=np.int64)
+            mlist.append(Member(paths[li], ax, index, role(li, ax)))
+        order = min(first_op.get(c, 1 << 30) for c in comps)
+        op_order = {module_path(paths[leaf]): k for k, (_, leaf, _, _) in enumerate(t.ops)
+                    if leaf >= 0}
+        producers = tuple(sorted({module_path(paths[li]) for li, _ in outs},
+                                 key=lambda p: op_order.get(p, 1 << 30)))
+        kinds = {kind for kind, leaf, _, _ in t.ops
+                 if leaf >= 0 and module_path(paths[leaf]) in producers}
+        g = Group(name=producers[0], size=len(comps), members=tuple(mlist), producers=producers,
+                  kind="conv" if "conv" in kinds else "dense")
+        groups.append((order, g))
+    groups.sort(key=lambda og: og[0])
+    named: dict[str, Group] = {}
+    for _, g in groups:
+        name, k = g.name, 2
+        while name in named:
+            name, k = f"{g.name}#{k}", k + 1
+        g = dataclasses.replace(g, name=name)
+        named[name] = g
+    # Channel c of component -> (group, channel)
+    for name, g in named.items():
+        lead = g.filters()[0]
+        li = paths.index(lead.path)
+        ids = leaf_ids[li][lead.axis]
+        for ch, row in enumerate(lead.index):
+            comp_group[int(comp[ids[row[0]]])] = (name, ch)
+    sizes = {n: g.size for n, g in named.items()}
+
+    def factor(ids: np.ndarray) -> Factor:
+        cs = comp[ids]
+        per: dict[str, np.ndarray] = {}
+        fixed = 0
+        for c in cs:
+            hit = comp_group.get(int(c))
+            if hit is None:
+                fixed += 1
+            else:
+                per.setdefault(hit[0], np.zeros(sizes[hit[0]], np.int64))[hit[1]] += 1
+        return Factor(len(ids), fixed, tuple(per.items()))
+
+    leaves = tuple(LeafInfo(paths[i], tuple(len(a) for a in ids), tuple(factor(a) for a in ids))
+                   for i, ids in enumerate(leaf_ids))
+    ops = tuple(CostOp(kind, module_path(paths[leaf]) if leaf >= 0 else "", const,
+                       tuple(factor(a) for a in axes))
+                for kind, leaf, const, axes in t.ops)
+    for name in named:
+        for p in named[name].producers:
+            unprunable.pop(p, None)
+    return PruningGraph(named, unprunable, leaves, ops, residual)
+
+
+def trace_linen(model: Any, variables: Any, x: Any, residual: str = "coupled",
+                **apply_kwargs: Any) -> PruningGraph:
+    """`trace` for a Flax Linen module in inference mode (``train=False`` if accepted)."""
+    import inspect
+
+    kwargs = dict(apply_kwargs)
+    if "train" not in kwargs and "train" in inspect.signature(model.__call__).parameters:
+        kwargs["train"] = False
+    return trace(lambda v, a: model.apply(v, a, **kwargs), variables, x, residual=residual)

@@ -1,0 +1,163 @@
+"""Masks: one float vector ``[C]`` per prunable group, and pure transforms that apply them.
+
+A mask value multiplies every slice of its channel: 1 keeps it, 0 prunes it, values in between
+decay it (SRFP). Masks never have the size of a kernel: each leaf axis touched by groups gets a
+static gather index into the concatenated group vectors, built once at trace time, so applying
+masks inside `jax.jit` costs one gather and one multiply per touched leaf axis and changing
+mask values never recompiles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.graph import PruningGraph, leaf_paths
+
+Masks = dict[str, jax.Array]
+
+
+def init_masks(graph: PruningGraph, dtype=jnp.float32) -> Masks:
+    """All-ones masks, one ``[C]`` vector per group."""
+    return {name: jnp.ones((g.size,), dtype) for name, g in graph.groups.items()}
+
+
+def validate_masks(masks: Mapping[str, Any], graph: PruningGraph) -> None:
+    """Raises ValueError if ``masks`` does not have one ``[C]`` vector per group of ``graph``."""
+    expected = graph.group_sizes()
+    unknown = sorted(set(masks) - set(expected))
+    missing = sorted(set(expected) - set(masks))
+    if unknown or missing:
+        raise ValueError(
+            f"masks do not match the graph: unknown groups {unknown}, missing groups {missing}; "
+            f"the graph's groups are {sorted(expected)}")
+    for name, size in expected.items():
+        shape = tuple(np.shape(masks[name]))
+        if shape != (size,):
+            raise ValueError(f"mask for group {name!r} has shape {shape}; expected ({size},)")
+
+
+class _AxisPlan(NamedTuple):
+    axis: int
+    groups: tuple[str, ...]
+    index: np.ndarray  # [axis_size] into concat(masks[g] for g in groups) + [1.0]
+
+
+def _plans(graph: PruningGraph, roles: Collection[str] | None
+           ) -> dict[tuple[str, ...], list[_AxisPlan]]:
+    per_axis: dict[tuple[tuple[str, ...], int], list[tuple[str, Any]]] = {}
+    for name, g in graph.groups.items():
+        for m in g.members:
+            if roles is None or m.role in roles:
+                per_axis.setdefault((m.path, m.axis), []).append((name, m))
+    sizes = {leaf.path: leaf.shape for leaf in graph.leaves}
+    plans: dict[tuple[str, ...], list[_AxisPlan]] = {}
+    for (path, axis), entries in per_axis.items():
+        names = tuple(dict.fromkeys(n for n, _ in entries))
+        offsets = dict(zip(names, np.cumsum([0] + [graph.groups[n].size for n in names])))
+        total = sum(graph.groups[n].size for n in names)
+        index = np.full(sizes[path][axis], total, np.int32)
+        for n, m in entries:
+            index[m.index] = offsets[n] + np.arange(m.index.shape[0])[:, None]
+        plans.setdefault(path, []).append(_AxisPlan(axis, names, index))
+    return plans
+
+
+def _multiplier(plan: _AxisPlan, masks: Mapping[str, jax.Array], ndim: int, dtype) -> jax.Array:
+    vec = jnp.concatenate([jnp.asarray(masks[n], dtype) for n in plan.groups]
+                          + [jnp.ones((1,), dtype)])
+    shape = [1] * ndim
+    shape[plan.axis] = plan.index.shape[0]
+    return vec[plan.index].reshape(shape)
+
+
+def apply_masks(tree: Any, masks: Mapping[str, jax.Array], graph: PruningGraph,
+                roles: Collection[str] | None = None, prefix: Sequence[str] = ()) -> Any:
+    """Multiplies every group slice found in ``tree`` by its channel's mask value.
+
+    Args:
+      tree: the variables pytree, or a sub-tree of it (gradients, params) whose leaf paths
+        are the variables' paths with ``prefix`` removed (``prefix=('params',)`` for a
+        params tree).
+      masks: group name -> ``[C]`` vector.
+      graph: the `PruningGraph` the masks belong to.
+      roles: restrict to members of these roles (``{'out'}``: only the filters, as SFP's
+        official code does); default all members (filters, BN entries, consumers' inputs).
+      prefix: path prefix of ``tree`` inside the variables.
+
+    Returns:
+      A tree of the same structure; leaves untouched by groups are returned as they are.
+    """
+    validate_masks(masks, graph)
+    plans = _plans(graph, roles)
+    flat, treedef = jax.tree_util.tree_flatten(tree)
+    paths = leaf_paths(tree)
+    out = []
+    for leaf, path in zip(flat, paths):
+        for plan in plans.get(tuple(prefix) + path, ()):
+            leaf = leaf * _multiplier(plan, masks, leaf.ndim, leaf.dtype)
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def mask_optimizer_state(opt_state: Any, masks: Mapping[str, jax.Array],
+                         graph: PruningGraph, collection: str = "params") -> Any:
+    """Masks every params-shaped leaf of an optax state (momentum, Adam moments, ...).
+
+    A leaf of ``opt_state`` is matched to a parameter when its path ends with the parameter's
+    path inside ``collection`` and its shape equals the parameter's.
+    """
+    validate_masks(masks, graph)
+    plans = {p[1:]: v for p, v in _plans(graph, None).items() if p[0] == collection}
+    shapes = {leaf.path[1:]: leaf.shape for leaf in graph.leaves if leaf.path[0] == collection}
+    flat, treedef = jax.tree_util.tree_flatten(opt_state)
+    paths = leaf_paths(opt_state)
+    out = []
+    for leaf, path in zip(flat, paths):
+        for k in range(len(path)):
+            sub = path[k:]
+            if sub in plans and tuple(np.shape(leaf)) == shapes[sub]:
+                for plan in plans[sub]:
+                    leaf = leaf * _multiplier(plan, masks, leaf.ndim, leaf.dtype)
+                break
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def keep_indices(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Group name -> sorted indices of the channels whose mask is nonzero (host arrays)."""
+    return {n: np.flatnonzero(np.asarray(m) != 0) for n, m in masks.items()}
+
+
+def binarize(masks: Mapping[str, jax.Array]) -> Masks:
+    """1 where a mask is nonzero, else 0 (decayed SRFP channels count as kept)."""
+    return {n: (m != 0).astype(jnp.float32) for n, m in masks.items()}
+
+
+class HardMaskState(NamedTuple):
+    """Empty state of `hard_mask`: the masks travel as an extra argument."""
+
+
+def hard_mask(graph: PruningGraph, prefix: Sequence[str] = ("params",)):
+    """An optax transform that zeroes the updates of pruned channels.
+
+    Place it last in an ``optax.chain``; call ``update(grads, state, params, masks=masks)``.
+    With the params already masked, hard-pruned channels then stay exactly zero whatever the
+    momentum or weight decay before it.
+    """
+    import optax
+
+    def init_fn(params):
+        del params
+        return HardMaskState()
+
+    def update_fn(updates, state, params=None, *, masks=None, **extra):
+        del params, extra
+        if masks is None:
+            raise ValueError("hard_mask.update needs masks=...: the current group masks")
+        return apply_masks(updates, masks, graph, prefix=prefix), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,159 @@
+"""Shared pieces of the bundled models: the compaction contract (design.md section 6).
+
+Every bundled Linen model has two fields
+
+- ``keep_out``: module path -> sorted ORIGINAL indices of the output channels a conv/dense keeps;
+- ``keep_in``:  module path -> sorted original indices of the input channels it still reads;
+
+both ``FrozenDict``s of int tuples, empty by default (the dense model). A conv's ``features`` is
+``width(keep_out, path, dense_width)``. Where two activations meet in a residual ``add`` both are
+moved into the output's channel positions with :func:`reindex` (zeros where an operand has no
+channel), so a compacted model computes exactly what the masked dense model computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax.core import FrozenDict
+
+Keep = Mapping[str, tuple[int, ...]]
+
+EMPTY: FrozenDict = FrozenDict()
+
+# BatchNorm hyper-parameters of every bundled model (PyTorch's momentum 0.1 == Flax's 0.9).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def freeze_keep(keep: Keep | None) -> FrozenDict:
+    """Normalise a keep mapping to a hashable ``FrozenDict[str, tuple[int, ...]]``.
+
+    Accepts dicts/FrozenDicts whose values are any int sequences (lists from JSON, numpy arrays).
+    """
+    if keep is None:
+        return EMPTY
+    if isinstance(keep, FrozenDict) and all(
+        isinstance(v, tuple) and all(type(i) is int for i in v) for v in keep.values()
+    ):
+        return keep
+    return FrozenDict({str(k): tuple(int(i) for i in np.asarray(v).reshape(-1)) for k, v in dict(keep).items()})
+
+
+def sub_keep(keep: Keep, prefix: str) -> FrozenDict:
+    """The entries of ``keep`` under module ``prefix``, with ``prefix + '/'`` stripped."""
+    p = prefix + "/"
+    return FrozenDict({k[len(p):]: v for k, v in keep.items() if k.startswith(p)})
+
+
+def width(keep_out: Keep, path: str, default: int) -> int:
+    """Number of output channels of module ``path``: ``len(keep_out[path])`` or ``default``."""
+    if path in keep_out:
+        return len(keep_out[path])
+    return int(default)
+
+
+def positions(keep: Keep, path: str, default_width: int) -> tuple[int, ...]:
+    """Original channel positions recorded for ``path``: ``keep[path]`` or ``range(default_width)``."""
+    if path in keep:
+        return tuple(keep[path])
+    return tuple(range(int(default_width)))
+
+
+def reindex_plan(src: Sequence[int], dst: Sequence[int]) -> tuple[str, Any]:
+    """How :func:`reindex` moves channels from positions ``src`` to positions ``dst``.
+
+    Returns one of ``('identity', None)``, ``('pad', (start, stop, lo, hi))`` (take
+    ``x[..., start:stop]`` then pad ``lo`` zeros before and ``hi`` after) or
+    ``('gather', index)`` with ``index`` an int numpy array into ``concat([x, 0])``
+    (``index == len(src)`` picks the zero channel).
+    """
+    src = tuple(int(p) for p in src)
+    dst = tuple(int(p) for p in dst)
+    if src == dst:
+        return "identity", None
+    where = {p: i for i, p in enumerate(src)}
+    idx = [where.get(p, -1) for p in dst]
+    hits = [j for j, i in enumerate(idx) if i >= 0]
+    if hits:
+        first, last = hits[0], hits[-1]
+        run = idx[first:last + 1]
+        contiguous = all(i >= 0 for i in run) and all(b == a + 1 for a, b in zip(run, run[1:]))
+    else:
+        first, last, contiguous = 0, -1, True
+    if contiguous:
+        if hits:
+            start, stop = run[0], run[-1] + 1
+        else:
+            start = stop = 0
+        lo = first if hits else len(dst)
+        hi = len(dst) - 1 - last if hits else 0
+        return "pad", (start, stop, lo, hi)
+    index = np.asarray([i if i >= 0 else len(src) for i in idx], dtype=np.int32)
+    return "gather", index
+
+
+def reindex(x: jnp.ndarray, src: Sequence[int], dst: Sequence[int]) -> jnp.ndarray:
+    """Move the channels (last axis) of ``x`` from original positions ``src`` to positions ``dst``.
+
+    ``x.shape[-1] == len(src)``; the result has ``len(dst)`` channels: channel ``j`` is x's channel
+    at position ``dst[j]`` if that position is in ``src``, else zeros. Positions of ``src`` not in
+    ``dst`` are dropped. ``x`` itself when ``src == dst``; a slice + ``jnp.pad`` when the result is
+    zeros + a contiguous run of x's channels + zeros (the dense option-A shortcut); otherwise a
+    gather with a static index from ``concatenate([x, zeros[..., :1]])``.
+    """
+    src = tuple(int(p) for p in src)
+    if x.shape[-1] != len(src):
+        raise ValueError(f"reindex: x has {x.shape[-1]} channels but src lists {len(src)} positions")
+    kind, plan = reindex_plan(src, dst)
+    if kind == "identity":
+        return x
+    if kind == "pad":
+        start, stop, lo, hi = plan
+        if (start, stop) != (0, x.shape[-1]):
+            x = x[..., start:stop]
+        if lo or hi:
+            x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(lo, hi)])
+        return x
+    index = plan
+    if (index < len(src)).all():
+        return jnp.take(x, index, axis=-1)
+    zero = jnp.zeros(x.shape[:-1] + (1,), x.dtype)
+    return jnp.take(jnp.concatenate([x, zero], axis=-1), index, axis=-1)
+
+
+def conv_init():
+    """He (fan-out, normal) initialisation of conv kernels, as in the reference ResNet code."""
+    import jax.nn.initializers as init
+
+    return init.variance_scaling(2.0, "fan_out", "normal")
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """JSON-safe name of a dtype field (``None`` stays ``None``)."""
+    if dtype is None:
+        return None
+    return jnp.dtype(dtype).name
+
+
+def dtype_from_name(name: str | None) -> Any:
+    """Inverse of :func:`dtype_name`: ``'float32' -> jnp.float32``."""
+    if name is None:
+        return None
+    return getattr(jnp, name)
+
+
+class KeepMixin:
+    """Normalises ``keep_out`` / ``keep_in`` fields to hashable FrozenDicts after construction.
+
+    Mixed into the bundled Linen modules (before ``nn.Module`` in the bases), so that
+    ``model.clone(keep_out={...plain dict of lists...})`` still gives a hashable model.
+    """
+
+    def __post_init__(self):
+        for f in ("keep_out", "keep_in"):
+            if hasattr(self, f):
+                object.__setattr__(self, f, freeze_keep(getattr(self, f)))
+        super().__post_init__()

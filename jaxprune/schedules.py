@@ -1,0 +1,142 @@
+"""Schedules: plain functions ``epoch -> value``, as in optax.
+
+Every schedule accepts a Python number or a JAX scalar. Given a Python number (or numpy
+scalar) it returns a Python ``float``, so a pruning rate can feed the static counts of
+``jaxprune.selection``; given a JAX array (possibly traced) it returns a float32 JAX scalar
+and is jittable. Epochs are counted from 0; ``total_epochs`` is T.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Union
+
+import jax
+import jax.numpy as jnp
+
+Epoch = Union[int, float, jax.Array]
+Schedule = Callable[[Epoch], Union[float, jax.Array]]
+
+HARD_SHAPES = ("cubic", "linear", "exp")
+# Steepness of the 'exp' hard-fraction ramp: h = (1 - e^{-a u}) / (1 - e^{-a}), u in [0, 1].
+# With a = 5, h(0.5) = 0.92, a little ahead of the cubic ramp's 0.875.
+EXP_RAMP_STEEPNESS = 5.0
+
+
+def _is_traced(epoch: Epoch) -> bool:
+    return isinstance(epoch, jax.Array)
+
+
+def _check_epochs(total_epochs: int) -> int:
+    if (
+        isinstance(total_epochs, bool)
+        or not isinstance(total_epochs, numbers.Integral)
+        or total_epochs < 1
+    ):
+        raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+    return int(total_epochs)
+
+
+def _check_rate(rate: float) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"pruning rate must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def constant_rate(rate: float) -> Schedule:
+    """``P_t = P`` for every epoch (SFP, PFEC)."""
+    rate = _check_rate(rate)
+
+    def schedule(epoch: Epoch):
+        if _is_traced(epoch):
+            return jnp.full(jnp.shape(epoch), rate, jnp.float32)
+        return rate
+
+    return schedule
+
+
+def asfp_rate(rate: float, total_epochs: int) -> Schedule:
+    """ASFP's growing rate ``P_t = P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``.
+
+    ``P_0 = 0``, ``P_{T/8} = 0.75 P`` and ``P_t -> P`` (methods.md section 3). Negative
+    epochs are treated as 0.
+    """
+    rate = _check_rate(rate)
+    k = math.log(4.0) / (_check_epochs(total_epochs) / 8.0)
+
+    def schedule(epoch: Epoch):
+        if _is_traced(epoch):
+            t = jnp.maximum(jnp.asarray(epoch, jnp.float32), 0.0)
+            return rate * (1.0 - jnp.exp(-k * t))
+        return rate * (1.0 - math.exp(-k * max(float(epoch), 0.0)))
+
+    return schedule
+
+
+def ghfp_hard_fraction(
+    total_epochs: int, end: float = 0.9, shape: str = "cubic"
+) -> Schedule:
+    """GHFP's share ``h_t`` of the pruned set that is hard after epoch ``t``.
+
+    With ``u = clip((t + 1) / (end * T), 0, 1)``: ``'cubic'`` gives ``1 - (1 - u)^3``
+    (methods.md section 4), ``'linear'`` gives ``u``, and ``'exp'`` gives the saturating
+    exponential ``(1 - exp(-a u)) / (1 - exp(-a))`` with ``a = EXP_RAMP_STEEPNESS``. All three
+    rise monotonically from ``h = 0`` at ``t = -1`` to exactly 1 from ``t + 1 = end * T`` on.
+    """
+    total_epochs = _check_epochs(total_epochs)
+    if isinstance(end, bool) or not isinstance(end, numbers.Real) or not 0.0 < end <= 1.0:
+        raise ValueError(f"end must be a fraction of training in (0, 1], got {end!r}")
+    if shape not in HARD_SHAPES:
+        raise ValueError(f"unknown ramp shape {shape!r}; allowed: {', '.join(HARD_SHAPES)}")
+    ramp_epochs = float(end) * total_epochs
+    a = EXP_RAMP_STEEPNESS
+
+    def schedule(epoch: Epoch):
+        traced = _is_traced(epoch)
+        xp = jnp if traced else math
+        if traced:
+            u = jnp.clip((jnp.asarray(epoch, jnp.float32) + 1.0) / ramp_epochs, 0.0, 1.0)
+        else:
+            u = min(1.0, max(0.0, (float(epoch) + 1.0) / ramp_epochs))
+        if shape == "cubic":
+            return 1.0 - (1.0 - u) ** 3
+        if shape == "linear":
+            return u
+        h = (1.0 - xp.exp(-a * u)) / (1.0 - math.exp(-a))
+        return jnp.minimum(h, 1.0) if traced else min(h, 1.0)  # float32 rounding at u = 1
+
+    return schedule
+
+
+def srfp_decay(
+    alpha0: float, c: float, total_epochs: int, zero_fraction: float = 0.15
+) -> Schedule:
+    """SRFP's decay factor for soft-pruned filters: ``alpha_t = alpha0 exp(-c t)``.
+
+    ``alpha_t = 0`` for the last ``n0 = round(zero_fraction * T)`` epochs (``t >= T - n0``),
+    so the final pruned filters are exactly zero (methods.md section 3). The value is meant
+    as the mask entry of the selected channels (``jaxprune.masks``).
+    """
+    total_epochs = _check_epochs(total_epochs)
+    if isinstance(alpha0, bool) or not isinstance(alpha0, numbers.Real) or not 0.0 <= alpha0 <= 1.0:
+        raise ValueError(f"alpha0 must be in [0, 1], got {alpha0!r}")
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c >= 0.0:
+        raise ValueError(f"decay rate c must be >= 0, got {c!r}")
+    if (
+        isinstance(zero_fraction, bool)
+        or not isinstance(zero_fraction, numbers.Real)
+        or not 0.0 <= zero_fraction < 1.0
+    ):
+        raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
+    alpha0, c = float(alpha0), float(c)
+    zero_from = total_epochs - math.floor(zero_fraction * total_epochs + 0.5)
+
+    def schedule(epoch: Epoch):
+        if _is_traced(epoch):
+            t = jnp.maximum(jnp.asarray(epoch, jnp.float32), 0.0)
+            return jnp.where(t >= zero_from, 0.0, alpha0 * jnp.exp(-c * t))
+        t = max(float(epoch), 0.0)
+        return 0.0 if t >= zero_from else alpha0 * math.exp(-c * t)
+
+    return schedule

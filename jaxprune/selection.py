@@ -1,0 +1,255 @@
+"""Selection rules: ``scores -> masks`` (design.md section 4).
+
+``scores`` and ``masks`` are ``dict[str, jax.Array]`` keyed by group name; a mask is float32
+``[C]`` with 1 = keep and 0 = pruned. Every rule prunes the LOWEST scores.
+
+All rules are pure and jittable: the number of channels pruned per group is a static Python
+int derived from static rates/counts and ``scores[name].shape[0]``, and the choice is made by
+a stable sort, so ties go to the lower channel index (the lower index is pruned first).
+Changing score values never retraces; changing a rate or count does.
+
+A group is never pruned to zero channels.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Collection, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Scores = Mapping[str, jax.Array]
+Masks = dict[str, jax.Array]
+
+ROUNDINGS = ("sfp", "pfec")
+NORMALIZATIONS = ("max", "l2")
+
+
+def _check_rate(rate: float) -> float:
+    # The count must be static, so a traced rate is refused here rather than deep in jit.
+    try:
+        if isinstance(rate, bool):
+            raise TypeError
+        value = float(rate)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(
+            f"pruning rate must be a static number in [0, 1) (not traced), got {rate!r}"
+        ) from None
+    if not 0.0 <= value < 1.0:  # also rejects NaN
+        raise ValueError(f"pruning rate must be in [0, 1), got {rate!r}")
+    return value
+
+
+def num_pruned(size: int, rate: float, rounding: str = "sfp") -> int:
+    """Number of channels to prune from ``size`` at ``rate``.
+
+    ``'sfp'`` floors the pruned count, ``int(size * rate)`` (SFP's official code);
+    ``'pfec'`` floors the kept count, ``size - int(size * (1 - rate))`` (the PFEC
+    reimplementation). The result is capped at ``size - 1``: at least one channel is kept.
+    """
+    rate = _check_rate(rate)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+        raise ValueError(f"group size must be a positive int, got {size!r}")
+    size = int(size)
+    if rounding == "sfp":
+        n = int(size * rate)
+    else:
+        n = size - int(size * (1.0 - rate))
+    return min(n, size - 1)
+
+
+def _size(score: jax.Array) -> int:
+    return int(score.shape[0])
+
+
+def _check_names(kind: str, names: Iterable[str], scores: Scores) -> None:
+    unknown = [n for n in names if n not in scores]
+    if unknown:
+        raise ValueError(
+            f"unknown group name(s) in {kind}: {unknown!r}; valid groups: {list(scores)!r}"
+        )
+
+
+def _prune_lowest(score: jax.Array, n: int) -> jax.Array:
+    """float32 mask with the ``n`` (static) lowest entries of ``score`` set to 0."""
+    mask = jnp.ones(score.shape, jnp.float32)
+    if n == 0:
+        return mask
+    order = jnp.argsort(score, stable=True)
+    return mask.at[order[:n]].set(0.0)
+
+
+def prune_by_count(scores: Scores, counts: Mapping[str, int]) -> Masks:
+    """Prune ``counts[name]`` lowest-scoring channels of each named group; others keep all."""
+    _check_names("counts", counts, scores)
+    masks = {}
+    for name, score in scores.items():
+        n = counts.get(name, 0)
+        size = _size(score)
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < size:
+            raise ValueError(
+                f"count for group {name!r} must be an int in [0, {size - 1}] "
+                f"(at least one channel kept), got {n!r}"
+            )
+        masks[name] = _prune_lowest(score, int(n))
+    return masks
+
+
+def prune_by_rate(
+    scores: Scores,
+    rate: float,
+    rounding: str = "sfp",
+    groups: Collection[str] | None = None,
+) -> Masks:
+    """One rate for every group in ``groups`` (default: all); the others keep all channels.
+
+    This is SFP's uniform layer-wise selection; see ``num_pruned`` for ``rounding``.
+    """
+    names = list(scores) if groups is None else list(groups)
+    _check_names("groups", names, scores)
+    return prune_by_count(
+        scores, {name: num_pruned(_size(scores[name]), rate, rounding) for name in names}
+    )
+
+
+def prune_by_rates(
+    scores: Scores,
+    rates: Mapping[str, float],
+    skip: Collection[str] = (),
+    rounding: str = "pfec",
+) -> Masks:
+    """PFEC-style per-group rates: ``rates[name]`` for each listed group not in ``skip``.
+
+    Groups absent from ``rates`` and groups in ``skip`` keep all channels (``skip`` wins
+    over ``rates``, so a stage-wide rate table can exclude sensitive layers).
+    """
+    _check_names("rates", rates, scores)
+    _check_names("skip", skip, scores)
+    skipped = set(skip)
+    return prune_by_count(
+        scores,
+        {
+            name: num_pruned(_size(scores[name]), rate, rounding)
+            for name, rate in rates.items()
+            if name not in skipped
+        },
+    )
+
+
+def _normalized(score: jax.Array, normalize: str | bool | None) -> jax.Array:
+    if normalize in (False, None):
+        return score
+    finite = jnp.where(jnp.isfinite(score), score, 0.0)  # -inf marks forced channels
+    if normalize in (True, "max"):
+        scale = jnp.max(jnp.abs(finite))
+    else:
+        scale = jnp.sqrt(jnp.sum(jnp.square(finite)))
+    return jnp.where(scale > 0, score / jnp.where(scale > 0, scale, 1.0), score)
+
+
+def prune_by_global_threshold(
+    scores: Scores,
+    rate: float,
+    groups: Collection[str] | None = None,
+    normalize: str | bool | None = True,
+) -> Masks:
+    """One threshold across ``groups`` (default: all): prune the globally lowest scores.
+
+    ``int(total * rate)`` channels are pruned overall, ``total`` being the summed size of
+    ``groups``. ``normalize`` makes layers comparable by dividing each group's scores by
+    their max |score| (``True`` or ``'max'``) or their L2 norm (``'l2'``); ``False``/``None``
+    uses raw scores. Each group keeps at least its highest-scoring channel (if the rate
+    asks for more, the count is reduced). Ties go to group order, then channel index.
+    Groups outside ``groups`` keep all channels.
+    """
+    rate = _check_rate(rate)
+    if normalize not in (True, False, None) + NORMALIZATIONS:
+        raise ValueError(
+            f"unknown normalize {normalize!r}; allowed: True, False, None, "
+            f"{', '.join(repr(n) for n in NORMALIZATIONS)}"
+        )
+    names = list(scores) if groups is None else list(groups)
+    _check_names("groups", names, scores)
+    masks = {name: jnp.ones(score.shape, jnp.float32) for name, score in scores.items()}
+    if not names:
+        return masks
+    sizes = [_size(scores[name]) for name in names]
+    total = sum(sizes)
+    n = min(int(total * rate), total - len(names))
+    if n == 0:
+        return masks
+
+    flat = jnp.concatenate(
+        [_normalized(jnp.asarray(scores[name], jnp.float32), normalize) for name in names]
+    )
+    # Each group's best channel is sorted after everything else so it is never pruned.
+    protected = jnp.concatenate(
+        [
+            jnp.zeros(size, jnp.int32).at[jnp.argmax(scores[name])].set(1)
+            for name, size in zip(names, sizes)
+        ]
+    )
+    order = jnp.lexsort((flat, protected))  # primary key last; stable -> index tie-break
+    keep = jnp.ones(total, jnp.float32).at[order[:n]].set(0.0)
+    offset = 0
+    for name, size in zip(names, sizes):
+        masks[name] = keep[offset : offset + size]
+        offset += size
+    return masks
+
+
+def keep_hard(masks: Masks, hard: Masks) -> Masks:
+    """``masks`` with every hard-pruned channel (0 in ``hard``) forced to 0.
+
+    Groups missing from ``hard`` are unchanged. Works for decayed (fractional) masks too.
+    """
+    return {name: m * hard[name] if name in hard else m for name, m in masks.items()}
+
+
+def hard_first(scores: Scores, hard: Masks) -> dict[str, jax.Array]:
+    """``scores`` with hard-pruned channels (0 in ``hard``) set to ``-inf``.
+
+    Any rule applied to the result selects the hard channels first, so they count towards
+    the pruned set and never return (GHFP: "hard stays hard").
+    """
+    return {
+        name: jnp.where(hard[name] == 0, -jnp.inf, jnp.asarray(s, jnp.float32))
+        if name in hard
+        else s
+        for name, s in scores.items()
+    }
+
+
+def grow_hard(
+    scores: Scores, selected: Masks, hard: Masks, fraction: float | jax.Array
+) -> Masks:
+    """GHFP's hard set after a re-selection (methods.md section 4).
+
+    ``selected`` are 0/1 masks of the pruned set S (0 = in S), ``hard`` the current hard
+    masks (0 = hard), ``fraction`` the hard fraction h (a Python float or a traced scalar,
+    see ``jaxprune.schedules.ghfp_hard_fraction``). Per group, the ``floor(h * |S|)``
+    lowest-scoring members of S become hard, already-hard channels counted first; the
+    result is the union with ``hard``, so hard stays hard. Returns float32 masks, 0 = hard.
+    Jittable with a traced ``fraction``: ``|S|`` only enters through comparisons.
+    """
+    out = {}
+    for name, score in scores.items():
+        if name not in selected:
+            out[name] = hard[name] if name in hard else jnp.ones(score.shape, jnp.float32)
+            continue
+        was_hard = hard[name] == 0 if name in hard else jnp.zeros(score.shape, bool)
+        in_s = selected[name] == 0
+        # Rank the members of S: already hard first, then by score, then by index.
+        key = jnp.where(was_hard, -jnp.inf, jnp.asarray(score, jnp.float32))
+        order = jnp.lexsort((key, ~in_s))  # members of S first
+        rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
+            jnp.arange(score.shape[0], dtype=jnp.int32)
+        )
+        k = jnp.floor(fraction * jnp.sum(in_s)).astype(jnp.int32)
+        now_hard = (in_s & (rank < k)) | was_hard
+        out[name] = jnp.where(now_hard, 0.0, 1.0).astype(jnp.float32)
+    return out

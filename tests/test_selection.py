@@ -1,0 +1,213 @@
+"""Selection rules against hand-computed counts and hand-picked channels."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import selection as sel
+
+RATES = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+# Worked by hand: SFP prunes floor(N * P); PFEC keeps floor(N * (1 - P)).
+SFP_PRUNED = {
+    16: [1, 3, 4, 6, 8, 9, 11, 12, 14],
+    32: [3, 6, 9, 12, 16, 19, 22, 25, 28],
+    64: [6, 12, 19, 25, 32, 38, 44, 51, 57],
+}
+PFEC_KEPT = {
+    16: [14, 12, 11, 9, 8, 6, 4, 3, 1],
+    32: [28, 25, 22, 19, 16, 12, 9, 6, 3],
+    64: [57, 51, 44, 38, 32, 25, 19, 12, 6],
+}
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_num_pruned_sfp_vs_pfec_rounding(size):
+    for rate, sfp, pfec_kept in zip(RATES, SFP_PRUNED[size], PFEC_KEPT[size]):
+        assert sel.num_pruned(size, rate, "sfp") == sfp, (size, rate)
+        assert sel.num_pruned(size, rate, "pfec") == size - pfec_kept, (size, rate)
+
+
+def test_num_pruned_keeps_at_least_one_channel():
+    assert sel.num_pruned(3, 0.9, "pfec") == 2  # would keep int(0.3) = 0
+    assert sel.num_pruned(1, 0.5, "pfec") == 0
+    assert sel.num_pruned(3, 0.9, "sfp") == 2
+    assert sel.num_pruned(10, 0.0, "pfec") == 0
+
+
+@pytest.mark.parametrize("rate", [1.0, -0.1, float("nan"), 1.5, True])
+def test_num_pruned_rejects_bad_rate(rate):
+    with pytest.raises(ValueError, match="rate"):
+        sel.num_pruned(16, rate)
+
+
+def test_num_pruned_rejects_bad_rounding_and_size():
+    with pytest.raises(ValueError, match=r"'floor'.*sfp, pfec"):
+        sel.num_pruned(16, 0.5, "floor")
+    with pytest.raises(ValueError, match="0"):
+        sel.num_pruned(0, 0.5)
+
+
+def _scores():
+    return {
+        "a": jnp.asarray([0.3, 0.1, 0.4, 0.2]),
+        "b": jnp.asarray([5.0, 1.0, 3.0]),
+        "c": jnp.asarray([2.0, 2.0, 2.0, 2.0, 1.0, 9.0]),
+    }
+
+
+def _zeros(mask):
+    return [i for i, v in enumerate(np.asarray(mask)) if v == 0]
+
+
+def test_prune_by_rate_prunes_lowest_and_breaks_ties_by_index():
+    masks = sel.prune_by_rate(_scores(), 0.5)
+    assert all(m.dtype == jnp.float32 for m in masks.values())
+    assert set(np.unique(np.concatenate([np.asarray(m) for m in masks.values()]))) <= {0.0, 1.0}
+    assert _zeros(masks["a"]) == [1, 3]
+    assert _zeros(masks["b"]) == [1]  # int(1.5) = 1
+    assert _zeros(masks["c"]) == [0, 1, 4]  # 1.0, then ties 2.0 at 0..3 by index
+
+
+def test_prune_by_rate_rounding_and_group_subset():
+    masks = sel.prune_by_rate(_scores(), 0.5, rounding="pfec", groups=["b"])
+    assert _zeros(masks["b"]) == [1, 2]  # keeps int(1.5) = 1
+    np.testing.assert_array_equal(masks["a"], np.ones(4))
+    np.testing.assert_array_equal(masks["c"], np.ones(6))
+    with pytest.raises(ValueError, match=r"'z'.*\['a', 'b', 'c'\]"):
+        sel.prune_by_rate(_scores(), 0.5, groups=["z"])
+
+
+def test_prune_by_count():
+    masks = sel.prune_by_count(_scores(), {"a": 3, "c": 0})
+    assert _zeros(masks["a"]) == [0, 1, 3]
+    np.testing.assert_array_equal(masks["b"], np.ones(3))
+    np.testing.assert_array_equal(masks["c"], np.ones(6))
+    with pytest.raises(ValueError, match="'a'"):
+        sel.prune_by_count(_scores(), {"a": 4})  # would prune every channel
+    with pytest.raises(ValueError, match="'q'"):
+        sel.prune_by_count(_scores(), {"q": 1})
+
+
+def test_prune_by_rates_skip_semantics():
+    rates = {"a": 0.5, "b": 0.5}
+    masks = sel.prune_by_rates(_scores(), rates, skip=["b"])
+    assert _zeros(masks["a"]) == [1, 3]
+    np.testing.assert_array_equal(masks["b"], np.ones(3))  # skip wins over rates
+    np.testing.assert_array_equal(masks["c"], np.ones(6))  # not in rates
+    # default rounding is PFEC: b keeps int(3 * 0.5) = 1
+    assert _zeros(sel.prune_by_rates(_scores(), rates)["b"]) == [1, 2]
+    assert _zeros(sel.prune_by_rates(_scores(), rates, rounding="sfp")["b"]) == [1]
+
+
+def test_prune_by_rates_unknown_names():
+    with pytest.raises(ValueError, match=r"rates.*'x'.*valid groups.*'a', 'b', 'c'"):
+        sel.prune_by_rates(_scores(), {"a": 0.5, "x": 0.1})
+    with pytest.raises(ValueError, match=r"skip.*'y'.*valid groups"):
+        sel.prune_by_rates(_scores(), {"a": 0.5}, skip=("y",))
+
+
+def test_global_threshold_raw_scores_picks_globally_smallest():
+    scores = {"a": jnp.asarray([0.1, 0.5, 0.9]), "b": jnp.asarray([5.0, 1.0, 3.0])}
+    masks = sel.prune_by_global_threshold(scores, 0.5, normalize=False)
+    # 3 of 6: 0.1, 0.5 and 0.9 are smallest but 0.9 is a's last channel -> 1.0 of b instead
+    assert _zeros(masks["a"]) == [0, 1]
+    assert _zeros(masks["b"]) == [1]
+
+
+def test_global_threshold_normalizations():
+    scores = {"a": jnp.asarray([0.1, 0.5, 0.9]), "b": jnp.asarray([5.0, 1.0, 3.0])}
+    # max: a -> [.111, .556, 1], b -> [1, .2, .6]; 3 smallest: a0, b1, a1
+    masks = sel.prune_by_global_threshold(scores, 0.5, normalize="max")
+    assert _zeros(masks["a"]) == [0, 1] and _zeros(masks["b"]) == [1]
+    masks = sel.prune_by_global_threshold(scores, 0.34, normalize=True)  # int(2.04) = 2
+    assert _zeros(masks["a"]) == [0] and _zeros(masks["b"]) == [1]
+    # l2: a / 1.034 -> [.097, .484, .870], b / 5.916 -> [.845, .169, .507]
+    masks = sel.prune_by_global_threshold(scores, 0.5, normalize="l2")
+    assert _zeros(masks["a"]) == [0] and _zeros(masks["b"]) == [1, 2]
+    with pytest.raises(ValueError, match=r"'l1'.*'max', 'l2'"):
+        sel.prune_by_global_threshold(scores, 0.5, normalize="l1")
+
+
+def test_global_threshold_keeps_one_per_group():
+    scores = {"a": jnp.asarray([0.01, 0.02, 0.03]), "b": jnp.asarray([100.0, 200.0, 300.0])}
+    masks = sel.prune_by_global_threshold(scores, 0.6, normalize=False)  # 3 pruned
+    assert _zeros(masks["a"]) == [0, 1] and _zeros(masks["b"]) == [0]
+    masks = sel.prune_by_global_threshold(scores, 0.9, normalize=False)  # 5 -> capped at 4
+    assert _zeros(masks["a"]) == [0, 1] and _zeros(masks["b"]) == [0, 1]
+
+
+def test_global_threshold_matches_numpy_reference_and_group_subset():
+    rng = np.random.default_rng(0)
+    scores = {n: jnp.asarray(rng.uniform(size=s), jnp.float32) for n, s in [("a", 7), ("b", 12), ("c", 5)]}
+    masks = sel.prune_by_global_threshold(scores, 0.4, groups=["a", "b"], normalize=False)
+    np.testing.assert_array_equal(masks["c"], np.ones(5))
+    flat = np.concatenate([np.asarray(scores["a"]), np.asarray(scores["b"])])
+    protected = {int(np.argmax(scores["a"])), 7 + int(np.argmax(scores["b"]))}
+    candidates = [i for i in np.argsort(flat, kind="stable") if i not in protected]
+    pruned = set(candidates[: int(19 * 0.4)])
+    got = np.concatenate([np.asarray(masks["a"]), np.asarray(masks["b"])])
+    assert {i for i in range(19) if got[i] == 0} == pruned
+
+
+def test_jit_does_not_recompile_when_scores_change():
+    traces = {"rate": 0, "rates": 0, "global": 0}
+
+    def by_rate(s):
+        traces["rate"] += 1
+        return sel.prune_by_rate(s, 0.5)
+
+    def by_rates(s):
+        traces["rates"] += 1
+        return sel.prune_by_rates(s, {"a": 0.5, "c": 0.3}, skip=["c"])
+
+    def by_global(s):
+        traces["global"] += 1
+        return sel.prune_by_global_threshold(s, 0.5, normalize="l2")
+
+    fns = {"rate": jax.jit(by_rate), "rates": jax.jit(by_rates), "global": jax.jit(by_global)}
+    eager = {"rate": by_rate, "rates": by_rates, "global": by_global}
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        scores = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in _scores().items()}
+        for key, fn in fns.items():
+            got = fn(scores)
+            ref = eager[key](scores)
+            for name in ref:
+                np.testing.assert_array_equal(got[name], ref[name])
+    assert traces == {"rate": 1 + 3, "rates": 1 + 3, "global": 1 + 3}  # 1 trace each + eager calls
+
+
+def test_traced_rate_is_refused():
+    with pytest.raises(ValueError, match="static"):
+        jax.jit(lambda r: sel.prune_by_rate(_scores(), r))(0.5)
+
+
+def test_keep_hard_and_hard_first():
+    masks = {"a": jnp.asarray([1.0, 0.5, 0.0, 1.0]), "b": jnp.ones(3)}
+    hard = {"a": jnp.asarray([0.0, 1.0, 1.0, 1.0])}
+    out = sel.keep_hard(masks, hard)
+    np.testing.assert_array_equal(out["a"], [0.0, 0.5, 0.0, 1.0])
+    np.testing.assert_array_equal(out["b"], np.ones(3))
+    scores = sel.hard_first({"a": jnp.asarray([0.1, 0.5, 0.2, 0.9])}, {"a": jnp.asarray([1.0, 1.0, 1.0, 0.0])})
+    assert _zeros(sel.prune_by_rate(scores, 0.5)["a"]) == [0, 3]
+
+
+def test_grow_hard_takes_lowest_of_selected_and_keeps_old_hard():
+    scores = {"a": jnp.asarray([0.5, 0.1, 0.4, 0.3, 0.9, 0.2])}
+    selected = {"a": jnp.asarray([0.0, 0.0, 1.0, 0.0, 1.0, 0.0])}  # S = {0, 1, 3, 5}
+    hard = {"a": jnp.asarray([0.0, 1.0, 1.0, 1.0, 1.0, 1.0])}  # 0 already hard
+    # floor(0.5 * 4) = 2: the old hard channel 0 first, then the lowest score in S (1)
+    out = sel.grow_hard(scores, selected, hard, 0.5)
+    assert _zeros(out["a"]) == [0, 1]
+    # fraction 0.75 -> 3: then channel 5 (0.2)
+    assert _zeros(sel.grow_hard(scores, selected, hard, 0.75)["a"]) == [0, 1, 5]
+    # old hard outside S stays hard; fraction 0 hardens nothing new
+    hard2 = {"a": jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0, 1.0])}
+    assert _zeros(sel.grow_hard(scores, selected, hard2, 0.0)["a"]) == [4]
+    # jittable with a traced fraction, one trace for all fractions
+    traces = []
+    fn = jax.jit(lambda h: (traces.append(1), sel.grow_hard(scores, selected, hard, h))[1])
+    assert _zeros(fn(jnp.float32(0.75))["a"]) == [0, 1, 5]
+    assert _zeros(fn(jnp.float32(1.0))["a"]) == [0, 1, 3, 5]
+    assert len(traces) == 1
