@@ -233,6 +233,16 @@ class _Tracer:
 
     def alias_call(self, eqn, sub) -> None:
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+        # A sub-jaxpr (jit, custom_jvp such as relu) is shared by all its call sites: forget
+        # the channel ids of its variables so each call gets fresh ones.
+        for eq in inner.eqns:
+            for ov in eq.outvars:
+                self.ids.pop(ov, None)
+                self.data.discard(ov)
+                self.origin.pop(ov, None)
+        for iv in inner.invars:
+            self.data.discard(iv)
+            self.origin.pop(iv, None)
         for outer, iv in zip(eqn.invars, inner.invars):
             ids = self.axes(outer)
             if ids is None:
