@@ -12,9 +12,17 @@ Batch orders are pure functions of ``(seed, epoch)`` (:func:`epoch_batches`), so
 mid-training sees the same order; :func:`eval_batches` covers every example exactly once with a
 weight mask for the padded tail.
 
-ImageNet (:func:`imagenet_pipeline`) reads TFDS ``array_record`` data through
-``tfds.data_source`` and does the standard ResNet preprocessing with PIL/numpy, so it needs
-neither TensorFlow nor ``tf.data``.
+Where the data comes from (details in :func:`load_cifar` / :func:`imagenet_pipeline`):
+
+* CIFAR-10/100: an offline copy in the ``.npz`` shard layout (:func:`write_npz_shards`) found
+  through the ``data_dir`` argument, the ``JAXPRUNE_DATA_DIR`` environment variable, or
+  automatically in ``../shared/data/<name>`` (beside the project or the current directory) or
+  ``~/.cache/jaxprune/<name>``; else TFDS (a prepared copy, or ``download=True`` with internet).
+* ImageNet: TFDS ``imagenet2012`` prepared as ``array_record`` (in ``data_dir``,
+  ``$JAXPRUNE_DATA_DIR`` or TFDS's data dir), read through ``tfds.data_source`` and streamed with
+  grain when it is installed, else a thread pool; the standard ResNet preprocessing is done with
+  PIL/numpy, so neither TensorFlow nor ``tf.data`` is needed.
+* Digits (:func:`load_digits_dataset`): scikit-learn's bundled 8x8 digits, for offline runs.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import importlib
 import io
 import math
 import os
@@ -44,6 +53,7 @@ __all__ = [
     "ENV_DATA_DIR",
     "Dataset",
     "load_cifar",
+    "write_npz_shards",
     "load_digits_dataset",
     "normalize",
     "augment_batch",
@@ -67,7 +77,8 @@ CIFAR100_STD = tuple(v / 255.0 for v in (68.2, 65.4, 70.4))
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Environment variable naming a folder that holds ``cifar10/`` (``cifar100/``) or the shards.
+#: Environment variable naming a data folder: it holds ``cifar10/`` / ``cifar100/`` with the offline
+#: shards (or the shards themselves), and may be a TFDS data dir (``imagenet2012/``, ``cifar10/``..).
 ENV_DATA_DIR = "JAXPRUNE_DATA_DIR"
 
 _CIFAR = {
@@ -105,8 +116,8 @@ class Dataset:
         for field in ("x_train", "y_train", "x_test", "y_test"):
             a = np.asarray(getattr(self, field))
             want = np.uint8 if field.startswith("x") else np.int32
-            if a.dtype != want:
-                a = a.astype(want)
+            # A view, so freezing it never freezes the caller's array.
+            a = a.astype(want) if a.dtype != want else a.view()
             a.flags.writeable = False
             object.__setattr__(self, field, a)
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
@@ -162,11 +173,20 @@ def _shard_files(folder: Path) -> list[Path] | None:
     return [found[i] for i in range(len(found))]
 
 
+def _cache_root() -> Path:
+    """``$XDG_CACHE_HOME/jaxprune`` (default ``~/.cache/jaxprune``): the per-user offline copy."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxprune"
+
+
 def _default_offline_roots() -> list[Path]:
-    """The shared offline copy: ``../shared/data`` from the current dir and from the repo root."""
-    roots = []
-    for base in (Path.cwd(), _REPO_ROOT):
-        r = (base / ".." / "shared" / "data").resolve()
+    """Folders whose ``<name>/`` subfolder may hold the offline shards, in search order: the shared
+    copy ``../shared/data`` seen from the current directory and from the repository root, then the
+    user cache (:func:`_cache_root`)."""
+    roots: list[Path] = []
+    for r in ((Path.cwd() / ".." / "shared" / "data"), (_REPO_ROOT / ".." / "shared" / "data"),
+              _cache_root()):
+        r = r.resolve()
         if r not in roots:
             roots.append(r)
     return roots
@@ -180,22 +200,43 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify_checksums(folder: Path, files: Sequence[Path]) -> None:
+def _read_sha256sums(folder: Path) -> dict[str, str]:
+    """``{file name: hex digest}`` from ``folder/SHA256SUMS`` (``sha256sum`` format); ``{}`` if absent."""
     sums_file = folder / "SHA256SUMS"
     if not sums_file.is_file():
-        return
+        return {}
     sums = {}
     for line in sums_file.read_text().splitlines():
         parts = line.split()
         if len(parts) >= 2:
             sums[parts[-1].lstrip("*")] = parts[0].lower()
+    return sums
+
+
+def _verify_checksums(folder: Path, files: Sequence[Path]) -> None:
+    sums = _read_sha256sums(folder)
     for f in files:
         want = sums.get(f.name)
         if want is None:
             continue
         got = _sha256(f)
         if got != want:
-            raise ValueError(f"checksum mismatch for {f}: SHA256SUMS says {want}, file hashes to {got}")
+            raise ValueError(
+                f"checksum mismatch for {f}: SHA256SUMS says {want}, the file hashes to {got}; "
+                f"the copy is corrupt or incomplete -- copy it again (or pass verify=False)"
+            )
+
+
+def _classes_problem(folder: Path, num_classes: int) -> str | None:
+    """Why ``folder`` is not this data set according to its ``classes.txt`` (None: no objection).
+
+    Guards against ``JAXPRUNE_DATA_DIR`` pointing straight at a CIFAR-10 folder while CIFAR-100
+    is requested: both have the same file layout, only the class list tells them apart."""
+    classes = folder / "classes.txt"
+    if not classes.is_file():
+        return None
+    n = sum(1 for line in classes.read_text().splitlines() if line.strip())
+    return None if n == num_classes else f"{folder} (classes.txt lists {n} classes, not {num_classes})"
 
 
 def _load_npz_layout(folder: Path, files: list[Path], verify: bool):
@@ -209,6 +250,46 @@ def _load_npz_layout(folder: Path, files: list[Path], verify: bool):
     with np.load(folder / "test.npz") as z:
         x_test, y_test = z["x"], z["y"]
     return np.concatenate(xs), np.concatenate(ys), x_test, y_test
+
+
+def write_npz_shards(
+    folder: str | os.PathLike,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    shard_size: int = 10_000,
+    class_names: Sequence[str] | None = None,
+) -> Path:
+    """Write the offline layout :func:`load_cifar` reads: ``train_0.npz ..``, ``test.npz``
+    (``savez_compressed`` with ``x`` uint8 NHWC, ``y`` uint8 labels), ``SHA256SUMS`` and, with
+    ``class_names``, ``classes.txt``.  Use it to carry a TFDS-loaded copy to an offline machine:
+    ``d = load_cifar('cifar100', download=True); write_npz_shards(dst / 'cifar100', d.x_train, ...)``.
+    Returns the folder."""
+    folder = Path(folder)
+    if shard_size <= 0:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("train_*.npz"):  # a longer earlier copy would add its extra shards
+        stale.unlink()
+    for y in (y_train, y_test):
+        if np.asarray(y).size and (np.min(y) < 0 or np.max(y) > 255):
+            raise ValueError("labels must lie in 0..255 to be stored as uint8")
+    written = []
+
+    def save(fname, x, y):
+        np.savez_compressed(folder / fname, x=np.asarray(x, np.uint8), y=np.asarray(y, np.uint8))
+        written.append(folder / fname)
+
+    n = len(x_train)
+    for k, start in enumerate(range(0, max(n, 1), shard_size)):
+        save(f"train_{k}.npz", x_train[start : start + shard_size], y_train[start : start + shard_size])
+    save("test.npz", x_test, y_test)
+    (folder / "SHA256SUMS").write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in written))
+    if class_names is not None:
+        (folder / "classes.txt").write_text("".join(f"{c}\n" for c in class_names))
+    return folder
 
 
 def _tfds_module():
@@ -227,20 +308,33 @@ def _have_tensorflow() -> bool:
     return True
 
 
+def _tfds_where(data_dir) -> str:
+    if data_dir is not None:
+        return str(data_dir)
+    return "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+
+
 def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bool):
-    """TFDS fallback. Returns ``(arrays, None)`` or ``(None, reason)``; never raises."""
+    """Read CIFAR from TFDS. Returns ``(arrays, None)`` or ``(None, reason)``; never raises.
+
+    Without TensorFlow only an ``array_record`` copy can be read (``tfds.data_source``), and TFDS
+    cannot *prepare* CIFAR at all (its CIFAR builder reads the archive with ``tf.io.gfile``)."""
     tfds = _tfds_module()
     if tfds is None:
         return None, "tensorflow_datasets is not importable"
+    where = _tfds_where(data_dir)
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
-        where = str(builder.data_dir)
         has_tf = _have_tensorflow()
         if not builder.is_prepared():
             if not download:
-                return None, f"TFDS {name!r} is not prepared in {where}"
-            # Without TensorFlow only the random-access array_record format can be read.
-            builder.download_and_prepare(**({} if has_tf else {"file_format": "array_record"}))
+                return None, f"TFDS {name!r} is not prepared in {where} (download=False)"
+            if not has_tf:
+                return None, (
+                    f"TFDS {name!r} is not prepared in {where}, and preparing it needs TensorFlow "
+                    f"(pip install tensorflow-cpu), which is not installed"
+                )
+            builder.download_and_prepare()
         out = []
         for split in ("train", "test"):
             if has_tf:
@@ -253,35 +347,41 @@ def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bo
                         np.asarray([int(e["label"]) for e in items])]
         return tuple(out), None
     except Exception as e:  # TFDS raises many types (DatasetNotFoundError, NotImplementedError..)
-        return None, f"TFDS {name!r} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"TFDS {name!r} in {where} failed: {type(e).__name__}: {msg}"
 
 
 def load_cifar(
     name: str = "cifar10",
     data_dir: str | os.PathLike | None = None,
     *,
-    verify: bool = False,
+    verify: bool = True,
     download: bool = False,
 ) -> Dataset:
-    """Load CIFAR-10 or CIFAR-100 into memory as a :class:`Dataset`.
+    """Load CIFAR-10 or CIFAR-100 into memory as a :class:`Dataset` (uint8 NHWC images).
 
-    Where the data is looked for, in order:
+    Where the data is looked for, in order (the first hit wins):
 
-    1. ``data_dir`` if given: the offline shard layout in ``data_dir/<name>/`` or ``data_dir``
+    1. ``data_dir`` if given: the offline shard layout in ``data_dir/<name>/`` or in ``data_dir``
        itself, else a TFDS data dir (``tfds.builder(name, data_dir=data_dir)``).  An explicit
        ``data_dir`` is authoritative: nothing else is tried.
-    2. ``$JAXPRUNE_DATA_DIR`` (``<dir>/<name>/`` or the shards directly in ``<dir>``).
-    3. The shared offline copy ``../shared/data/<name>`` relative to the current directory and
-       to the repository root.
-    4. TFDS in its default data dir (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``); with
-       ``download=True`` TFDS may download and prepare it (needs internet; without TensorFlow
-       the ``array_record`` format is used).
+    2. ``$JAXPRUNE_DATA_DIR`` (:data:`ENV_DATA_DIR`): the shards in ``<dir>/<name>/`` or in
+       ``<dir>`` itself.
+    3. The shared offline copy ``../shared/data/<name>`` relative to the current directory and to
+       the repository root, then the user cache ``~/.cache/jaxprune/<name>``
+       (``$XDG_CACHE_HOME/jaxprune/<name>``).
+    4. TFDS: a prepared copy in ``$JAXPRUNE_DATA_DIR`` or TFDS's default data dir
+       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).  With ``download=True`` TFDS downloads
+       and prepares it (needs internet, and TensorFlow to prepare; reading an ``array_record``
+       copy afterwards does not need TensorFlow).
 
-    The offline layout is ``train_0.npz .. train_{k-1}.npz`` + ``test.npz``, each with ``x``
-    ``uint8 [N,32,32,3]`` and ``y`` labels; ``verify=True`` checks them against ``SHA256SUMS``
-    when that file is present (``ValueError`` on mismatch).
+    The offline layout (see :func:`write_npz_shards`) is ``train_0.npz .. train_{k-1}.npz`` +
+    ``test.npz``, each with ``x`` ``uint8 [N,32,32,3]`` and ``y`` labels, optionally
+    ``classes.txt`` (one class name a line; a folder whose list has the wrong length is skipped)
+    and ``SHA256SUMS``, which ``verify=True`` checks (``ValueError`` on mismatch).
 
-    Raises ``FileNotFoundError`` listing every place looked at when no data is found.
+    Raises ``FileNotFoundError`` listing every place looked at, and how to provide the data,
+    when it is found nowhere.
     """
     if name not in _CIFAR:
         raise ValueError(f"unknown data set {name!r}; expected one of {sorted(_CIFAR)}")
@@ -291,18 +391,29 @@ def load_cifar(
     def try_folder(root: Path, direct: bool = True):
         for d in [root / name, root] if direct else [root / name]:
             files = _shard_files(d)
-            if files is not None:
-                return _load_npz_layout(d, files, verify)
-            looked.append(f"{d} (no train_0.npz .. + test.npz)")
+            if files is None:
+                looked.append(f"{d} (no train_0.npz .. + test.npz)")
+                continue
+            problem = _classes_problem(d, meta["num_classes"])
+            if problem is not None:
+                looked.append(problem)
+                continue
+            arrays = _load_npz_layout(d, files, verify)
+            n_seen = len(np.unique(arrays[1]))
+            if n_seen != meta["num_classes"]:
+                raise ValueError(
+                    f"{d} holds {n_seen} distinct training labels, but {name} has "
+                    f"{meta['num_classes']} classes: is this folder the right data set?"
+                )
+            return arrays
         return None
 
     arrays = None
-    tfds_dirs: list[str | os.PathLike | None] = []
+    env = os.environ.get(ENV_DATA_DIR)
     if data_dir is not None:
         arrays = try_folder(Path(data_dir).expanduser())
-        tfds_dirs = [Path(data_dir).expanduser()]
+        tfds_dirs: list[Path | None] = [Path(data_dir).expanduser()]
     else:
-        env = os.environ.get(ENV_DATA_DIR)
         if env:
             arrays = try_folder(Path(env).expanduser())
         else:
@@ -312,24 +423,31 @@ def load_cifar(
                 arrays = try_folder(root, direct=False)
                 if arrays is not None:
                     break
-        tfds_dirs = [None]
+        tfds_dirs = ([Path(env).expanduser()] if env else []) + [None]
     if arrays is None:
+        # Prepared copies first, anywhere; only then download (into the first candidate dir).
         for d in tfds_dirs:
-            arrays, reason = _load_cifar_tfds(name, d, download)
+            arrays, reason = _load_cifar_tfds(name, d, download=False)
             if arrays is not None:
                 break
             looked.append(reason)
+        if arrays is None and download:
+            arrays, reason = _load_cifar_tfds(name, tfds_dirs[0], download=True)
+            if arrays is None:
+                looked.append(reason)
     if arrays is None:
         where = "\n  - ".join(looked)
         raise FileNotFoundError(
             f"{name} data not found. Looked in:\n  - {where}\n"
             f"Provide it in one of these ways:\n"
-            f"  * pass data_dir=<folder> (the --data_dir flag of the CLI) holding {name}/train_0.npz.. "
-            f"+ test.npz, or those files directly;\n"
-            f"  * set {ENV_DATA_DIR}=<folder> with the same layout;\n"
-            f"  * place the offline copy at ../shared/data/{name} relative to the project root;\n"
-            f"  * or prepare it with TFDS on a machine with internet: "
-            f"`tfds build {name} --file_format=array_record` (or load_cifar(..., download=True))."
+            f"  * pass data_dir=<folder> (CLI: --data_dir) holding {name}/train_0.npz .. "
+            f"train_4.npz + test.npz, or those files directly;\n"
+            f"  * set the environment variable {ENV_DATA_DIR}=<folder>, same layout;\n"
+            f"  * put the files in ../shared/data/{name}/ (beside the project) or in "
+            f"{_cache_root() / name}/;\n"
+            f"  * or let TFDS fetch it: load_cifar({name!r}, download=True) on a machine with "
+            f"internet access and TensorFlow installed (TFDS cannot download without internet); "
+            f"write_npz_shards() then makes the offline layout for machines without them."
         )
     x_train, y_train, x_test, y_test = arrays
     return Dataset(
@@ -349,38 +467,47 @@ def load_cifar(
 # --------------------------------------------------------------------------------------------
 
 
-def load_digits_dataset(image_size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download) as a Dataset.
+def load_digits_dataset(
+    image_size: int = 16, test_fraction: float = 0.2, seed: int = 0, channels: int = 3
+) -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes; no download) as a Dataset of
+    small RGB-like images, for the offline quickstart.
 
     Pixel values 0..16 are rescaled to 0..255 ``uint8``; ``image_size`` must be a multiple of 8
-    (8 keeps the images, 16 upsamples 2x by pixel repetition).  The split is stratified and
-    deterministic in ``seed``; mean/std are computed on the training images.
+    (8 keeps the images, 16 upsamples 2x by pixel repetition); the grey value is repeated over
+    ``channels`` (3: the CIFAR models take the images as they are).  The split is stratified and
+    deterministic in ``seed``; mean/std (equal for every channel) are those of the training images.
+    ``x_*``: ``uint8 [N, image_size, image_size, channels]``, ``y_*``: ``int32`` in ``0..9``.
     """
     from sklearn.datasets import load_digits  # noqa: PLC0415
     from sklearn.model_selection import train_test_split  # noqa: PLC0415
 
     if image_size <= 0 or image_size % 8:
         raise ValueError(f"image_size must be a positive multiple of 8, got {image_size}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     d = load_digits()
     x = np.rint(d.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
     f = image_size // 8
     if f > 1:
         x = x.repeat(f, axis=1).repeat(f, axis=2)
-    x = x[..., None]
+    x = np.repeat(x[..., None], channels, axis=-1)
     y = d.target.astype(np.int32)
     idx_train, idx_test = train_test_split(
         np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y
     )
     idx_train, idx_test = np.sort(idx_train), np.sort(idx_test)
-    xt = x[idx_train].astype(np.float64) / 255.0
+    xt = x[idx_train, ..., 0].astype(np.float64) / 255.0
     return Dataset(
         x_train=x[idx_train],
         y_train=y[idx_train],
         x_test=x[idx_test],
         y_test=y[idx_test],
         num_classes=10,
-        mean=(float(xt.mean()),),
-        std=(float(xt.std()),),
+        mean=(float(xt.mean()),) * channels,
+        std=(float(xt.std()),) * channels,
         name="digits",
     )
 
@@ -406,8 +533,10 @@ def augment_params(rng: jax.Array, batch_size: int, pad: int = 4, flip: bool = T
     """The random draws :func:`augment_batch` uses for ``rng``.
 
     Returns ``(offsets int32 [B, 2], flips bool [B])``: the (row, col) corner of each crop in the
-    padded image (uniform in ``0..2*pad``) and whether each example is mirrored.  The crop key and
-    the flip key are split from ``rng`` the same way whatever ``pad``/``flip`` are.
+    padded image (uniform in ``0..2*pad``) and whether each example is mirrored.  The crop is
+    taken first and then mirrored (the same distribution as flip-then-crop, offsets being
+    symmetric).  The crop key and the flip key are split from ``rng`` the same way whatever
+    ``pad``/``flip`` are.
     """
     k_crop, k_flip = jax.random.split(rng)
     if pad > 0:
@@ -583,43 +712,78 @@ def preprocess_imagenet_eval(image, image_size: int = 224, resize_size: int = 25
     return np.ascontiguousarray(a[top : top + image_size, left : left + image_size])
 
 
-def _imagenet_not_found(name: str, split: str, data_dir, reason: str) -> FileNotFoundError:
-    where = data_dir if data_dir is not None else "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+def _imagenet_not_found(name: str, split: str, looked: Sequence[str]) -> FileNotFoundError:
+    where = "\n  - ".join(looked)
     return FileNotFoundError(
-        f"{name} split {split!r} is not available in {where}: {reason}\n"
-        f"Prepare it once in the array_record format (no TensorFlow needed to read it):\n"
+        f"{name} split {split!r} not found. Looked in:\n  - {where}\n"
+        f"Prepare it once in the array_record format (TFDS cannot download ImageNet; reading the "
+        f"prepared copy needs no TensorFlow, preparing it does):\n"
         f"  1. put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/\n"
         f"  2. run `tfds build {name} --data_dir=<data_dir> --file_format=array_record`\n"
-        f"then pass data_dir=<data_dir> (or set TFDS_DATA_DIR), or pass source=<sequence of "
-        f"{{'image', 'label'}} dicts>."
+        f"then pass data_dir=<data_dir> (CLI: --data_dir), or set {ENV_DATA_DIR}=<data_dir> or "
+        f"TFDS_DATA_DIR=<data_dir>, or pass source=<sequence of {{'image', 'label'}} dicts>."
     )
 
 
 def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, Any]]:
+    """The random-access TFDS source of ``name``/``split``: in ``data_dir`` if given, else in
+    ``$JAXPRUNE_DATA_DIR`` and then TFDS's default data dir (first prepared copy wins)."""
     tfds = _tfds_module()
     if tfds is None:
-        raise _imagenet_not_found(name, split, data_dir, "tensorflow_datasets is not importable")
-    dd = None if data_dir is None else os.fspath(data_dir)
-    try:
-        builder = tfds.builder(name, data_dir=dd)
-    except Exception as e:
-        raise _imagenet_not_found(name, split, data_dir, f"{type(e).__name__}: {e}") from e
-    if not builder.is_prepared():
-        raise _imagenet_not_found(name, split, data_dir, f"no prepared data in {builder.data_dir}")
-    try:  # keep the JPEG bytes; decoding happens in the worker threads
-        return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-    except Exception:
-        pass
-    try:
-        return builder.as_data_source(split=split)
-    except Exception as e:  # e.g. prepared as TFRECORD: no random access
-        raise _imagenet_not_found(
-            name, split, data_dir, f"cannot open it for random access ({type(e).__name__}: {e})"
-        ) from e
+        raise _imagenet_not_found(name, split, ["tensorflow_datasets is not importable"])
+    if data_dir is not None:
+        candidates = [os.fspath(Path(data_dir).expanduser())]
+    else:
+        env = os.environ.get(ENV_DATA_DIR)
+        candidates = ([os.fspath(Path(env).expanduser())] if env else []) + [None]
+    looked = []
+    for dd in candidates:
+        where = _tfds_where(dd)
+        try:
+            builder = tfds.builder(name, data_dir=dd)
+        except Exception as e:
+            looked.append(f"{where}: {type(e).__name__}: {e}")
+            continue
+        if not builder.is_prepared():
+            looked.append(f"{where}: no prepared {name} in {builder.data_dir}")
+            continue
+        base_split = split.split("[")[0]  # "train[:1%]" slices the "train" split
+        if base_split not in builder.info.splits:
+            raise ValueError(f"{name} has no split {base_split!r}; it has {sorted(builder.info.splits)}")
+        try:  # keep the JPEG bytes: decoding happens in the worker threads, with the crop
+            return builder.as_data_source(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+        except Exception:
+            pass
+        try:
+            return builder.as_data_source(split=split)
+        except Exception as e:  # e.g. prepared as TFRECORD: no random access without TF
+            looked.append(
+                f"{where}: cannot open {builder.data_dir} for random access ({type(e).__name__}: "
+                f"{e}); it must be prepared with --file_format=array_record"
+            )
+    raise _imagenet_not_found(name, split, looked)
+
+
+def _grain_module():
+    """Grain's dataset API (``grain`` >= 0.2.6 exposes it at top level, older ``grain.python``)."""
+    for mod in ("grain", "grain.python"):
+        try:
+            g = importlib.import_module(mod)
+        except Exception:
+            continue
+        if hasattr(g, "MapDataset") and hasattr(g, "ReadOptions"):
+            return g
+    return None
 
 
 class ImagenetStream:
-    """Iterable of preprocessed batches (see :func:`imagenet_pipeline`); ``len()`` = batches."""
+    """Iterable of preprocessed batches (see :func:`imagenet_pipeline`); ``len()`` = batches.
+
+    Batch ``k`` is a pure function of the source, ``(seed, epoch)`` and ``k`` (order from
+    :func:`epoch_batches`/:func:`eval_batches`, per-example randomness from
+    ``(seed, epoch, index)``), so both backends -- grain's ``MapDataset`` (a batch per thread) and
+    the plain thread pool (the examples of a batch across threads) -- yield the same batches.
+    """
 
     def __init__(
         self,
@@ -634,7 +798,14 @@ class ImagenetStream:
         shuffle: bool,
         drop_last: bool,
         num_workers: int,
+        backend: str = "threads",
     ):
+        if backend not in ("grain", "threads"):
+            raise ValueError(f"backend must be 'grain' or 'threads', got {backend!r}")
+        if backend == "grain" and _grain_module() is None:
+            raise ValueError("backend='grain' needs grain installed (pip install grain)")
+        if batch_size <= 0 or image_size <= 0:
+            raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
         self.source = source
         self.batch_size = int(batch_size)
         self.train = train
@@ -643,17 +814,18 @@ class ImagenetStream:
         self.seed, self.epoch = int(seed), int(epoch)
         self.shuffle, self.drop_last = shuffle, drop_last
         self.num_workers = max(1, int(num_workers))
+        self.backend = backend
         self.num_examples = len(source)
         if shuffle:
             batches = epoch_batches(self.num_examples, self.batch_size, self.seed, self.epoch, drop_last)
             self._batches = [(np.asarray(b), np.ones(len(b), np.float32)) for b in batches]
         else:
+            # An incomplete last batch is padded with example 0 at weight 0 (eval_batches).
             idx, w = eval_batches(self.num_examples, self.batch_size)
             if drop_last:
                 keep = int(np.sum(w.min(axis=1) > 0))
                 idx, w = idx[:keep], w[:keep]
             self._batches = list(zip(idx, w))
-        # The pad of an incomplete eval batch repeats example 0 with weight 0.
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -671,15 +843,23 @@ class ImagenetStream:
             return preprocess_imagenet_train(item["image"], rng, self.image_size)
         return preprocess_imagenet_eval(item["image"], self.image_size, self.resize_size)
 
+    @staticmethod
+    def _labels(items) -> np.ndarray:
+        return np.asarray([int(e["label"]) for e in items], np.int32)
+
+    def load_batch(self, k: int) -> dict[str, np.ndarray]:
+        """Batch ``k`` of this epoch, computed in the calling thread."""
+        idx, mask = self._batches[k]
+        items = self._read(idx)
+        images = np.stack([self._process(e, int(i)) for e, i in zip(items, idx)])
+        return {"image": images, "label": self._labels(items), "mask": mask}
+
     def _submit(self, pool, idx):
         items = self._read(idx)
-        labels = np.asarray([int(e["label"]) for e in items], np.int32)
         futs = [pool.submit(self._process, e, int(i)) for e, i in zip(items, idx)]
-        return futs, labels
+        return futs, self._labels(items)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        if not self._batches:
-            return
+    def _iter_threads(self) -> Iterator[dict[str, np.ndarray]]:
         with concurrent.futures.ThreadPoolExecutor(self.num_workers) as pool:
             pending = self._submit(pool, self._batches[0][0])
             for k in range(len(self._batches)):
@@ -688,6 +868,17 @@ class ImagenetStream:
                     pending = self._submit(pool, self._batches[k + 1][0])
                 images = np.stack([f.result() for f in futs])
                 yield {"image": images, "label": labels, "mask": self._batches[k][1]}
+
+    def _iter_grain(self) -> Iterator[dict[str, np.ndarray]]:
+        g = _grain_module()
+        ds = g.MapDataset.range(len(self._batches)).map(self.load_batch)
+        opts = g.ReadOptions(num_threads=self.num_workers, prefetch_buffer_size=2 * self.num_workers)
+        yield from ds.to_iter_dataset(opts)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if not self._batches:
+            return iter(())
+        return self._iter_grain() if self.backend == "grain" else self._iter_threads()
 
 
 def imagenet_pipeline(
@@ -703,19 +894,22 @@ def imagenet_pipeline(
     shuffle: bool | None = None,
     drop_last: bool | None = None,
     num_workers: int | None = None,
+    backend: str | None = None,
     dataset_name: str = "imagenet2012",
     source: Sequence[Mapping[str, Any]] | None = None,
 ) -> ImagenetStream:
     """Stream ImageNet batches with the standard ResNet preprocessing, without TensorFlow.
 
     Reads ``tfds.data_source(dataset_name)`` (the ``array_record`` format) from ``data_dir``
-    (default: TFDS's data dir), or any ``source`` sequence of ``{'image', 'label'}`` dicts
-    (image: uint8 HWC array, encoded JPEG/PNG bytes or PIL image).  ``train=True``: random
-    resized crop to ``image_size`` (area 0.08..1, aspect 3/4..4/3) + random flip, shuffled with
-    :func:`epoch_batches` ``(seed, epoch)``, incomplete tail dropped; per-example randomness is
-    seeded by ``(seed, epoch, index)`` so it does not depend on thread timing.  ``train=False``:
-    resize the shorter side to ``resize_size`` (default ``image_size * 256 / 224``), center crop,
-    sequential order, last batch padded (weight 0) like :func:`eval_batches`.
+    (default: ``$JAXPRUNE_DATA_DIR``, then TFDS's data dir), or any ``source`` sequence of
+    ``{'image', 'label'}`` dicts (image: uint8 HWC array, encoded JPEG/PNG bytes or PIL image).
+    ``train=True``: random resized crop to ``image_size`` (area 0.08..1, aspect 3/4..4/3) + random
+    flip, shuffled with :func:`epoch_batches` ``(seed, epoch)``, incomplete tail dropped;
+    per-example randomness is seeded by ``(seed, epoch, index)`` so it does not depend on thread
+    timing.  ``train=False``: resize the shorter side to ``resize_size`` (default
+    ``image_size * 256 / 224``), center crop, sequential order, last batch padded (mask 0) like
+    :func:`eval_batches`.  ``backend``: ``'grain'`` or ``'threads'`` (default: grain when it is
+    installed); both give identical batches.
 
     Returns an iterable (``len()`` = number of batches) of dicts ``image`` uint8
     ``[B, S, S, 3]``, ``label`` int32 ``[B]``, ``mask`` float32 ``[B]``; normalise on device with
@@ -730,6 +924,8 @@ def imagenet_pipeline(
     drop_last = train if drop_last is None else drop_last
     if num_workers is None:
         num_workers = min(16, os.cpu_count() or 1)
+    if backend is None:
+        backend = "grain" if _grain_module() is not None else "threads"
     return ImagenetStream(
         source,
         batch_size,
@@ -741,4 +937,5 @@ def imagenet_pipeline(
         shuffle=shuffle,
         drop_last=drop_last,
         num_workers=num_workers,
+        backend=backend,
     )

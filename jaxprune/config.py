@@ -1,0 +1,159 @@
+"""Experiment configs: `ml_collections.ConfigDict`s written as Python files.
+
+Every experiment file in ``experiments/configs/`` defines ``get_config()`` returning
+``base_config()`` with its own values, and states in its docstring the paper row it
+reproduces. The CLI loads a file with `load_config` and applies ``--config.key=value``
+overrides with `override`; `validate` checks every value at the boundary and names the bad
+one.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Any, Sequence
+
+import ml_collections
+
+DATASETS = ("cifar10", "cifar100", "digits", "imagenet2012")
+RESIDUAL_POLICIES = ("coupled", "scatter")
+LR_SCHEDULES = ("sfp_cifar", "step", "constant", "cosine")
+CRITERIA = ("l1", "l2", "fpgm", "bn_scale")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key a run may set, with the SFP CIFAR-10 recipe as defaults (methods.md 2)."""
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.model = "resnet20"
+    c.dataset = "cifar10"
+    c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ../shared/data
+    c.image_size = 0  # 0 = the data set's own size
+    c.epochs = 200
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.seed = 0
+    c.num_seeds = 1  # how many seeds the paper row averages over (experiments runner)
+    c.train_subset = 0  # >0: train on the first N training images only (smoke runs)
+    c.test_subset = 0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.schedule = "sfp_cifar"  # one of LR_SCHEDULES
+    c.optimizer.base_lr = 0.1
+    c.optimizer.warmup_lr = 0.01  # sfp_cifar: LR of the first epoch
+    c.optimizer.boundaries = (60, 120, 160)  # epochs
+    c.optimizer.factor = 0.2
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = True
+    c.optimizer.weight_decay = 5e-4
+
+    c.method = ml_collections.ConfigDict()
+    c.method.name = "dense"  # see jaxprune.methods.METHODS
+    c.method.rate = 0.0
+    c.method.criterion = "l2"
+    c.method.residual = "scatter"  # 'scatter' (policy a) or 'coupled' (policy b)
+    c.method.exclude = ()  # producer module paths never pruned
+    c.method.kwargs = ml_collections.ConfigDict()  # method-specific options
+
+    c.pretrained = ""  # checkpoint directory to start from (its latest or best params)
+    c.keep_checkpoints = 3
+    c.log_every = 50
+
+    c.paper = ml_collections.ConfigDict()
+    c.paper.source = ""  # e.g. 'SFP (He et al. 2018), Table 1'
+    c.paper.row = ""
+    c.paper.baseline_acc = -1.0
+    c.paper.pruned_acc = -1.0
+    c.paper.macs_reduction = -1.0  # percent, as printed
+    c.paper.params_reduction = -1.0
+    return c
+
+
+def load_config(path: str | Path) -> ml_collections.ConfigDict:
+    """Imports the Python file ``path`` and returns its ``get_config()``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"jaxprune_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {str(path)!r} defines no get_config()")
+    return module.get_config()
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> ml_collections.ConfigDict:
+    """Applies ``['a.b=1', ...]`` (from ``--config.a.b=1``) to a copy of ``config``.
+
+    Values are Python literals (``0.3``, ``(60, 120)``, ``True``) or bare strings. Unknown keys
+    and type changes are refused with the key named.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if leaf not in node and not (parents and parents[-1] == "kwargs"):
+            raise ValueError(f"unknown config key {key!r}; known here: {sorted(node.keys())}")
+        value = _parse_value(text)
+        old = node[leaf] if leaf in node else None
+        if isinstance(old, str) and not isinstance(value, str):
+            value = text
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(old, tuple) and isinstance(value, (int, float, str)):
+            value = (value,)
+        try:
+            node[leaf] = value
+        except TypeError as e:
+            raise ValueError(f"config key {key!r}: {value!r} has the wrong type ({e})") from None
+    return config
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad value of ``config``."""
+    from jaxprune.methods import METHODS
+    from jaxprune.models import MODEL_NAMES
+
+    def bad(key, value, allowed):
+        raise ValueError(f"config.{key}={value!r} is not allowed; expected {allowed}")
+
+    if config.model not in MODEL_NAMES:
+        bad("model", config.model, f"one of {', '.join(MODEL_NAMES)}")
+    if config.dataset not in DATASETS:
+        bad("dataset", config.dataset, f"one of {', '.join(DATASETS)}")
+    for key in ("epochs", "batch_size", "eval_batch_size", "num_seeds", "keep_checkpoints"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            bad(key, config[key], "a positive integer")
+    for key in ("seed", "train_subset", "test_subset", "image_size"):
+        if not isinstance(config[key], int) or config[key] < 0:
+            bad(key, config[key], "a non-negative integer")
+    opt = config.optimizer
+    if opt.schedule not in LR_SCHEDULES:
+        bad("optimizer.schedule", opt.schedule, f"one of {', '.join(LR_SCHEDULES)}")
+    for key in ("base_lr", "warmup_lr", "weight_decay", "momentum", "factor"):
+        if not opt[key] >= 0:
+            bad(f"optimizer.{key}", opt[key], "a number >= 0")
+    m = config.method
+    if m.name not in METHODS:
+        bad("method.name", m.name, f"one of {', '.join(METHODS)}")
+    if not (isinstance(m.rate, (int, float)) and 0.0 <= m.rate < 1.0):
+        bad("method.rate", m.rate, "a number in [0, 1)")
+    if m.criterion not in CRITERIA:
+        bad("method.criterion", m.criterion, f"one of {', '.join(CRITERIA)}")
+    if m.residual not in RESIDUAL_POLICIES:
+        bad("method.residual", m.residual, f"one of {', '.join(RESIDUAL_POLICIES)}")
