@@ -1,0 +1,167 @@
+"""The ``jaxprune`` command line (flags only; the work is in `jaxprune.experiment`).
+
+    jaxprune quickstart [--workdir DIR]
+    jaxprune train --config FILE --workdir DIR [--config.key=value ...]
+    jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
+    jaxprune compact RUN_DIR
+    jaxprune eval PATH [--data_dir DIR]
+    jaxprune info MODEL_OR_CHECKPOINT [--input-size N] [--residual scatter|coupled]
+    jaxprune sensitivity CHECKPOINT_DIR --config FILE --out DIR
+    jaxprune report [--records DIR] [--out RESULTS.md]
+
+``--config.key=value`` overrides any config entry (Python literals; nested keys with dots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _config_from(args, overrides: Sequence[str]):
+    from jaxprune import config as config_lib
+
+    cfg = config_lib.load_config(args.config)
+    cfg = config_lib.override(cfg, overrides)
+    if getattr(args, "data_dir", None):
+        cfg.data_dir = args.data_dir
+    config_lib.validate(cfg)
+    return cfg
+
+
+def _print_record(rec: dict) -> None:
+    d, c = rec["dense"], rec["compact"]
+    print(f"accuracy: masked {rec['masked_accuracy']:.4f}, compact {rec['compact_accuracy']:.4f}")
+    print(f"conv MACs {d['macs_conv']:,} -> {c['macs_conv']:,} ({100 * rec['macs_reduction_conv']:.1f}% fewer); "
+          f"conv+fc MACs {d['macs_conv_fc']:,} -> {c['macs_conv_fc']:,}; "
+          f"params {d['params']:,} -> {c['params']:,} ({100 * rec['params_reduction']:.1f}% fewer)")
+
+
+def cmd_train(args, overrides) -> int:
+    from jaxprune.experiment import run
+
+    cfg = _config_from(args, overrides)
+    if getattr(args, "checkpoint", None):
+        cfg.pretrained = args.checkpoint
+    rec = run(cfg, args.workdir, progress=not args.no_progress)
+    _print_record(rec)
+    print(f"compact model saved to {Path(args.workdir) / 'compact'}")
+    return 0
+
+
+def cmd_compact(args, overrides) -> int:
+    from jaxprune.experiment import compact_run
+
+    rec = compact_run(args.run_dir)
+    _print_record(rec)
+    return 0
+
+
+def cmd_eval(args, overrides) -> int:
+    from jaxprune.experiment import evaluate_path
+
+    res = evaluate_path(args.path, data_dir=args.data_dir)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_info(args, overrides) -> int:
+    from jaxprune.experiment import model_info
+
+    print(model_info(args.target, input_size=args.input_size, residual=args.residual))
+    return 0
+
+
+def cmd_quickstart(args, overrides) -> int:
+    from jaxprune.quickstart import quickstart
+
+    quickstart(args.workdir, epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
+def cmd_sensitivity(args, overrides) -> int:
+    from jaxprune.experiment import sensitivity_run
+
+    cfg = _config_from(args, overrides)
+    path = sensitivity_run(cfg, args.checkpoint, args.out)
+    print(f"sensitivity table and plot written to {path}")
+    return 0
+
+
+def cmd_report(args, overrides) -> int:
+    from jaxprune.report import write_report
+
+    out = write_report(args.records, args.out, plots=args.plots)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quickstart", help="offline demo: train, SFP-prune, compact, save, load (minutes on CPU)")
+    q.add_argument("--workdir", default="workdir/quickstart")
+    q.add_argument("--epochs", type=int, default=None, help="override the demo's epochs per phase")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=cmd_quickstart)
+
+    for name, helptext in (("train", "train a dense model or prune with a method, then compact"),
+                           ("prune", "one-shot prune a trained checkpoint (e.g. PFEC), retrain, compact")):
+        t = sub.add_parser(name, help=helptext)
+        if name == "prune":
+            t.add_argument("checkpoint", help="run directory or checkpoint directory of the trained model")
+        t.add_argument("--config", required=True, help="config file (experiments/configs/*.py)")
+        t.add_argument("--workdir", required=True)
+        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ../shared/data)")
+        t.add_argument("--no-progress", action="store_true")
+        t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("compact", help="compact the latest checkpoint of a run directory")
+    c.add_argument("run_dir")
+    c.set_defaults(func=cmd_compact)
+
+    e = sub.add_parser("eval", help="test accuracy of a compact model directory or a run directory")
+    e.add_argument("path")
+    e.add_argument("--data_dir", default=None)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="widths, params and MACs per layer of a model name or checkpoint")
+    i.add_argument("target", help="a model name (e.g. resnet56) or a compact-model / run directory")
+    i.add_argument("--input-size", type=int, default=0, help="image side (default: 32, 224 for ImageNet ResNets)")
+    i.add_argument("--residual", default="scatter", choices=("scatter", "coupled"))
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("sensitivity", help="PFEC sensitivity analysis of a trained checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--config", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--data_dir", default=None)
+    s.set_defaults(func=cmd_sensitivity)
+
+    r = sub.add_parser("report", help="gather result records into RESULTS tables and plots")
+    r.add_argument("--records", default="experiments/results")
+    r.add_argument("--out", default="RESULTS.md")
+    r.add_argument("--plots", default="experiments/plots")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    args = build_parser().parse_args(rest)
+    try:
+        return args.func(args, overrides)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"jaxprune {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

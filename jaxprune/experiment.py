@@ -1,0 +1,376 @@
+"""One experiment from a config, end to end: data -> model -> groups -> method -> train ->
+final masks -> compaction -> checks -> saved compact model and a result record.
+
+`run(config, workdir)` is what ``jaxprune train`` and the experiments runner call. Every
+artefact lands in ``workdir``::
+
+    workdir/checkpoints/   Orbax steps (one per epoch; resumed automatically)
+    workdir/metrics.jsonl  one JSON line per epoch (also TensorBoard events in workdir/tb/)
+    workdir/compact/       the compact model (`jaxprune.load(workdir + '/compact')`)
+    workdir/result.json    the result record (accuracies dense-arch masked / compact, costs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxprune import config as config_lib
+from jaxprune import data as data_lib
+from jaxprune import flops, training
+from jaxprune.compaction import compact
+from jaxprune.graph import trace_linen
+from jaxprune.masks import apply_masks, binarize
+from jaxprune.methods.base import MethodContext
+from jaxprune.models import get_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a config builds before training: everything `run` and the CLI commands share."""
+
+    config: ml_collections.ConfigDict
+    dataset: data_lib.Dataset
+    model: Any
+    variables: Any
+    graph: Any
+    optimizer: Any
+    method: Any
+    ctx: MethodContext
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
+    """The config's data set as in-memory arrays (optionally a subset, for smoke runs)."""
+    if config.dataset == "digits":
+        ds = data_lib.load_digits_dataset(image_size=config.image_size or 16, seed=config.seed)
+    elif config.dataset in ("cifar10", "cifar100"):
+        ds = data_lib.load_cifar(config.dataset, config.data_dir or None)
+    else:
+        raise ValueError(
+            f"config.dataset={config.dataset!r}: in-memory training supports cifar10, cifar100 "
+            "and digits; ImageNet streams through jaxprune.data.imagenet_pipeline")
+    if config.train_subset or config.test_subset:
+        n_tr = config.train_subset or ds.num_train
+        n_te = config.test_subset or ds.num_test
+        ds = dataclasses.replace(ds, x_train=ds.x_train[:n_tr], y_train=ds.y_train[:n_tr],
+                                 x_test=ds.x_test[:n_te], y_test=ds.y_test[:n_te])
+    return ds
+
+
+def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
+    """The LR schedule the config names (per optimizer step)."""
+    o = config.optimizer
+    if o.schedule == "sfp_cifar":
+        return training.sfp_cifar_schedule(steps_per_epoch, base_lr=o.base_lr, warmup_lr=o.warmup_lr,
+                                           boundaries=tuple(o.boundaries), factor=o.factor)
+    if o.schedule == "step":
+        return training.step_schedule(steps_per_epoch, base_lr=o.base_lr,
+                                      boundaries=tuple(o.boundaries), factor=o.factor)
+    if o.schedule == "cosine":
+        import optax
+
+        return optax.cosine_decay_schedule(o.base_lr, max(1, config.epochs * steps_per_epoch))
+    return training.constant_schedule(o.base_lr)
+
+
+def make_method(config: ml_collections.ConfigDict):
+    """The pruning method the config names."""
+    from jaxprune.methods import get_method
+
+    m = config.method
+    kwargs = dict(m.kwargs.to_dict()) if m.kwargs else {}
+    if m.name == "dense":
+        return get_method("dense")
+    if m.name in ("hfp",):
+        return get_method(m.name, exclude=tuple(m.exclude), **kwargs)
+    if m.name == "pfec":
+        return get_method(m.name, **kwargs)
+    return get_method(m.name, rate=m.rate, criterion=m.criterion, exclude=tuple(m.exclude), **kwargs)
+
+
+def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None) -> Setup:
+    """Validates ``config`` and builds data, model, graph, optimizer and method."""
+    config_lib.validate(config)
+    ds = dataset if dataset is not None else load_dataset(config)
+    model = get_model(config.model, num_classes=ds.num_classes)
+    x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
+    variables = model.init(jax.random.PRNGKey(config.seed), x, train=False)
+    graph = trace_linen(model, variables, x, residual=config.method.residual)
+    steps = ds.num_train // config.batch_size
+    if steps == 0:
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the {ds.num_train} training images")
+    o = config.optimizer
+    optimizer = training.make_optimizer(make_schedule(config, steps), momentum=o.momentum,
+                                        nesterov=o.nesterov, weight_decay=o.weight_decay)
+    method = make_method(config)
+    ctx = MethodContext(graph=graph, total_epochs=config.epochs, steps_per_epoch=steps)
+    return Setup(config, ds, model, variables, graph, optimizer, method, ctx)
+
+
+def costs(graph, masks=None) -> dict[str, int]:
+    """MACs in both conventions and params of the model under ``masks`` (None: dense)."""
+    conv = flops.count(graph, masks, convention="conv")
+    conv_fc = flops.count(graph, masks, convention="conv_fc")
+    return {"macs_conv": conv.macs, "macs_conv_fc": conv_fc.macs, "params": conv.params}
+
+
+class _MetricsWriter:
+    """Appends each epoch record to metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: Path):
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tb"))
+        except ImportError:  # pragma: no cover - tensorboardX is a dependency
+            pass
+
+    def __call__(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = int(record.get("epoch", 0)) + 1
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+
+def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState:
+    """Starts from ``config.pretrained`` (a compact-free checkpoint dir or a workdir) if set."""
+    path = s.config.pretrained
+    if not path:
+        return state
+    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
+
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if not p.is_dir():
+        raise FileNotFoundError(f"config.pretrained={path!r}: no such checkpoint directory")
+    mgr = make_checkpoint_manager(p)
+    if mgr.latest_step() is None:
+        raise FileNotFoundError(f"config.pretrained={path!r} holds no checkpoint")
+    step = mgr.best_step() if hasattr(mgr, "best_step") and mgr.best_step() is not None else None
+    restored, _ = restore_checkpoint(mgr, state, step=step)
+    mgr.close()
+    # Only the weights come from the pretrained run: a fresh optimizer, masks and step.
+    return state.replace(params=restored.params, batch_stats=restored.batch_stats)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
+        dataset: data_lib.Dataset | None = None) -> dict:
+    """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record."""
+    from jaxprune.checkpoints import make_checkpoint_manager, save_compact
+
+    t0 = time.time()
+    training.maybe_initialize_distributed()
+    s = setup(config, dataset)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    ds = s.dataset
+    x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
+    state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
+    state = _initial_params(s, state)
+    augment_flag = config.dataset in ("cifar10", "cifar100")
+    import functools
+
+    augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std, flip=augment_flag,
+                                pad=4 if augment_flag else 0)
+    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    manager = make_checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    try:
+        state, history = training.fit(
+            s.model, s.graph, s.method, s.ctx, state, s.optimizer,
+            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
+            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
+            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
+            metrics_writer=_MetricsWriter(workdir), progress=progress,
+            eval_batch_size=config.eval_batch_size, config=config.to_dict())
+    finally:
+        manager.close()
+    record = finish(s, state, workdir, preprocess, history=history)
+    record["wall_time_s"] = round(time.time() - t0, 1)
+    (workdir / "result.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
+           history: list | None = None, save: bool = True) -> dict:
+    """Final masks -> compaction -> accuracy check (compact == masked) -> saved compact model."""
+    from jaxprune.checkpoints import save_compact
+
+    ds = s.dataset
+    masks = binarize(state.masks)
+    variables = state.variables
+    masked_vars = apply_masks(variables, masks, s.graph)
+    ev = lambda m, v: training.evaluate(m, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+                                        preprocess=preprocess)
+    masked = ev(s.model, masked_vars)
+    res = compact(s.model, variables, masks, s.graph)
+    small = ev(res.model, res.variables)
+    # The compact model must predict exactly like the masked one (same correct count).
+    if abs(small["accuracy"] - masked["accuracy"]) * ds.num_test > 0.5:
+        raise AssertionError(f"compact accuracy {small['accuracy']:.4f} != masked accuracy "
+                             f"{masked['accuracy']:.4f}: compaction bug")
+    dense_cost, pruned_cost = costs(s.graph), costs(s.graph, masks)
+    record = {
+        "name": s.config.name,
+        "model": s.config.model,
+        "dataset": s.config.dataset,
+        "method": s.config.method.name,
+        "rate": s.config.method.rate,
+        "residual": s.config.method.residual,
+        "seed": s.config.seed,
+        "epochs": s.config.epochs,
+        "masked_accuracy": masked["accuracy"],
+        "compact_accuracy": small["accuracy"],
+        "best_accuracy": max([h.get("test_accuracy", 0.0) for h in history or []] or [masked["accuracy"]]),
+        "dense": dense_cost,
+        "compact": pruned_cost,
+        "macs_reduction_conv": 1 - pruned_cost["macs_conv"] / dense_cost["macs_conv"],
+        "macs_reduction_conv_fc": 1 - pruned_cost["macs_conv_fc"] / dense_cost["macs_conv_fc"],
+        "params_reduction": 1 - pruned_cost["params"] / dense_cost["params"],
+        "widths": {k: len(v) for k, v in res.keep_out.items()},
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "host": platform.node(),
+        "paper": s.config.paper.to_dict(),
+    }
+    if s.config.model.startswith("resnet") and s.config.method.name in ("sfp", "asfp", "srfp", "asrfp", "ghfp"):
+        depth = int(s.config.model[len("resnet"):])
+        if (depth - 2) % 6 == 0:
+            record["sfp_formula_macs_reduction"] = flops.sfp_formula_reduction(depth, 1 - s.config.method.rate)
+    if save:
+        meta = {k: record[k] for k in ("method", "rate", "residual", "dense", "compact",
+                                        "masked_accuracy", "compact_accuracy", "dataset")}
+        meta["input_shape"] = list(ds.image_shape)
+        meta["mean"], meta["std"] = list(ds.mean), list(ds.std)
+        save_compact(workdir / "compact", res.model, res.variables, meta, overwrite=True)
+    return record
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+
+_IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> str:
+    """A per-layer table (widths, params, MACs in both conventions) of a model or checkpoint.
+
+    ``target`` is a bundled model name (``resnet56``) or a directory holding a compact model
+    (``jaxprune.load``) or a run directory with ``compact/`` inside.
+    """
+    from jaxprune.models import MODEL_NAMES
+
+    p = Path(target)
+    if target in MODEL_NAMES:
+        model = get_model(target)
+        size = input_size or (224 if target in _IMAGENET_MODELS else 32)
+        shape = (size, size, 3)
+        x = jnp.zeros((1,) + shape, jnp.float32)
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+        title = f"{target} (dense), input {shape}"
+    elif p.exists():
+        from jaxprune.checkpoints import load
+
+        if (p / "compact").is_dir():
+            p = p / "compact"
+        model, variables, meta = load(p)
+        shape = tuple(meta.get("input_shape") or (input_size or 32, input_size or 32, 3))
+        if input_size:
+            shape = (input_size, input_size, shape[-1])
+        x = jnp.zeros((1,) + tuple(shape), jnp.float32)
+        title = f"{p} ({meta.get('method', '?')}), input {tuple(shape)}"
+    else:
+        raise ValueError(f"{target!r} is neither a bundled model ({', '.join(MODEL_NAMES)}) "
+                         "nor an existing checkpoint directory")
+    graph = trace_linen(model, variables, x, residual=residual)
+    conv = flops.count(graph, convention="conv")
+    conv_fc = flops.count(graph, convention="conv_fc")
+    params_by_module: dict[str, int] = {}
+    shapes: dict[str, tuple] = {}
+    for leaf in graph.leaves:
+        if leaf.is_param:
+            mod = "/".join(leaf.path[1:-1])
+            params_by_module[mod] = params_by_module.get(mod, 0) + int(np.prod(leaf.shape))
+            if leaf.path[-1] == "kernel":
+                shapes[mod] = leaf.shape
+    lines = [title, "", f"{'layer':28s} {'kind':5s} {'in':>5s} {'out':>5s} {'params':>12s} {'MACs':>14s}"]
+    for op in graph.ops:
+        if not op.module:
+            continue
+        k = shapes.get(op.module, ())
+        cin, cout = (k[-2], k[-1]) if len(k) >= 2 else ("", "")
+        lines.append(f"{op.module:28s} {op.kind:5s} {cin:>5} {cout:>5} "
+                     f"{params_by_module.get(op.module, 0):>12d} {conv_fc.per_layer.get(op.module, 0):>14d}")
+    lines += ["", f"total params                       {conv.params}",
+              f"total MACs, conv only (SFP)        {conv.macs}",
+              f"total MACs, conv + fc (PFEC)       {conv_fc.macs}",
+              f"prunable groups ({residual})       {len(graph.groups)}"]
+    return "\n".join(lines)
+
+
+def _restore_run(run_dir: Path):
+    """Setup and the latest training state of a run directory (its config.json)."""
+    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
+
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json)")
+    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    s = setup(cfg)
+    x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
+    state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
+    state = s.method.init(state, s.ctx)
+    mgr = make_checkpoint_manager(run_dir / "checkpoints")
+    if mgr.latest_step() is None:
+        raise FileNotFoundError(f"{str(run_dir / 'checkpoints')!r} holds no checkpoint")
+    state, meta = restore_checkpoint(mgr, state)
+    mgr.close()
+    return s, state, meta
+
+
+def compact_run(run_dir: str | os.PathLike) -> dict:
+    """Finalizes and compacts the latest checkpoint of a run (``jaxprune compact``)."""
+    import functools
+
+    run_dir = Path(run_dir)
+    s, state, meta = _restore_run(run_dir)
+    state = s.method.finalize(state, s.ctx)
+    preprocess = functools.partial(data_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
+    rec = finish(s, state, run_dir, preprocess, history=meta.get("history", []))
+    (run_dir / "result.json").write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
+    """Test accuracy of a saved compact model (or a run directory's ``compact/``)."""
+    import functools
+
+    from jaxprune.checkpoints import load
+
+    p = Path(path)
+    if (p / "compact").is_dir():
+        p = p / "compact"
+    model, variables, meta = load(p)
+    name = meta.get("dataset", "cifar10")
+    if name == "digits":
+        ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
+    else:
+        ds = data_lib.load_cifar(name, data_dir)
+    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    res = training.evaluate(model, variables, ds.x_test, ds.y_test, 500, preprocess=preprocess)
+    return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
