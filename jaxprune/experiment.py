@@ -89,12 +89,6 @@ def make_method(config: ml_collections.ConfigDict):
 
     m = config.method
     kwargs = dict(m.kwargs.to_dict()) if m.kwargs else {}
-    if m.name == "dense":
-        return get_method("dense")
-    if m.name in ("hfp",):
-        return get_method(m.name, exclude=tuple(m.exclude), **kwargs)
-    if m.name == "pfec":
-        return get_method(m.name, **kwargs)
     return get_method(m.name, rate=m.rate, criterion=m.criterion, exclude=tuple(m.exclude), **kwargs)
 
 
@@ -257,6 +251,7 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         meta = {k: record[k] for k in ("method", "rate", "residual", "dense", "compact",
                                         "masked_accuracy", "compact_accuracy", "dataset")}
         meta["input_shape"] = list(ds.image_shape)
+        meta["test_subset"] = int(s.config.test_subset)
         meta["mean"], meta["std"] = list(ds.mean), list(ds.std)
         save_compact(workdir / "compact", res.model, res.variables, meta, overwrite=True)
     return record
@@ -371,6 +366,7 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
         ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
     else:
         ds = data_lib.load_cifar(name, data_dir)
+    n = int(meta.get("test_subset") or ds.num_test)  # the split the run was evaluated on
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    res = training.evaluate(model, variables, ds.x_test, ds.y_test, 500, preprocess=preprocess)
+    res = training.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
     return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}

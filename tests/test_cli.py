@@ -1,0 +1,100 @@
+"""Every CLI command on a tiny config; bad configs are rejected with the value named."""
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from jaxprune import cli
+from jaxprune import config as config_lib
+
+TINY = textwrap.dedent("""
+    from jaxprune.config import base_config
+
+    def get_config():
+        c = base_config()
+        c.name = 'tiny'
+        c.model = 'resnet20'
+        c.dataset = 'digits'
+        c.image_size = 8
+        c.epochs = 2
+        c.batch_size = 64
+        c.eval_batch_size = 128
+        c.train_subset = 256
+        c.test_subset = 128
+        c.optimizer.schedule = 'constant'
+        c.optimizer.base_lr = 0.05
+        c.method.name = 'sfp'
+        c.method.rate = 0.4
+        c.keep_checkpoints = 1
+        return c
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    p.write_text(TINY)
+    return p
+
+
+def test_info_model_prints_exact_totals(capsys):
+    assert cli.main(["info", "resnet56"]) == 0
+    out = capsys.readouterr().out
+    assert "125485056" in out and "853018" in out
+    assert "layer1_0/conv1" in out
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--config.method.rate=1.5", "method.rate=1.5"),
+    ("--config.method.name=magic", "method.name='magic'"),
+    ("--config.model=resnet7", "model='resnet7'"),
+    ("--config.nonsense=3", "nonsense"),
+    ("--config.epochs=0", "epochs=0"),
+])
+def test_bad_configs_are_rejected_naming_the_value(tiny_config, tmp_path, capsys, override, named):
+    rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(tmp_path / "w"), override])
+    assert rc == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "w").exists(), "nothing may be written for a rejected config"
+
+
+def test_missing_checkpoint_and_config_file(tmp_path, capsys):
+    assert cli.main(["eval", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(tmp_path / "none.py"), "--workdir", str(tmp_path)]) == 2
+    assert "none.py" in capsys.readouterr().err
+
+
+def test_override_parses_literals_and_keeps_types():
+    c = config_lib.base_config()
+    c2 = config_lib.override(c, ["epochs=3", "optimizer.base_lr=1", "optimizer.boundaries=(1, 2)",
+                                 "method.name=sfp", "method.kwargs.alpha=0.5"])
+    assert c2.epochs == 3 and isinstance(c2.optimizer.base_lr, float) and c2.optimizer.base_lr == 1.0
+    assert tuple(c2.optimizer.boundaries) == (1, 2) and c2.method.name == "sfp"
+    assert c2.method.kwargs.alpha == 0.5
+    assert c.epochs == 200, "override must not modify its input"
+
+
+def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress"]) == 0
+    rec = json.loads((work / "result.json").read_text())
+    assert rec["masked_accuracy"] == rec["compact_accuracy"]
+    assert rec["compact"]["macs_conv"] < rec["dense"]["macs_conv"]
+    assert (work / "metrics.jsonl").read_text().count("\n") == 2
+    assert any((work / "tb").iterdir())
+
+    assert cli.main(["compact", str(work)]) == 0
+    rec2 = json.loads((work / "result.json").read_text())
+    assert rec2["compact"] == rec["compact"]
+
+    capsys.readouterr()
+    assert cli.main(["eval", str(work / "compact")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert abs(res["accuracy"] - rec["compact_accuracy"]) < 1e-9
+
+    assert cli.main(["info", str(work / "compact")]) == 0
+    out = capsys.readouterr().out
+    assert str(rec["compact"]["macs_conv"]) in out and str(rec["compact"]["params"]) in out

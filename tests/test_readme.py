@@ -1,0 +1,22 @@
+"""The README's library example runs as written and shows compact == masked."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_python_example_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "README has no python example"
+    script = tmp_path / "example.py"
+    script.write_text(blocks[0])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = float(re.search(r"max \|compact - masked\| = (\S+)", out.stdout).group(1))
+    assert err < 1e-4
+    dense, pruned = map(int, re.search(r"(\d+) -> (\d+) conv MACs", out.stdout).groups())
+    assert dense == 40_550_400 and pruned < dense
