@@ -1,14 +1,53 @@
-"""Training state and the jitted, data-parallel train step (design.md section 7).
+"""Training: the optimizer, LR schedules, the jitted data-parallel train/eval steps, the epoch loop.
 
-PLACEHOLDER: only `TrainState` is fixed here; the rest is being written.
+Read top to bottom (design.md section 7):
+
+- `make_optimizer`: PyTorch-style SGD (weight decay added to the gradient, then Nesterov
+  momentum, then the learning rate), as in the papers' code.
+- `sfp_cifar_schedule`, `step_schedule`, `constant_schedule`: ``step -> lr`` optax schedules.
+- `create_train_state`: a fresh `TrainState` (all-ones ``masks`` and ``hard``).
+- `train_step` (pure) / `make_train_step` (jitted, sharded): forward with ``train=True``,
+  cross-entropy + ``method.penalty``, optimizer update, then everything a hard-pruned channel
+  owns (update, new value, optimizer moments, BN running statistics) multiplied by
+  ``state.hard`` so it stays exactly zero, while soft-pruned channels train normally.
+- `make_eval_step` / `evaluate`: exact accuracy and mean loss over an in-memory array data set.
+- `fit`: the epoch loop of the CLI, with automatic resume from the latest checkpoint.
+
+Data parallelism uses `jax.sharding`, not ``pmap``: a 1-D mesh named ``'data'`` over all devices,
+the batch sharded on its leading axis, the state replicated; XLA inserts the gradient
+all-reduce, and BatchNorm's batch statistics are computed over the GLOBAL batch (the
+cross-device mean is part of the sharded computation), so an N-device step computes what the
+1-device step computes on the same batch, up to float summation order.
+
+Multi-host: call `maybe_initialize_distributed` first. Every process then runs the same program
+and feeds only its process-local slice of each global batch (`shard_batch` builds the global
+array with ``jax.make_array_from_process_local_data``); `fit` and `evaluate` take that slice
+themselves from the full host arrays every process holds.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import os
+import time
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
+
+DATA_AXIS = "data"
+
+# (rng, uint8 images [B,H,W,C]) -> float images; e.g. partial(data.augment_batch, mean=.., std=..)
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+# uint8 images -> float images; e.g. partial(data.normalize, mean=.., std=..)
+Preprocess = Callable[[jax.Array], jax.Array]
 
 
 @struct.dataclass
@@ -42,3 +81,614 @@ class TrainState:
         if self.batch_stats:
             out["batch_stats"] = self.batch_stats
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and learning-rate schedules
+# --------------------------------------------------------------------------------------------
+
+
+def make_optimizer(
+    learning_rate: float | optax.Schedule,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+) -> optax.GradientTransformation:
+    """PyTorch ``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` as an optax chain.
+
+    ``g <- g + weight_decay * p`` (on every parameter, BN scales and biases included, as the
+    papers' code), then ``buf <- momentum * buf + g``, ``update = g + momentum * buf``
+    (Nesterov) or ``buf``, then ``p <- p - lr * update``. The chain always has the same two
+    members (``add_decayed_weights``, ``sgd``) so the optimizer state's structure, and hence
+    the checkpoints, do not depend on the hyper-parameters.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if nesterov and momentum == 0.0:
+        raise ValueError("nesterov=True needs momentum > 0 (as in PyTorch)")
+    if weight_decay < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(learning_rate, momentum=momentum if momentum > 0 else None, nesterov=nesterov),
+    )
+
+
+def step_schedule(
+    steps_per_epoch: int,
+    base_lr: float = 0.1,
+    boundaries: Sequence[int] = (30, 60, 90),
+    factor: float = 0.1,
+    warmup_epochs: int = 0,
+    warmup_lr: float | None = None,
+) -> optax.Schedule:
+    """Epoch-wise piecewise-constant LR as an optax schedule of the step count.
+
+    With ``epoch = step // steps_per_epoch``: ``warmup_lr`` while ``epoch < warmup_epochs``,
+    else ``base_lr * factor ** (number of boundaries <= epoch)``. The defaults are the ImageNet
+    recipe (0.1, x0.1 at epochs 30, 60, 90). The values are computed once in float64 and
+    rounded to float32, as PyTorch multiplies its Python-float LR.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    bounds = [int(b) for b in boundaries]
+    if bounds != sorted(bounds) or any(b < 0 for b in bounds):
+        raise ValueError(f"boundaries must be sorted non-negative epochs, got {tuple(boundaries)}")
+    if warmup_epochs and warmup_lr is None:
+        raise ValueError("warmup_epochs > 0 needs warmup_lr")
+    values = jnp.asarray([base_lr * factor**k for k in range(len(bounds) + 1)], jnp.float32)
+    bounds_arr = jnp.asarray(bounds, jnp.int32)
+
+    def schedule(count):
+        epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
+        lr = values[jnp.sum(epoch >= bounds_arr)] if bounds else values[0]
+        if warmup_epochs:
+            lr = jnp.where(epoch < warmup_epochs, jnp.float32(warmup_lr), lr)
+        return lr
+
+    return schedule
+
+
+def sfp_cifar_schedule(
+    steps_per_epoch: int,
+    base_lr: float = 0.1,
+    warmup_lr: float = 0.01,
+    boundaries: Sequence[int] = (60, 120, 160),
+    factor: float = 0.2,
+) -> optax.Schedule:
+    """The official SFP CIFAR recipe (methods.md section 2): 0.01 for the first epoch, then 0.1,
+    x0.2 at epochs 60, 120 and 160."""
+    return step_schedule(steps_per_epoch, base_lr, boundaries, factor,
+                         warmup_epochs=1, warmup_lr=warmup_lr)
+
+
+def constant_schedule(learning_rate: float) -> optax.Schedule:
+    """A constant LR (PFEC retraining: 0.001), as a float32 scalar like the other schedules."""
+    value = np.float32(learning_rate)
+
+    def schedule(count):
+        del count
+        return jnp.asarray(value)
+
+    return schedule
+
+
+# --------------------------------------------------------------------------------------------
+# Devices: mesh, sharding, multi-host
+# --------------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls ``jax.distributed.initialize`` when the environment describes a multi-host run.
+
+    Reads ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``; all three or none must be set. Returns True if it initialised (or
+    JAX already was), False for a single-process run. Call it before anything touches a
+    device. Each process then feeds its own slice of every global batch (see module docstring).
+    """
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    present = {n: os.environ[n] for n in names if os.environ.get(n)}
+    if not present:
+        return False
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"multi-host run needs all of {names}; missing {missing}")
+    if jax.distributed.is_initialized():
+        return True
+    try:
+        num, pid = int(present["JAX_NUM_PROCESSES"]), int(present["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ValueError(f"JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+                         f"{present['JAX_NUM_PROCESSES']!r}, {present['JAX_PROCESS_ID']!r}") from None
+    if not 0 <= pid < num:
+        raise ValueError(f"JAX_PROCESS_ID={pid} must be in [0, JAX_NUM_PROCESSES={num})")
+    jax.distributed.initialize(coordinator_address=present["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=num, process_id=pid)
+    return True
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices, all hosts)."""
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ValueError("make_mesh needs at least one device")
+    return Mesh(np.asarray(devs, dtype=object), (DATA_AXIS,))
+
+
+def _check_batch(mesh: Mesh, local_batch: int) -> None:
+    n_local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    if local_batch % max(n_local, 1):
+        if jax.process_count() == 1:
+            raise ValueError(f"batch size {local_batch} is not divisible by the {mesh.size} devices "
+                             "of the mesh; use a multiple of the device count")
+        raise ValueError(f"process-local batch size {local_batch} is not divisible by this "
+                         f"process's {n_local} devices of the mesh")
+
+
+def shard_batch(mesh: Mesh, images: Any, labels: Any) -> tuple[jax.Array, jax.Array]:
+    """Places a batch on the mesh, split along its leading axis (``P('data')``).
+
+    ``images``/``labels`` are this process's rows of the global batch (the whole batch in a
+    single-process run); the global array is assembled with
+    ``jax.make_array_from_process_local_data``. Raises ValueError if the batch does not split
+    evenly over the devices.
+    """
+    _check_batch(mesh, int(np.shape(images)[0]))
+    if np.shape(labels)[0] != np.shape(images)[0]:
+        raise ValueError(f"images and labels disagree on the batch size: {np.shape(images)[0]} "
+                         f"vs {np.shape(labels)[0]}")
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    if jax.process_count() == 1:
+        return jax.device_put((images, labels), sharding)
+    return (jax.make_array_from_process_local_data(sharding, np.asarray(images)),
+            jax.make_array_from_process_local_data(sharding, np.asarray(labels)))
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Puts every leaf of ``tree`` fully replicated on the mesh (``P()``)."""
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and x.sharding == sharding:
+            return x
+        host = np.asarray(jax.device_get(x)) if isinstance(x, jax.Array) else np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def _process_rows(global_batch: int) -> slice:
+    """This process's rows of a global batch (devices are ordered by process in the mesh)."""
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"global batch size {global_batch} is not divisible by the {n} processes")
+    local = global_batch // n
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+# --------------------------------------------------------------------------------------------
+# State and the train step
+# --------------------------------------------------------------------------------------------
+
+
+def _call_kwargs(model: Any, train: bool) -> dict:
+    import inspect
+
+    return {"train": train} if "train" in inspect.signature(model.__call__).parameters else {}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model: Any, rng: jax.Array, x: jax.Array) -> Any:
+    return model.init(rng, x, **_call_kwargs(model, False))
+
+
+def create_train_state(model: Any, graph: Any, rng: jax.Array, sample_input: Any,
+                       optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
+                       ) -> TrainState:
+    """A fresh `TrainState`: initialised variables, ``masks`` and ``hard`` all ones, no method state.
+
+    Args:
+      model: a Flax Linen module called as ``model.apply(variables, x, train=...)``.
+      graph: its `jaxprune.graph.PruningGraph` (None: a model with nothing to prune).
+      rng: a raw ``uint32 [2]`` PRNG key (``jax.random.PRNGKey``); split into the init key and
+        ``state.rng``.
+      sample_input: an input batch or a ``ShapeDtypeStruct`` (only its per-example shape is used;
+        integer images are initialised as float32).
+      optimizer: the optax transform the state's ``opt_state`` belongs to.
+      mesh: if given, the state is replicated on it.
+    """
+    init_rng, state_rng = jax.random.split(rng)
+    shape = tuple(np.shape(sample_input))
+    dtype = getattr(sample_input, "dtype", jnp.float32)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    x = jnp.zeros((1,) + shape[1:], dtype)
+    try:
+        variables = _init_variables(model, init_rng, x)
+    except TypeError:  # an unhashable module: no compile cache across calls
+        variables = jax.jit(functools.partial(model.init, **_call_kwargs(model, False)))(init_rng, x)
+    variables = dict(variables)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    masks = init_masks(graph) if graph is not None else {}
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=optimizer.init(params),
+        masks=masks,
+        hard=dict(masks),
+        method_state={},
+        rng=state_rng,
+    )
+    return replicate(mesh, state) if mesh is not None else state
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy ``[B]`` of integer labels, computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
+               graph: Any, optimizer: optax.GradientTransformation, method: Any, ctx: Any,
+               augment: Augment | None = None, mask_hard: bool = True
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step (pure; `make_train_step` jits and shards it).
+
+    ``images [B, H, W, C]`` (uint8 with ``augment``, else already preprocessed floats),
+    ``labels int [B]``. The loss is the mean cross-entropy plus
+    ``method.penalty(params, batch_stats, method_state, ctx)``, differentiated with respect
+    to ``params`` only (the batch statistics and the method state are constants of the step).
+    With ``mask_hard`` (and a graph), hard-pruned channels (``state.hard == 0``) get a zero
+    update, are re-zeroed after the update, and lose their optimizer moments and BN running
+    statistics, so they stay exactly zero whatever momentum and weight decay do; soft-pruned
+    channels (``masks == 0``, ``hard == 1``) are trained like any other.
+
+    Returns the new state and the metrics ``loss`` (cross-entropy), ``accuracy`` (top-1),
+    ``penalty`` and the penalty's own metrics.
+    """
+    rng, aug_rng = jax.random.split(state.rng)
+    if augment is not None:
+        x = augment(aug_rng, images)
+    elif not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images of dtype {images.dtype} need augment= (e.g. "
+                        "functools.partial(data.augment_batch, mean=..., std=...))")
+    else:
+        x = images
+    kwargs = _call_kwargs(model, True)
+    has_bn = bool(jax.tree.leaves(state.batch_stats))
+
+    def loss_fn(params):
+        variables = {"params": params}
+        if has_bn:
+            variables["batch_stats"] = state.batch_stats
+            logits, updated = model.apply(variables, x, mutable=["batch_stats"], **kwargs)
+            new_bs = updated["batch_stats"]
+        else:
+            logits, new_bs = model.apply(variables, x, **kwargs), state.batch_stats
+        ce = jnp.mean(cross_entropy(logits, labels))
+        penalty, pen_metrics = method.penalty(params, state.batch_stats, state.method_state, ctx)
+        penalty = jnp.asarray(penalty, jnp.float32)
+        return ce + penalty, (ce, penalty, pen_metrics, logits, new_bs)
+
+    grads, (ce, penalty, pen_metrics, logits, new_bs) = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    masking = mask_hard and graph is not None and bool(state.hard)
+    if masking:
+        updates = apply_masks(updates, state.hard, graph, prefix=("params",))
+    params = optax.apply_updates(state.params, updates)
+    if masking:
+        params = apply_masks(params, state.hard, graph, prefix=("params",))
+        opt_state = mask_optimizer_state(opt_state, state.hard, graph)
+        if has_bn:
+            new_bs = apply_masks(new_bs, state.hard, graph, prefix=("batch_stats",))
+    metrics = dict(pen_metrics)
+    metrics.update(
+        loss=ce,
+        accuracy=jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+        penalty=penalty,
+    )
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_bs,
+                              opt_state=opt_state, rng=rng)
+    return new_state, metrics
+
+
+def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformation,
+                    method: Any, ctx: Any, *, mesh: Mesh | None = None,
+                    augment: Augment | None = None, mask_hard: bool = True,
+                    donate: bool = False) -> Callable[[TrainState, Any, Any],
+                                                      tuple[TrainState, dict]]:
+    """The jitted, data-parallel `train_step`: ``step(state, images, labels) -> (state, metrics)``.
+
+    The batch is sharded over ``mesh`` (default: all devices) on its leading axis, the state
+    and the metrics are replicated. ``state`` must live replicated on the mesh (`replicate`;
+    `create_train_state(..., mesh=)` and `fit` do it). Host (numpy) batches are placed with
+    `shard_batch`; a batch size that is not a multiple of the device count raises ValueError.
+    ``mask_hard=False`` builds the plain step (no masking) for overhead comparisons;
+    ``donate=True`` lets XLA reuse the buffers of the old ``step``, ``params``, ``batch_stats``
+    and ``opt_state`` (the passed state is then invalid).
+    Changing mask values never recompiles; the returned function has ``.mesh`` and ``.jitted``.
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    repl = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P(DATA_AXIS))
+
+    # Only the big, never-aliased part of the state is donated: methods routinely put the same
+    # array in `masks` and `hard`, and XLA refuses to donate one buffer twice.
+    def fn(big, small, images, labels):
+        step_, params, batch_stats, opt_state = big
+        masks, hard, method_state, rng = small
+        state = TrainState(step_, params, batch_stats, opt_state, masks, hard, method_state, rng)
+        return train_step(state, images, labels, model=model, graph=graph, optimizer=optimizer,
+                          method=method, ctx=ctx, augment=augment, mask_hard=mask_hard)
+
+    jitted = jax.jit(fn, in_shardings=(repl, repl, batch, batch), out_shardings=(repl, repl),
+                     donate_argnums=(0,) if donate else ())
+
+    def step(state: TrainState, images: Any, labels: Any):
+        if not (isinstance(images, jax.Array) and isinstance(labels, jax.Array)):
+            images, labels = shard_batch(mesh, images, labels)
+        else:
+            _check_batch(mesh, images.shape[0] // jax.process_count())
+        big = (state.step, state.params, state.batch_stats, state.opt_state)
+        small = (state.masks, state.hard, state.method_state, state.rng)
+        return jitted(big, small, images, labels)
+
+    step.mesh = mesh
+    step.jitted = jitted
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: Any,
+              preprocess: Preprocess | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(number correct, summed cross-entropy)`` of a batch; rows with ``label < 0`` are padding
+    and count for nothing."""
+    if preprocess is not None:
+        images = preprocess(images)
+    logits = model.apply(variables, images, **_call_kwargs(model, False))
+    valid = labels >= 0
+    ce = cross_entropy(logits, jnp.where(valid, labels, 0))
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid, dtype=jnp.int32)
+    return correct, jnp.sum(jnp.where(valid, ce, 0.0))
+
+
+def make_eval_step(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None
+                   ) -> Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]]:
+    """Jitted `eval_step`: ``(variables, images, labels) -> (correct_count, loss_sum)``.
+
+    Batch sharded over ``mesh`` (default all devices), variables replicated. Pad a short batch
+    with label ``-1`` to keep one compiled shape (`evaluate` does).
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    repl = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P(DATA_AXIS))
+    jitted = jax.jit(functools.partial(eval_step, model=model, preprocess=preprocess),
+                     in_shardings=(repl, batch, batch), out_shardings=(repl, repl))
+
+    def step(variables: Any, images: Any, labels: Any):
+        if not (isinstance(images, jax.Array) and isinstance(labels, jax.Array)):
+            images, labels = shard_batch(mesh, images, labels)
+        return jitted(variables, images, labels)
+
+    step.mesh = mesh
+    step.jitted = jitted
+    step.preprocess = preprocess
+    return step
+
+
+def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
+             batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
+             *, step: Callable | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over a whole in-memory data set.
+
+    ``images [N, H, W, C]`` (uint8 needs ``preprocess``, e.g.
+    ``partial(data.normalize, mean=..., std=...)``), ``labels int [N]``. The last partial batch is
+    padded with label ``-1`` (weight 0), so every example counts exactly once and only one batch
+    shape is compiled. Pass ``step`` (from `make_eval_step`) to reuse a compiled step across
+    calls (`fit` does); ``variables`` must then be replicated on its mesh. Every process passes
+    the full arrays and feeds its own rows of each batch.
+    """
+    n = int(np.shape(images)[0])
+    if n == 0:
+        raise ValueError("evaluate needs at least one example")
+    if np.shape(labels)[0] != n:
+        raise ValueError(f"images and labels disagree on the number of examples: {n} vs "
+                         f"{np.shape(labels)[0]}")
+    if step is not None:
+        preprocess = getattr(step, "preprocess", preprocess)
+    if preprocess is None and not np.issubdtype(np.asarray(images[:1]).dtype, np.floating):
+        raise TypeError("integer images need preprocess= (e.g. functools.partial("
+                        "data.normalize, mean=..., std=...))")
+    if step is None:
+        step = make_eval_step(model, mesh, preprocess)
+        variables = replicate(step.mesh, variables)
+    ndev = step.mesh.size
+    if batch_size % ndev:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {ndev} devices of the mesh")
+    batch_size = min(batch_size, -(-n // ndev) * ndev)  # no all-padding device shards for tiny sets
+    rows = _process_rows(batch_size)
+    labels = np.asarray(labels)
+    correct, losses = [], []
+    for start in range(0, n, batch_size):
+        x = np.asarray(images[start:start + batch_size])
+        y = labels[start:start + batch_size].astype(np.int32)
+        if x.shape[0] < batch_size:
+            pad = batch_size - x.shape[0]
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+            y = np.concatenate([y, np.full((pad,), -1, np.int32)])
+        c, l = step(variables, x[rows], y[rows])
+        correct.append(c)
+        losses.append(l)
+    correct_total = int(np.sum(np.asarray(jax.device_get(correct), np.int64)))
+    loss_total = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
+    return {"accuracy": correct_total / n, "loss": loss_total / n}
+
+
+# --------------------------------------------------------------------------------------------
+# The epoch loop
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_metrics(ms: list[dict]) -> dict[str, float]:
+    if not ms:
+        return {}
+    host = jax.device_get(ms)
+    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in host[0]}
+
+
+def fit(
+    model: Any,
+    graph: Any,
+    method: Any,
+    ctx: Any,
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    train_data: tuple[np.ndarray, np.ndarray],
+    test_data: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    augment: Augment | None = None,
+    preprocess: Preprocess | None = None,
+    checkpoint_manager: Any = None,
+    metrics_writer: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+    eval_batch_size: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    run_init: bool = True,
+    run_finalize: bool = True,
+    log_every: int = 20,
+) -> tuple[TrainState, list[dict]]:
+    """Trains ``epochs`` epochs and returns ``(state, history)`` (one dict per epoch).
+
+    Before the first epoch ``method.init`` runs (``run_init``). Per epoch: the batch order is
+    `jaxprune.data.epoch_batches(N, batch_size, seed, epoch)` (drop-last), each batch goes
+    through the jitted step (``augment`` runs on device inside it), then
+    ``method.end_of_epoch(state, epoch, ctx)``, then `evaluate` on ``test_data`` (with
+    ``preprocess``), then a checkpoint of the state with its meta (epoch, the epoch to resume
+    at, metrics, history, ``config``, method name), then ``metrics_writer(record)``. After the
+    last epoch ``method.finalize`` runs (``run_finalize``).
+
+    If ``checkpoint_manager`` (`jaxprune.checkpoints.make_checkpoint_manager`) already holds a
+    checkpoint, the run resumes from the latest one: the passed ``state`` (after
+    ``method.init``) serves only as the structure and shape target of the restore, and training
+    continues at the next epoch with the restored history. Because the batch order is a pure
+    function of ``(seed, epoch)`` and the augmentation key lives in the state, a resumed run
+    reproduces the uninterrupted one exactly.
+
+    ``train_data``/``test_data`` are ``(uint8 images [N, H, W, C], int labels [N])`` host arrays.
+    ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``data.num_batches(N, batch_size)``
+    steps (the incomplete last batch is dropped: one compiled shape, even device shards), which
+    is the ``steps_per_epoch`` an LR schedule must use. The progress bar shows the loss and
+    accuracy of every ``log_every``-th step (fetching them is the only per-step host sync).
+    """
+    from tqdm import tqdm
+
+    from jaxprune.checkpoints import restore_checkpoint, save_checkpoint
+    from jaxprune.data import epoch_batches, num_batches
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if getattr(ctx, "total_epochs", epochs) != epochs:
+        raise ValueError(f"ctx.total_epochs={ctx.total_epochs} but fit was asked for epochs={epochs}; "
+                         "the method's schedules would not line up")
+    x_train, y_train = train_data
+    n_train = int(np.shape(x_train)[0])
+    steps_per_epoch = num_batches(n_train, batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
+    mesh = make_mesh() if mesh is None else mesh
+    _check_batch(mesh, batch_size // jax.process_count())
+    rows = _process_rows(batch_size)
+    main_process = jax.process_index() == 0
+    method_name = getattr(method, "name", type(method).__name__)
+
+    step_fn = make_train_step(model, graph, optimizer, method, ctx, mesh=mesh, augment=augment,
+                              donate=True)
+    eval_fn = make_eval_step(model, mesh, preprocess) if test_data is not None else None
+    eval_bs = eval_batch_size or batch_size
+
+    if run_init:
+        state = method.init(state, ctx)
+    # the steps donate their input state: work on a copy so the caller's state stays valid
+    state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
+                         replicate(mesh, state))
+    history: list[dict] = []
+    start_epoch = 0
+    if checkpoint_manager is not None and checkpoint_manager.latest_step() is not None:
+        state, meta = restore_checkpoint(checkpoint_manager, state, mesh=mesh)
+        if meta.get("method") not in (None, method_name):
+            raise ValueError(f"the checkpoint in {checkpoint_manager.directory} was written by method "
+                             f"{meta.get('method')!r}, not {method_name!r}")
+        start_epoch = int(meta["next_epoch"])
+        history = list(meta.get("history", []))
+        if main_process and progress:
+            print(f"resuming from {checkpoint_manager.directory} at epoch {start_epoch}")
+
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        order = epoch_batches(n_train, batch_size, seed, epoch)
+        bar = tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and main_process),
+                   leave=False, dynamic_ncols=True)
+        step_metrics = []
+        for i, idx in enumerate(bar):
+            local = idx[rows]
+            state, m = step_fn(state, x_train[local], y_train[local])
+            step_metrics.append(m)
+            if progress and main_process and (i % log_every == 0 or i == len(order) - 1):
+                last = jax.device_get(m)
+                bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")
+        bar.close()
+        train = _mean_metrics(step_metrics)
+        state = replicate(mesh, method.end_of_epoch(state, epoch, ctx))
+        record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
+        record.update({f"train_{k}": v for k, v in train.items()})
+        if eval_fn is not None:
+            ev = evaluate(model, state.variables, test_data[0], test_data[1], eval_bs, step=eval_fn)
+            record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+        record["epoch_time_s"] = time.perf_counter() - t0
+        history.append(record)
+        if checkpoint_manager is not None:
+            save_checkpoint(checkpoint_manager, state, epoch=epoch, metrics=record,
+                            history=history, config=config, method=method_name)
+        if metrics_writer is not None:
+            metrics_writer(record)
+        if progress and main_process:
+            shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+            print(f"epoch {epoch + 1}/{epochs} {shown}")
+
+    if checkpoint_manager is not None:
+        checkpoint_manager.wait_until_finished()
+    if run_finalize:
+        state = replicate(mesh, method.finalize(state, ctx))
+    return state, history
+
+
+__all__ = [
+    "TrainState",
+    "make_optimizer",
+    "step_schedule",
+    "sfp_cifar_schedule",
+    "constant_schedule",
+    "maybe_initialize_distributed",
+    "make_mesh",
+    "shard_batch",
+    "replicate",
+    "create_train_state",
+    "cross_entropy",
+    "train_step",
+    "make_train_step",
+    "eval_step",
+    "make_eval_step",
+    "evaluate",
+    "fit",
+]

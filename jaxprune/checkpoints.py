@@ -1,0 +1,335 @@
+"""Checkpoints: resumable training checkpoints and compact-model files, both with Orbax.
+
+Training checkpoints (`make_checkpoint_manager`, `save_checkpoint`, `restore_checkpoint`): an
+``orbax.checkpoint.CheckpointManager`` whose every step holds two items, ``state`` (the
+`TrainState` pytree, ``StandardSave``) and ``meta`` (JSON: epoch, the epoch to resume at,
+metrics, the run's history, config and method name). The Orbax step number is the number of
+finished epochs. Orbax writes each step into a temporary directory and renames it into place
+only once everything is on disk, so a process killed during a save leaves the previous step as
+the latest one (the stale temporary directory is ignored, and removed when the next manager
+opens the folder).
+
+Compact models (`save_compact`, `load`): one directory with the variables of a physically
+smaller model (``StandardSave``) and a JSON document holding ``model_config(model)``, the input
+shape and the caller's metadata; `load` rebuilds the model from the JSON alone.
+
+Every restore is validated against a target of the expected shapes BEFORE reading the arrays:
+a missing or unexpected leaf, or a leaf whose stored shape differs from the target's, raises
+ValueError naming the leaf path and both shapes. Nothing is ever padded or truncated.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxprune.graph import leaf_paths
+
+STATE_ITEM = "state"
+META_ITEM = "meta"
+COMPACT_FORMAT = "jaxprune.compact"
+COMPACT_VERSION = 1
+_VARIABLES_ITEM = "variables"
+_MODEL_ITEM = "model"
+
+
+# --------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe copy of ``value``: numpy/JAX scalars and arrays become Python numbers/lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        return v if math.isfinite(v) else str(v)
+    if isinstance(value, (np.ndarray, jax.Array)):
+        return _jsonable(np.asarray(value).tolist())
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in checkpoint metadata (JSON)")
+
+
+def _shape(leaf: Any) -> tuple[int, ...] | None:
+    shape = getattr(leaf, "shape", None)
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def check_shapes(stored: Any, target: Any, what: str = "checkpoint") -> None:
+    """Raises ValueError unless ``stored`` (a metadata or array tree) matches ``target`` leaf for
+    leaf: same leaf paths, same shapes. The message names the path and both shapes."""
+    stored_leaves = dict(zip(("/".join(p) for p in leaf_paths(stored)), jax.tree.leaves(stored)))
+    target_leaves = dict(zip(("/".join(p) for p in leaf_paths(target)), jax.tree.leaves(target)))
+    missing = [p for p in target_leaves if p not in stored_leaves]
+    extra = [p for p in stored_leaves if p not in target_leaves]
+    if missing or extra:
+        raise ValueError(f"{what} does not match the expected structure: leaves missing from the "
+                         f"{what}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected "
+                         f"leaves in the {what}: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    bad = [f"leaf {path!r} has shape {_shape(stored_leaves[path])} on disk but the target "
+           f"expects {_shape(want)}"
+           for path, want in target_leaves.items() if _shape(stored_leaves[path]) != _shape(want)]
+    if bad:
+        more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise ValueError(f"{what} does not match the target shapes (refusing to pad or truncate): "
+                         + "; ".join(bad[:8]) + more)
+
+
+def _abstract(target: Any, sharding: Any = None) -> Any:
+    """``ShapeDtypeStruct`` tree of ``target`` with ``sharding`` (default: the leaf's own, or
+    the first local device)."""
+    default = SingleDeviceSharding(jax.local_devices()[0])
+
+    def one(x):
+        shard = sharding or getattr(x, "sharding", None) or default
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=shard)
+
+    return jax.tree.map(one, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
+                            keep_best: int = 1, best_metric: str = "test_accuracy",
+                            best_mode: str = "max", async_save: bool = False
+                            ) -> ocp.CheckpointManager:
+    """An Orbax ``CheckpointManager`` for `save_checkpoint` / `restore_checkpoint`.
+
+    Keeps the ``max_to_keep`` latest steps AND the ``keep_best`` best by ``metrics[best_metric]``
+    (``best_mode`` 'max' or 'min'); ``manager.best_step()`` names the best one. (Orbax's own
+    ``max_to_keep`` + ``best_fn`` would keep only the N best and could delete the latest, which
+    resuming needs; hence the explicit preservation policy.) Stale temporary directories of an
+    interrupted save are removed on creation. ``async_save`` lets training continue while the
+    arrays are written (`fit` waits at the end).
+    """
+    if max_to_keep < 1 or keep_best < 0:
+        raise ValueError(f"max_to_keep must be >= 1 and keep_best >= 0, got {max_to_keep}, {keep_best}")
+    if best_mode not in ("max", "min"):
+        raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+    worst = -math.inf if best_mode == "max" else math.inf
+
+    def best_fn(metrics: Mapping[str, Any]) -> float:
+        value = metrics.get(best_metric) if metrics else None
+        return worst if value is None else float(value)
+
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    if keep_best:
+        policies.append(ocp.checkpoint_managers.BestN(
+            get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best))
+    options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn,
+        best_mode=best_mode,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        create=True,
+    )
+    return ocp.CheckpointManager(
+        Path(directory).absolute(),
+        options=options,
+        item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
+                       META_ITEM: ocp.JsonCheckpointHandler()},
+    )
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: Any, *, epoch: int,
+                    metrics: Mapping[str, Any], history: Any = (),
+                    config: Mapping[str, Any] | None = None, method: str | None = None) -> bool:
+    """Saves ``state`` after epoch ``epoch`` (0-based) as Orbax step ``epoch + 1``.
+
+    The meta item records ``epoch``, ``next_epoch`` (where a resumed run starts: the data
+    position, as the batch order is a function of the epoch), ``step`` (optimizer steps),
+    ``metrics``, ``history``, ``config`` and ``method``; ``metrics`` also drive the best-checkpoint
+    bookkeeping. Returns whether Orbax saved.
+    """
+    meta = _jsonable({
+        "epoch": int(epoch),
+        "next_epoch": int(epoch) + 1,
+        "step": int(jax.device_get(state.step)) if hasattr(state, "step") else None,
+        "metrics": dict(metrics),
+        "history": list(history),
+        "config": dict(config) if config is not None else None,
+        "method": method,
+    })
+    numeric = {k: v for k, v in meta["metrics"].items() if isinstance(v, (int, float))}
+    return manager.save(
+        int(epoch) + 1,
+        args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                   META_ITEM: ocp.args.JsonSave(meta)}),
+        metrics=numeric,
+    )
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int | None = None,
+                       mesh: jax.sharding.Mesh | None = None) -> tuple[Any, dict]:
+    """Restores ``(state, meta)`` of ``step`` (default: the latest) into ``target``'s structure.
+
+    ``target`` is a state (arrays or ``ShapeDtypeStruct``s) with the expected structure and
+    shapes, e.g. the fresh state after ``method.init``. Its leaves are checked against the
+    stored metadata first (ValueError naming the leaf path and both shapes on any mismatch).
+    With ``mesh`` the arrays come back replicated on it, else with the target leaves' shardings.
+    """
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    if step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step} in {manager.directory}; "
+                                f"available: {list(manager.all_steps())}")
+    stored = manager.item_metadata(step)[STATE_ITEM]
+    check_shapes(getattr(stored, "tree", stored), target,
+                 what=f"checkpoint {manager.directory}/{step}")
+    sharding = NamedSharding(mesh, P()) if mesh is not None else None
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(_abstract(target, sharding)),
+        META_ITEM: ocp.args.JsonRestore(),
+    }))
+    return restored[STATE_ITEM], dict(restored[META_ITEM])
+
+
+# --------------------------------------------------------------------------------------------
+# Compact models
+# --------------------------------------------------------------------------------------------
+
+
+def abstract_variables(model: Any, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
+    """``ShapeDtypeStruct`` tree of ``model.init``'s variables for per-example ``input_shape``."""
+    import inspect
+
+    kwargs = {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
+    x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype)
+    return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.PRNGKey(0), x)
+
+
+def _compact_checkpointer() -> ocp.Checkpointer:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
+        _VARIABLES_ITEM: ocp.StandardCheckpointHandler(),
+        _MODEL_ITEM: ocp.JsonCheckpointHandler(),
+    }))
+
+
+def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapping[str, Any],
+                 *, input_shape: tuple[int, ...] | None = None, overwrite: bool = False) -> Path:
+    """Saves a compact model (``compaction.compact``'s model and variables) to directory ``path``.
+
+    The JSON document holds ``model_config(model)`` (class, keep_out, keep_in, fields), the
+    per-example ``input_shape`` (HWC; taken from ``meta['input_shape']`` when not given) and
+    ``meta`` (method, MACs and params in both conventions, keep indices, ... anything
+    JSON-safe). The variables are checked against the shapes the model expects before anything
+    is written. Atomic: everything is written to a temporary sibling directory that is renamed
+    to ``path`` at the end, so a failure leaves nothing half-written; an existing ``path``
+    raises FileExistsError unless ``overwrite``. Single-process (call it from one process).
+    Returns the absolute path.
+    """
+    from jaxprune.models import model_config
+
+    path = Path(path).absolute()
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    if input_shape is None:
+        input_shape = meta.get("input_shape")
+    if input_shape is None:
+        raise ValueError("save_compact needs input_shape= (per-example HWC shape, e.g. (32, 32, 3)) "
+                         "or meta['input_shape']")
+    input_shape = tuple(int(d) for d in input_shape)
+    cfg = model_config(model)
+    variables = jax.device_get(dict(variables))
+    check_shapes(variables, abstract_variables(model, input_shape), what="variables")
+    doc = {
+        "format": COMPACT_FORMAT,
+        "version": COMPACT_VERSION,
+        "model": cfg,
+        "input_shape": list(input_shape),
+        "meta": _jsonable(dict(meta)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    try:
+        ckptr = _compact_checkpointer()
+        ckptr.save(tmp, args=ocp.args.Composite(**{
+            _VARIABLES_ITEM: ocp.args.StandardSave(variables),
+            _MODEL_ITEM: ocp.args.JsonSave(doc),
+        }))
+        ckptr.close()
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
+    """Loads a `save_compact` directory: ``(model, variables, meta)``.
+
+    The model is rebuilt from the stored config (``jaxprune.models.model_from_config``), the
+    expected variable shapes come from ``jax.eval_shape(model.init, ...)`` and the stored arrays
+    are checked against them (ValueError naming the leaf and both shapes) before they are read.
+    """
+    from jaxprune.models import model_from_config
+
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise FileNotFoundError(f"no compact model at {path}")
+    if not (path / _MODEL_ITEM).is_dir() or not (path / _VARIABLES_ITEM).is_dir():
+        raise FileNotFoundError(f"{path} is not a jaxprune compact model (no '{_MODEL_ITEM}' and "
+                                f"'{_VARIABLES_ITEM}' items)")
+    ckptr = _compact_checkpointer()
+    doc = ckptr.restore(path, args=ocp.args.Composite(**{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
+    if doc.get("format") != COMPACT_FORMAT:
+        raise ValueError(f"{path} has format {doc.get('format')!r}, expected {COMPACT_FORMAT!r}")
+    if int(doc.get("version", -1)) > COMPACT_VERSION:
+        raise ValueError(f"{path} has format version {doc.get('version')}; this jaxprune reads "
+                         f"up to {COMPACT_VERSION}")
+    model = model_from_config(doc["model"])
+    target = abstract_variables(model, tuple(doc["input_shape"]))
+    stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
+    check_shapes(getattr(stored, "tree", stored), target, what=f"compact model {path}")
+    variables = ckptr.restore(path, args=ocp.args.Composite(**{
+        _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
+    ckptr.close()
+    meta = dict(doc.get("meta", {}))
+    meta.setdefault("input_shape", list(doc["input_shape"]))
+    return model, variables, meta
+
+
+__all__ = [
+    "STATE_ITEM",
+    "META_ITEM",
+    "check_shapes",
+    "make_checkpoint_manager",
+    "save_checkpoint",
+    "restore_checkpoint",
+    "abstract_variables",
+    "save_compact",
+    "load",
+]

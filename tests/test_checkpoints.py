@@ -1,0 +1,241 @@
+"""Checkpoints: round trips, retention, strict shape validation, a process killed mid-save,
+and the compact-model file format (save_compact / jaxprune.load)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxprune
+from jaxprune import checkpoints as ck
+from jaxprune import training as tr
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small_state(value: float = 1.0, out: int = 4) -> tr.TrainState:
+    """A TrainState with every kind of leaf (nested params, optax NamedTuples, empty dicts)."""
+    params = {"conv": {"kernel": jnp.full((3, 3, 2, out), value)},
+              "fc": {"kernel": jnp.full((out, 3), value), "bias": jnp.zeros((3,))}}
+    opt = tr.make_optimizer(0.1)
+    return tr.TrainState(
+        step=jnp.asarray(int(value), jnp.int32), params=params, batch_stats={},
+        opt_state=opt.init(params), masks={"conv": jnp.ones((out,))},
+        hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
+        method_state={"tau": jnp.asarray(value * 0.5)}, rng=jax.random.PRNGKey(int(value)))
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_save_restore_keeps_latest_and_best(tmp_path):
+    mgr = ck.make_checkpoint_manager(tmp_path / "run", max_to_keep=2, keep_best=1)
+    accs = [0.5, 0.9, 0.3, 0.2]
+    for epoch, acc in enumerate(accs):
+        ck.save_checkpoint(mgr, small_state(epoch + 1.0), epoch=epoch,
+                           metrics={"test_accuracy": np.float32(acc), "train_loss": 1.0 / (epoch + 1)},
+                           history=[{"epoch": e} for e in range(epoch + 1)],
+                           config={"model": "resnet20", "rate": 0.3}, method="sfp")
+    # the 2 latest (epochs 2, 3 -> steps 3, 4) and the best (epoch 1 -> step 2)
+    assert list(mgr.all_steps()) == [2, 3, 4]
+    assert mgr.latest_step() == 4 and mgr.best_step() == 2
+
+    fresh = ck.make_checkpoint_manager(tmp_path / "run")  # as a new process would
+    state, meta = ck.restore_checkpoint(fresh, small_state(0.0))
+    assert_trees_equal(state, small_state(4.0))
+    assert isinstance(state, tr.TrainState)
+    assert meta["epoch"] == 3 and meta["next_epoch"] == 4 and meta["step"] == 4
+    assert meta["method"] == "sfp" and meta["config"] == {"model": "resnet20", "rate": 0.3}
+    assert meta["metrics"]["test_accuracy"] == pytest.approx(0.2)
+    assert len(meta["history"]) == 4
+    best, _ = ck.restore_checkpoint(fresh, small_state(0.0), step=fresh.best_step())
+    assert_trees_equal(best, small_state(2.0))
+    with pytest.raises(FileNotFoundError, match="step 1"):
+        ck.restore_checkpoint(fresh, small_state(0.0), step=1)
+
+
+def test_restore_rejects_shape_mismatch_naming_the_leaf(tmp_path):
+    mgr = ck.make_checkpoint_manager(tmp_path / "run")
+    ck.save_checkpoint(mgr, small_state(1.0, out=4), epoch=0, metrics={})
+    with pytest.raises(ValueError, match=r"'params/conv/kernel' has shape \(3, 3, 2, 4\) on disk "
+                                         r"but the target expects \(3, 3, 2, 5\)"):
+        ck.restore_checkpoint(mgr, small_state(0.0, out=5))
+    extra = small_state(0.0).replace(method_state={"tau": jnp.zeros(()), "new": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"missing from the checkpoint.*method_state/new"):
+        ck.restore_checkpoint(mgr, extra)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ck.restore_checkpoint(ck.make_checkpoint_manager(tmp_path / "empty"), small_state())
+
+
+_KILL_SCRIPT = textwrap.dedent(r"""
+    import sys, time
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[1])
+    import orbax.checkpoint as ocp
+    from tests.test_checkpoints import small_state
+    from jaxprune import checkpoints as ck
+
+    directory, marker = Path(sys.argv[2]), Path(sys.argv[3])
+    mgr = ck.make_checkpoint_manager(directory)
+    ck.save_checkpoint(mgr, small_state(1.0), epoch=0, metrics={"test_accuracy": 0.1})
+
+    original = ocp.JsonCheckpointHandler._save_fn
+    async def stalled(self, x, d):  # write the JSON, then hang before Orbax can finalise
+        await original(self, x, d)
+        marker.write_text("saving")
+        time.sleep(600)
+    ocp.JsonCheckpointHandler._save_fn = stalled
+    ck.save_checkpoint(mgr, small_state(2.0), epoch=1, metrics={"test_accuracy": 0.2})
+    print("save returned: the stall did not happen")
+""")
+
+
+def test_process_killed_during_save_leaves_previous_checkpoint(tmp_path):
+    directory, marker = tmp_path / "run", tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(REPO), str(directory), str(marker)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            if proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"subprocess ended before the stalled save:\n{out[-2000:]}\n{err[-4000:]}")
+            if time.time() > deadline:
+                pytest.fail("the subprocess never reached the second save")
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in directory.iterdir() if p.name not in ("1",)]
+    assert leftovers and all("tmp" in name for name in leftovers), leftovers  # killed mid-save
+
+    mgr = ck.make_checkpoint_manager(directory)  # cleans the stale temporary directory
+    assert list(mgr.all_steps()) == [1] and mgr.latest_step() == 1
+    state, meta = ck.restore_checkpoint(mgr, small_state(0.0))
+    assert_trees_equal(state, small_state(1.0))
+    assert meta["next_epoch"] == 1
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]
+    ck.save_checkpoint(mgr, small_state(2.0), epoch=1, metrics={})  # and the run can go on
+    assert mgr.latest_step() == 2
+
+
+# ----------------------------------------------------------------------------- compact models
+
+@pytest.fixture(scope="module")
+def compact_resnet():
+    from jaxprune.compaction import compact
+    from jaxprune.graph import trace_linen
+    from jaxprune.models import get_model
+
+    model = get_model("resnet20", num_classes=10)
+    x = jnp.asarray(np.random.RandomState(0).randn(4, 8, 8, 3), jnp.float32)
+    # random values of the right shapes (no init compile); BN variances positive. Non-trivial
+    # BN statistics make a mix-up of BN leaves show in the outputs.
+    shapes = jax.eval_shape(lambda k, a: model.init(k, a, train=False), jax.random.PRNGKey(0), x[:1])
+    rs = np.random.RandomState(1)
+    variables = jax.tree_util.tree_map_with_path(
+        lambda p, s: jnp.asarray((np.abs(rs.randn(*s.shape)) + 0.5 if p[-1].key == "var"
+                                  else 0.3 * rs.randn(*s.shape)).astype(np.float32)), shapes)
+    graph = trace_linen(model, variables, x)
+    masks = {}
+    for name, group in graph.groups.items():
+        keep = (rs.rand(group.size) > 0.4).astype(np.float32)
+        keep[rs.randint(group.size)] = 1.0
+        masks[name] = jnp.asarray(keep)
+    result = compact(model, variables, masks, graph)
+    return result, x
+
+
+def _apply(model, variables, x):
+    return jax.jit(lambda m, v, a: m.apply(v, a), static_argnums=0)(model, variables, x)
+
+
+def test_save_compact_load_round_trip(tmp_path, compact_resnet):
+    from jaxprune.models import model_config
+
+    result, x = compact_resnet
+    meta = {"method": "sfp", "macs": np.int64(123456), "params": {"with_fc": 1000, "conv_only": 900},
+            "keep_out": {k: list(v) for k, v in result.keep_out.items()}}
+    path = ck.save_compact(tmp_path / "model", result.model, result.variables, meta, input_shape=(8, 8, 3))
+    model, variables, got_meta = jaxprune.load(path)
+    assert model == result.model and model_config(model) == model_config(result.model)
+    assert got_meta == {**json.loads(json.dumps({**meta, "macs": 123456})), "input_shape": [8, 8, 3]}
+    assert_trees_equal(variables, jax.device_get(result.variables))
+    np.testing.assert_array_equal(np.asarray(_apply(model, variables, x)),
+                                  np.asarray(_apply(result.model, result.variables, x)))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary leftovers
+
+
+def test_save_compact_refuses_overwrite_and_is_atomic(tmp_path, compact_resnet, monkeypatch):
+    result, _ = compact_resnet
+    path = tmp_path / "model"
+    ck.save_compact(path, result.model, result.variables, {"version": "old"}, input_shape=(8, 8, 3))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ck.save_compact(path, result.model, result.variables, {}, input_shape=(8, 8, 3))
+
+    real_rename = os.rename
+    failed = []
+
+    def failing_rename(src, dst):
+        # the move of the finished temporary directory into place fails (once per save)
+        if Path(src).name.startswith(".") and ".tmp-" in Path(src).name and Path(dst).parent == tmp_path \
+                and not Path(dst).name.startswith(".") and src not in failed:
+            failed.append(src)
+            raise OSError("disk full (simulated)")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(ck.os, "rename", failing_rename)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_compact(path, result.model, result.variables, {"version": "new"},
+                        input_shape=(8, 8, 3), overwrite=True)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save_compact(tmp_path / "other", result.model, result.variables, {}, input_shape=(8, 8, 3))
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing half-written
+    assert jaxprune.load(path)[2]["version"] == "old"  # the old model is intact
+
+    ck.save_compact(path, result.model, result.variables, {"version": "new"}, input_shape=(8, 8, 3),
+                    overwrite=True)
+    assert jaxprune.load(path)[2]["version"] == "new"
+    # variables that do not fit the model are refused before anything is written
+    bad = jax.tree.map(lambda a: a, jax.device_get(result.variables))
+    bad["params"]["fc"]["bias"] = np.zeros(11, np.float32)
+    with pytest.raises(ValueError, match=r"'params/fc/bias' has shape \(11,\)"):
+        ck.save_compact(tmp_path / "bad", result.model, bad, {}, input_shape=(8, 8, 3))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_load_validates_path_and_shapes(tmp_path, compact_resnet):
+    result, _ = compact_resnet
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        jaxprune.load(tmp_path / "nowhere")
+    path = ck.save_compact(tmp_path / "model", result.model, result.variables, {}, input_shape=(8, 8, 3))
+    # tamper with the stored config: the stem now claims one filter fewer than was saved
+    doc_file = path / "model" / "metadata"
+    doc = json.loads(doc_file.read_text())
+    stem = doc["model"]["keep_out"].get("stem", list(range(16)))
+    doc["model"]["keep_out"]["stem"] = stem[:-1]
+    doc_file.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=rf"'params/stem/kernel' has shape \(3, 3, 3, {len(stem)}\) "
+                                         rf"on disk but the target expects \(3, 3, 3, {len(stem) - 1}\)"):
+        jaxprune.load(path)
