@@ -44,7 +44,7 @@ def dense_config(epochs: int = 8) -> ml_collections.ConfigDict:
 
 
 def sfp_config(pretrained: str, epochs: int = 6) -> ml_collections.ConfigDict:
-    """SFP 40% from the dense model, residual stream kept full width (policy a)."""
+    """SFP 40% from the dense model, residual stream kept full width (policy a), BN masked."""
     c = dense_config(epochs)
     c.name = "quickstart-sfp"
     c.pretrained = pretrained
@@ -53,6 +53,10 @@ def sfp_config(pretrained: str, epochs: int = 6) -> ml_collections.ConfigDict:
     c.method.rate = 0.4
     c.method.criterion = "l2"
     c.method.residual = "scatter"
+    # Zero the BN scale/bias of selected filters too (the official code zeroes conv weights
+    # only). On a schedule this short the stale BN statistics of the zeroed channels cost
+    # nearly all accuracy without it (measured: 0.11 vs 0.99 test accuracy on digits).
+    c.method.kwargs.mask_bn = True
     return c
 
 
