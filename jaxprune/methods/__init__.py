@@ -1,0 +1,178 @@
+"""Pruning methods (design.md section 7) and their registry.
+
+``get_method(name, **kwargs)`` builds a method by name (``METHODS``):
+
+=========  ==============================================================================
+'dense'    no pruning (masks and hard stay all ones)
+'sfp'      Soft Filter Pruning (`sfp.SFP`): rate, criterion, exclude, mask_bn
+'asfp'     SFP with the asymptotic rate schedule
+'srfp'     SFP with decayed instead of zeroed filters (alpha0, decay_rate, zero_fraction)
+'asrfp'    both
+'ghfp'     Gradually Hard Filter Pruning (`ghfp.GHFP`); soft='sfp'|'asfp'|'srfp'|'asrfp',
+           shape='cubic'|'linear'|'exp', end=0.9, plus the soft variant's options
+'hfp'      Holistic Filter Pruning (`hfp.HFP`): macs_reduction / params_reduction or
+           target_macs / target_params, lam, temperature, convention, exclude, balance
+'pfec'     PFEC one-shot L1 pruning (`pfec.PFEC`): config (a ``pfec.PFEC_CONFIGS`` name),
+           criterion, selection
+=========  ==============================================================================
+
+The keys every run config carries (``rate``, ``criterion``, ``exclude``) are accepted by every
+method; a method that does not use one accepts only its neutral value (``rate=0``,
+``exclude=()``), except ``criterion``, which 'dense' and 'hfp' (whose gate is the BN scale)
+ignore. Unknown names, unknown keys and rates outside [0, 1) raise ValueError naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jaxprune.masks import init_masks
+from jaxprune.methods.base import Method, MethodContext, no_penalty
+from jaxprune.methods.ghfp import GHFP
+from jaxprune.methods.hfp import HFP
+from jaxprune.methods.pfec import PFEC, PFEC_CONFIGS, PFECConfig, pfec_masks
+from jaxprune.methods.sfp import SFP, check_rate, is_projection, make_soft
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """No pruning: masks and hard are all ones; the baseline runs use it."""
+
+    name: str = "dense"
+
+    def init(self, state: Any, ctx: MethodContext) -> Any:
+        ones = init_masks(ctx.graph)
+        return state.replace(masks=ones, hard=dict(ones), method_state={})
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        del epoch, ctx
+        return state
+
+    def penalty(self, params, batch_stats, method_state, ctx):
+        return no_penalty(params, batch_stats, method_state, ctx)
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        ones = init_masks(ctx.graph)
+        return state.replace(masks=ones, hard=dict(ones))
+
+
+_SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction")
+
+
+def _split(kwargs: dict, keys) -> tuple[dict, dict]:
+    return ({k: v for k, v in kwargs.items() if k in keys},
+            {k: v for k, v in kwargs.items() if k not in keys})
+
+
+def _neutral(method: str, kwargs: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """Drops the common keys a method does not use (neutral values only)."""
+    kwargs = dict(kwargs)
+    if "rate" in kwargs:
+        rate = kwargs.pop("rate")
+        if rate is not None:
+            check_rate(rate, "rate")
+            if rate != 0:
+                raise ValueError(f"method {method!r} does not take a uniform rate (got "
+                                 f"rate={rate!r}); leave it at 0")
+    if "exclude" in kwargs and method in ("dense", "pfec"):
+        exclude = kwargs.pop("exclude")
+        if exclude not in (None, (), [], ""):
+            raise ValueError(f"method {method!r} does not take exclude (got {exclude!r})")
+    for key in ignore:
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def _check_keys(method: str, kwargs: dict, allowed) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {method!r} got unknown option(s) {unknown}; "
+                         f"allowed: {sorted(allowed)}")
+
+
+def _soft_factory(variant: str) -> Callable[..., SFP]:
+    def build(**kwargs: Any) -> SFP:
+        _check_keys(variant, kwargs, _SOFT_KEYS)
+        if "rate" in kwargs:
+            check_rate(kwargs["rate"], f"{variant} rate")
+        return make_soft(variant, **kwargs)
+
+    build.__doc__ = f"The {variant.upper()} method; options {', '.join(_SOFT_KEYS)}."
+    return build
+
+
+def _dense(**kwargs: Any) -> Dense:
+    kwargs = _neutral("dense", kwargs, ignore=("criterion",))
+    _check_keys("dense", kwargs, ())
+    return Dense()
+
+
+def _ghfp(**kwargs: Any) -> GHFP:
+    """GHFP; ``soft`` names the soft variant, the other soft keys configure it."""
+    allowed = _SOFT_KEYS + ("soft", "shape", "end")
+    _check_keys("ghfp", kwargs, allowed)
+    soft_kwargs, rest = _split(kwargs, _SOFT_KEYS)
+    if "rate" in soft_kwargs:
+        check_rate(soft_kwargs["rate"], "ghfp rate")
+    variant = rest.pop("soft", "sfp")
+    return GHFP(soft=make_soft(variant, **soft_kwargs), **rest)
+
+
+def _hfp(**kwargs: Any) -> HFP:
+    kwargs = _neutral("hfp", kwargs, ignore=("criterion",))
+    allowed = [f.name for f in dataclasses.fields(HFP) if f.name != "name"]
+    _check_keys("hfp", kwargs, allowed)
+    return HFP(**kwargs)
+
+
+def _pfec(**kwargs: Any) -> PFEC:
+    kwargs = _neutral("pfec", kwargs)
+    _check_keys("pfec", kwargs, ("config", "criterion", "selection"))
+    return PFEC(**kwargs)
+
+
+METHODS: dict[str, Callable[..., Any]] = {
+    "dense": _dense,
+    "sfp": _soft_factory("sfp"),
+    "asfp": _soft_factory("asfp"),
+    "srfp": _soft_factory("srfp"),
+    "asrfp": _soft_factory("asrfp"),
+    "ghfp": _ghfp,
+    "hfp": _hfp,
+    "pfec": _pfec,
+}
+
+
+def get_method(name: str, **kwargs: Any) -> Method:
+    """The method registered under ``name`` (one of ``METHODS``) built with ``kwargs``.
+
+    A mapping with a ``'name'`` key (e.g. a run config's ``method`` section, whose ``kwargs``
+    sub-mapping is merged in) is accepted in place of ``name``.
+    """
+    if not isinstance(name, str) and hasattr(name, "keys"):
+        cfg = dict(name)
+        extra = dict(cfg.pop("kwargs", None) or {})
+        cfg.pop("residual", None)  # a tracing option, not the method's
+        name = cfg.pop("name", None)
+        kwargs = {**cfg, **extra, **kwargs}
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name](**kwargs)
+
+
+__all__ = [
+    "METHODS",
+    "Dense",
+    "GHFP",
+    "HFP",
+    "Method",
+    "MethodContext",
+    "PFEC",
+    "PFECConfig",
+    "PFEC_CONFIGS",
+    "SFP",
+    "get_method",
+    "is_projection",
+    "pfec_masks",
+]

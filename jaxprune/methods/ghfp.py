@@ -1,0 +1,131 @@
+"""GHFP - Gradually Hard Filter Pruning (Cai, An, Xu, arXiv 2011.03170; methods.md section 4).
+
+The paper's formulas were not available; this is the interpretation of methods.md, which
+follows the public code of the same first author:
+
+- The soft part is any SFP variant (`jaxprune.methods.sfp.SFP`: SFP, ASFP, SRFP, ASRFP). At
+  each re-selection, after ``t`` completed epochs, the pruned set ``S_t`` of every pruned group
+  is its ``int(N * P_t)`` lowest-scoring channels (``P_t`` the soft variant's rate).
+- Hard stays hard: channels already hard are scored ``-inf`` before the selection, so they are
+  always inside ``S_t`` and count towards its size (if the hard set were ever larger than
+  ``int(N * P_t)`` - the bundled rate schedules never shrink, so this does not happen - ``S_t``
+  is extended to hold all of it).
+- The hard fraction ``h`` is ``schedules.ghfp_hard_fraction(T, end, shape)(e)`` at the end of
+  epoch ``e`` (cubic by default: ``1 - (1 - min(1, (e + 1) / (end T)))^3``; also 'linear',
+  'exp'); it is 0 at ``init``. The ``floor(h * int(N * P_t))`` lowest members of ``S_t``
+  (already-hard ones first, then by score, ties to the lower index) are hard afterwards; the
+  hard set only grows (``max(floor(h |S_t|), |hard|)`` channels).
+- Hard channels get 0 in ``state.masks`` and ``state.hard``; every member slice of them (filters,
+  BN parameters, consumers' inputs) and their optimizer moments are zeroed, and the trainer
+  masks their gradients from then on. The soft rest of ``S_t`` is treated as the soft variant
+  treats it (zeroed filters, or multiplied by ``alpha_t`` for SRFP/ASRFP); it may come back at
+  a later re-selection if its score grows.
+- finalize: one last selection at the full rate ``P`` (hard channels first) and everything
+  selected becomes hard, so the final model is exactly the hard-pruned one (``masks == hard``).
+
+``end_of_epoch`` is jittable with a traced epoch: counts and the hard count are compared with
+ranks (data, not shapes); see `jaxprune.methods.sfp` for the host/traced arithmetic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import schedules, selection
+from jaxprune.masks import apply_masks, init_masks
+from jaxprune.methods.base import MethodContext, no_penalty
+from jaxprune.methods.sfp import SFP, _as_counts, harden, is_traced, ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class GHFP:
+    """Gradually Hard Filter Pruning on top of an SFP variant (see the module docstring).
+
+    Attributes:
+      soft: the soft part, an `SFP` (its rate, criterion, exclude, ASFP/SRFP options).
+      shape: the hard-fraction ramp, 'cubic', 'linear' or 'exp'.
+      end: the fraction of training at which every pruned channel is hard (0.9).
+      name: 'ghfp'.
+    """
+
+    soft: SFP = SFP()
+    shape: str = "cubic"
+    end: float = 0.9
+    name: str = "ghfp"
+
+    def __post_init__(self):
+        if not isinstance(self.soft, SFP):
+            raise ValueError(f"soft must be an SFP instance, got {self.soft!r}")
+        if self.shape not in schedules.HARD_SHAPES:
+            raise ValueError(
+                f"unknown ramp shape {self.shape!r}; allowed: {', '.join(schedules.HARD_SHAPES)}")
+        if (isinstance(self.end, bool) or not isinstance(self.end, numbers.Real)
+                or not 0.0 < self.end <= 1.0):
+            raise ValueError(f"end must be a fraction of training in (0, 1], got {self.end!r}")
+
+    def hard_fraction(self, epoch: Any, total_epochs: int) -> Any:
+        """``h`` after the end of epoch ``epoch`` (0-based); a Python float for a Python epoch."""
+        return schedules.ghfp_hard_fraction(total_epochs, self.end, self.shape)(epoch)
+
+    # -- the Method protocol
+    def init(self, state: Any, ctx: MethodContext) -> Any:
+        self.soft.check(ctx)
+        ones = init_masks(ctx.graph)
+        state = state.replace(masks=ones, hard=dict(ones), method_state={})
+        return self._select(state, 0, 0.0, ctx)
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        return self._select(state, epoch + 1, self.hard_fraction(epoch, ctx.total_epochs), ctx)
+
+    def penalty(self, params, batch_stats, method_state, ctx):
+        return no_penalty(params, batch_stats, method_state, ctx)
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        names = self.soft.pruned_groups(ctx.graph)
+        counts = {n: selection.num_pruned(ctx.graph.groups[n].size, self.soft.rate, "sfp")
+                  for n in names}
+        # Everything selected becomes hard: the hard count equals the pruned count.
+        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(counts),
+                            jnp.float32(0.0))
+
+    def _select(self, state: Any, t: Any, h: Any, ctx: MethodContext) -> Any:
+        names = self.soft.pruned_groups(ctx.graph)
+        counts = self.soft.counts_at(ctx.graph, names, t, ctx.total_epochs)
+        alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
+        hard_counts = {}
+        for n, size in counts.items():  # floor(h * |S_t|), on the host when both are static
+            if is_traced(size) or is_traced(h):
+                hard_counts[n] = jnp.floor(jnp.asarray(h, jnp.float32) * size).astype(jnp.int32)
+            else:
+                hard_counts[n] = math.floor(h * size)
+        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(hard_counts), alpha)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _ghfp_select(method: GHFP, ctx: MethodContext, state: Any, counts: dict, hard_counts: dict,
+                 alpha: jax.Array):
+    graph = ctx.graph
+    names = method.soft.pruned_groups(graph)
+    scores = method.soft.scores(state, graph, names)
+    masks = init_masks(graph)
+    hard = dict(state.hard)
+    for n in names:
+        was_hard = state.hard[n] == 0
+        n_hard = jnp.sum(was_hard).astype(jnp.int32)
+        rank = ranks(jnp.where(was_hard, -jnp.inf, scores[n]))  # hard channels rank first
+        in_s = rank < jnp.maximum(counts[n], n_hard)
+        now_hard = rank < jnp.maximum(hard_counts[n], n_hard)  # the hard set only grows
+        hard[n] = jnp.where(now_hard, 0.0, 1.0).astype(jnp.float32)
+        masks[n] = jnp.where(now_hard, 0.0, jnp.where(in_s, alpha, 1.0)).astype(jnp.float32)
+    soft_masks = {n: jnp.where(hard[n] == 0, 1.0, masks[n]) for n in masks}
+    params = apply_masks(state.params, soft_masks, graph, roles=method.soft.soft_roles,
+                         prefix=("params",))
+    state = state.replace(params=params, masks=masks, hard=hard)
+    return harden(state, hard, graph)

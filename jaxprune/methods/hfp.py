@@ -1,0 +1,442 @@
+"""HFP - Holistic Filter Pruning (Enderich, Timm, Burgard, WACV 2021; methods.md section 5).
+
+The paper's formulation was not available and no public code exists; this is the
+interpretation of methods.md, with the choices below.
+
+- **Gates.** Every channel of a *gated* group has the score ``s_c = |gamma_c|``, its BN scale
+  (summed over the group's BN scales when a coupled group has several, as
+  ``criteria.bn_scale``). Gated groups: every group with a BN scale in ``'params'``, minus the
+  ones with a producer matched by ``exclude`` (paths / fnmatch patterns / predicate, as SFP).
+  Other groups keep all their channels.
+- **Normalisation.** Scores are made comparable across layers by dividing by a per-group
+  reference ``ref_g = max_c s_c`` (``norm_c = s_c / ref_g`` in [0, 1]). ``ref_g`` is held in
+  ``method_state['ref']`` and refreshed at every ``init``/``end_of_epoch``, so it is a constant
+  inside the train step: the penalty's gradient never flows through the normaliser, and every
+  BN scale receives a gradient of the sign of ``gamma`` (descent shrinks ``|gamma|``).
+- **Soft counts and cost.** ``n_g = sum_c sigmoid((norm_c - tau) / temperature)``; MACs and
+  params are ``flops.soft_cost(graph, n)`` (convention ``'conv_fc'`` by default: conv and FC
+  multiplications, as "the number of multiplications"), residual couplings included.
+- **Penalty.** ``lam * (relu(MACs / target_macs - 1) + relu(Params / target_params - 1))``
+  (a term is left out when its target is not set); zero, with zero gradient, under target.
+- **Threshold rule (tau).** ``tau`` is a global threshold over the normalised scores, held in
+  ``method_state['tau']`` and updated at ``init`` and at every epoch end (jittable, float32):
+  first the hard threshold ``tau_hard`` that meets the targets on the current scores is found
+  (prune the globally lowest normalised scores, each group's best channel protected, until
+  both targets are met; ``tau_hard`` is the midpoint between the last pruned and the first
+  kept score), then ``tau = tau_hard - margin * temperature`` (``margin = 2``: a channel at the
+  hard boundary counts ``sigmoid(2) = 0.88``). So the soft complexity tracks the targets from
+  above: the channels the hard pruning would keep count (almost) fully, the ones it would
+  remove still count while their score is near the boundary, and the penalty is active until
+  they have been pushed well below it (the scores polarise, the hard pruning then removes
+  channels that no longer matter). Centring the sigmoid at ``tau_hard`` itself would make the
+  smoothed count of clustered scores (BN scales all near 1 when training from scratch) fall
+  below the target, and the penalty would never act. ``state.masks`` holds the selection at
+  ``tau_hard`` as information (params are never modified during training; ``hard`` stays 1).
+- **Final hard pruning (finalize).** Host side, exact integer costs (``flops.count``): with
+  the channels ordered by normalised score (each group's best channel last, never pruned, so
+  no group reaches zero channels), the smallest prefix whose removal meets BOTH targets is
+  pruned: both at or under target, the binding one to within one channel. With
+  ``balance=True`` and both targets given, if the other target is more than ``tolerance``
+  (0.5% of the dense figure) under its target, the order is tilted layer-wise,
+  ``key_c = norm_c * r_g ** beta`` with ``r_g`` the group's MACs-per-channel share over its
+  params-per-channel share (geometric-mean normalised): ``beta > 0`` spares MAC-heavy layers
+  (removes more params per MAC), ``beta < 0`` the opposite. The smallest ``|beta|`` on a grid
+  (step 0.05 up to 4, then bisection between neighbouring grid points where the binding
+  target switches) that puts both figures within ``tolerance`` of their targets is used; if
+  none does (targets too coarse for the channel granularity), the one with the smallest
+  worst slack. ``method_state['beta']`` records it.
+  Then ``masks == hard``, every slice of the pruned channels and their optimizer moments are
+  zeroed (the masked model equals the compacted model).
+- Targets: ``macs_reduction`` / ``params_reduction`` (fractions of the dense figure to remove)
+  or ``target_macs`` / ``target_params`` (absolute, per example). An unreachable target
+  (even with one channel per gated group) raises ValueError at ``init``.
+
+`allocation` reports the per-group ``(kept, total)`` of ``state.masks``; `cost_report` the
+exact MACs/params against the targets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune import flops
+from jaxprune.graph import PruningGraph
+from jaxprune.masks import init_masks
+from jaxprune.methods.base import MethodContext
+from jaxprune.methods.sfp import (check_exclude, check_rate, harden, is_excluded,
+                                  normalize_exclude)
+
+BETA_STEP = 0.05
+BETA_MAX = 4.0
+
+
+class Budget(NamedTuple):
+    """Dense figures and absolute targets (None: unconstrained) of one graph."""
+
+    dense_macs: int
+    dense_params: int
+    target_macs: float | None
+    target_params: float | None
+
+
+def _leaf(tree: Any, path: Sequence[str]) -> jax.Array:
+    node = tree
+    for key in path:
+        node = node[key]
+    if not hasattr(node, "shape") and hasattr(node, "value"):
+        node = node.value
+    return node
+
+
+def _bn_scales(group) -> list:
+    return [m for m in group.members
+            if m.role == "vector" and m.path[0] == "params" and m.path[-1] == "scale"]
+
+
+@dataclasses.dataclass(frozen=True)
+class HFP:
+    """Holistic Filter Pruning (see the module docstring).
+
+    Attributes:
+      macs_reduction, params_reduction: fraction of the dense MACs / params to remove, [0, 1).
+      target_macs, target_params: absolute targets instead (per example); one of each pair.
+      lam: weight of the complexity penalty.
+      temperature: sigmoid temperature of the soft counts, in normalised-score units.
+      margin: ``tau`` sits ``margin * temperature`` below the hard threshold (see above).
+      convention: MAC convention of ``jaxprune.flops`` ('conv_fc' or 'conv').
+      exclude: producer paths / patterns / predicate whose groups are not gated.
+      balance: tilt the final order so that both targets are met within ``tolerance``.
+      tolerance: accepted slack under each target, as a share of the dense figure.
+    """
+
+    macs_reduction: float | None = None
+    params_reduction: float | None = None
+    target_macs: float | None = None
+    target_params: float | None = None
+    lam: float = 1.0
+    temperature: float = 0.05
+    convention: str = "conv_fc"
+    exclude: Any = ()
+    margin: float = 2.0
+    balance: bool = True
+    tolerance: float = 0.005
+    name: str = "hfp"
+
+    def __post_init__(self):
+        for what, red, absolute in (("macs", self.macs_reduction, self.target_macs),
+                                    ("params", self.params_reduction, self.target_params)):
+            if red is not None and absolute is not None:
+                raise ValueError(f"give either {what}_reduction or target_{what}, not both")
+            if red is not None:
+                check_rate(red, f"{what}_reduction")
+            if absolute is not None and (isinstance(absolute, bool)
+                                         or not isinstance(absolute, numbers.Real)
+                                         or not absolute > 0):
+                raise ValueError(f"target_{what} must be a positive number, got {absolute!r}")
+        if all(v is None for v in (self.macs_reduction, self.params_reduction,
+                                   self.target_macs, self.target_params)):
+            raise ValueError("HFP needs a target: macs_reduction/target_macs and/or "
+                             "params_reduction/target_params")
+        if not (isinstance(self.lam, numbers.Real) and self.lam >= 0):
+            raise ValueError(f"lam must be a number >= 0, got {self.lam!r}")
+        if not (isinstance(self.margin, numbers.Real) and self.margin >= 0):
+            raise ValueError(f"margin must be a number >= 0, got {self.margin!r}")
+        if not (isinstance(self.temperature, numbers.Real) and self.temperature > 0):
+            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
+        if self.convention not in flops.CONVENTIONS:
+            raise ValueError(f"convention={self.convention!r}: expected one of {flops.CONVENTIONS}")
+        if not (isinstance(self.tolerance, numbers.Real) and 0 < self.tolerance < 1):
+            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
+
+    # -- structure
+    def gated_groups(self, graph: PruningGraph) -> tuple[str, ...]:
+        """Groups with a BN scale and no excluded producer."""
+        return tuple(n for n, g in graph.groups.items()
+                     if _bn_scales(g) and not any(is_excluded(p, self.exclude) for p in g.producers))
+
+    def budget(self, graph: PruningGraph) -> Budget:
+        """Dense figures and absolute targets (host, exact)."""
+        return _budget(self, graph)
+
+    # -- gates
+    def gates(self, params: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
+        """``|gamma|`` per channel (summed over the group's BN scales), float32 ``[C]``."""
+        out = {}
+        for n in names:
+            total = 0.0
+            for m in _bn_scales(graph.groups[n]):
+                leaf = jnp.asarray(_leaf(params, m.path[1:]), jnp.float32)
+                idx = np.asarray(m.index)
+                vals = jnp.take(leaf, idx.reshape(-1), axis=m.axis).reshape(idx.shape)
+                total = total + jnp.sum(jnp.abs(vals), axis=1)
+            out[n] = total
+        return out
+
+    def soft_counts(self, params: Any, method_state: Any, graph: PruningGraph
+                    ) -> dict[str, jax.Array]:
+        """``n_g = sum_c sigmoid((s_c / ref_g - tau) / temperature)`` for every gated group."""
+        names = self.gated_groups(graph)
+        gates = self.gates(params, graph, names)
+        tau = method_state["tau"]
+        return {n: jnp.sum(jax.nn.sigmoid((gates[n] / method_state["ref"][n] - tau)
+                                          / self.temperature)) for n in names}
+
+    def soft_cost(self, params: Any, method_state: Any, graph: PruningGraph):
+        """Differentiable ``(macs, params)`` of the soft counts."""
+        counts: dict[str, Any] = {n: float(g.size) for n, g in graph.groups.items()}
+        counts.update(self.soft_counts(params, method_state, graph))
+        return flops.soft_cost(graph, counts, self.convention)
+
+    # -- the Method protocol
+    def init(self, state: Any, ctx: MethodContext) -> Any:
+        graph = ctx.graph
+        check_exclude(self.exclude, graph)
+        names = self.gated_groups(graph)
+        if not names:
+            raise ValueError("HFP found no group with a BatchNorm scale to gate "
+                             "(every pruned conv needs a BN after it)")
+        budget = self.budget(graph)
+        floor_masks = init_masks(graph)
+        for n in names:
+            floor_masks[n] = floor_masks[n].at[1:].set(0.0)
+        macs, params = self._exact(graph, floor_masks)
+        if not self._meets(budget, macs, params):
+            raise ValueError(
+                f"HFP targets unreachable: with one channel left in every gated group the model "
+                f"still has {macs} MACs / {params} params; targets {budget.target_macs} MACs / "
+                f"{budget.target_params} params")
+        ones = init_masks(graph)
+        state = state.replace(masks=ones, hard=dict(ones),
+                              method_state={"tau": jnp.zeros((), jnp.float32),
+                                            "ref": {n: jnp.ones((), jnp.float32) for n in names},
+                                            "beta": jnp.zeros((), jnp.float32)})
+        return _hfp_retarget(self, ctx, state)
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        del epoch
+        return _hfp_retarget(self, ctx, state)
+
+    def penalty(self, params, batch_stats, method_state, ctx: MethodContext):
+        del batch_stats
+        budget = self.budget(ctx.graph)
+        macs, n_params = self.soft_cost(params, method_state, ctx.graph)
+        pen = jnp.zeros((), jnp.float32)
+        if budget.target_macs is not None:
+            pen = pen + jax.nn.relu(macs / budget.target_macs - 1.0)
+        if budget.target_params is not None:
+            pen = pen + jax.nn.relu(n_params / budget.target_params - 1.0)
+        pen = self.lam * pen
+        metrics = {"hfp_penalty": pen, "hfp_macs": macs, "hfp_params": n_params,
+                   "hfp_tau": method_state["tau"]}
+        return pen, metrics
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        masks, beta = self.final_masks(state.params, ctx.graph)
+        ms = dict(state.method_state)
+        ms["beta"] = jnp.asarray(beta, jnp.float32)
+        state = state.replace(masks=masks, hard=dict(masks), method_state=ms)
+        return harden(state, masks, ctx.graph)
+
+    # -- reports
+    def allocation(self, state: Any, ctx: MethodContext) -> dict[str, tuple[int, int]]:
+        """Group name -> ``(kept, total)`` channels of ``state.masks``."""
+        return {n: (int(np.count_nonzero(np.asarray(state.masks[n]))), g.size)
+                for n, g in ctx.graph.groups.items()}
+
+    def cost_report(self, state: Any, ctx: MethodContext) -> dict[str, float]:
+        """Exact MACs/params of ``state.masks`` against the dense figures and the targets."""
+        b = self.budget(ctx.graph)
+        macs, params = self._exact(ctx.graph, state.masks)
+        return {"macs": macs, "params": params, "dense_macs": b.dense_macs,
+                "dense_params": b.dense_params,
+                "target_macs": b.target_macs, "target_params": b.target_params,
+                "macs_reduction": 1.0 - macs / b.dense_macs,
+                "params_reduction": 1.0 - params / b.dense_params}
+
+    # -- internals
+    def _exact(self, graph: PruningGraph, masks: Mapping[str, Any]) -> tuple[int, int]:
+        cost = flops.count(graph, masks, self.convention)
+        return cost.macs, cost.params
+
+    @staticmethod
+    def _meets(b: Budget, macs: float, params: float) -> bool:
+        return ((b.target_macs is None or macs <= b.target_macs)
+                and (b.target_params is None or params <= b.target_params))
+
+    def _retarget(self, state: Any, ctx: MethodContext) -> Any:
+        """Refreshes ``ref`` and ``tau`` and records the hard selection at ``tau`` (jittable)."""
+        graph = ctx.graph
+        names = self.gated_groups(graph)
+        gates = self.gates(state.params, graph, names)
+        ref = {n: jnp.maximum(jnp.max(gates[n]), 1e-12) for n in names}
+        norm = {n: gates[n] / ref[n] for n in names}
+        tau, keep = self._threshold(norm, graph, names)
+        masks = init_masks(graph)
+        masks.update(keep)
+        ms = dict(state.method_state)
+        ms.update(tau=tau, ref=ref)
+        return state.replace(masks=masks, method_state=ms)
+
+    def _threshold(self, norm: Mapping[str, jax.Array], graph: PruningGraph,
+                   names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Global threshold meeting the targets on ``norm`` (float32 soft_cost, vectorised)."""
+        budget = self.budget(graph)
+        sizes = [graph.groups[n].size for n in names]
+        total = sum(sizes)
+        max_pruned = total - len(names)
+        flat = jnp.concatenate([norm[n] for n in names])
+        protected = jnp.concatenate([jnp.arange(s) == jnp.argmax(norm[n])
+                                     for n, s in zip(names, sizes)])
+        order = jnp.argsort(jnp.where(protected, jnp.inf, flat), stable=True)
+        vals = flat[order]
+        gid = jnp.asarray(np.repeat(np.arange(len(names)), sizes))[order]
+        onehot = (gid[:, None] == jnp.arange(len(names))[None, :]).astype(jnp.float32)
+        removed = jnp.concatenate([jnp.zeros((1, len(names)), jnp.float32),
+                                   jnp.cumsum(onehot, axis=0)])  # [total + 1, G]
+        counts: dict[str, Any] = {n: float(g.size) for n, g in graph.groups.items()}
+        counts.update({n: sizes[i] - removed[:, i] for i, n in enumerate(names)})
+        macs, params = flops.soft_cost(graph, counts, self.convention)
+        ok = jnp.arange(total + 1) <= max_pruned
+        if budget.target_macs is not None:
+            ok = ok & (macs <= budget.target_macs)
+        if budget.target_params is not None:
+            ok = ok & (params <= budget.target_params)
+        k = jnp.where(jnp.any(ok), jnp.argmax(ok), max_pruned)
+        lo = vals[jnp.maximum(k - 1, 0)]
+        hi = vals[jnp.minimum(k, total - 1)]
+        boundary = jnp.where(k == 0, vals[0], 0.5 * (lo + hi))
+        tau = (boundary - self.margin * self.temperature).astype(jnp.float32)
+        rank = jnp.zeros((total,), jnp.int32).at[order].set(jnp.arange(total, dtype=jnp.int32))
+        keep_flat = jnp.where(rank < k, 0.0, 1.0).astype(jnp.float32)
+        keep, off = {}, 0
+        for n, s in zip(names, sizes):
+            keep[n] = keep_flat[off:off + s]
+            off += s
+        return tau, keep
+
+    def tilt_ratios(self, graph: PruningGraph, names: Sequence[str]) -> np.ndarray:
+        """``r_g``: MACs share over params share of one channel of each group (exact, at the
+        dense model), normalised to geometric mean 1."""
+        b = self.budget(graph)
+        dense = {n: np.ones(g.size, np.float32) for n, g in graph.groups.items()}
+        ratio = []
+        for n in names:
+            one_less = dict(dense)
+            one_less[n] = dense[n].copy()
+            one_less[n][0] = 0.0
+            macs, params = self._exact(graph, one_less)
+            dm = (b.dense_macs - macs) / b.dense_macs
+            dp = (b.dense_params - params) / b.dense_params
+            ratio.append((dm + 1e-12) / (dp + 1e-12))
+        logr = np.log(np.asarray(ratio, np.float64))
+        return np.exp(logr - logr.mean())
+
+    def final_masks(self, params: Any, graph: PruningGraph) -> tuple[dict[str, jax.Array], float]:
+        """The exact final hard selection and the tilt ``beta`` used (see the module docstring)."""
+        names = self.gated_groups(graph)
+        b = self.budget(graph)
+        gates = {n: np.asarray(v, np.float64) for n, v in self.gates(params, graph, names).items()}
+        norm = {n: v / max(v.max(), 1e-12) for n, v in gates.items()}
+        sizes = [graph.groups[n].size for n in names]
+        total, max_pruned = sum(sizes), sum(sizes) - len(names)
+        flat = np.concatenate([norm[n] for n in names])
+        protected = np.zeros(total, bool)
+        off = 0
+        for n, s in zip(names, sizes):
+            protected[off + int(np.argmax(norm[n]))] = True
+            off += s
+        both = b.target_macs is not None and b.target_params is not None
+        if self.balance and both:
+            ratios = np.repeat(self.tilt_ratios(graph, names), sizes)
+            steps = np.arange(1, int(round(BETA_MAX / BETA_STEP)) + 1) * BETA_STEP
+            betas = [0.0] + [s * sign for s in steps for sign in (1.0, -1.0)]
+        else:
+            ratios, betas = np.ones(total), [0.0]
+
+        def masks_for(order, k):
+            keep = np.ones(total, np.float32)
+            keep[order[:k]] = 0.0
+            out = {n: np.ones(g.size, np.float32) for n, g in graph.groups.items()}
+            o = 0
+            for n, s in zip(names, sizes):
+                out[n] = keep[o:o + s]
+                o += s
+            return out
+
+        def slacks(macs, params):
+            sm = (b.target_macs - macs) / b.dense_macs if b.target_macs is not None else 0.0
+            sp = (b.target_params - params) / b.dense_params if b.target_params is not None else 0.0
+            return sm, sp
+
+        def solve(beta):
+            key = np.where(protected, np.inf, flat * ratios ** beta)
+            order = np.argsort(key, kind="stable")
+            lo, hi = 0, max_pruned
+            if not self._meets(b, *self._exact(graph, masks_for(order, hi))):
+                raise ValueError("HFP targets unreachable with one channel per gated group")
+            while lo < hi:  # cost never grows with more pruned channels
+                mid = (lo + hi) // 2
+                if self._meets(b, *self._exact(graph, masks_for(order, mid))):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            sm, sp = slacks(*self._exact(graph, masks_for(order, lo)))
+            return max(sm, sp), sm - sp, order, lo
+
+        tried: dict[float, tuple] = {}
+        best = None
+        for beta in betas:
+            tried[beta] = solve(beta)
+            if best is None or tried[beta][0] < tried[best][0]:
+                best = beta
+            if tried[beta][0] <= self.tolerance:
+                break
+        if tried[best][0] > self.tolerance and len(betas) > 1:
+            # The binding target switches between neighbouring grid points: bisect there.
+            grid = sorted(tried)
+            pairs = [(a, c) for a, c in zip(grid, grid[1:])
+                     if np.sign(tried[a][1]) != np.sign(tried[c][1])]
+            pairs.sort(key=lambda p: min(abs(p[0]), abs(p[1])))
+            for a, c in pairs:
+                for _ in range(24):
+                    mid = 0.5 * (a + c)
+                    tried[mid] = solve(mid)
+                    if tried[mid][0] < tried[best][0] or (
+                            tried[mid][0] == tried[best][0] and abs(mid) < abs(best)):
+                        best = mid
+                    if tried[mid][0] <= self.tolerance:
+                        break
+                    if np.sign(tried[mid][1]) == np.sign(tried[a][1]):
+                        a = mid
+                    else:
+                        c = mid
+                if tried[best][0] <= self.tolerance:
+                    break
+        _, _, order, k = tried[best]
+        return {n: jnp.asarray(m) for n, m in masks_for(order, k).items()}, float(best)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _hfp_retarget(method: HFP, ctx: MethodContext, state: Any) -> Any:
+    return method._retarget(state, ctx)
+
+
+@functools.lru_cache(maxsize=64)
+def _budget(method: HFP, graph: PruningGraph) -> Budget:
+    dense = flops.count(graph, None, method.convention)
+    tm = method.target_macs
+    if method.macs_reduction is not None:
+        tm = (1.0 - method.macs_reduction) * dense.macs
+    tp = method.target_params
+    if method.params_reduction is not None:
+        tp = (1.0 - method.params_reduction) * dense.params
+    return Budget(dense.macs, dense.params, None if tm is None else float(tm),
+                  None if tp is None else float(tp))

@@ -1,0 +1,327 @@
+"""SFP and its variants ASFP, SRFP, ASRFP (methods.md sections 2 and 3).
+
+Soft Filter Pruning (He et al., IJCAI 2018): before training and at the end of every epoch,
+score the filters of every pruned group (L2 norm by default; any of
+``jaxprune.criteria.CRITERIA``), select the ``int(N * P)`` lowest of each group (SFP's
+official rounding, ``selection.num_pruned(..., 'sfp')``) and zero them. Between selections
+the zeroed filters are trained normally (soft): gradients, momentum and weight decay are not
+masked, so a filter may grow back and escape the next selection. ``state.hard`` stays all
+ones until `SFP.finalize`.
+
+Interpretations (documented choices):
+
+- **What is zeroed.** As in the official code only the filters (role ``'out'`` members: conv
+  kernel output slices) are multiplied; ``mask_bn=True`` also multiplies the group's
+  per-channel parameter vectors (BN scale and bias, conv bias) so that a pruned channel outputs
+  exactly 0. Running BN statistics are never touched.
+- **Which groups are pruned.** Every group whose filters come from convolutions (``kind ==
+  'conv'``; the classifier is never pruned), except the groups with a producer matched by
+  ``exclude``: module paths or ``fnmatch`` patterns (``('*/downsample',)`` gives the ImageNet
+  setting "every conv but the projection convs"), or a predicate ``path -> bool``. A group
+  with several producers (a coupled residual group) is skipped if ANY producer is excluded,
+  since its slices can only be removed together.
+- **Epoch counting.** ``init`` is the selection after 0 completed epochs, ``end_of_epoch(e)``
+  the selection after ``t = e + 1`` completed epochs, which governs training epoch ``e + 1``.
+  ASFP's rate is ``P_t = P (1 - exp(-k t))`` with this ``t`` (``schedules.asfp_rate``; so
+  ``P_0 = 0``: nothing is pruned at init), and SRFP's decay factor is ``alpha_t``
+  (``schedules.srfp_decay``), which is 0 from ``t = T - round(zero_fraction T)`` on: exactly the
+  last ``round(zero_fraction T)`` training epochs run with zeroed filters.
+- **SRFP / ASRFP.** The selected filters are multiplied by ``alpha_t`` instead of zeroed, and
+  ``state.masks`` holds ``alpha_t`` for them (1 elsewhere). A filter selected again at a later
+  epoch is multiplied again. With ``decay_rate=None`` the rate is ``c = 3 / t_zero``
+  (``t_zero`` the first zeroing step), so ``alpha`` has fallen to ``alpha0 e^-3`` when it is
+  switched to 0.
+- **finalize.** A last selection at the full rate ``P`` on the current weights; ``masks ==
+  hard`` (0/1); every member slice of the pruned channels is zeroed (filters, BN scale/bias and
+  running statistics, the consumers' input slices), and the optimizer moments too, so the
+  masked model equals the compacted one (``jaxprune.compaction``) and a hard fine-tuning keeps
+  them at zero.
+
+Jit: every function is pure and ``end_of_epoch`` is jittable with ``epoch`` a traced scalar,
+``jax.jit(lambda s, e: method.end_of_epoch(s, e, ctx))``. The per-group counts are DATA, not
+shapes: a channel is selected when its rank in a stable ascending sort of the scores is below
+the count, so a count that changes with the epoch (ASFP) neither needs Python branching nor
+retraces. With a Python ``epoch`` the counts are computed on the host in float64, exactly
+``int(N * P_t)``; with a traced ``epoch`` in float32 (identical except when ``N * P_t`` lies
+within float32 rounding of an integer). Constant-rate counts are always host integers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import math
+import numbers
+from typing import Any, Callable, Mapping, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune import criteria, schedules, selection
+from jaxprune.graph import PruningGraph
+from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
+from jaxprune.methods.base import MethodContext, no_penalty
+
+Exclude = Union[Sequence[str], Callable[[str], bool]]
+
+SOFT_VARIANTS = ("sfp", "asfp", "srfp", "asrfp")
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def check_rate(rate: Any, what: str = "rate") -> float:
+    """``rate`` as a float in [0, 1); ValueError naming ``what`` and the value otherwise."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{what} must be a number in [0, 1), got {rate!r}")
+    return float(rate)
+
+
+def normalize_exclude(exclude: Exclude | None) -> tuple[str, ...] | Callable[[str], bool]:
+    """``exclude`` as a hashable tuple of patterns (a str becomes a 1-tuple) or a callable."""
+    if exclude is None:
+        return ()
+    if callable(exclude):
+        return exclude
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        items = tuple(exclude)
+    except TypeError:
+        raise ValueError(
+            f"exclude must be module paths / fnmatch patterns or a predicate, got {exclude!r}"
+        ) from None
+    if not all(isinstance(p, str) for p in items):
+        raise ValueError(f"exclude must hold strings (module paths or patterns), got {exclude!r}")
+    return items
+
+
+def is_excluded(path: str, exclude: tuple[str, ...] | Callable[[str], bool]) -> bool:
+    """Whether the producer module ``path`` is matched by ``exclude``."""
+    if callable(exclude):
+        return bool(exclude(path))
+    return any(fnmatch.fnmatchcase(path, p) for p in exclude)
+
+
+def is_projection(path: str) -> bool:
+    """Predicate for the projection (1x1 downsample) shortcut convs of the bundled ResNets."""
+    return path.rsplit("/", 1)[-1] == "downsample"
+
+
+def check_exclude(exclude: tuple[str, ...] | Callable[[str], bool], graph: PruningGraph) -> None:
+    """ValueError if a pattern of ``exclude`` matches no producer of ``graph``."""
+    if callable(exclude):
+        return
+    producers = sorted({p for g in graph.groups.values() for p in g.producers} | set(graph.unprunable))
+    unknown = [p for p in exclude if not any(fnmatch.fnmatchcase(q, p) for q in producers)]
+    if unknown:
+        raise ValueError(
+            f"exclude entries {unknown!r} match no conv/dense module of the model; "
+            f"known modules: {producers!r}"
+        )
+
+
+def subgraph(graph: PruningGraph, names: Sequence[str]) -> PruningGraph:
+    """``graph`` restricted to the groups ``names`` (what a criterion should score)."""
+    return dataclasses.replace(graph, groups={n: graph.groups[n] for n in names})
+
+
+def ranks(score: jax.Array) -> jax.Array:
+    """int32 ``[C]``: each channel's position in a stable ascending sort of ``score``.
+
+    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index), the
+    same channels as ``selection.prune_by_count``, for a static or a traced ``n``.
+    """
+    size = score.shape[0]
+    order = jnp.argsort(jnp.asarray(score, jnp.float32), stable=True)
+    return jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
+
+
+def is_traced(value: Any) -> bool:
+    return isinstance(value, jax.Array)
+
+
+def count_at(size: int, rate: Any) -> Any:
+    """SFP's pruned count ``int(size * rate)`` capped at ``size - 1``.
+
+    A Python rate gives a Python int (``selection.num_pruned``); a JAX rate an int32 scalar.
+    """
+    if is_traced(rate):
+        n = jnp.floor(jnp.float32(size) * rate).astype(jnp.int32)
+        return jnp.clip(n, 0, size - 1)
+    return selection.num_pruned(size, float(rate), "sfp")
+
+
+def harden(state: Any, hard: Mapping[str, jax.Array], graph: PruningGraph) -> Any:
+    """Zeroes every member slice of the hard-pruned channels (0 in ``hard``): params, BN running
+    statistics and optimizer moments, as the train step does for hard channels."""
+    return _harden(graph, state, hard)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _harden(graph: PruningGraph, state: Any, hard: Mapping[str, jax.Array]) -> Any:
+    params = apply_masks(state.params, hard, graph, prefix=("params",))
+    opt_state = mask_optimizer_state(state.opt_state, hard, graph)
+    batch_stats = state.batch_stats
+    if jax.tree_util.tree_leaves(batch_stats):
+        batch_stats = apply_masks(batch_stats, hard, graph, prefix=("batch_stats",))
+    return state.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+
+
+# ----------------------------------------------------------------------------- SFP
+
+
+@dataclasses.dataclass(frozen=True)
+class SFP:
+    """Soft Filter Pruning and its variants (see the module docstring).
+
+    Attributes:
+      rate: the pruning rate P of every pruned group, in [0, 1).
+      criterion: a ``jaxprune.criteria`` name ('l2' as SFP, 'l1', 'fpgm', 'bn_scale').
+      asymptotic: ASFP: the rate grows as ``P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``.
+      decay: SRFP: selected filters are multiplied by ``alpha_t`` instead of zeroed.
+      alpha0, decay_rate, zero_fraction: SRFP's ``alpha_t = alpha0 exp(-c t)``, 0 for the last
+        ``round(zero_fraction T)`` epochs; ``decay_rate=None`` picks ``c = 3 / t_zero``.
+      mask_bn: also multiply the BN scale/bias (and conv bias) of the selected channels.
+      exclude: producer module paths / fnmatch patterns, or a predicate, never pruned.
+      name: 'sfp', 'asfp', 'srfp' or 'asrfp', derived from the flags when left empty.
+    """
+
+    rate: float = 0.3
+    criterion: str = "l2"
+    asymptotic: bool = False
+    decay: bool = False
+    alpha0: float = 0.5
+    decay_rate: float | None = None
+    zero_fraction: float = 0.15
+    mask_bn: bool = False
+    exclude: Any = ()
+    name: str = ""
+
+    def __post_init__(self):
+        check_rate(self.rate, "SFP rate")
+        criteria.get_criterion(self.criterion)
+        object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
+        if self.decay:
+            if (isinstance(self.alpha0, bool) or not isinstance(self.alpha0, numbers.Real)
+                    or not 0.0 <= self.alpha0 <= 1.0):
+                raise ValueError(f"alpha0 must be in [0, 1], got {self.alpha0!r}")
+            if self.decay_rate is not None and not (
+                    isinstance(self.decay_rate, numbers.Real) and self.decay_rate >= 0):
+                raise ValueError(f"decay_rate must be >= 0 or None, got {self.decay_rate!r}")
+            if not (isinstance(self.zero_fraction, numbers.Real)
+                    and 0.0 <= self.zero_fraction < 1.0):
+                raise ValueError(f"zero_fraction must be in [0, 1), got {self.zero_fraction!r}")
+        if not self.name:
+            name = ("a" if self.asymptotic else "") + ("srfp" if self.decay else "sfp")
+            object.__setattr__(self, "name", name)
+
+    # -- configuration read by GHFP too
+    @property
+    def soft_roles(self) -> tuple[str, ...]:
+        """Member roles multiplied at a soft selection."""
+        return ("out", "vector") if self.mask_bn else ("out",)
+
+    def pruned_groups(self, graph: PruningGraph) -> tuple[str, ...]:
+        """Names of the groups this method prunes (conv groups with no excluded producer)."""
+        return tuple(
+            n for n, g in graph.groups.items()
+            if g.kind == "conv" and not any(is_excluded(p, self.exclude) for p in g.producers)
+        )
+
+    def rate_at(self, t: Any, total_epochs: int) -> Any:
+        """Pruning rate after ``t`` completed epochs (a Python float for a Python ``t``)."""
+        if self.asymptotic:
+            return schedules.asfp_rate(self.rate, total_epochs)(t)
+        return self.rate
+
+    def alpha_at(self, t: Any, total_epochs: int) -> Any:
+        """Mask value of the selected channels after ``t`` completed epochs (0 unless SRFP)."""
+        if not self.decay:
+            return 0.0
+        zero_from = total_epochs - math.floor(self.zero_fraction * total_epochs + 0.5)
+        c = self.decay_rate if self.decay_rate is not None else 3.0 / max(zero_from, 1)
+        return schedules.srfp_decay(self.alpha0, c, total_epochs, self.zero_fraction)(t)
+
+    def counts_at(self, graph: PruningGraph, names: Sequence[str], t: Any,
+                  total_epochs: int) -> dict[str, Any]:
+        """Per-group pruned counts ``int(N * P_t)`` after ``t`` completed epochs."""
+        rate = self.rate_at(t, total_epochs)
+        return {n: count_at(graph.groups[n].size, rate) for n in names}
+
+    def scores(self, state: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
+        """Criterion scores of the groups ``names`` on the current weights."""
+        fn = criteria.get_criterion(self.criterion)
+        return fn(state.variables, subgraph(graph, names))
+
+    def check(self, ctx: MethodContext) -> None:
+        """Host-side validation against the graph (raises ValueError)."""
+        check_exclude(self.exclude, ctx.graph)
+        if not isinstance(ctx.total_epochs, int) or ctx.total_epochs < 1:
+            raise ValueError(f"total_epochs must be a positive int, got {ctx.total_epochs!r}")
+
+    # -- the Method protocol
+    def init(self, state: Any, ctx: MethodContext) -> Any:
+        self.check(ctx)
+        ones = init_masks(ctx.graph)
+        state = state.replace(masks=ones, hard=dict(ones), method_state={})
+        return self._select(state, 0, ctx)
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        return self._select(state, epoch + 1, ctx)
+
+    def penalty(self, params, batch_stats, method_state, ctx):
+        return no_penalty(params, batch_stats, method_state, ctx)
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        names = self.pruned_groups(ctx.graph)
+        counts = {n: selection.num_pruned(ctx.graph.groups[n].size, self.rate, "sfp")
+                  for n in names}
+        return _sfp_finalize(self, ctx, state, _as_counts(counts))
+
+    def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
+        names = self.pruned_groups(ctx.graph)
+        counts = self.counts_at(ctx.graph, names, t, ctx.total_epochs)
+        alpha = jnp.asarray(self.alpha_at(t, ctx.total_epochs), jnp.float32)
+        return _sfp_select(self, ctx, state, _as_counts(counts), alpha)
+
+    def selection_masks(self, state: Any, graph: PruningGraph, counts: Mapping[str, Any],
+                        alpha: Any) -> dict[str, jax.Array]:
+        """Masks with the ``counts[g]`` lowest-scoring channels of each pruned group at ``alpha``."""
+        names = self.pruned_groups(graph)
+        scores = self.scores(state, graph, names)
+        masks = init_masks(graph)
+        for n in names:
+            masks[n] = jnp.where(ranks(scores[n]) < counts[n], alpha, 1.0).astype(jnp.float32)
+        return masks
+
+
+def _as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
+    return {n: jnp.asarray(c, jnp.int32) for n, c in counts.items()}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sfp_select(method: SFP, ctx: MethodContext, state: Any, counts: dict, alpha: jax.Array):
+    # Counts and alpha are traced: one compilation serves every epoch (ASFP, SRFP included).
+    masks = method.selection_masks(state, ctx.graph, counts, alpha)
+    params = apply_masks(state.params, masks, ctx.graph, roles=method.soft_roles,
+                         prefix=("params",))
+    return state.replace(params=params, masks=masks)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _sfp_finalize(method: SFP, ctx: MethodContext, state: Any, counts: dict):
+    masks = method.selection_masks(state, ctx.graph, counts, jnp.float32(0.0))
+    state = state.replace(masks=masks, hard=dict(masks))
+    return harden(state, masks, ctx.graph)
+
+
+def make_soft(variant: str = "sfp", **kwargs: Any) -> SFP:
+    """The SFP variant named ``variant`` (one of ``SOFT_VARIANTS``) with options ``kwargs``."""
+    if variant not in SOFT_VARIANTS:
+        raise ValueError(f"unknown soft variant {variant!r}; allowed: {', '.join(SOFT_VARIANTS)}")
+    for flag in ("asymptotic", "decay", "name"):
+        if flag in kwargs:
+            raise ValueError(f"{flag!r} is implied by the variant name {variant!r}; do not pass it")
+    return SFP(asymptotic=variant.startswith("a"), decay="srfp" in variant, **kwargs)

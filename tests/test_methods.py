@@ -1,0 +1,654 @@
+"""Pruning methods step by step against hand-computed expectations (numpy, float64).
+
+Small models only: a two-conv Flax net (10 and 8 filters, 6x6 inputs) for the mask semantics,
+ResNet-20 at 8x8 inputs for residual groups, compaction and HFP's targets.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxprune import compaction, flops
+from jaxprune.graph import trace_linen
+from jaxprune.masks import apply_masks, init_masks
+from jaxprune.methods import (GHFP, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
+                              get_method)
+from jaxprune.models import get_model
+from jaxprune.training import TrainState
+
+P = 0.3
+SIZES = {"conv1": 10, "conv2": 8}
+
+
+class TwoConv(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for name, width in SIZES.items():
+            x = nn.Conv(width, (3, 3), use_bias=False, name=name)(x)
+            x = nn.BatchNorm(use_running_average=not train, name="bn" + name[-1])(x)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(3, name="fc")(x)
+
+
+def random_variables(model, x, seed=0):
+    """Variables of ``model`` filled on the host (numpy): no XLA compilation for an init.
+
+    Kernels ~ He-normal, BN scale 1 / bias 0 / mean 0 / var 1, other params small normal.
+    """
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, spec):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(spec.shape[:-1]))
+            return jnp.asarray(rng.normal(0, np.sqrt(2 / fan_in), spec.shape), jnp.float32)
+        if name in ("scale", "var"):
+            return jnp.ones(spec.shape, jnp.float32)
+        if name in ("mean",):
+            return jnp.zeros(spec.shape, jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.01, spec.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = TwoConv()
+    x = jnp.ones((1, 6, 6, 2))
+    variables = random_variables(model, x)
+    # Distinct BN scales/biases so that masking them is visible; positive biases keep the
+    # ReLU after a zeroed filter alive, so gradients reach it (a negative BN bias would not).
+    params = dict(variables["params"])
+    for bn in ("bn1", "bn2"):
+        c = params[bn]["scale"].shape[0]
+        params[bn] = {"scale": jnp.asarray(np.linspace(0.5, 1.5, c), jnp.float32),
+                      "bias": jnp.asarray(np.linspace(0.05, 0.3, c), jnp.float32)}
+    variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    graph = trace_linen(model, variables, x)
+    assert set(graph.groups) == set(SIZES)
+    return model, variables, graph
+
+
+def make_state(variables, graph, momentum=0.9):
+    opt = optax.sgd(0.05, momentum=momentum)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=opt.init(variables["params"]), masks=init_masks(graph),
+                      hard=init_masks(graph), method_state={}, rng=jnp.zeros((2,), jnp.uint32))
+
+
+def leaf_at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def assert_pruned_slices_zero(params, masks, graph):
+    """Every param member slice (filters, BN entries, consumers' inputs) of a 0 channel is 0."""
+    checked = 0
+    for name, g in graph.groups.items():
+        pruned = np.flatnonzero(np.asarray(masks[name]) == 0)
+        for m in g.members:
+            if m.path[0] != "params" or not len(pruned):
+                continue
+            leaf = np.asarray(leaf_at(params, m.path[1:]))
+            assert np.all(np.take(leaf, m.index[pruned].reshape(-1), axis=m.axis) == 0), m.path
+            checked += 1
+    assert checked > 0
+
+
+def kernel(state, name):
+    return np.asarray(state.params[name]["kernel"], np.float64)
+
+
+def l2(state, name):
+    k = kernel(state, name)
+    return np.sqrt((k.reshape(-1, k.shape[-1]) ** 2).sum(0))
+
+
+def lowest(score, n):
+    return set(np.argsort(score, kind="stable")[:n].tolist())
+
+
+def zeros_of(mask):
+    return set(np.flatnonzero(np.asarray(mask) == 0).tolist())
+
+
+def perturb(state, seed, scale=0.5):
+    """A stand-in for an epoch of training: every conv kernel moves (host noise)."""
+    rng = np.random.default_rng(seed)
+    params = dict(state.params)
+    for name in SIZES:
+        k = np.asarray(params[name]["kernel"])
+        noise = rng.normal(0, 1, k.shape) * scale * k.std()
+        params[name] = {"kernel": jnp.asarray(k + noise, jnp.float32)}
+    return state.replace(params=params)
+
+
+_STEPS = {}
+
+
+def sgd_steps(model, state, graph, steps=3, lr=0.05, seed=0):
+    """Plain local SGD with UNMASKED gradients except on hard channels (design.md 7)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(16, 6, 6, 2)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, 16))
+    if (model, graph) not in _STEPS:
+        def loss_fn(params, batch_stats):
+            logits, new = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                      train=True, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+        @jax.jit
+        def step(params, batch_stats, hard):
+            grads, new = jax.grad(loss_fn, has_aux=True)(params, batch_stats)
+            grads = apply_masks(grads, hard, graph, prefix=("params",))
+            params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads)
+            return apply_masks(params, hard, graph, prefix=("params",)), new["batch_stats"]
+
+        _STEPS[(model, graph)] = step
+    step = _STEPS[(model, graph)]
+    for _ in range(steps):
+        params, batch_stats = step(state.params, state.batch_stats, state.hard)
+        state = state.replace(params=params, batch_stats=batch_stats)
+    return state
+
+
+# ----------------------------------------------------------------------------- SFP
+
+
+def test_sfp_init_prunes_int_np_lowest_l2_and_zeroes_only_filters(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=10)
+    state = make_state(variables, graph)
+    out = SFP(rate=P).init(state, ctx)
+    for name, n in SIZES.items():
+        expected = lowest(l2(state, name), int(n * P))
+        assert zeros_of(out.masks[name]) == expected
+        k = kernel(out, name)
+        for j in range(n):
+            if j in expected:
+                assert np.all(k[..., j] == 0)
+            else:
+                np.testing.assert_array_equal(k[..., j], kernel(state, name)[..., j])
+        np.testing.assert_array_equal(out.hard[name], np.ones(n))
+        bn = "bn" + name[-1]  # official code: BN is left alone
+        np.testing.assert_array_equal(out.params[bn]["scale"], state.params[bn]["scale"])
+    # conv2's input slices are untouched by a soft selection
+    assert np.count_nonzero(kernel(out, "conv2")) > 0
+
+
+def test_sfp_mask_bn_also_zeroes_bn(tiny):
+    _, variables, graph = tiny
+    state = make_state(variables, graph)
+    out = SFP(rate=P, mask_bn=True).init(state, MethodContext(graph, 10))
+    for name in SIZES:
+        pruned = sorted(zeros_of(out.masks[name]))
+        bn = out.params["bn" + name[-1]]
+        assert np.all(np.asarray(bn["scale"])[pruned] == 0)
+        assert np.all(np.asarray(bn["bias"])[pruned] == 0)
+        kept = [j for j in range(SIZES[name]) if j not in pruned]
+        assert np.all(np.asarray(bn["scale"])[kept] != 0)
+
+
+def test_sfp_reselects_every_epoch_on_current_weights(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=10)
+    method = SFP(rate=P)
+    state = method.init(make_state(variables, graph), ctx)
+    for epoch in range(4):
+        state = perturb(state, epoch)  # pruned filters grow back from zero
+        before = {name: l2(state, name) for name in SIZES}
+        state = method.end_of_epoch(state, epoch, ctx)
+        for name, n in SIZES.items():
+            expected = lowest(before[name], int(n * P))
+            assert zeros_of(state.masks[name]) == expected, (epoch, name)
+            assert all(np.all(kernel(state, name)[..., j] == 0) for j in expected)
+
+
+def test_sfp_pruned_filters_receive_updates_and_can_return(tiny):
+    model, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=10)
+    method = SFP(rate=P)
+    state = method.init(make_state(variables, graph), ctx)
+    pruned = sorted(zeros_of(state.masks["conv1"]))
+    trained = sgd_steps(model, state, graph, steps=3)
+    k = kernel(trained, "conv1")
+    assert all(np.any(k[..., j] != 0) for j in pruned)  # soft: gradients reach them
+    # One of them grows large (as training may make it): it escapes the next selection.
+    back = pruned[0]
+    params = dict(trained.params)
+    params["conv1"] = {"kernel": trained.params["conv1"]["kernel"].at[..., back].set(1.0)}
+    trained = trained.replace(params=params)
+    expected = lowest(l2(trained, "conv1"), int(10 * P))
+    after = method.end_of_epoch(trained, 0, ctx)
+    assert back not in zeros_of(after.masks["conv1"])
+    assert zeros_of(after.masks["conv1"]) == expected
+
+
+def test_asfp_rate_per_epoch_follows_formula(tiny):
+    _, variables, graph = tiny
+    total = 16
+    ctx = MethodContext(graph, total_epochs=total)
+    method = get_method("asfp", rate=0.5)
+    k = math.log(4.0) / (total / 8)
+    state = method.init(make_state(variables, graph), ctx)
+    for name in SIZES:
+        assert zeros_of(state.masks[name]) == set()  # P_0 = 0
+    for epoch in range(total):
+        state = method.end_of_epoch(perturb(state, epoch), epoch, ctx)
+        rate = 0.5 * (1.0 - math.exp(-k * (epoch + 1)))
+        for name, n in SIZES.items():
+            assert len(zeros_of(state.masks[name])) == int(n * rate), (epoch, name)
+    # P_t = 0.75 P at t = T / 8
+    assert 0.5 * (1 - math.exp(-k * total / 8)) == pytest.approx(0.375)
+    final = method.finalize(state, ctx)
+    for name, n in SIZES.items():
+        assert len(zeros_of(final.masks[name])) == int(n * 0.5)
+
+
+def test_srfp_decays_selected_filters_then_zeroes(tiny):
+    _, variables, graph = tiny
+    total = 10
+    ctx = MethodContext(graph, total_epochs=total)
+    method = get_method("srfp", rate=P, alpha0=0.8, decay_rate=0.2, zero_fraction=0.2)
+    state = make_state(variables, graph)
+    out = method.init(state, ctx)  # t = 0: alpha_0
+    expected = lowest(l2(state, "conv1"), 3)
+    m = np.asarray(out.masks["conv1"])
+    assert set(np.flatnonzero(m != 1).tolist()) == expected
+    np.testing.assert_allclose(m[sorted(expected)], 0.8, rtol=1e-6)
+    np.testing.assert_allclose(kernel(out, "conv1")[..., sorted(expected)],
+                               0.8 * kernel(state, "conv1")[..., sorted(expected)], rtol=1e-5)
+    state = out
+    for epoch in range(total):
+        before = state
+        state = method.end_of_epoch(state, epoch, ctx)
+        t = epoch + 1
+        alpha = 0.0 if t >= total - 2 else 0.8 * math.exp(-0.2 * t)  # last round(0.2 T) = 2
+        sel = lowest(l2(before, "conv1"), 3)
+        m = np.asarray(state.masks["conv1"])
+        np.testing.assert_allclose(m[sorted(sel)], alpha, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(kernel(state, "conv1")[..., sorted(sel)],
+                                   alpha * kernel(before, "conv1")[..., sorted(sel)],
+                                   rtol=1e-5, atol=1e-7)
+        if alpha > 0:
+            assert np.all(kernel(state, "conv1")[..., sorted(sel)] != 0)  # decayed, not zeroed
+    final = method.finalize(state, ctx)
+    assert set(np.unique(np.asarray(final.masks["conv1"])).tolist()) <= {0.0, 1.0}
+
+
+def test_end_of_epoch_is_jittable_with_traced_epoch(tiny):
+    _, variables, graph = tiny
+    total = 8
+    ctx = MethodContext(graph, total_epochs=total)
+    for method in (get_method("asfp", rate=0.5), get_method("ghfp", rate=0.5, soft="asfp")):
+        state = method.init(make_state(variables, graph), ctx)
+        step = jax.jit(lambda s, e, m=method: m.end_of_epoch(s, e, ctx))
+        host = traced = state
+        for epoch in range(total):
+            host = method.end_of_epoch(perturb(host, epoch), epoch, ctx)
+            traced = step(perturb(traced, epoch), jnp.int32(epoch))
+            for name in SIZES:
+                np.testing.assert_allclose(traced.masks[name], host.masks[name], rtol=1e-6)
+                np.testing.assert_array_equal(traced.hard[name], host.hard[name])
+        assert step._cache_size() == 1  # the counts change, the compilation does not
+
+
+def test_sfp_finalize_is_hard_and_matches_compaction():
+    model = get_model("resnet20")
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 3)), jnp.float32)
+    variables = random_variables(model, x[:1])
+    graph = trace_linen(model, variables, x[:1], residual="scatter")
+    ctx = MethodContext(graph, total_epochs=2)
+    method = SFP(rate=0.4)
+    state = make_state(variables, graph)
+    state = method.init(state, ctx)
+    state = method.end_of_epoch(perturb_all(state, 1), 0, ctx)
+    # momentum that finalize must clear on the pruned channels
+    state = state.replace(opt_state=jax.tree_util.tree_map(jnp.ones_like, state.opt_state))
+    final = method.finalize(state, ctx)
+    assert method.pruned_groups(graph) == tuple(graph.conv_groups())
+    for name, g in graph.groups.items():
+        m = np.asarray(final.masks[name])
+        np.testing.assert_array_equal(m, np.asarray(final.hard[name]))
+        assert set(np.unique(m).tolist()) <= {0.0, 1.0}
+        assert int((m == 0).sum()) == int(g.size * 0.4)
+    # every slice of the pruned channels is zero: the masked model is the compacted one
+    masked = {"params": final.params, "batch_stats": final.batch_stats}
+    assert_pruned_slices_zero(final.params, final.hard, graph)
+    trace = jax.tree_util.tree_leaves(final.opt_state)
+    assert sum(int((np.asarray(t) == 0).sum()) for t in trace) > 0
+    small = compaction.compact(model, masked, final.masks, graph)
+    want = jax.jit(model.apply)(masked, x)
+    got = jax.jit(small.model.apply)(small.variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    cost = flops.count(graph, final.masks)
+    assert cost.macs < flops.count(graph).macs
+
+
+def perturb_all(state, seed):
+    rng = np.random.default_rng(seed)
+    return state.replace(params=jax.tree_util.tree_map(
+        lambda l: jnp.asarray(np.asarray(l) + 0.1 * rng.normal(size=l.shape)
+                              * (np.asarray(l).std() + 1e-3), jnp.float32), state.params))
+
+
+def test_sfp_coupled_groups_score_all_producers():
+    """Coupled residual groups: L2 over every producer's filter, int(N*P) per group."""
+    model = get_model("resnet20")
+    x = jnp.ones((1, 8, 8, 3))
+    variables = random_variables(model, x, seed=1)
+    graph = trace_linen(model, variables, x, residual="coupled")
+    state = make_state(variables, graph)
+    out = SFP(rate=P).init(state, MethodContext(graph, 10))
+    multi = [g for g in graph.groups.values() if len(g.producers) > 1]
+    assert multi
+    for g in multi:
+        sq = np.zeros(g.size)
+        for m in g.filters():
+            leaf = np.asarray(leaf_at(variables, m.path), np.float64)
+            for c in range(g.size):
+                sq[c] += (np.take(leaf, m.index[c], axis=m.axis) ** 2).sum()
+        assert zeros_of(out.masks[g.name]) == lowest(np.sqrt(sq), int(g.size * P))
+
+
+def test_sfp_exclude_patterns_and_predicate(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, 10)
+    state = make_state(variables, graph)
+    for exclude in (("conv2",), ("conv[2]",), lambda p: p == "conv2"):
+        out = SFP(rate=P, exclude=exclude).init(state, ctx)
+        assert zeros_of(out.masks["conv2"]) == set()
+        assert len(zeros_of(out.masks["conv1"])) == 3
+    with pytest.raises(ValueError, match="conv9"):
+        SFP(rate=P, exclude=("conv9",)).init(state, ctx)
+    with pytest.raises(ValueError, match="rate"):
+        SFP(rate=1.0)
+    with pytest.raises(ValueError, match="criterion"):
+        SFP(criterion="l3")
+
+
+def test_sfp_imagenet_option_skips_projection_groups():
+    model = get_model("resnet18", num_classes=10)
+    x = jnp.ones((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    graph = trace_linen(model, variables, x, residual="scatter")
+    groups = SFP(exclude=("*/downsample",)).pruned_groups(graph)
+    assert groups and not any("downsample" in p for n in groups for p in graph.groups[n].producers)
+    assert len(groups) == len(graph.conv_groups()) - 3  # three projection convs
+
+
+def test_fpgm_criterion(tiny):
+    _, variables, graph = tiny
+    state = make_state(variables, graph)
+    out = SFP(rate=P, criterion="fpgm").init(state, MethodContext(graph, 10))
+    k = kernel(state, "conv1").reshape(-1, 10).T
+    dist = np.sqrt(((k[:, None, :] - k[None, :, :]) ** 2).sum(-1)).sum(1)
+    assert zeros_of(out.masks["conv1"]) == lowest(dist, 3)
+
+
+# ----------------------------------------------------------------------------- GHFP
+
+
+@pytest.mark.parametrize("shape", ["cubic", "linear"])
+def test_ghfp_hard_share_follows_schedule_and_hard_stays_hard(tiny, shape):
+    _, variables, graph = tiny
+    total, rate = 10, 0.5
+    ctx = MethodContext(graph, total_epochs=total)
+    method = GHFP(soft=SFP(rate=rate), shape=shape)
+    state = method.init(make_state(variables, graph), ctx)
+    for name in SIZES:
+        assert zeros_of(state.hard[name]) == set()  # h = 0 before training
+    prev_hard = {name: set() for name in SIZES}
+    for epoch in range(total):
+        state = perturb(state, epoch)
+        # hard filters stay zero under training (the trainer masks them); make them large in
+        # the scores anyway to prove they are not re-selected by score
+        before = {name: l2(state, name) for name in SIZES}
+        state = method.end_of_epoch(state, epoch, ctx)
+        u = min(1.0, (epoch + 1) / (0.9 * total))
+        h = 1 - (1 - u) ** 3 if shape == "cubic" else u
+        for name, n in SIZES.items():
+            pruned = zeros_of(state.masks[name])
+            hard = zeros_of(state.hard[name])
+            size = int(n * rate)
+            assert len(pruned) == size
+            assert len(hard) == max(math.floor(h * size), len(prev_hard[name]))
+            assert prev_hard[name] <= hard <= pruned  # hard never comes back
+            # the soft rest of S_t is the lowest-L2 non-hard channels
+            free = [c for c in range(n) if c not in prev_hard[name]]
+            order = sorted(free, key=lambda c: (before[name][c], c))
+            assert pruned == prev_hard[name] | set(order[:size - len(prev_hard[name])])
+            # the new hard ones are the lowest of S_t after the old hard ones
+            assert hard == prev_hard[name] | set(order[:len(hard) - len(prev_hard[name])])
+            # hard channels: every slice zero (filters, BN, next layer's input)
+            idx = sorted(hard)
+            assert np.all(kernel(state, name)[..., idx] == 0)
+            assert np.all(np.asarray(state.params["bn" + name[-1]]["scale"])[idx] == 0)
+            prev_hard[name] = hard
+    assert all(len(prev_hard[name]) == int(n * rate) for name, n in SIZES.items())
+    final = method.finalize(state, ctx)
+    for name, n in SIZES.items():
+        np.testing.assert_array_equal(final.masks[name], final.hard[name])
+        assert zeros_of(final.hard[name]) == prev_hard[name]
+
+
+def test_ghfp_soft_channels_can_return_hard_cannot(tiny):
+    model, variables, graph = tiny
+    total = 10
+    ctx = MethodContext(graph, total_epochs=total)
+    method = get_method("ghfp", rate=0.5)
+    state = method.init(make_state(variables, graph), ctx)
+    state = method.end_of_epoch(perturb(state, 0), 2, ctx)  # h = 1 - (2/3)^3 = 0.70 -> 3 of 5
+    hard = zeros_of(state.hard["conv1"])
+    soft = zeros_of(state.masks["conv1"]) - hard
+    assert len(hard) == 3 and len(soft) == 2
+    trained = sgd_steps(model, state, graph, steps=2)
+    k = kernel(trained, "conv1")
+    assert all(np.all(k[..., j] == 0) for j in hard)  # hard: gradients masked
+    assert all(np.any(k[..., j] != 0) for j in soft)  # soft: trained normally
+    params = dict(trained.params)
+    big = params["conv1"]["kernel"]
+    for j in list(soft) + list(hard):
+        big = big.at[..., j].set(1.0)  # even a large hard filter stays hard
+    params["conv1"] = {"kernel": big}
+    after = method.end_of_epoch(trained.replace(params=params), 3, ctx)
+    assert not (soft & zeros_of(after.masks["conv1"]))  # the soft ones came back
+    assert hard <= zeros_of(after.hard["conv1"])
+
+
+def test_ghfp_with_srfp_soft_part(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=10)
+    method = get_method("ghfp", rate=0.5, soft="srfp", alpha0=0.5, decay_rate=0.1)
+    state = method.init(make_state(variables, graph), ctx)
+    state = method.end_of_epoch(perturb(state, 0), 1, ctx)  # t = 2: alpha = 0.5 e^-0.2
+    m = np.asarray(state.masks["conv1"])
+    hard = zeros_of(state.hard["conv1"])
+    soft = set(np.flatnonzero((m != 0) & (m != 1)).tolist())
+    assert len(hard) == math.floor((1 - (1 - 2 / 9) ** 3) * 5) == 2
+    assert len(soft) == 3
+    np.testing.assert_allclose(m[sorted(soft)], 0.5 * math.exp(-0.2), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- HFP
+
+
+@pytest.fixture(scope="module")
+def resnet20_scatter():
+    model = get_model("resnet20")
+    x = jnp.ones((1, 8, 8, 3))
+    variables = random_variables(model, x)
+    # trained-looking BN scales: spread, some negative
+    rng = np.random.default_rng(7)
+
+    def scales(path, leaf):
+        if path[-1].key != "scale":
+            return leaf
+        v = rng.uniform(0.05, 1.0, leaf.shape) * np.where(rng.random(leaf.shape) < 0.1, -1, 1)
+        return jnp.asarray(v, jnp.float32)
+
+    variables = {"params": jax.tree_util.tree_map_with_path(scales, variables["params"]),
+                 "batch_stats": variables["batch_stats"]}
+    graph = trace_linen(model, variables, x, residual="scatter")
+    return model, variables, graph
+
+
+def test_hfp_final_masks_meet_both_targets(resnet20_scatter):
+    _, variables, graph = resnet20_scatter
+    ctx = MethodContext(graph, total_epochs=4)
+    dense = flops.count(graph, None, "conv_fc")
+    method = get_method("hfp", macs_reduction=0.5, params_reduction=0.4)
+    state = method.init(make_state(variables, graph), ctx)
+    # tau's selection (float32) meets the targets on the current scores
+    at_tau = flops.count(graph, state.masks, "conv_fc")
+    assert at_tau.macs <= 0.5 * dense.macs * (1 + 1e-4)
+    assert at_tau.params <= 0.6 * dense.params * (1 + 1e-4)
+    final = method.finalize(state, ctx)
+    cost = flops.count(graph, final.masks, "conv_fc")
+    macs_share, params_share = cost.macs / dense.macs, cost.params / dense.params
+    assert 0.5 - 0.005 <= macs_share <= 0.5
+    assert 0.6 - 0.005 <= params_share <= 0.6
+    alloc = method.allocation(final, ctx)
+    assert all(kept >= 1 for kept, _ in alloc.values())
+    assert any(kept < total for kept, total in alloc.values())
+    assert {n: t for n, (_, t) in alloc.items()} == graph.group_sizes()
+    for name in graph.groups:
+        np.testing.assert_array_equal(final.masks[name], final.hard[name])
+    assert_pruned_slices_zero(final.params, final.hard, graph)
+    report = method.cost_report(final, ctx)
+    assert report["macs"] == cost.macs and report["params"] == cost.params
+    # only a MACs target: met to within one channel, params free
+    only = HFP(macs_reduction=0.5).final_masks(variables["params"], graph)[0]
+    assert 0.495 <= flops.count(graph, only, "conv_fc").macs / dense.macs <= 0.5
+
+
+def test_hfp_penalty_pushes_bn_scales_down_and_vanishes_under_target(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=4)
+    method = HFP(macs_reduction=0.5, params_reduction=0.4)
+    state = method.init(make_state(variables, graph), ctx)
+    ms = state.method_state
+
+    def penalty(params, method_state):
+        return method.penalty(params, state.batch_stats, method_state, ctx)[0]
+
+    pen, grad = jax.jit(penalty), jax.jit(jax.grad(penalty))
+    value = pen(state.params, ms)
+    assert value > 0  # the smoothed counts exceed the targets around tau
+    grads = grad(state.params, ms)
+    checked = 0
+    for name in method.gated_groups(graph):
+        for m in graph.groups[name].members:
+            if m.role == "vector" and m.path[-1] == "scale":
+                g = np.asarray(leaf_at(grads, m.path[1:]))
+                s = np.asarray(leaf_at(state.params, m.path[1:]))
+                assert np.all(g * np.sign(s) >= 0)  # descent shrinks |gamma|
+                checked += int(np.sum(g * np.sign(s) > 0))
+    assert checked > 0
+    # non-BN parameters get no gradient from the penalty
+    assert float(jnp.abs(grads["conv1"]["kernel"]).sum()) == 0.0
+    step = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, state.params, grads)
+    assert pen(step, ms) < value
+    # under target (a high threshold counts few channels): zero penalty, zero gradient
+    under = dict(ms, tau=jnp.float32(5.0))
+    macs, params = method.soft_cost(state.params, under, graph)
+    budget = method.budget(graph)
+    assert macs < budget.target_macs and params < budget.target_params
+    assert float(pen(state.params, under)) == 0.0
+    assert all(float(jnp.abs(l).sum()) == 0
+               for l in jax.tree_util.tree_leaves(grad(state.params, under)))
+    # end_of_epoch re-targets on the same scores: same tau; params untouched
+    nxt = method.end_of_epoch(state, 0, ctx)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+        lambda a, b: bool(jnp.array_equal(a, b)), nxt.params, state.params))
+    np.testing.assert_allclose(nxt.method_state["tau"], ms["tau"], rtol=1e-6)
+
+
+def test_hfp_validation(resnet20_scatter):
+    _, variables, graph = resnet20_scatter
+    with pytest.raises(ValueError, match="target"):
+        HFP()
+    with pytest.raises(ValueError, match="macs_reduction"):
+        HFP(macs_reduction=1.2)
+    with pytest.raises(ValueError, match="not both"):
+        HFP(macs_reduction=0.5, target_macs=10)
+    with pytest.raises(ValueError, match="unreachable"):
+        HFP(target_params=10).init(make_state(variables, graph), MethodContext(graph, 2))
+
+
+# ----------------------------------------------------------------------------- PFEC, dense
+
+
+def test_pfec_method_is_one_shot_hard(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, 5)
+    cfg = PFECConfig("tiny", layer_rates=((1, 0.35), (2, 0.5)))
+    method = get_method("pfec", config=cfg)
+    state = make_state(variables, graph)
+    state = state.replace(opt_state=jax.tree_util.tree_map(jnp.ones_like, state.opt_state))
+    out = method.init(state, ctx)
+    for name, rate in (("conv1", 0.35), ("conv2", 0.5)):
+        n = SIZES[name]
+        k = kernel(state, name)
+        l1 = np.abs(k.reshape(-1, n)).sum(0)
+        assert zeros_of(out.masks[name]) == lowest(l1, n - int(n * (1 - rate)))
+        np.testing.assert_array_equal(out.masks[name], out.hard[name])
+    assert len(zeros_of(out.masks["conv1"])) == 4  # keeps int(10 * 0.65) = 6
+    pruned = sorted(zeros_of(out.masks["conv1"]))
+    assert np.all(kernel(out, "conv2")[:, :, pruned, :] == 0)  # next layer's inputs too
+    mom = out.opt_state[0].trace["conv1"]["kernel"]
+    assert np.all(np.asarray(mom)[..., pruned] == 0)
+    assert method.end_of_epoch(out, 0, ctx) is out
+    assert method.finalize(out, ctx) is out
+
+
+def test_dense_method(tiny):
+    _, variables, graph = tiny
+    ctx = MethodContext(graph, 3)
+    method = get_method("dense", rate=0.0, criterion="l2", exclude=())
+    assert isinstance(method, Dense)
+    state = method.finalize(method.end_of_epoch(method.init(make_state(variables, graph), ctx),
+                                                0, ctx), ctx)
+    for name, n in SIZES.items():
+        np.testing.assert_array_equal(state.masks[name], np.ones(n))
+    assert float(method.penalty(state.params, state.batch_stats, {}, ctx)[0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry():
+    assert set(METHODS) == {"dense", "sfp", "asfp", "srfp", "asrfp", "ghfp", "hfp", "pfec"}
+    assert get_method("sfp", rate=0.4).name == "sfp"
+    a = get_method("asrfp", rate=0.4)
+    assert (a.asymptotic, a.decay, a.name) == (True, True, "asrfp")
+    g = get_method("ghfp", rate=0.3, soft="asfp", shape="linear", end=0.8)
+    assert g.soft.asymptotic and g.shape == "linear" and g.end == 0.8
+    assert isinstance(get_method("pfec", config="resnet56-B"), PFEC)
+    assert get_method({"name": "sfp", "rate": 0.2, "criterion": "l2", "exclude": (),
+                       "residual": "scatter", "kwargs": {"mask_bn": True}}).mask_bn
+    with pytest.raises(ValueError, match=r"unknown method 'obd'.*dense.*pfec"):
+        get_method("obd")
+    with pytest.raises(ValueError, match=r"1\.5"):
+        get_method("sfp", rate=1.5)
+    with pytest.raises(ValueError, match="-0.1"):
+        get_method("ghfp", rate=-0.1)
+    with pytest.raises(ValueError, match="bogus"):
+        get_method("sfp", rate=0.3, bogus=1)
+    with pytest.raises(ValueError, match="rate"):
+        get_method("dense", rate=0.3)
+    with pytest.raises(ValueError, match="soft variant"):
+        get_method("ghfp", soft="xfp")
+    with pytest.raises(ValueError, match="unknown PFEC config 'resnet20-A'"):
+        get_method("pfec", config="resnet20-A")
+    with pytest.raises(ValueError, match="macs_reduction"):
+        get_method("hfp", macs_reduction=1.0)
