@@ -111,10 +111,31 @@ def slice_tree(tree: Any, axis_keep: AxisKeep, prefix: tuple[str, ...] = (),
             cut = next((by_suffix[path[k:]] for k in range(len(path)) if path[k:] in by_suffix),
                        None)
         if cut is not None and np.ndim(leaf) > max(cut):
-            for axis, idx in cut.items():
-                leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
+            leaf = _take(leaf, cut)
         out.append(leaf)
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _take(leaf: Any, cut: Mapping[int, np.ndarray]) -> Any:
+    """``leaf`` restricted to the kept positions ``cut[axis]`` of each cut axis.
+
+    Concrete arrays are sliced on the host (numpy) and put back with their sharding when that is
+    replicated: slicing eagerly with ``jnp.take`` compiles one gather per leaf shape, which takes
+    minutes for a deep model. Tracers (inside ``jit``) and sharded arrays use ``jnp.take``.
+    """
+    host = isinstance(leaf, np.ndarray) or (
+        isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and leaf.is_fully_addressable and leaf.sharding.is_fully_replicated)
+    if not host:
+        for axis, idx in cut.items():
+            leaf = jnp.take(leaf, jnp.asarray(idx), axis=axis)
+        return leaf
+    sliced = np.asarray(leaf)
+    for axis, idx in cut.items():
+        sliced = np.take(sliced, np.asarray(idx, np.int64), axis=axis)
+    if isinstance(leaf, np.ndarray):
+        return jnp.asarray(sliced)  # as jnp.take would
+    return jax.device_put(sliced, leaf.sharding)
 
 
 def compact_variables(variables: Any, masks: Mapping[str, Any], graph: PruningGraph

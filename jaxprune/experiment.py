@@ -143,24 +143,25 @@ class _MetricsWriter:
 
 
 def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState:
-    """Starts from ``config.pretrained`` (a compact-free checkpoint dir or a workdir) if set."""
+    """Starts from the weights of ``config.pretrained`` (a run directory) if set.
+
+    Only params and batch stats are taken (a fresh optimizer, masks and step), so the
+    pretrained run may have used another method or residual policy.
+    """
     path = s.config.pretrained
     if not path:
         return state
-    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
-
     p = Path(path)
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if not p.is_dir():
-        raise FileNotFoundError(f"config.pretrained={path!r}: no such checkpoint directory")
-    mgr = make_checkpoint_manager(p)
-    if mgr.latest_step() is None:
-        raise FileNotFoundError(f"config.pretrained={path!r} holds no checkpoint")
-    step = mgr.best_step() if hasattr(mgr, "best_step") and mgr.best_step() is not None else None
-    restored, _ = restore_checkpoint(mgr, state, step=step)
-    mgr.close()
-    # Only the weights come from the pretrained run: a fresh optimizer, masks and step.
+    if p.name == "checkpoints":
+        p = p.parent
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"config.pretrained={path!r} is not a run directory (no config.json / checkpoints)")
+    _, restored, _ = _restore_run(p)
+    from jaxprune.checkpoints import check_shapes
+
+    check_shapes(restored.params, state.params, what=f"pretrained params of {path!r}")
+    check_shapes(restored.batch_stats, state.batch_stats, what=f"pretrained batch stats of {path!r}")
     return state.replace(params=restored.params, batch_stats=restored.batch_stats)
 
 

@@ -153,11 +153,50 @@ def _key_str(k: Any) -> str:
 
 
 def leaf_paths(tree: Any) -> list[tuple[str, ...]]:
-    """Paths (tuples of strings) of the leaves of ``tree`` in flatten order."""
+    """Paths (tuples of strings) of the leaves of ``tree`` in flatten order.
+
+    ``flax.nnx`` trees are named like Linen variables: the ``'value'`` key inside each
+    ``nnx.Variable`` is dropped and, when ``tree`` is an ``nnx.State`` (``nnx.split``'s), the
+    variable's collection name leads the path, so ``nnx.split(model)[1]`` has the leaf paths
+    ``('params', 'conv1', 'kernel')``, ``('batch_stats', 'bn1', 'mean')``: module paths and
+    ``LeafInfo.is_param`` then mean the same for both APIs.
+    """
     import jax
 
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [tuple(_key_str(k) for k in kp) for kp, _ in flat]
+    paths = [tuple(_key_str(k) for k in kp) for kp, _ in flat]
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax is a dependency
+        return paths
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    top, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)
+    if not any(is_var(node) for _, node in top):
+        return paths
+    root_state = isinstance(tree, nnx.State)
+    out: list[tuple[str, ...]] = []
+    i = 0
+    for kp, node in top:
+        if not is_var(node):
+            out.append(paths[i])
+            i += 1
+            continue
+        base = tuple(_key_str(k) for k in kp)
+        coll = (_variable_collection(type(node)),) if root_state else ()
+        n = len(jax.tree_util.tree_leaves(node))
+        out.extend(coll + base + p[len(base) + 1:] for p in paths[i:i + n])  # drop 'value'
+        i += n
+    return out
+
+
+def _variable_collection(cls: type) -> str:
+    """Collection name of an ``nnx.Variable`` type: ``Param -> 'params'``, as Linen's."""
+    from flax.nnx import variablelib
+
+    try:
+        return variablelib.variable_name_from_type(cls)
+    except Exception:  # an unregistered Variable subclass
+        return cls.__name__.lower()
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -182,6 +221,61 @@ _REDUCE_BAD = {"reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"}
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
+def _is_index_dtype(dtype) -> bool:
+    return dtype is not None and (np.issubdtype(dtype, np.integer)
+                                  or np.issubdtype(dtype, np.bool_))
+
+
+def _fold_broadcast(v, p, shape):
+    x = v[0]
+    dims = p["broadcast_dimensions"]
+    kept = [x.shape[dims.index(k)] if k in dims else 1 for k in range(len(shape))]
+    return np.broadcast_to(np.reshape(x, kept), shape)
+
+
+def _fold_iota(v, p, shape):
+    d = p["dimension"]
+    return np.broadcast_to(
+        np.arange(shape[d]).reshape([-1 if k == d else 1 for k in range(len(shape))]), shape)
+
+
+def _fold_select_n(v, p, shape):
+    pred, *cases = v
+    return np.choose(np.asarray(pred).astype(np.int64), [np.broadcast_to(c, shape) for c in cases])
+
+
+# numpy evaluation of the index arithmetic `_Tracer.fold` performs: name -> (values, params, shape)
+_FOLD: dict[str, Callable[..., Any]] = {
+    "add": lambda v, p, s: v[0] + v[1],
+    "sub": lambda v, p, s: v[0] - v[1],
+    "mul": lambda v, p, s: v[0] * v[1],
+    "neg": lambda v, p, s: -v[0],
+    "max": lambda v, p, s: np.maximum(v[0], v[1]),
+    "min": lambda v, p, s: np.minimum(v[0], v[1]),
+    "lt": lambda v, p, s: v[0] < v[1],
+    "le": lambda v, p, s: v[0] <= v[1],
+    "gt": lambda v, p, s: v[0] > v[1],
+    "ge": lambda v, p, s: v[0] >= v[1],
+    "eq": lambda v, p, s: v[0] == v[1],
+    "ne": lambda v, p, s: v[0] != v[1],
+    "and": lambda v, p, s: v[0] & v[1],
+    "or": lambda v, p, s: v[0] | v[1],
+    "not": lambda v, p, s: ~v[0],
+    "clamp": lambda v, p, s: np.clip(v[1], v[0], v[2]),
+    "select_n": _fold_select_n,
+    "broadcast_in_dim": _fold_broadcast,
+    "convert_element_type": lambda v, p, s: v[0],
+    "copy": lambda v, p, s: v[0],
+    "copy_p": lambda v, p, s: v[0],
+    "reshape": lambda v, p, s: np.reshape(v[0], s),
+    "squeeze": lambda v, p, s: np.reshape(v[0], s),
+    "transpose": lambda v, p, s: np.transpose(v[0], p["permutation"]),
+    "concatenate": lambda v, p, s: np.concatenate(v, axis=p["dimension"]),
+    "iota": _fold_iota,
+}
+_FOLD_MAX_SIZE = 1 << 20
+
+
 class _Tracer:
     def __init__(self, residual: str):
         from jax.extend import core as jcore
@@ -196,6 +290,9 @@ class _Tracer:
         self.unknown: list[tuple[np.ndarray, str]] = []
         self.data: set[Any] = set()
         self.origin: dict[Any, int] = {}
+        # concrete values of integer/bool variables computed from constants only (the static
+        # indices of a gather such as `reindex`'s), see `fold`
+        self.value: dict[Any, np.ndarray] = {}
         self.roles: dict[tuple[int, int], str] = {}
         self.producer_ids: list[np.ndarray] = []
         self.channel_ids: list[np.ndarray] = []
@@ -240,10 +337,18 @@ class _Tracer:
                 self.ids.pop(ov, None)
                 self.data.discard(ov)
                 self.origin.pop(ov, None)
+                self.value.pop(ov, None)
         for iv in inner.invars:
             self.data.discard(iv)
             self.origin.pop(iv, None)
+            self.value.pop(iv, None)
+        for cv, c in zip(getattr(inner, "constvars", ()), getattr(sub, "consts", ())):
+            if _is_index_dtype(getattr(cv.aval, "dtype", None)):
+                self.value[cv] = np.asarray(c)  # e.g. a jitted function's closed-over index
         for outer, iv in zip(eqn.invars, inner.invars):
+            val = self.known(outer)
+            if val is not None:
+                self.value[iv] = val
             ids = self.axes(outer)
             if ids is None:
                 continue
@@ -265,6 +370,40 @@ class _Tracer:
                 self.data.add(outer)
             if not isinstance(ov, self._literal) and ov in self.origin:
                 self.origin[outer] = self.origin[ov]
+            val = self.known(ov)
+            if val is not None:
+                self.value[outer] = val
+
+    def known(self, v) -> np.ndarray | None:
+        """The concrete value of ``v`` if it is a literal or was folded from constants."""
+        if isinstance(v, self._literal):
+            return np.asarray(v.val)
+        return self.value.get(v)
+
+    def fold(self, eqn) -> None:
+        """Evaluates integer/bool index arithmetic whose inputs are all constants.
+
+        Only the few primitives that build static gather indices (``jnp.take``, ``x[..., idx]``)
+        are folded, with numpy: channel identity never depends on float values.
+        """
+        impl = _FOLD.get(eqn.primitive.name)
+        if impl is None or len(eqn.outvars) != 1:
+            return
+        aval = eqn.outvars[0].aval
+        dtype = getattr(aval, "dtype", None)
+        if not _is_index_dtype(dtype):
+            return
+        if int(np.prod(aval.shape)) > _FOLD_MAX_SIZE:
+            return
+        vals = [self.known(v) for v in eqn.invars]
+        if any(v is None for v in vals):
+            return
+        try:
+            out = np.asarray(impl(vals, eqn.params, aval.shape))
+        except Exception:  # pragma: no cover - an unexpected parameter form: leave unknown
+            return
+        if out.shape == tuple(aval.shape):
+            self.value[eqn.outvars[0]] = out.astype(dtype)
 
     def eqn(self, eqn) -> None:
         name = eqn.primitive.name
@@ -275,6 +414,7 @@ class _Tracer:
         sub = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
         if sub is not None and name not in ("while", "cond", "scan"):
             return self.alias_call(eqn, sub)
+        self.fold(eqn)
         rule = getattr(self, "rule_" + name.replace("-", "_"), None)
         if rule is not None:
             return rule(eqn, ins, outs)
@@ -442,6 +582,42 @@ class _Tracer:
                 self.link(a[off:off + len(b)] if k == d else a, b)
             off += len(o[d])
 
+    def rule_gather(self, eqn, ins, outs):
+        x, idx = ins
+        o = outs[0]
+        p = eqn.params
+        dn = p["dimension_numbers"]
+        if x is None or dn.operand_batching_dims:
+            return self._unknown_all(eqn, ins, outs)
+        sizes = p["slice_sizes"]
+        collapsed, index_map = tuple(dn.collapsed_slice_dims), tuple(dn.start_index_map)
+        batch_out = [k for k in range(len(o)) if k not in dn.offset_dims]
+        if idx is not None:  # the index batch axes become the output's non-offset axes
+            for a, k in zip(idx[:-1], batch_out):
+                self.link(a, o[k])
+        for d, k in zip([d for d in range(len(x)) if d not in collapsed], dn.offset_dims):
+            if d not in index_map or sizes[d] == len(x[d]):
+                self.link(x[d][:sizes[d]], o[k])  # a whole axis (or a static prefix) is copied
+            else:
+                for a in (x[d], o[k]):
+                    self.poison.append((a, "sliced by a gather at data-dependent offsets"))
+        value = self.known(eqn.invars[1])
+        if (len(index_map) == 1 and index_map[0] in collapsed and len(batch_out) == 1
+                and value is not None and value.ndim == 2):
+            # static 1-D index along one axis: output position j is input position value[j]
+            d = index_map[0]
+            pos = value[:, 0].astype(np.int64)
+            n = len(x[d])
+            if "FILL" in str(p["mode"]):
+                ok = (pos >= 0) & (pos < n)  # out of range: the fill value, no channel
+            else:
+                pos, ok = np.clip(pos, 0, n - 1), np.ones(len(pos), bool)
+            self.link(x[d][pos[ok]], o[batch_out[0]][ok])
+        else:
+            for d in index_map:
+                self.poison.append(
+                    (x[d], "indexed by a gather with data-dependent (or multi-axis) indices"))
+
     def rule_conv_general_dilated(self, eqn, ins, outs):
         lhs, rhs = ins
         out = outs[0]
@@ -514,9 +690,10 @@ def _where(eqn) -> str:
     try:
         from jax._src import source_info_util
 
-        return source_info_util.summarize(eqn.source_info)
+        where = source_info_util.summarize(eqn.source_info)
     except Exception:  # pragma: no cover - best effort location
-        return "unknown location"
+        where = ""
+    return where or "unknown location"
 
 
 def _components(n: int, edges: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
@@ -574,6 +751,9 @@ def trace(
     closed = jax.make_jaxpr(flat_fn)(specs, *args)
     jaxpr = closed.jaxpr
     t = _Tracer(residual)
+    for cv, c in zip(jaxpr.constvars, closed.consts):
+        if _is_index_dtype(getattr(cv.aval, "dtype", None)):
+            t.value[cv] = np.asarray(c)
     n_leaves = len(flat_vars)
     for i, v in enumerate(jaxpr.invars):
         t.axes(v)

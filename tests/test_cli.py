@@ -98,3 +98,19 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     assert cli.main(["info", str(work / "compact")]) == 0
     out = capsys.readouterr().out
     assert str(rec["compact"]["macs_conv"]) in out and str(rec["compact"]["params"]) in out
+
+    # prune: start from the trained run (one-shot / fine-tune), 1 epoch
+    work2 = tmp_path / "pruned"
+    assert cli.main(["prune", str(work), "--config", str(tiny_config), "--workdir", str(work2),
+                     "--no-progress", "--config.epochs=1"]) == 0
+    rec3 = json.loads((work2 / "result.json").read_text())
+    assert rec3["masked_accuracy"] == rec3["compact_accuracy"]
+    assert json.loads((work2 / "config.json").read_text())["pretrained"] == str(work)
+
+    # sensitivity: every prunable numbered conv at 9 rates, CSV + plot
+    sens = tmp_path / "sens"
+    assert cli.main(["sensitivity", str(work), "--config", str(tiny_config), "--out", str(sens)]) == 0
+    rows = (sens / "sensitivity.csv").read_text().strip().splitlines()
+    assert rows[0] == "layer,group,rate,accuracy"
+    assert len(rows) - 1 == 19 * 10  # 19 convs of ResNet-20 x (baseline + 9 rates)
+    assert (sens / "sensitivity.png").stat().st_size > 0

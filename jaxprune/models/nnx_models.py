@@ -4,7 +4,18 @@
 ``fc``. ``__call__(x, train=False)`` mirrors the Linen models (BN uses running averages unless
 ``train``). Widths default to ``features`` and can be narrowed the Linen way with ``keep_out``
 (``{'conv1': (kept indices...)}``) so a compacted model can be rebuilt with the same class.
-With ``nnx.split(model)`` the state paths are ``('conv1', 'kernel')``, ``('bn1', 'scale')``, ...
+With ``graphdef, state = nnx.split(model)``, `jaxprune.graph.leaf_paths` names the state's leaves
+like Linen variables: ``('params', 'conv1', 'kernel')``, ``('batch_stats', 'bn1', 'mean')``, ...
+(collection from the ``nnx.Variable`` type, the Variable's ``'value'`` key dropped), so the groups
+are named ``'conv1'``, ``'conv2'``.
+
+Pruning an NNX model: ``trace(lambda st, x: nnx.merge(graphdef, st)(x), state, x)``; compaction
+has no ``clone(keep_out=...)`` here, so rebuild by hand::
+
+    small_state, _ = compaction.compact_variables(state, masks, graph)
+    _, keep_out, _ = compaction.surgery(masks, graph)
+    abstract = nnx.eval_shape(lambda: SmallNNXCNN(rngs=nnx.Rngs(0), keep_out=keep_out))
+    small = nnx.merge(nnx.split(abstract)[0], small_state)
 """
 
 from __future__ import annotations
