@@ -1,0 +1,215 @@
+"""Shared pieces of the experiment configs: the recipes of ../shared/docs/methods.md and the
+``config.paper`` block. Not a row itself (the runner and the report skip this file).
+
+Every row file in this folder starts with::
+
+    import sys
+    from pathlib import Path
+
+    _HERE = str(Path(__file__).resolve().parent)
+    if _HERE not in sys.path:
+        sys.path.insert(0, _HERE)
+    import common  # noqa: E402  (this file)
+
+so that it imports this module however it is loaded (``jaxprune.config.load_config`` imports a
+config file by path, without a package, as do the runner, the report and the CLI).
+
+Conventions shared by all rows:
+
+- ``config.name`` is the row name (the file name without ``.py``); runs land in
+  ``experiments/runs/<row>/seed<k>/`` and records in ``experiments/results/<row>/seed<k>.json``.
+- ``config.pretrained`` of a row that starts from a trained model is the dense baseline row's
+  seed-0 run directory as the runner lays it out, ``experiments/runs/<dense row>/seed0`` (relative
+  to the repository root). ``experiments/run.py`` recognises that form, runs the baseline first
+  when it is missing, and rewrites the path to its own ``--runs-dir``. Every seed of the
+  dependent row starts from the same seed-0 baseline (PFEC prunes one trained model; the seeds
+  vary the retraining).
+- ``config.paper`` holds the published figures as printed (percent); ``-1`` means the reference
+  gives no figure. Extra keys: ``table`` (which report table: 'SFP', 'PFEC', 'GHFP', 'HFP',
+  'Baselines'), ``metric`` ('top-1' or 'accuracy'), ``note`` (free text), ``controls`` (GHFP
+  rows: the rows they are compared with).
+- ``config.num_seeds``: 3 on CIFAR (the papers report mean +- std), 1 on ImageNet.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ml_collections
+
+from jaxprune.config import base_config
+
+CONFIG_DIR = Path(__file__).resolve().parent
+RUNS_DIR = "experiments/runs"
+
+TABLES = ("SFP", "PFEC", "GHFP", "HFP", "Baselines")
+
+SFP_CIFAR_SOURCE = ("SFP (He et al., IJCAI 2018, arXiv 1808.06866), CIFAR-10 from scratch, "
+                    "as tabulated in FPGM (He et al., CVPR 2019)")
+SFP_IMAGENET_SOURCE = "SFP (He et al., IJCAI 2018, arXiv 1808.06866), ImageNet from scratch"
+SFP_FORMULA_SOURCE = "SFP (He et al., IJCAI 2018): FLOPs reduction by keep ratio (official formula)"
+PFEC_SOURCE = "PFEC (Li et al., ICLR 2017, arXiv 1608.08710), Table 1"
+GHFP_SOURCE = "GHFP (Cai, An, Xu, IJCNN 2021, arXiv 2011.03170)"
+HFP_SOURCE = "HFP (Enderich, Timm, Burgard, WACV 2021, arXiv 2009.08169)"
+
+CIFAR_SEEDS = 3
+IMAGENET_SEEDS = 1
+
+
+def run_dir(row: str, seed: int = 0) -> str:
+    """The runner's run directory of ``row``'s seed ``seed`` (relative to the repo root)."""
+    return f"{RUNS_DIR}/{row}/seed{seed}"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def cifar(name: str, model: str, dataset: str = "cifar10") -> ml_collections.ConfigDict:
+    """The SFP CIFAR recipe (methods.md 2), written out: 200 epochs, batch 128, SGD Nesterov
+    momentum 0.9, weight decay 5e-4, LR 0.01 for the first epoch then 0.1, x0.2 at epochs 60,
+    120, 160; flip + 4-pixel pad + crop augmentation (jaxprune.experiment applies it to CIFAR)."""
+    c = base_config()
+    c.name = name
+    c.model = model
+    c.dataset = dataset
+    c.epochs = 200
+    c.batch_size = 128
+    c.eval_batch_size = 500
+    c.num_seeds = CIFAR_SEEDS
+    o = c.optimizer
+    o.schedule = "sfp_cifar"
+    o.base_lr = 0.1
+    o.warmup_lr = 0.01
+    o.boundaries = (60, 120, 160)
+    o.factor = 0.2
+    o.momentum = 0.9
+    o.nesterov = True
+    o.weight_decay = 5e-4
+    return c
+
+
+def imagenet(name: str, model: str, epochs: int = 100) -> ml_collections.ConfigDict:
+    """The SFP ImageNet recipe (methods.md 2): ``epochs`` epochs (100), batch 256, LR 0.1 x0.1
+    every 30 epochs, weight decay 1e-4, momentum 0.9. Nesterov is off: the official scripts
+    derive from PyTorch's ImageNet example, whose SGD is plain momentum (methods.md does not
+    say; documented choice). Input 224 (random-resized-crop + flip; eval resize 256 + crop)."""
+    c = base_config()
+    c.name = name
+    c.model = model
+    c.dataset = "imagenet2012"
+    c.image_size = 224
+    c.epochs = epochs
+    c.batch_size = 256
+    c.eval_batch_size = 250
+    c.num_seeds = IMAGENET_SEEDS
+    o = c.optimizer
+    o.schedule = "step"
+    o.base_lr = 0.1
+    o.warmup_lr = 0.1
+    o.boundaries = tuple(e for e in (30, 60, 90) if e < epochs)
+    o.factor = 0.1
+    o.momentum = 0.9
+    o.nesterov = False
+    o.weight_decay = 1e-4
+    return c
+
+
+def dense(c: ml_collections.ConfigDict, residual: str = "scatter") -> ml_collections.ConfigDict:
+    """No pruning (a baseline). ``residual`` must be the policy of the rows that start from this
+    baseline: the checkpoint holds per-group masks, whose groups depend on the policy."""
+    c.method.name = "dense"
+    c.method.rate = 0.0
+    c.method.criterion = "l2"
+    c.method.residual = residual
+    return c
+
+
+def soft(c: ml_collections.ConfigDict, method: str, rate: float,
+         exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """SFP / ASFP at ``rate``: L2 criterion, residual policy 'scatter' (SFP's small model,
+    methods.md 6 (a)); CIFAR prunes every conv (stem and both convs of every block)."""
+    c.method.name = method
+    c.method.rate = rate
+    c.method.criterion = "l2"
+    c.method.residual = "scatter"
+    c.method.exclude = tuple(exclude)
+    return c
+
+
+# ImageNet SFP: every conv except the projection (downsample) convs (methods.md 2).
+IMAGENET_EXCLUDE = ("*/downsample",)
+
+
+def ghfp(c: ml_collections.ConfigDict, rate: float) -> ml_collections.ConfigDict:
+    """GHFP on top of SFP (methods.md 4): cubic hard-fraction ramp reaching 1 at 0.9 T."""
+    soft(c, "ghfp", rate)
+    c.method.kwargs.soft = "sfp"
+    c.method.kwargs.shape = "cubic"
+    c.method.kwargs.end = 0.9
+    return c
+
+
+def pfec(c: ml_collections.ConfigDict, pfec_config: str, baseline_row: str,
+         epochs: int, residual: str = "scatter") -> ml_collections.ConfigDict:
+    """PFEC (methods.md 1): start from the trained baseline ``baseline_row``, prune one-shot
+    (L1, independent selection, named config ``pfec_config`` of
+    ``jaxprune.methods.PFEC_CONFIGS``), retrain ``epochs`` epochs at a constant LR 0.001 (the
+    rest of the optimizer as the row's recipe).
+
+    ``residual`` must equal the baseline row's policy (its checkpoint's per-group state is
+    restored into this row's structure). The CIFAR configs prune only first convs of blocks and
+    VGG convs, whose groups are the same under both policies: 'scatter', as their SFP-recipe
+    baselines. ResNet-34-C prunes a projection conv and the second convs that add to it with
+    shared indices, which needs 'coupled': the ResNet-34 rows and their baseline use it."""
+    c.method.name = "pfec"
+    c.method.rate = 0.0
+    c.method.criterion = "l1"
+    c.method.residual = residual
+    c.method.kwargs.config = pfec_config
+    c.method.kwargs.selection = "independent"
+    c.pretrained = run_dir(baseline_row, 0)
+    c.epochs = epochs
+    c.optimizer.schedule = "constant"
+    c.optimizer.base_lr = 0.001
+    c.optimizer.warmup_lr = 0.001
+    c.optimizer.boundaries = ()
+    return c
+
+
+def hfp(c: ml_collections.ConfigDict, macs_reduction: float | None = None,
+        params_reduction: float | None = None) -> ml_collections.ConfigDict:
+    """HFP (methods.md 5) with targets as fractions of the dense model to remove; MACs counted
+    conv + FC ('the number of multiplications'); residual policy 'coupled' (coupled channels
+    share one count)."""
+    c.method.name = "hfp"
+    c.method.rate = 0.0
+    c.method.criterion = "bn_scale"
+    c.method.residual = "coupled"
+    if macs_reduction is not None:
+        c.method.kwargs.macs_reduction = macs_reduction
+    if params_reduction is not None:
+        c.method.kwargs.params_reduction = params_reduction
+    c.method.kwargs.convention = "conv_fc"
+    c.method.kwargs.lam = 1.0
+    return c
+
+
+def paper(c: ml_collections.ConfigDict, *, table: str, source: str, row: str,
+          baseline_acc: float = -1.0, pruned_acc: float = -1.0, macs_reduction: float = -1.0,
+          params_reduction: float = -1.0, metric: str = "accuracy", note: str = "",
+          controls: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Fills ``config.paper`` (figures in percent as printed; -1 = not given)."""
+    if table not in TABLES:
+        raise ValueError(f"table={table!r}: expected one of {TABLES}")
+    p = c.paper
+    p.source = source
+    p.row = row
+    p.baseline_acc = float(baseline_acc)
+    p.pruned_acc = float(pruned_acc)
+    p.macs_reduction = float(macs_reduction)
+    p.params_reduction = float(params_reduction)
+    p.table = table
+    p.metric = metric
+    p.note = note
+    p.controls = tuple(controls)
+    return c

@@ -1,0 +1,32 @@
+"""GHFP, CIFAR-100, ResNet-110, pruning rate 30% (SFP's rate for ResNet-110), from scratch.
+
+Paper row (GHFP, Cai et al., IJCNN 2021): "GHFP, CIFAR-100, ResNet-110, 30%". Published
+figures: none in the reference (paper.* accuracies -1). GHFP's own tables were not available
+(methods.md section 4): the claim checked is GHFP > SFP and ASFP in accuracy at the same rate
+and epochs, and faster convergence (test accuracy reached by epoch T/2, recorded by the
+runner). Controls at the same rate and schedule: sfp_resnet110_cifar100 (SFP) and
+asfp_resnet110_cifar100 (ASFP).
+
+Recipe: the SFP CIFAR recipe (methods.md section 2; 200 epochs, batch 128, SGD Nesterov 0.9, wd
+5e-4, LR 0.01 then 0.1, x0.2 at 60/120/160), L2 criterion, every conv pruned, residual
+'scatter'; GHFP on top of SFP (soft part 'sfp'), hard fraction h_t = 1 - (1 - min(1, (t+1) /
+(0.9 T)))^3 (cubic, every pruned channel hard from 0.9 T). 3 seeds.
+"""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import common  # noqa: E402  (experiments/configs/common.py)
+
+
+def get_config():
+    c = common.cifar("ghfp_resnet110_cifar100", "resnet110", "cifar100")
+    common.ghfp(c, 0.3)
+    common.paper(c, table="GHFP", source=common.GHFP_SOURCE,
+                 row="GHFP, CIFAR-100, ResNet-110, 30%",
+                 note="no published figures in the reference",
+                 controls=("sfp_resnet110_cifar100", "asfp_resnet110_cifar100"))
+    return c

@@ -1,0 +1,442 @@
+"""The paper-row configs (experiments/configs), the runner (experiments/run.py) and the report
+(jaxprune.report): every row loads, validates and states its paper row and numbers; SFP rows'
+FLOPs claims match SFP's formula; the runner plans dependencies and schedules; the report lists
+every row, "not yet run" where no record exists, mean +- std right. The end-to-end --tiny runs
+are @pytest.mark.slow (python -m pytest -m slow tests/test_experiments.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxprune import config as config_lib
+from jaxprune.flops import sfp_formula_reduction
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "experiments" / "configs"
+CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
+
+EXPECTED_ROWS = {
+    # SFP (CIFAR-10 from scratch, pretrained, ImageNet)
+    "sfp_resnet20_cifar10", "sfp_resnet32_cifar10", "sfp_resnet56_cifar10", "sfp_resnet110_cifar10",
+    "sfp_resnet56_cifar10_pretrained", "sfp_resnet18_imagenet", "sfp_resnet34_imagenet",
+    "sfp_resnet50_imagenet",
+    # dense baselines
+    "dense_resnet20_cifar10", "dense_resnet32_cifar10", "dense_resnet56_cifar10",
+    "dense_resnet110_cifar10", "dense_vgg16_cifar10", "dense_resnet56_cifar100",
+    "dense_resnet110_cifar100", "dense_resnet34_imagenet",
+    # PFEC
+    "pfec_vgg16_cifar10_A", "pfec_resnet56_cifar10_A", "pfec_resnet56_cifar10_B",
+    "pfec_resnet110_cifar10_A", "pfec_resnet110_cifar10_B", "pfec_resnet34_imagenet_A",
+    "pfec_resnet34_imagenet_B", "pfec_resnet34_imagenet_C",
+    # GHFP and its controls (the CIFAR-10 SFP controls are the SFP rows)
+    "ghfp_resnet56_cifar10", "ghfp_resnet110_cifar10", "ghfp_resnet56_cifar100",
+    "ghfp_resnet110_cifar100", "asfp_resnet56_cifar10", "asfp_resnet110_cifar10",
+    "asfp_resnet56_cifar100", "asfp_resnet110_cifar100", "sfp_resnet56_cifar100",
+    "sfp_resnet110_cifar100",
+    # HFP
+    "hfp_resnet56_cifar10", "hfp_resnet50_imagenet",
+}
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("jaxprune_experiments_run", REPO / "experiments" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+runner = _load_runner()
+ROWS = runner.row_names()
+
+
+def _module_doc(name: str) -> str:
+    import ast
+
+    return ast.get_docstring(ast.parse((CONFIGS / f"{name}.py").read_text())) or ""
+
+
+def _doc_numbers(doc: str) -> str:
+    return doc.replace("\n", " ")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_every_paper_row_has_a_config():
+    assert set(ROWS) == EXPECTED_ROWS
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
+def test_config_loads_validates_and_states_its_paper_row(name):
+    from jaxprune.experiment import make_method
+
+    cfg = config_lib.load_config(CONFIGS / f"{name}.py")
+    config_lib.validate(cfg)
+    make_method(cfg)  # the method kwargs (PFEC config names, HFP targets, GHFP ramp) are accepted
+    assert cfg.name == name
+    method, model, dataset = name.split("_")[:3]
+    assert cfg.method.name == method and cfg.model == model
+    assert cfg.dataset == {"imagenet": "imagenet2012"}.get(dataset, dataset)
+    assert cfg.num_seeds == (1 if cfg.dataset == "imagenet2012" else 3)
+    p = cfg.paper
+    assert p.source and p.row and p.table in ("SFP", "PFEC", "GHFP", "HFP", "Baselines")
+    doc = _module_doc(name)
+    text = _doc_numbers(doc)
+    assert f'"{p.row}"' in text, f"{name}: the docstring does not name its paper row {p.row!r}"
+    for key, digits in (("baseline_acc", 2), ("pruned_acc", 2), ("macs_reduction", 1),
+                        ("params_reduction", 1)):
+        v = p[key]
+        assert v == -1.0 or v >= 0
+        if v >= 0:
+            assert f"{v:.{digits}f}" in text, f"{name}: docstring lacks paper.{key} = {v}"
+    for ctrl in p.get("controls", ()):
+        assert ctrl in EXPECTED_ROWS and ctrl in text
+
+
+def test_load_config_works_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = config_lib.load_config(str(CONFIGS / "pfec_resnet56_cifar10_A.py"))
+    assert cfg.method.kwargs.config == "resnet56-A"
+    assert cfg.pretrained == "experiments/runs/dense_resnet56_cifar10/seed0"
+    assert Path(sys.modules["common"].__file__).resolve() == CONFIGS / "common.py"
+
+
+def test_overrides_apply_to_row_configs():
+    cfg = config_lib.load_config(CONFIGS / "sfp_resnet56_cifar10.py")
+    cfg = config_lib.override(cfg, ["epochs=10", "method.rate=0.3", "paper.row=x"])
+    assert (cfg.epochs, cfg.method.rate, cfg.paper.row) == (10, 0.3, "x")
+
+
+def test_sfp_rows_flops_claims_match_the_sfp_formula():
+    checked = 0
+    for name in ROWS:
+        cfg = config_lib.load_config(CONFIGS / f"{name}.py")
+        if cfg.method.name not in ("sfp", "asfp", "ghfp") or cfg.dataset == "imagenet2012":
+            continue
+        depth = int(cfg.model[len("resnet"):])
+        formula = 100 * sfp_formula_reduction(depth, 1 - cfg.method.rate)
+        if cfg.paper.macs_reduction >= 0:
+            assert abs(formula - cfg.paper.macs_reduction) <= 0.05 + 1e-9, (name, formula)
+            checked += 1
+    assert checked == 5  # ResNet-20/32/56/110 from scratch and ResNet-56 from a pretrained model
+
+
+def test_sfp_rows_use_the_papers_rates_and_recipe():
+    rates = {"resnet20": 0.3, "resnet32": 0.3, "resnet56": 0.4, "resnet110": 0.3, "resnet18": 0.3,
+             "resnet34": 0.3, "resnet50": 0.3}
+    for name in ROWS:
+        cfg = config_lib.load_config(CONFIGS / f"{name}.py")
+        if cfg.method.name in ("sfp", "asfp", "ghfp"):
+            assert cfg.method.rate == rates[cfg.model], name
+            assert cfg.method.criterion == "l2" and cfg.method.residual == "scatter"
+        if cfg.dataset == "imagenet2012" and cfg.method.name != "pfec":
+            assert (cfg.batch_size, cfg.optimizer.base_lr, cfg.optimizer.weight_decay) == (256, 0.1, 1e-4)
+            if cfg.method.name == "sfp":
+                assert cfg.epochs == 100 and tuple(cfg.optimizer.boundaries) == (30, 60, 90)
+                assert tuple(cfg.method.exclude) == ("*/downsample",)
+        elif cfg.method.name != "pfec":
+            assert cfg.epochs == 200 and tuple(cfg.optimizer.boundaries) == (60, 120, 160)
+            assert (cfg.optimizer.warmup_lr, cfg.optimizer.factor, cfg.optimizer.weight_decay) == (0.01, 0.2, 5e-4)
+        if cfg.method.name == "pfec":
+            assert cfg.optimizer.schedule == "constant" and cfg.optimizer.base_lr == 0.001
+            assert cfg.epochs == (20 if cfg.dataset == "imagenet2012" else 40)
+
+
+def test_pretrained_rows_depend_on_their_dense_baseline():
+    deps = {}
+    for name in ROWS:
+        cfg = config_lib.load_config(CONFIGS / f"{name}.py")
+        dep = runner.dependency(cfg, ROWS)
+        assert (dep is None) == (cfg.pretrained == ""), name
+        if dep is not None:
+            base = config_lib.load_config(CONFIGS / f"{dep[0]}.py")
+            assert dep[1] == 0 and base.method.name == "dense"
+            assert (base.model, base.dataset) == (cfg.model, cfg.dataset)
+            # the baseline's checkpoint (per-group masks) must fit this row's graph
+            assert base.method.residual == cfg.method.residual, name
+            deps[name] = dep[0]
+    assert set(deps) == {n for n in EXPECTED_ROWS if n.startswith("pfec_")} | {"sfp_resnet56_cifar10_pretrained"}
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+def _opts(tmp_path, **kw):
+    return runner.Options(runs_dir=tmp_path / "runs", records_dir=tmp_path / "rec", **kw)
+
+
+def test_plan_runs_dependencies_first_and_points_pretrained_at_them(tmp_path):
+    jobs = runner.plan(["pfec_resnet56_cifar10_A"], _opts(tmp_path, tiny=True), seeds=2)
+    assert [(j.row, j.seed, j.requested) for j in jobs] == [
+        ("dense_resnet56_cifar10", 0, False), ("pfec_resnet56_cifar10_A", 0, True),
+        ("pfec_resnet56_cifar10_A", 1, True)]
+    assert jobs[1].config.pretrained == str(tmp_path / "runs" / "dense_resnet56_cifar10" / "seed0")
+    assert jobs[2].config.seed == 1 and jobs[2].workdir == tmp_path / "runs" / "pfec_resnet56_cifar10_A" / "seed1"
+    assert jobs[2].record_path == tmp_path / "rec" / "pfec_resnet56_cifar10_A" / "seed1.json"
+    assert all(j.schedule == "tiny" and j.config.epochs == 2 and j.config.train_subset == 256 for j in jobs)
+    # a dependency that is also requested runs with the row's own overrides
+    jobs = runner.plan(["pfec_resnet56_cifar10_A", "dense_resnet56_cifar10"],
+                       _opts(tmp_path, overrides=("log_every=7", "batch_size=64")), only_seed=0)
+    assert [(j.row, j.requested, j.config.batch_size) for j in jobs] == [
+        ("dense_resnet56_cifar10", True, 64), ("pfec_resnet56_cifar10_A", True, 64)]
+
+
+def test_overrides_reach_dependencies_only_for_environment_keys(tmp_path):
+    jobs = runner.plan(["sfp_resnet56_cifar10_pretrained"],
+                       _opts(tmp_path, overrides=("data_dir=/x", "batch_size=64")), only_seed=0)
+    dep, row = jobs
+    assert (dep.config.data_dir, dep.config.batch_size) == ("/x", 128)
+    assert (row.config.data_dir, row.config.batch_size) == ("/x", 64)
+
+
+def test_schedules_and_labels(tmp_path):
+    assert runner.scale_boundaries((60, 120, 160), 200, 20) == (6, 12, 16)
+    assert runner.scale_boundaries((60, 120, 160), 200, 2) == (1,)
+    (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, epochs=20), only_seed=0)
+    assert job.schedule == "short (20 epochs)" and tuple(job.config.optimizer.boundaries) == (6, 12, 16)
+    (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path), only_seed=2)
+    assert job.schedule == "paper" and job.config.epochs == 200 and job.config.seed == 2
+    (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, overrides=("train_subset=1000",)),
+                         only_seed=0)
+    assert job.schedule.startswith("short (200 epochs, 1000 training images")
+
+
+def test_row_selection(tmp_path):
+    assert runner.select_rows(["pfec_resnet56_*"]) == ["pfec_resnet56_cifar10_A", "pfec_resnet56_cifar10_B"]
+    assert runner.select_rows(["experiments/configs/hfp_resnet56_cifar10.py"]) == ["hfp_resnet56_cifar10"]
+    assert runner.select_rows(["all"]) == ROWS
+    with pytest.raises(ValueError, match="no row matches"):
+        runner.select_rows(["nope_*"])
+
+
+def test_cli_list_dry_run_and_errors(capsys):
+    assert runner.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert all(r in out for r in EXPECTED_ROWS)
+    assert runner.main(["pfec_vgg16_cifar10_A", "--tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dense_vgg16_cifar10/seed0 (dependency)" in out and "runs-tiny" in out
+    assert runner.main(["nope"]) == 2
+    assert "no row matches" in capsys.readouterr().err
+    assert runner.main(["sfp_resnet20_cifar10", "--config.method.rate=2.0", "--dry-run"]) == 2
+
+
+def test_finished_runs_are_skipped_and_recorded_and_foreign_runs_refused(tmp_path):
+    opts = _opts(tmp_path)
+    (job,) = runner.plan(["sfp_resnet20_cifar10"], opts, only_seed=0)
+    job.workdir.mkdir(parents=True)
+    (job.workdir / "config.json").write_text(json.dumps(job.config.to_dict()))
+    (job.workdir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"epoch": e, "test_accuracy": 0.1 * e}) + "\n" for e in range(200)))
+    result = {"compact_accuracy": 0.9, "masked_accuracy": 0.9, "macs_reduction_conv": 0.39,
+              "device": "cpu:cpu x1", "wall_time_s": 1.0}
+    (job.workdir / "result.json").write_text(json.dumps(result))
+    status = runner.run_jobs([job], opts)
+    assert status[("sfp_resnet20_cifar10", 0)] == "finished earlier"
+    rec = json.loads(job.record_path.read_text())
+    assert rec["row"] == "sfp_resnet20_cifar10" and rec["seed"] == 0 and rec["schedule"] == "paper"
+    assert rec["accuracy"] == 0.9 and rec["config"]["method"]["rate"] == 0.3
+    assert rec["paper"]["pruned_acc"] == 90.83 and len(rec["curve"]) == 200
+    assert rec["test_accuracy_at_half"] == pytest.approx(9.9)
+    # the same directory under another schedule is refused (no training starts)
+    (short,) = runner.plan(["sfp_resnet20_cifar10"], _opts(tmp_path, epochs=5), only_seed=0)
+    status = runner.run_jobs([short], opts)
+    assert status[("sfp_resnet20_cifar10", 0)].startswith("failed: ValueError")
+    assert "epochs" in status[("sfp_resnet20_cifar10", 0)]
+
+
+def test_a_finished_dependency_serves_any_schedule(tmp_path):
+    (paper,) = runner.plan(["dense_resnet56_cifar10"], _opts(tmp_path), only_seed=0)
+    paper.workdir.mkdir(parents=True)
+    (paper.workdir / "config.json").write_text(json.dumps(paper.config.to_dict()))
+    (paper.workdir / "result.json").write_text(json.dumps({"compact_accuracy": 0.93}))
+    opts = _opts(tmp_path, epochs=5, force=True)
+    dep, row = runner.plan(["pfec_resnet56_cifar10_A"], opts, only_seed=0)
+    assert not dep.requested and dep.config.epochs == 5 and row.config.pretrained == str(paper.workdir)
+    status = runner.run_jobs([dep], opts)  # neither refused nor deleted by --force
+    assert status[("dense_resnet56_cifar10", 0)].startswith("finished earlier")
+    assert (paper.workdir / "result.json").is_file() and not dep.record_path.exists()
+
+
+def test_imagenet_rows_are_skipped_in_tiny_mode(tmp_path):
+    opts = _opts(tmp_path, tiny=True)
+    jobs = runner.plan(["pfec_resnet34_imagenet_C"], opts)
+    status = runner.run_jobs(jobs, opts)
+    assert status[("dense_resnet34_imagenet", 0)].startswith("skipped (ImageNet")
+    assert status[("pfec_resnet34_imagenet_C", 0)].startswith("skipped (dependency")
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fake_record(row, seed, acc, schedule="paper", **extra):
+    rec = {"row": row, "seed": seed, "schedule": schedule, "compact_accuracy": acc,
+           "masked_accuracy": acc, "macs_reduction_conv": 0.377, "macs_reduction_conv_fc": 0.376,
+           "params_reduction": 0.38, "device": "gpu:NVIDIA H100 x1", "test_accuracy_at_half": 0.8}
+    rec.update(extra)
+    return rec
+
+
+def _write_records(root: Path, recs):
+    for rec in recs:
+        p = root / rec["schedule"] / rec["row"] / f"seed{rec['seed']}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(rec))
+
+
+def _table_line(md: str, row: str, schedule: str | None = None) -> list[str]:
+    for line in md.splitlines():
+        if line.startswith(f"| `{row}` |") and (schedule is None or f"| {schedule} |" in line):
+            return [c.strip() for c in line.strip("|").split("|")]
+    raise AssertionError(f"no table line for {row} {schedule}")
+
+
+def test_report_lists_every_row_and_computes_mean_and_std(tmp_path):
+    from jaxprune import report
+
+    records = tmp_path / "records"
+    _write_records(records, [_fake_record("sfp_resnet56_cifar10", 0, 0.92),
+                             _fake_record("sfp_resnet56_cifar10", 1, 0.93),
+                             _fake_record("sfp_resnet56_cifar10", 0, 0.5, schedule="tiny"),
+                             _fake_record("ghfp_resnet56_cifar10", 0, 0.91),
+                             _fake_record("my_adhoc_run", 0, 0.5)])
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Results\n\nSanity runs: hand-written notes.\n\n"
+                   f"{report.BEGIN}\nold tables\n{report.END}\n\nTrailing note.\n")
+    report.write_report(records, out, plots=tmp_path / "plots")
+    md = out.read_text()
+    assert md.startswith("# Results\n\nSanity runs: hand-written notes.\n\n")
+    assert md.rstrip().endswith("Trailing note.") and "old tables" not in md
+    for row in EXPECTED_ROWS:
+        assert f"| `{row}` |" in md, row
+    cells = _table_line(md, "sfp_resnet56_cifar10", "paper")
+    m, s = 100 * np.mean([0.92, 0.93]), 100 * np.std([0.92, 0.93], ddof=1)
+    assert cells[4] == f"{m:.2f} ± {s:.2f}" == "92.50 ± 0.71"
+    assert cells[3] == "2/3" and cells[5] == "92.26" and cells[6] == "+0.24"
+    assert cells[7] == "37.7 / 37.6" and cells[8] == "52.6" and cells[9] == "52.6"
+    assert cells[11] == "gpu:NVIDIA H100 x1"
+    assert _table_line(md, "sfp_resnet56_cifar10", "tiny")[4] == "50.00"
+    # every row without a record says so
+    not_run = [r for r in EXPECTED_ROWS if r not in ("sfp_resnet56_cifar10", "ghfp_resnet56_cifar10")]
+    for row in not_run:
+        assert _table_line(md, row)[2] == report.NOT_RUN, row
+    assert "| `my_adhoc_run` |" in md  # a record without a config still shows up
+    ghfp = _table_line(md, "ghfp_resnet56_cifar10")
+    assert ghfp[4] == "91.00" and ghfp[7] == "80.00"  # acc. at T/2 column
+    hfp = _table_line(md, "hfp_resnet56_cifar10")
+    assert hfp[7] == "MACs -50%, params -50%"
+    # the GHFP table lists its controls (the SFP row on CIFAR-10 appears in both tables)
+    ghfp_section = md.split("## GHFP")[1].split("## HFP")[0]
+    assert "`sfp_resnet56_cifar10`" in ghfp_section and "`asfp_resnet56_cifar100`" in ghfp_section
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert "cifar10_resnet56.png" in plots and "](plots/cifar10_resnet56.png)" in md
+    # regenerating is idempotent
+    report.write_report(records, out, plots=tmp_path / "plots")
+    assert out.read_text() == md
+
+
+def test_report_creates_and_appends_markers(tmp_path):
+    from jaxprune import report
+
+    new = tmp_path / "new.md"
+    report.write_report(tmp_path / "none", new)
+    text = new.read_text()
+    assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
+    assert text.count(report.NOT_RUN) >= 2 * len(EXPECTED_ROWS)
+    old = tmp_path / "old.md"
+    old.write_text("# My notes\n")
+    report.write_report(tmp_path / "none", old)
+    assert old.read_text().startswith("# My notes\n\n" + report.BEGIN)
+
+
+def test_mean_std():
+    from jaxprune.report import mean_std
+
+    assert mean_std([0.5]) == (0.5, None)
+    m, s = mean_std([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(np.std([1, 2, 4], ddof=1))
+
+
+# ----------------------------------------------------------------------------- end to end (slow)
+
+
+def _need_cifar10():
+    if not (CIFAR10 / "test.npz").is_file():
+        pytest.skip(f"needs the offline CIFAR-10 copy in {CIFAR10} (see ../shared/data/cifar10/README.md)")
+
+
+def _cifar100_env(tmp_path) -> dict:
+    """Env for the runner; a synthetic CIFAR-100 stand-in when no CIFAR-100 copy exists."""
+    from jaxprune import data
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        data.load_cifar("cifar100", verify=False)
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        root = tmp_path / "data"
+        data.write_npz_shards(root / "cifar100", rng.integers(0, 256, (600, 32, 32, 3), np.uint8),
+                              np.arange(600) % 100, rng.integers(0, 256, (200, 32, 32, 3), np.uint8),
+                              np.arange(200) % 100, class_names=[f"class{i}" for i in range(100)])
+        env["JAXPRUNE_DATA_DIR"] = str(root)
+    return env
+
+
+def _run(args, env=None, timeout=None):
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_runner_tiny_one_cifar_row(tmp_path):
+    _need_cifar10()
+    args = ["sfp_resnet20_cifar10", "--tiny", "--seeds", "1", "--no-progress",
+            "--runs-dir", str(tmp_path / "runs"), "--records", str(tmp_path / "rec")]
+    proc = _run(args, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "rec" / "sfp_resnet20_cifar10" / "seed0.json").read_text())
+    assert rec["schedule"] == "tiny" and rec["epochs"] == 2 and rec["seed"] == 0
+    assert rec["compact_accuracy"] == rec["masked_accuracy"]
+    assert rec["dense"]["macs_conv"] == 40_550_400 and rec["compact"]["macs_conv"] < rec["dense"]["macs_conv"]
+    assert {"macs_conv", "macs_conv_fc", "params"} <= set(rec["compact"])
+    assert rec["sfp_formula_macs_reduction"] == pytest.approx(0.422, abs=5e-4)
+    assert len(rec["curve"]) == 2 and rec["wall_time_s"] > 0 and rec["device"].startswith("cpu")
+    assert (tmp_path / "runs" / "sfp_resnet20_cifar10" / "seed0" / "compact").is_dir()
+    again = _run(args, timeout=600)  # finished: skipped, record rewritten
+    assert again.returncode == 0 and "finished earlier" in again.stdout
+    from jaxprune.report import write_report
+
+    md = write_report(tmp_path / "rec", tmp_path / "RESULTS.md").read_text()
+    assert _table_line(md, "sfp_resnet20_cifar10", "tiny")[3] == "1/3"
+
+
+@pytest.mark.slow
+def test_all_cifar_rows_run_end_to_end_on_tiny(tmp_path):
+    _need_cifar10()
+    env = _cifar100_env(tmp_path)
+    rows = [r for r in ROWS if not r.endswith("imagenet") and "_imagenet_" not in r]
+    assert len(rows) == 28
+    proc = _run([*rows, "--tiny", "--seeds", "1", "--no-progress", "--runs-dir", str(tmp_path / "runs"),
+                 "--records", str(tmp_path / "rec")], env=env, timeout=4 * 3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    from jaxprune.report import write_report
+
+    md = write_report(tmp_path / "rec", tmp_path / "RESULTS.md").read_text()
+    for row in rows:
+        rec = json.loads((tmp_path / "rec" / row / "seed0.json").read_text())
+        assert rec["schedule"] == "tiny" and rec["compact_accuracy"] == rec["masked_accuracy"], row
+        if not row.startswith("dense_"):
+            assert rec["macs_reduction_conv"] > 0, row
+        assert _table_line(md, row, "tiny")[3] == "1/3", row
+    hfp = json.loads((tmp_path / "rec" / "hfp_resnet56_cifar10" / "seed0.json").read_text())
+    assert 0.495 <= hfp["macs_reduction_conv_fc"] <= 0.51  # HFP meets its MACs target
