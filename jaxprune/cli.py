@@ -99,6 +99,20 @@ def cmd_report(args, overrides) -> int:
     return 0
 
 
+_FLAGS_HELP = ("leave XLA_FLAGS as they are (default: add jaxprune.perf.RECOMMENDED_CPU_FLAGS, "
+               "which make CNN training on CPU about 1.5x faster; no effect on GPU/TPU)")
+
+
+def _use_fast_cpu_flags(args) -> None:
+    """Adds the recommended XLA:CPU flags before jax starts (training commands only)."""
+    if getattr(args, "default_xla_flags", True):
+        return
+    from jaxprune import perf
+
+    if not perf.backend_started():  # in-process callers (tests, notebooks) keep their backend
+        perf.use_recommended_cpu_flags(check=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -107,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--workdir", default="workdir/quickstart")
     q.add_argument("--epochs", type=int, default=None, help="override the demo's epochs per phase")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     q.set_defaults(func=cmd_quickstart)
 
     for name, helptext in (("train", "train a dense model or prune with a method, then compact"),
@@ -118,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--workdir", required=True)
         t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ../shared/data)")
         t.add_argument("--no-progress", action="store_true")
+        t.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
         t.set_defaults(func=cmd_train)
 
     c = sub.add_parser("compact", help="compact the latest checkpoint of a run directory")
@@ -140,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--data_dir", default=None)
+    s.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     s.set_defaults(func=cmd_sensitivity)
 
     r = sub.add_parser("report", help="gather result records into RESULTS tables and plots")
@@ -155,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
+    _use_fast_cpu_flags(args)
     try:
         return args.func(args, overrides)
     except (ValueError, FileNotFoundError, KeyError) as e:

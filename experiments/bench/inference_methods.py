@@ -1,0 +1,152 @@
+"""Benchmark: inference throughput of every method's compacted model vs its dense model.
+
+One row per paper setting, each method's own selection code on random-init weights (the
+masks' STRUCTURE, not accuracy, decides the speed):
+
+- **SFP** ResNet-20/32/110 at 30%, ResNet-56 at 40% (L2, policy 'scatter'): ``finalize`` of
+  the SFP method (its final selection at the full rate).
+- **GHFP**: its final masks are SFP's at the same rate (``GHFP.finalize``: everything selected
+  at the full rate becomes hard), so the SFP rows are GHFP's; ``--ghfp`` measures them anyway.
+- **PFEC** ResNet-56-A/B, ResNet-110-A/B, VGG-16-A: the PFEC method's ``init`` (one-shot L1
+  selection of the named `PFEC_CONFIGS`, policy 'scatter').
+- **HFP** ResNet-56, 50% MACs and 50% params (conv + FC convention, policy 'coupled', the
+  config of experiments/configs/hfp_resnet56_cifar10.py): ``HFP.final_masks`` - the method's
+  final global thresholding with both targets - on the BN scales. Random-init BN scales are
+  all 1 (every score ties, which would prune whole layers in index order), so the scales are
+  first drawn from |N(1, 0.25)| (seeded); documented substitute for trained scales.
+
+For each: dense vs ``compact(...)`` (exact widths) vs ``compact(..., align=8)`` (kept counts
+rounded up to multiples of 8, which XLA:CPU convolutions run much faster), eval mode,
+batch ``--batch``, round-robin, median of ``--repeats``; ideal = dense / compact conv MACs.
+
+Usage::
+
+    python experiments/bench/inference_methods.py --quick        # 3 settings, 3 repeats
+    python experiments/bench/inference_methods.py --repeats 5 --append BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import _harness as H  # noqa: F401  (puts the repository on sys.path)
+
+SETTINGS = [
+    # (label, model, method name, method kwargs, residual policy)
+    ("SFP 30%", "resnet20", "sfp", {"rate": 0.3}, "scatter"),
+    ("SFP 30%", "resnet32", "sfp", {"rate": 0.3}, "scatter"),
+    ("SFP 40%", "resnet56", "sfp", {"rate": 0.4}, "scatter"),
+    ("SFP 30%", "resnet110", "sfp", {"rate": 0.3}, "scatter"),
+    ("GHFP 40%", "resnet56", "ghfp", {"rate": 0.4}, "scatter"),
+    ("GHFP 30%", "resnet110", "ghfp", {"rate": 0.3}, "scatter"),
+    ("PFEC-A", "resnet56", "pfec", {"config": "resnet56-A"}, "scatter"),
+    ("PFEC-B", "resnet56", "pfec", {"config": "resnet56-B"}, "scatter"),
+    ("PFEC-A", "resnet110", "pfec", {"config": "resnet110-A"}, "scatter"),
+    ("PFEC-B", "resnet110", "pfec", {"config": "resnet110-B"}, "scatter"),
+    ("PFEC-A", "vgg16", "pfec", {"config": "vgg16-A"}, "scatter"),
+    ("HFP 50% MACs+params", "resnet56", "hfp",
+     {"macs_reduction": 0.5, "params_reduction": 0.5}, "coupled"),
+]
+
+
+def method_masks(s, method_name: str, kwargs: dict):
+    import jax
+    import jax.numpy as jnp
+
+    import _setup as S
+    from jaxprune import methods
+
+    method = methods.get_method(method_name, **kwargs)
+    if method_name == "hfp":
+        params = jax.tree_util.tree_map(lambda v: v, s.variables["params"])
+        key = jax.random.PRNGKey(7)
+        for grp in method.gated_groups(s.graph):
+            for m in s.graph.groups[grp].members:
+                if m.role == "vector" and m.path[0] == "params" and m.path[-1] == "scale":
+                    node = params
+                    for k in m.path[1:-1]:
+                        node = node[k]
+                    key, sub = jax.random.split(key)
+                    node["scale"] = jnp.abs(1.0 + 0.25 * jax.random.normal(sub, node["scale"].shape))
+        s.variables = {**s.variables, "params": params}
+        masks, _beta = method.final_masks(params, s.graph)
+        return masks
+    if method_name == "pfec":
+        st, _ = S.method_state(s, method)
+        return st.hard
+    return S.final_masks(s, method)
+
+
+def bench_setting(label, name, method_name, kwargs, residual, batch_size, repeats, inner):
+    import jax.numpy as jnp
+
+    import _setup as S
+    from jaxprune import flops
+    from jaxprune.masks import apply_masks
+
+    s = S.setup(name, residual=residual)
+    masks = method_masks(s, method_name, kwargs)
+    x, _ = S.batch(batch_size)
+    dense_macs = flops.count(s.graph).macs
+    runs = {"dense": (S.inference(s.model, s.variables, x), dense_macs, None)}
+    masked_out = s.model.apply(apply_masks(s.variables, masks, s.graph), x[:8], train=False)
+    for align in (1, 8):
+        res, _ = S.compact_setup(s, masks, align=align)
+        out = res.model.apply(res.variables, x[:8], train=False)
+        err = float(jnp.linalg.norm(out - masked_out) / jnp.linalg.norm(masked_out))
+        runs[f"compact{'' if align == 1 else ', align 8'}"] = (
+            S.inference(res.model, res.variables, x), flops.count(s.graph, res.kept).macs, err)
+    t = H.interleave({k: c.fn for k, (c, _, _) in runs.items()}, repeats, inner, warmup=False)
+    return {k: (t[k], macs, err) for k, (_, macs, err) in runs.items()}, dense_macs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--inner", type=int, default=2)
+    p.add_argument("--only", default="", help="comma-separated substrings of 'label model'")
+    p.add_argument("--ghfp", action="store_true", help="also time the GHFP rows (= SFP masks)")
+    p.add_argument("--quick", action="store_true", help="SFP-56, PFEC-56-B, HFP-56; 3 repeats")
+    p.add_argument("--append", default="")
+    a = p.parse_args(argv)
+    load = H.load_average()
+    H.disable_compilation_cache()
+    settings = [st for st in SETTINGS if a.ghfp or st[2] != "ghfp"]
+    if a.quick:
+        a.repeats = min(a.repeats, 3)
+        settings = [st for st in settings if (st[0], st[1]) in
+                    (("SFP 40%", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"))]
+    if a.only:
+        settings = [st for st in settings if any(o in f"{st[0]} {st[1]}" for o in a.only.split(","))]
+    b = a.batch
+    lines = [f"### Inference: compacted vs dense, every method at the paper rates (batch {b})", "",
+             f"Eval mode, median of {a.repeats} round-robin repeats x {a.inner} call(s) within each "
+             "setting; masks from each method's own selection on random-init weights (HFP: "
+             "|N(1, 0.25)| BN scales); GHFP's final masks are SFP's (same rows). 'align 8': "
+             "`compact(..., align=8)`.", "",
+             "| method | model | variant | conv MACs | images/s | speedup | ideal (MAC ratio) | "
+             "speedup / ideal | rel. err vs masked |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for label, name, mname, kwargs, residual in settings:
+        print(f"[{label} {name}] ...", file=sys.stderr, flush=True)
+        rows, dense_macs = bench_setting(label, name, mname, kwargs, residual, b, a.repeats, a.inner)
+        dense_t = H.median(rows["dense"][0])
+        for k, (ts, macs, err) in rows.items():
+            m = H.median(ts)
+            ideal = dense_macs / macs
+            e = "" if err is None else f"{err:.1e}"
+            lines.append(f"| {label} | {name} | {k} | {macs:,} | {b / m:,.0f} | {dense_t / m:.2f}x | "
+                         f"{ideal:.2f}x | {dense_t / m / ideal:.2f} | {e} |")
+        print("\n".join(lines[-3:]), file=sys.stderr, flush=True)
+    text = "\n".join(lines)
+    machine = H.machine_description(load)
+    print(text + f"\n\nMachine: {machine}")
+    if a.append:
+        H.append_report(a.append, text, argv, machine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Opt-in XLA:CPU settings for faster CNN training on CPU (measured in experiments/bench).
+
+XLA reads ``XLA_FLAGS`` once, when its CPU backend starts (the first jax computation or
+``jax.devices()``), so the flags must be in the environment before that: call
+`use_recommended_cpu_flags` at the very top of a script, or export them in the shell::
+
+    import jaxprune.perf; jaxprune.perf.use_recommended_cpu_flags()   # before any jax work
+    # or
+    export XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+What the recommended flag does (jax/jaxlib 0.10): XLA:CPU offloads single convolutions to
+YNNPACK by default, including the kernel-gradient ("weight-gradient") convolutions of the
+backward pass, whose window spans the whole feature map (32x32 for a CIFAR ResNet's first
+stage). YNNPACK runs those several times slower than the Eigen convolution XLA falls back to
+without it, so the CIFAR ResNet train step spends about half its time there.
+``-individual_convolution`` removes only that fusion type from the default list: forward and
+input-gradient convolutions go to Eigen as well (about as fast), reductions and dots keep
+their YNNPACK fusions. Same math (float32 convolutions, only the library that runs them
+changes; results agree to float32 rounding). Inference is unaffected. See
+experiments/bench/README.md and BENCHMARKS.md for the measurements.
+
+Nothing here is applied on import; the library never changes flags by itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from typing import Sequence
+
+RECOMMENDED_CPU_FLAGS: tuple[str, ...] = (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+)
+
+
+def _flag_name(flag: str) -> str:
+    return flag.split("=", 1)[0]
+
+
+def merge_xla_flags(current: str, flags: Sequence[str]) -> str:
+    """``current`` XLA_FLAGS plus ``flags``; a flag already set in ``current`` is kept as is."""
+    present = {_flag_name(f) for f in current.split()}
+    extra = [f for f in flags if _flag_name(f) not in present]
+    return " ".join([current.strip()] + extra).strip() if extra else current.strip()
+
+
+def backend_started() -> bool:
+    """Whether a jax backend is already initialised in this process (flags would be ignored)."""
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        return bool(getattr(xla_bridge, "_backends", {}))
+    except Exception:  # pragma: no cover - private API moved
+        return True
+
+
+def flags_supported(flags: Sequence[str], timeout: float = 120.0) -> bool:
+    """Whether this jaxlib accepts ``flags`` (an unknown XLA flag aborts the process, so this
+    starts a throw-away Python process with them)."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    try:
+        r = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env,
+                           capture_output=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def use_recommended_cpu_flags(check: bool = True) -> str:
+    """Adds `RECOMMENDED_CPU_FLAGS` to ``os.environ['XLA_FLAGS']`` and returns the new value.
+
+    Call it before jax starts its backend. With ``check`` the flags are first tried in a
+    subprocess (about a second) and skipped with a warning if this jaxlib does not know them,
+    instead of aborting the process. Flags already present in ``XLA_FLAGS`` keep their value.
+    """
+    current = os.environ.get("XLA_FLAGS", "")
+    if backend_started():
+        warnings.warn("jax's backend is already running: XLA_FLAGS set now take effect only in "
+                      "new processes", RuntimeWarning, stacklevel=2)
+    if check and not flags_supported(RECOMMENDED_CPU_FLAGS):
+        warnings.warn(f"this jaxlib does not accept {RECOMMENDED_CPU_FLAGS}; XLA_FLAGS unchanged",
+                      RuntimeWarning, stacklevel=2)
+        return current
+    merged = merge_xla_flags(current, RECOMMENDED_CPU_FLAGS)
+    os.environ["XLA_FLAGS"] = merged
+    return merged
+
+
+__all__ = [
+    "RECOMMENDED_CPU_FLAGS",
+    "backend_started",
+    "flags_supported",
+    "merge_xla_flags",
+    "use_recommended_cpu_flags",
+]
