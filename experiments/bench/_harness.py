@@ -68,8 +68,8 @@ def machine_description(load_at_start: str | None = None) -> str:
     dev = jax.devices()[0]
     load = load_at_start if load_at_start is not None else load_average()
     flags = os.environ.get("XLA_FLAGS", "")
-    return (f"{cpu_model()}, {cpu_count()} cores (load average {load} at start: the cores were "
-            f"shared with other jobs), jax {jax.__version__}, device {dev.platform} "
+    return (f"{cpu_model()}, {cpu_count()} cores (load average {load} at start), "
+            f"jax {jax.__version__}, device {dev.platform} "
             f"({dev.device_kind}) x{jax.device_count()}"
             + (f", XLA_FLAGS={flags!r}" if flags else ""))
 
@@ -84,6 +84,14 @@ def append_report(path: str, text: str, argv: Sequence[str] | None, machine: str
     """Appends ``text`` with the command and the machine to ``path`` (created if absent)."""
     with open(path, "a") as f:
         f.write(f"\n{text}\n\nCommand: `{command_line(argv)}`  \nMachine: {machine}\n")
+
+
+def report(text: str, argv: Sequence[str] | None, append: str, load_at_start: str) -> None:
+    """Prints ``text`` and the machine line; appends both and the command to ``append`` if set."""
+    machine = machine_description(load_at_start)
+    print(text + f"\n\nMachine: {machine}")
+    if append:
+        append_report(append, text, argv, machine)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -104,10 +104,7 @@ def main(argv=None) -> int:
     for k in keys:
         lines.append(f"| {k} | " + " | ".join(f"{res[m][k]:.2f}" for m in models) + " |")
     text = "\n".join(lines)
-    machine = H.machine_description(load)
-    print(text + f"\n\nMachine: {machine}")
-    if a.append:
-        H.append_report(a.append, text, argv, machine)
+    H.report(text, argv, a.append, load)
     return 0
 
 

@@ -89,10 +89,7 @@ def main(argv=None) -> int:
         share = f"{100 * m / epoch:.4f}%" if "re-selection" in k else f"x{a.steps_per_epoch} = {epoch:,.0f} s"
         lines.append(f"| {k} | {1e3 * m:,.1f} ({H.spread(ts)}) | {share} | {r['compile'][k]:.1f} |")
     text = "\n".join(lines)
-    machine = H.machine_description(load)
-    print(text + f"\n\nMachine: {machine}")
-    if a.append:
-        H.append_report(a.append, text, argv, machine)
+    H.report(text, argv, a.append, load)
     return 0
 
 

@@ -106,10 +106,7 @@ def main(argv=None) -> int:
                          f"{r['lower'][k]:.1f} + {r['compile'][k]:.1f} |")
         print("\n".join(lines[-3:]), file=sys.stderr, flush=True)
     text = "\n".join(lines)
-    machine = H.machine_description(load)
-    print(text + f"\n\nMachine: {machine}")
-    if a.append:
-        H.append_report(a.append, text, argv, machine)
+    H.report(text, argv, a.append, load)
     return 0
 
 
