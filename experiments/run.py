@@ -36,6 +36,9 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   the keys ``data_dir``, ``eval_batch_size``, ``keep_checkpoints`` and ``log_every`` also apply to
   their dependencies.
 
+- **XLA flags.** On CPU the runner adds `jaxprune.perf.RECOMMENDED_CPU_FLAGS` to ``XLA_FLAGS``
+  before jax starts, as the CLI's training commands do (``--default-xla-flags`` opts out).
+
 Exit status: 0 when every requested run finished (or was skipped as finished / ImageNet in
 --tiny), 1 when any failed (the others still run; rows depending on a failed one are skipped),
 2 on bad arguments.
@@ -142,10 +145,13 @@ def scale_boundaries(boundaries: Sequence[int], old: int, new: int) -> tuple[int
 
 
 def shorten(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
-    """``config`` with ``epochs`` epochs and its LR boundaries scaled to match."""
+    """``config`` with ``epochs`` epochs and its LR boundaries (and fine-tuning epochs, at
+    least 1 if any) scaled to match."""
     c = ml_collections.ConfigDict(config.to_dict())
     if epochs != c.epochs:
         c.optimizer.boundaries = scale_boundaries(tuple(c.optimizer.boundaries), c.epochs, epochs)
+        if c.get("finetune_epochs", 0):
+            c.finetune_epochs = max(1, int(round(c.finetune_epochs * epochs / c.epochs)))
         c.epochs = int(epochs)
     return c
 
@@ -408,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                    help="start no new run after this many seconds (a started one runs on)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--default-xla-flags", action="store_true",
+                   help="leave XLA_FLAGS as they are (default: add jaxprune.perf.RECOMMENDED_CPU_FLAGS)")
     return p
 
 
@@ -433,6 +441,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         records_dir=Path(args.records or (TINY_RECORDS if args.tiny else DEFAULT_RECORDS)),
         tiny=args.tiny, epochs=args.epochs, overrides=overrides, force=args.force,
         progress=not args.no_progress)
+    if not (args.default_xla_flags or args.dry_run):
+        from jaxprune import perf
+
+        if not perf.backend_started():  # in-process callers (tests) keep their backend
+            perf.use_recommended_cpu_flags(check=True)
     try:
         rows = select_rows(args.rows)
         jobs = plan(rows, opts, seeds=args.seeds, only_seed=args.seed)

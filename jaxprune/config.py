@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.exclude = ()  # producer module paths never pruned
     c.method.kwargs = ml_collections.ConfigDict()  # method-specific options
 
+    # Fine-tuning after the method's final hard pruning (HFP: methods.md 5): this many epochs
+    # at the constant LR finetune_lr with the final masks fixed (hard); 0 = none.
+    c.finetune_epochs = 0
+    c.finetune_lr = 0.001
+
     c.pretrained = ""  # checkpoint directory to start from (its latest or best params)
     c.keep_checkpoints = 3
     c.log_every = 50
@@ -139,9 +144,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "num_seeds", "keep_checkpoints"):
         if not isinstance(config[key], int) or config[key] < 1:
             bad(key, config[key], "a positive integer")
-    for key in ("seed", "train_subset", "test_subset", "image_size"):
+    for key in ("seed", "train_subset", "test_subset", "image_size", "finetune_epochs"):
         if not isinstance(config[key], int) or config[key] < 0:
             bad(key, config[key], "a non-negative integer")
+    if not (isinstance(config.finetune_lr, (int, float)) and config.finetune_lr > 0):
+        bad("finetune_lr", config.finetune_lr, "a number > 0")
     opt = config.optimizer
     if opt.schedule not in LR_SCHEDULES:
         bad("optimizer.schedule", opt.schedule, f"one of {', '.join(LR_SCHEDULES)}")

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import numpy as np
 
 from jaxprune import config as config_lib
@@ -165,6 +166,38 @@ def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState
     return state.replace(params=restored.params, batch_stats=restored.batch_stats)
 
 
+def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, preprocess, *,
+             progress: bool = True) -> tuple[training.TrainState, list[dict]]:
+    """``config.finetune_epochs`` epochs at the constant LR ``config.finetune_lr`` with the final
+    hard masks fixed (`jaxprune.methods.FixedMasks`), from fresh optimizer moments; its own
+    checkpoints (``workdir/checkpoints_finetune``) so an interrupted fine-tuning resumes too.
+    Epochs are logged after the main run's (``epoch`` continues counting, ``phase='finetune'``)."""
+    from jaxprune.checkpoints import make_checkpoint_manager
+    from jaxprune.methods import FixedMasks
+
+    c, ds = s.config, s.dataset
+    o = c.optimizer
+    optimizer = training.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
+                                        nesterov=o.nesterov, weight_decay=o.weight_decay)
+    state = state.replace(opt_state=optimizer.init(state.params))
+    ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
+                        steps_per_epoch=s.ctx.steps_per_epoch)
+    writer = _MetricsWriter(workdir)
+    log = lambda r: writer(dict(r, epoch=r["epoch"] + c.epochs, phase="finetune"))  # noqa: E731
+    manager = make_checkpoint_manager(workdir / "checkpoints_finetune", max_to_keep=c.keep_checkpoints)
+    try:
+        state, history = training.fit(
+            s.model, s.graph, FixedMasks(), ctx, state, optimizer,
+            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
+            epochs=c.finetune_epochs, batch_size=c.batch_size, seed=c.seed + 1,
+            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
+            metrics_writer=log, progress=progress, eval_batch_size=c.eval_batch_size,
+            config=c.to_dict())
+    finally:
+        manager.close()
+    return state, [dict(r, epoch=r["epoch"] + c.epochs, phase="finetune") for r in history]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None) -> dict:
     """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record."""
@@ -197,6 +230,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
             eval_batch_size=config.eval_batch_size, config=config.to_dict())
     finally:
         manager.close()
+    if config.finetune_epochs and config.method.name != "dense":
+        state, tuned = finetune(s, state, workdir, augment, preprocess, progress=progress)
+        history = history + tuned
     record = finish(s, state, workdir, preprocess, history=history)
     record["wall_time_s"] = round(time.time() - t0, 1)
     (workdir / "result.json").write_text(json.dumps(record, indent=2))
@@ -231,6 +267,7 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         "residual": s.config.method.residual,
         "seed": s.config.seed,
         "epochs": s.config.epochs,
+        "finetune_epochs": s.config.finetune_epochs,
         "masked_accuracy": masked["accuracy"],
         "compact_accuracy": small["accuracy"],
         "best_accuracy": max([h.get("test_accuracy", 0.0) for h in history or []] or [masked["accuracy"]]),

@@ -16,8 +16,9 @@ without it, so the CIFAR ResNet train step spends about half its time there.
 ``-individual_convolution`` removes only that fusion type from the default list: forward and
 input-gradient convolutions go to Eigen as well (about as fast), reductions and dots keep
 their YNNPACK fusions. Same math (float32 convolutions, only the library that runs them
-changes; results agree to float32 rounding). Inference is unaffected. See
-experiments/bench/README.md and BENCHMARKS.md for the measurements.
+changes, so only the summation order differs: after one ResNet-56 step the params differed by
+at most 5.4e-4 of the largest update). Measured speedup of the ResNet-56 train step: 1.18x on
+one quiet core, 1.66x on a loaded 2-core machine (BENCHMARKS.md; experiments/bench/README.md).
 
 Nothing here is applied on import; the library never changes flags by itself.
 """

@@ -114,3 +114,36 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     assert rows[0] == "layer,group,rate,accuracy"
     assert len(rows) - 1 == 19 * 10  # 19 convs of ResNet-20 x (baseline + 9 rates)
     assert (sens / "sensitivity.png").stat().st_size > 0
+
+
+def test_hfp_finetune_phase_keeps_masks_and_resumes(tiny_config, tmp_path, capsys):
+    work = tmp_path / "hfp"
+    args = ["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress",
+            "--config.method.name=hfp", "--config.method.rate=0.0",
+            "--config.method.kwargs.macs_reduction=0.3", "--config.method.kwargs.params_reduction=0.3",
+            "--config.finetune_epochs=1", "--config.finetune_lr=0.01"]
+    assert cli.main(args) == 0
+    rec = json.loads((work / "result.json").read_text())
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]
+    assert [r.get("phase") for r in lines] == [None, None, "finetune"]
+    assert "train_hfp_penalty" not in lines[2]  # the fine-tuning has no HFP penalty
+    # both targets met after fine-tuning: the masks HFP chose are kept (hard) through it (one
+    # stage-1 channel of this 8x8-input model is ~0.7% of its MACs, hence the 1% window)
+    assert 0.3 <= rec["macs_reduction_conv_fc"] <= 0.31
+    assert 0.3 <= rec["params_reduction"] <= 0.31
+    assert rec["masked_accuracy"] == rec["compact_accuracy"]
+    assert (work / "checkpoints_finetune").is_dir()
+    # a restart finds both phases finished in their checkpoints and reproduces the result
+    assert cli.main(args) == 0
+    again = json.loads((work / "result.json").read_text())
+    assert again["masked_accuracy"] == rec["masked_accuracy"] and again["compact"] == rec["compact"]
+
+
+def test_finetune_config_values_are_checked(tiny_config, tmp_path, capsys):
+    for override, named in (("--config.finetune_epochs=-1", "finetune_epochs"),
+                            ("--config.finetune_lr=0.0", "finetune_lr")):
+        rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(tmp_path / "w"), override])
+        assert rc == 2
+        assert named in capsys.readouterr().err
+        assert not (tmp_path / "w").exists()

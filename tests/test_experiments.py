@@ -209,6 +209,15 @@ def test_schedules_and_labels(tmp_path):
     (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, overrides=("train_subset=1000",)),
                          only_seed=0)
     assert job.schedule.startswith("short (200 epochs, 1000 training images")
+    # HFP's fine-tuning epochs shrink with the schedule, never below one
+    (job,) = runner.plan(["hfp_resnet56_cifar10"], _opts(tmp_path), only_seed=0)
+    assert (job.config.epochs, job.config.finetune_epochs, job.config.finetune_lr) == (200, 20, 0.001)
+    (job,) = runner.plan(["hfp_resnet56_cifar10"], _opts(tmp_path, epochs=20), only_seed=0)
+    assert job.config.finetune_epochs == 2
+    (job,) = runner.plan(["hfp_resnet56_cifar10"], _opts(tmp_path, epochs=2), only_seed=0)
+    assert job.config.finetune_epochs == 1
+    (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, epochs=20), only_seed=0)
+    assert job.config.finetune_epochs == 0
 
 
 def test_row_selection(tmp_path):
@@ -440,3 +449,26 @@ def test_all_cifar_rows_run_end_to_end_on_tiny(tmp_path):
         assert _table_line(md, row, "tiny")[3] == "1/3", row
     hfp = json.loads((tmp_path / "rec" / "hfp_resnet56_cifar10" / "seed0.json").read_text())
     assert 0.495 <= hfp["macs_reduction_conv_fc"] <= 0.51  # HFP meets its MACs target
+
+
+def test_sanity_table_formats_records_dense_first(tmp_path):
+    spec = importlib.util.spec_from_file_location("jaxprune_sanity_table", REPO / "experiments" / "sanity_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cost = lambda m, f, p: {"macs_conv": m, "macs_conv_fc": f, "params": p}  # noqa: E731
+    for name, method, rate, acc in (("b_sfp", "sfp", 0.3, 0.5), ("a_dense", "dense", 0.0, 0.6)):
+        d = tmp_path / name
+        d.mkdir()
+        c = cost(1000, 1010, 100) if method == "dense" else cost(600, 605, 55)
+        (d / "result.json").write_text(json.dumps({
+            "name": name, "method": method, "rate": rate, "epochs": 2, "masked_accuracy": acc,
+            "compact_accuracy": acc, "dense": cost(1000, 1010, 100), "compact": c,
+            "macs_reduction_conv": 1 - c["macs_conv"] / 1000, "macs_reduction_conv_fc": 1 - c["macs_conv_fc"] / 1010,
+            "params_reduction": 1 - c["params"] / 100, "wall_time_s": 120}))
+        (d / "metrics.jsonl").write_text('{"test_accuracy": 0.4}\n{"test_accuracy": %s}\n' % acc)
+    rows = mod.table(mod.load_runs(tmp_path)).splitlines()[2:]
+    assert rows[0].startswith("| `a_dense` | dense | 2 | 60.00 | 60.00 | 40.0, 60.0 |")
+    assert "| `b_sfp` | sfp 30% |" in rows[1]
+    assert "1,000 -> 600 (-40.0%)" in rows[1] and "1,010 -> 605 (-40.1%)" in rows[1]
+    assert "100 -> 55 (-45.0%)" in rows[1] and rows[1].endswith("| 2 min |")
+    assert mod.main([str(tmp_path / "missing")]) == 1

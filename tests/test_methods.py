@@ -16,7 +16,7 @@ import pytest
 from jaxprune import compaction, flops
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods import (GHFP, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
+from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
                               get_method)
 from jaxprune.models import get_model
 from jaxprune.training import TrainState
@@ -652,3 +652,20 @@ def test_registry():
         get_method("pfec", config="resnet20-A")
     with pytest.raises(ValueError, match="macs_reduction"):
         get_method("hfp", macs_reduction=1.0)
+
+
+def test_fixed_masks_keep_the_final_hard_selection_through_training(tiny):
+    model, variables, graph = tiny
+    ctx = MethodContext(graph, total_epochs=2)
+    final = SFP(rate=P).finalize(SFP(rate=P).init(make_state(variables, graph), ctx), ctx)
+    ft = FixedMasks()
+    assert ft.name == "finetune"
+    state = ft.init(final, ctx)
+    assert state is final
+    trained = sgd_steps(model, state, graph, steps=3)
+    assert ft.end_of_epoch(trained, 0, ctx) is trained and ft.finalize(trained, ctx) is trained
+    assert_pruned_slices_zero(trained.params, final.hard, graph)
+    kept = np.flatnonzero(np.asarray(final.hard["conv1"]) == 1)
+    assert np.any(kernel(trained, "conv1")[..., kept] != kernel(final, "conv1")[..., kept])
+    pen, metrics = ft.penalty(trained.params, trained.batch_stats, trained.method_state, ctx)
+    assert float(pen) == 0.0 and metrics == {}

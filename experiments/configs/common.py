@@ -177,10 +177,15 @@ def pfec(c: ml_collections.ConfigDict, pfec_config: str, baseline_row: str,
 
 
 def hfp(c: ml_collections.ConfigDict, macs_reduction: float | None = None,
-        params_reduction: float | None = None) -> ml_collections.ConfigDict:
+        params_reduction: float | None = None, finetune_epochs: int = 20,
+        finetune_lr: float = 0.001) -> ml_collections.ConfigDict:
     """HFP (methods.md 5) with targets as fractions of the dense model to remove; MACs counted
     conv + FC ('the number of multiplications'); residual policy 'coupled' (coupled channels
-    share one count)."""
+    share one count). After the final hard pruning the model is fine-tuned (methods.md 5) for
+    ``finetune_epochs`` at the constant LR ``finetune_lr`` (our choice: the paper's fine-tuning
+    schedule was not available; 0.001 is PFEC's retraining LR)."""
+    c.finetune_epochs = finetune_epochs
+    c.finetune_lr = finetune_lr
     c.method.name = "hfp"
     c.method.rate = 0.0
     c.method.criterion = "bn_scale"

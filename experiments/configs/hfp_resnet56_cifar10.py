@@ -11,8 +11,8 @@ Recipe: trained from scratch with the SFP CIFAR recipe (methods.md section 2: 20
 128, SGD Nesterov 0.9, wd 5e-4, LR 0.01 then 0.1, x0.2 at 60/120/160), loss + HFP's penalty
 relu(MACs/target - 1) + relu(params/target - 1) on the soft channel counts of the BN-scale
 gates (lam 1, conv + FC MACs, residual policy 'coupled'); hard pruning to both targets at the
-end of training, then compaction (no separate fine-tuning phase: the runner's experiment.run
-has none). 3 seeds.
+end of training, then 20 epochs of fine-tuning at the constant LR 0.001 with the masks fixed
+(methods.md 5 asks for fine-tuning; its schedule is our choice), then compaction. 3 seeds.
 """
 
 import sys

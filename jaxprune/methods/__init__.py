@@ -57,6 +57,32 @@ class Dense:
         return state.replace(masks=ones, hard=dict(ones))
 
 
+@dataclasses.dataclass(frozen=True)
+class FixedMasks:
+    """Fine-tuning after a method's final hard pruning: the state's masks stay as they are.
+
+    ``init``/``end_of_epoch``/``finalize`` return the state unchanged, so the train step's hard
+    masking (``state.hard``) keeps every pruned slice exactly zero while the rest trains.
+    """
+
+    name: str = "finetune"
+
+    def init(self, state: Any, ctx: MethodContext) -> Any:
+        del ctx
+        return state
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        del epoch, ctx
+        return state
+
+    def penalty(self, params, batch_stats, method_state, ctx):
+        return no_penalty(params, batch_stats, method_state, ctx)
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        del ctx
+        return state
+
+
 _SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction")
 
 
@@ -164,6 +190,7 @@ def get_method(name: str, **kwargs: Any) -> Method:
 __all__ = [
     "METHODS",
     "Dense",
+    "FixedMasks",
     "GHFP",
     "HFP",
     "Method",
