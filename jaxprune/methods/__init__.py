@@ -28,7 +28,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxprune.masks import init_masks
-from jaxprune.methods.base import Method, MethodContext, no_penalty
+from jaxprune.methods.base import MasksSetAtInit, Method, MethodContext
 from jaxprune.methods.ghfp import GHFP
 from jaxprune.methods.hfp import HFP
 from jaxprune.methods.pfec import PFEC, PFEC_CONFIGS, PFECConfig, pfec_masks
@@ -36,7 +36,7 @@ from jaxprune.methods.sfp import SFP, check_rate, is_projection, make_soft
 
 
 @dataclasses.dataclass(frozen=True)
-class Dense:
+class Dense(MasksSetAtInit):
     """No pruning: masks and hard are all ones; the baseline runs use it."""
 
     name: str = "dense"
@@ -45,20 +45,9 @@ class Dense:
         ones = init_masks(ctx.graph)
         return state.replace(masks=ones, hard=dict(ones), method_state={})
 
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        del epoch, ctx
-        return state
-
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
-
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        ones = init_masks(ctx.graph)
-        return state.replace(masks=ones, hard=dict(ones))
-
 
 @dataclasses.dataclass(frozen=True)
-class FixedMasks:
+class FixedMasks(MasksSetAtInit):
     """Fine-tuning after a method's final hard pruning: the state's masks stay as they are.
 
     ``init``/``end_of_epoch``/``finalize`` return the state unchanged, so the train step's hard
@@ -68,17 +57,6 @@ class FixedMasks:
     name: str = "finetune"
 
     def init(self, state: Any, ctx: MethodContext) -> Any:
-        del ctx
-        return state
-
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        del epoch, ctx
-        return state
-
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
-
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
         del ctx
         return state
 

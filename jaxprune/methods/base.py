@@ -59,3 +59,20 @@ def no_penalty(params: Any, batch_stats: Any, method_state: Any,
     """The zero penalty of the methods that have none."""
     del params, batch_stats, method_state, ctx
     return jnp.zeros((), jnp.float32), {}
+
+
+class MasksSetAtInit:
+    """Mixin of the methods whose masks change only in ``init`` (dense, PFEC, fine-tuning):
+    no re-selection at epoch ends, no penalty, ``finalize`` keeps the state."""
+
+    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
+        del epoch, ctx
+        return state
+
+    def penalty(self, params: Any, batch_stats: Any, method_state: Any,
+                ctx: MethodContext) -> tuple[jax.Array, dict[str, jax.Array]]:
+        return no_penalty(params, batch_stats, method_state, ctx)
+
+    def finalize(self, state: Any, ctx: MethodContext) -> Any:
+        del ctx
+        return state

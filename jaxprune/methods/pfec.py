@@ -48,7 +48,7 @@ from jaxprune import criteria, flops
 from jaxprune import selection as sel
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods.base import MethodContext, no_penalty
+from jaxprune.methods.base import MasksSetAtInit, MethodContext
 from jaxprune.methods.sfp import check_rate, harden, is_projection, subgraph
 
 SELECTIONS = ("independent", "greedy")
@@ -263,7 +263,7 @@ def table1_cost(graph: PruningGraph, masks: Mapping[str, Any] | None = None) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class PFEC:
+class PFEC(MasksSetAtInit):
     """One-shot PFEC pruning at ``init``; training afterwards is the retraining phase.
 
     Attributes:
@@ -287,17 +287,6 @@ class PFEC:
         masks = pfec_masks(state.variables, ctx.graph, self.config, self.criterion, self.selection)
         state = state.replace(masks=masks, hard=dict(masks), method_state={})
         return harden(state, masks, ctx.graph)
-
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        del epoch, ctx
-        return state
-
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
-
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        del ctx
-        return state
 
 
 # ----------------------------------------------------------------------------- sensitivity
