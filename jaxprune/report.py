@@ -352,7 +352,7 @@ def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) ->
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=110)
+    fig.savefig(str(path), dpi=110, bbox_inches="tight")  # annotations may reach past the axes
     return True
 
 
