@@ -13,6 +13,7 @@ artefact lands in ``workdir``::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -23,8 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 import numpy as np
+import optax
 
 from jaxprune import config as config_lib
 from jaxprune import data as data_lib
@@ -166,43 +167,58 @@ def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState
     return state.replace(params=restored.params, batch_stats=restored.batch_stats)
 
 
+def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodContext,
+               optimizer: optax.GradientTransformation, *, epochs: int, seed: int, ckpt_dir: Path,
+               writer, augment, preprocess, progress: bool) -> tuple[training.TrainState, list[dict]]:
+    """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``."""
+    from jaxprune.checkpoints import make_checkpoint_manager
+
+    c, ds = s.config, s.dataset
+    manager = make_checkpoint_manager(ckpt_dir, max_to_keep=c.keep_checkpoints)
+    try:
+        return training.fit(
+            s.model, s.graph, method, ctx, state, optimizer,
+            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
+            epochs=epochs, batch_size=c.batch_size, seed=seed,
+            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
+            metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
+            config=c.to_dict())
+    finally:
+        manager.close()
+
+
+def _as_finetune_epoch(record: dict, main_epochs: int) -> dict:
+    """A fine-tuning epoch's record as logged: numbered after the main run's epochs."""
+    return dict(record, epoch=record["epoch"] + main_epochs, phase="finetune")
+
+
 def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, preprocess, *,
              progress: bool = True) -> tuple[training.TrainState, list[dict]]:
     """``config.finetune_epochs`` epochs at the constant LR ``config.finetune_lr`` with the final
     hard masks fixed (`jaxprune.methods.FixedMasks`), from fresh optimizer moments; its own
     checkpoints (``workdir/checkpoints_finetune``) so an interrupted fine-tuning resumes too.
     Epochs are logged after the main run's (``epoch`` continues counting, ``phase='finetune'``)."""
-    from jaxprune.checkpoints import make_checkpoint_manager
     from jaxprune.methods import FixedMasks
 
-    c, ds = s.config, s.dataset
+    c = s.config
     o = c.optimizer
     optimizer = training.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     state = state.replace(opt_state=optimizer.init(state.params))
     ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
                         steps_per_epoch=s.ctx.steps_per_epoch)
+    relabel = functools.partial(_as_finetune_epoch, main_epochs=c.epochs)
     writer = _MetricsWriter(workdir)
-    log = lambda r: writer(dict(r, epoch=r["epoch"] + c.epochs, phase="finetune"))  # noqa: E731
-    manager = make_checkpoint_manager(workdir / "checkpoints_finetune", max_to_keep=c.keep_checkpoints)
-    try:
-        state, history = training.fit(
-            s.model, s.graph, FixedMasks(), ctx, state, optimizer,
-            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
-            epochs=c.finetune_epochs, batch_size=c.batch_size, seed=c.seed + 1,
-            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
-            metrics_writer=log, progress=progress, eval_batch_size=c.eval_batch_size,
-            config=c.to_dict())
-    finally:
-        manager.close()
-    return state, [dict(r, epoch=r["epoch"] + c.epochs, phase="finetune") for r in history]
+    state, history = _fit_phase(s, state, FixedMasks(), ctx, optimizer, epochs=c.finetune_epochs,
+                                seed=c.seed + 1, ckpt_dir=workdir / "checkpoints_finetune",
+                                writer=lambda r: writer(relabel(r)), augment=augment,
+                                preprocess=preprocess, progress=progress)
+    return state, [relabel(r) for r in history]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
         dataset: data_lib.Dataset | None = None) -> dict:
     """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record."""
-    from jaxprune.checkpoints import make_checkpoint_manager, save_compact
-
     t0 = time.time()
     training.maybe_initialize_distributed()
     s = setup(config, dataset)
@@ -214,22 +230,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
     state = _initial_params(s, state)
     augment_flag = config.dataset in ("cifar10", "cifar100")
-    import functools
-
     augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std, flip=augment_flag,
                                 pad=4 if augment_flag else 0)
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    manager = make_checkpoint_manager(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    try:
-        state, history = training.fit(
-            s.model, s.graph, s.method, s.ctx, state, s.optimizer,
-            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
-            epochs=config.epochs, batch_size=config.batch_size, seed=config.seed,
-            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
-            metrics_writer=_MetricsWriter(workdir), progress=progress,
-            eval_batch_size=config.eval_batch_size, config=config.to_dict())
-    finally:
-        manager.close()
+    state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
+                                seed=config.seed, ckpt_dir=workdir / "checkpoints",
+                                writer=_MetricsWriter(workdir), augment=augment,
+                                preprocess=preprocess, progress=progress)
     if config.finetune_epochs and config.method.name != "dense":
         state, tuned = finetune(s, state, workdir, augment, preprocess, progress=progress)
         history = history + tuned
@@ -377,14 +384,22 @@ def _restore_run(run_dir: Path):
 
 
 def compact_run(run_dir: str | os.PathLike) -> dict:
-    """Finalizes and compacts the latest checkpoint of a run (``jaxprune compact``)."""
-    import functools
+    """Finalizes and compacts the latest checkpoint of a run (``jaxprune compact``); a run with
+    a fine-tuning phase is compacted from its latest fine-tuning checkpoint."""
+    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
 
     run_dir = Path(run_dir)
     s, state, meta = _restore_run(run_dir)
     state = s.method.finalize(state, s.ctx)
+    history = list(meta.get("history", []))
+    if (run_dir / "checkpoints_finetune").is_dir():
+        mgr = make_checkpoint_manager(run_dir / "checkpoints_finetune")
+        if mgr.latest_step() is not None:
+            state, ft_meta = restore_checkpoint(mgr, state)
+            history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
+        mgr.close()
     preprocess = functools.partial(data_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
-    rec = finish(s, state, run_dir, preprocess, history=meta.get("history", []))
+    rec = finish(s, state, run_dir, preprocess, history=history)
     (run_dir / "result.json").write_text(json.dumps(rec, indent=2))
     return rec
 

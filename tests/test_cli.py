@@ -138,6 +138,11 @@ def test_hfp_finetune_phase_keeps_masks_and_resumes(tiny_config, tmp_path, capsy
     assert cli.main(args) == 0
     again = json.loads((work / "result.json").read_text())
     assert again["masked_accuracy"] == rec["masked_accuracy"] and again["compact"] == rec["compact"]
+    # `jaxprune compact` compacts the fine-tuned weights, not the pre-fine-tuning checkpoint
+    assert cli.main(["compact", str(work)]) == 0
+    compacted = json.loads((work / "result.json").read_text())
+    assert compacted["masked_accuracy"] == rec["masked_accuracy"] and compacted["compact"] == rec["compact"]
+    assert compacted["best_accuracy"] == rec["best_accuracy"]
 
 
 def test_finetune_config_values_are_checked(tiny_config, tmp_path, capsys):
