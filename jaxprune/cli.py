@@ -3,10 +3,11 @@
     jaxprune quickstart [--workdir DIR]
     jaxprune train --config FILE --workdir DIR [--config.key=value ...]
     jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
+    jaxprune import MODEL STATE_DICT.npz --workdir DIR [--mean M M M --std S S S]
     jaxprune compact RUN_DIR
     jaxprune eval PATH [--data_dir DIR]
     jaxprune info MODEL_OR_CHECKPOINT [--input-size N] [--residual scatter|coupled]
-    jaxprune sensitivity CHECKPOINT_DIR --config FILE --out DIR
+    jaxprune sensitivity TRAINED_DIR --config FILE --out DIR [--convs first|second|all]
     jaxprune report [--records DIR] [--out RESULTS.md]
 
 ``--config.key=value`` overrides any config entry (Python literals; nested keys with dots).
@@ -68,6 +69,16 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def cmd_import(args, overrides) -> int:
+    from jaxprune.experiment import import_weights
+
+    path = import_weights(args.model, args.state_dict, args.workdir, mean=tuple(args.mean or ()),
+                          std=tuple(args.std or ()), dataset=args.dataset)
+    print(f"imported {args.model} from {args.state_dict} into {path} "
+          f"(evaluate: jaxprune eval {path}; start a run from it: --config.pretrained={path})")
+    return 0
+
+
 def cmd_info(args, overrides) -> int:
     from jaxprune.experiment import model_info
 
@@ -86,7 +97,8 @@ def cmd_sensitivity(args, overrides) -> int:
     from jaxprune.experiment import sensitivity_run
 
     cfg = _config_from(args, overrides)
-    path = sensitivity_run(cfg, args.checkpoint, args.out)
+    path = sensitivity_run(cfg, args.checkpoint, args.out, convs=args.convs,
+                           batch_size=args.batch_size, progress=not args.no_progress)
     print(f"sensitivity table and plot written to {path}")
     return 0
 
@@ -137,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
         t.set_defaults(func=cmd_train)
 
+    im = sub.add_parser("import", help="import trained PyTorch CIFAR ResNet weights (.npz state_dict)")
+    im.add_argument("model", help="resnet20, resnet32, resnet44, resnet56 or resnet110")
+    im.add_argument("state_dict", help=".npz of the PyTorch state_dict (keys as in PyTorch)")
+    im.add_argument("--workdir", required=True, help="new directory to write")
+    im.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (0..1 units) the "
+                    "weights were trained with (default: the data set's)")
+    im.add_argument("--std", type=float, nargs=3, help="input normalisation std (0..1 units)")
+    im.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100"))
+    im.set_defaults(func=cmd_import)
+
     c = sub.add_parser("compact", help="compact the latest checkpoint of a run directory")
     c.add_argument("run_dir")
     c.set_defaults(func=cmd_compact)
@@ -157,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--data_dir", default=None)
+    s.add_argument("--convs", default="all", choices=("first", "second", "all"),
+                   help="which convs: the first / second conv of every residual block, or all")
+    s.add_argument("--batch-size", type=int, default=1000, help="evaluation batch")
+    s.add_argument("--no-progress", action="store_true")
     s.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     s.set_defaults(func=cmd_sensitivity)
 
@@ -176,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _use_fast_cpu_flags(args)
     try:
         return args.func(args, overrides)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"jaxprune {args.command}: error: {msg}", file=sys.stderr)
         return 2

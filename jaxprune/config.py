@@ -10,6 +10,7 @@ one.
 from __future__ import annotations
 
 import ast
+import math
 import importlib.util
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_seeds = 1  # how many seeds the paper row averages over (experiments runner)
     c.train_subset = 0  # >0: train on the first N training images only (smoke runs)
     c.test_subset = 0
+    # Input normalisation (per channel, 0..1 units): () = the data set's own constants (SFP's
+    # CIFAR statistics). A run that starts from `pretrained` weights inherits theirs when unset.
+    c.mean = ()
+    c.std = ()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.schedule = "sfp_cifar"  # one of LR_SCHEDULES
@@ -155,6 +160,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("base_lr", "warmup_lr", "weight_decay", "momentum", "factor"):
         if not opt[key] >= 0:
             bad(f"optimizer.{key}", opt[key], "a number >= 0")
+    for key in ("mean", "std"):
+        v = tuple(config[key])
+        if v and not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            bad(key, config[key], "a tuple of finite numbers (one per channel) or ()")
+        if key == "std" and any(x <= 0 for x in v):
+            bad(key, config[key], "positive numbers")
+    if len(tuple(config.mean)) != len(tuple(config.std)):
+        bad("std", config.std, f"as many values as config.mean={tuple(config.mean)!r}")
     m = config.method
     if m.name not in METHODS:
         bad("method.name", m.name, f"one of {', '.join(METHODS)}")

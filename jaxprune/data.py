@@ -81,7 +81,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: shards (or the shards themselves), and may be a TFDS data dir (``imagenet2012/``, ``cifar10/``..).
 ENV_DATA_DIR = "JAXPRUNE_DATA_DIR"
 
-_CIFAR = {
+CIFAR_CONSTANTS = {
     "cifar10": dict(num_classes=10, mean=CIFAR10_MEAN, std=CIFAR10_STD),
     "cifar100": dict(num_classes=100, mean=CIFAR100_MEAN, std=CIFAR100_STD),
 }
@@ -383,9 +383,9 @@ def load_cifar(
     Raises ``FileNotFoundError`` listing every place looked at, and how to provide the data,
     when it is found nowhere.
     """
-    if name not in _CIFAR:
-        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(_CIFAR)}")
-    meta = _CIFAR[name]
+    if name not in CIFAR_CONSTANTS:
+        raise ValueError(f"unknown data set {name!r}; expected one of {sorted(CIFAR_CONSTANTS)}")
+    meta = CIFAR_CONSTANTS[name]
     looked: list[str] = []
 
     def try_folder(root: Path, direct: bool = True):

@@ -61,6 +61,11 @@ def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
         raise ValueError(
             f"config.dataset={config.dataset!r}: in-memory training supports cifar10, cifar100 "
             "and digits; ImageNet streams through jaxprune.data.imagenet_pipeline")
+    if tuple(config.mean):
+        if len(config.mean) != len(ds.mean):
+            raise ValueError(f"config.mean={tuple(config.mean)!r} has {len(config.mean)} values; "
+                             f"{config.dataset} images have {len(ds.mean)} channels")
+        ds = dataclasses.replace(ds, mean=tuple(config.mean), std=tuple(config.std))
     if config.train_subset or config.test_subset:
         n_tr = config.train_subset or ds.num_train
         n_te = config.test_subset or ds.num_test
@@ -144,8 +149,68 @@ class _MetricsWriter:
             self.tb.flush()
 
 
+def _pretrained_dir(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.name == "checkpoints":
+        p = p.parent
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"config.pretrained={str(path)!r} is not a run directory (no config.json); give a "
+            "directory written by `jaxprune train` / `jaxprune import`")
+    return p
+
+
+def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
+    """``(config, variables)`` of a trained model directory: a run directory (its latest training
+    checkpoint) or a directory written by ``jaxprune import`` (its dense ``compact/`` model)."""
+    from jaxprune.checkpoints import load
+
+    p = _pretrained_dir(path)
+    cfg = ml_collections.ConfigDict(json.loads((p / "config.json").read_text()))
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir()):
+        _, state, _ = _restore_run(p)
+        return cfg, {"params": state.params, "batch_stats": state.batch_stats}
+    if (p / "compact").is_dir():
+        model, variables, _ = load(p / "compact")
+        if getattr(model, "keep_out", None):
+            raise ValueError(f"{str(p)!r} holds a pruned (compact) model; a pretrained start needs "
+                             "the dense weights")
+        return cfg, variables
+    raise FileNotFoundError(f"{str(p)!r} holds neither a training checkpoint nor a compact model")
+
+
+def with_pretrained_normalization(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with ``mean``/``std`` taken from ``config.pretrained``'s recorded config when
+    unset (weights need the normalisation they were trained with); otherwise unchanged."""
+    if tuple(config.mean) or not config.pretrained:
+        return config
+    cfg = json.loads((_pretrained_dir(config.pretrained) / "config.json").read_text())
+    if not cfg.get("mean"):
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.mean, config.std = tuple(cfg["mean"]), tuple(cfg["std"])
+    return config
+
+
+def baseline_provenance(path: str | os.PathLike) -> dict:
+    """Where a pretrained start came from: imported weights (``import.json``) or a jaxprune run
+    (its schedule: epochs, training subset, LR schedule, and whether it finished)."""
+    p = _pretrained_dir(path)
+    if (p / "import.json").is_file():
+        return {"kind": "imported", "dir": str(p), **json.loads((p / "import.json").read_text())}
+    cfg = json.loads((p / "config.json").read_text())
+    rec = {"kind": "run", "dir": str(p), "name": cfg.get("name"), "epochs": cfg.get("epochs"),
+           "train_subset": cfg.get("train_subset", 0),
+           "schedule": (cfg.get("optimizer") or {}).get("schedule")}
+    if (p / "result.json").is_file():
+        res = json.loads((p / "result.json").read_text())
+        rec["accuracy"] = res.get("compact_accuracy")
+    return rec
+
+
 def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState:
-    """Starts from the weights of ``config.pretrained`` (a run directory) if set.
+    """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set.
 
     Only params and batch stats are taken (a fresh optimizer, masks and step), so the
     pretrained run may have used another method or residual policy.
@@ -153,18 +218,34 @@ def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState
     path = s.config.pretrained
     if not path:
         return state
-    p = Path(path)
-    if p.name == "checkpoints":
-        p = p.parent
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"config.pretrained={path!r} is not a run directory (no config.json / checkpoints)")
-    _, restored, _ = _restore_run(p)
+    _, restored = load_trained(path)
     from jaxprune.checkpoints import check_shapes
 
-    check_shapes(restored.params, state.params, what=f"pretrained params of {path!r}")
-    check_shapes(restored.batch_stats, state.batch_stats, what=f"pretrained batch stats of {path!r}")
-    return state.replace(params=restored.params, batch_stats=restored.batch_stats)
+    check_shapes(restored["params"], state.params, what=f"pretrained params of {path!r}")
+    check_shapes(restored["batch_stats"], state.batch_stats, what=f"pretrained batch stats of {path!r}")
+    put = lambda t, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), t, like)  # noqa: E731
+    return state.replace(params=put(restored["params"], state.params),
+                         batch_stats=put(restored["batch_stats"], state.batch_stats))
+
+
+def _record_start(s: Setup, state: training.TrainState, workdir: Path) -> dict:
+    """``workdir/start.json``: test accuracy of the pretrained weights and of the same weights
+    right after the method's ``init`` (PFEC: pruned, not yet retrained), written once."""
+    path = workdir / "start.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ds = s.dataset
+    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    ev = lambda v: training.evaluate(s.model, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+                                     preprocess=preprocess)["accuracy"]
+    pruned = s.method.init(state, s.ctx)
+    masks = binarize(pruned.masks)
+    rec = {"pretrained_accuracy": ev(state.variables),
+           "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph)),
+           "after_init_costs": costs(s.graph, masks), "dense_costs": costs(s.graph),
+           "test_images": int(ds.num_test)}
+    path.write_text(json.dumps(rec, indent=2))
+    return rec
 
 
 def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodContext,
@@ -221,6 +302,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record."""
     t0 = time.time()
     training.maybe_initialize_distributed()
+    config = with_pretrained_normalization(config)
     s = setup(config, dataset)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +311,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
     state = _initial_params(s, state)
+    if config.pretrained:
+        _record_start(s, state, workdir)
     augment_flag = config.dataset in ("cifar10", "cifar100")
     augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std, flip=augment_flag,
                                 pad=4 if augment_flag else 0)
@@ -287,7 +371,12 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
         "host": platform.node(),
         "paper": s.config.paper.to_dict(),
+        "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
     }
+    if s.config.pretrained:
+        record["baseline"] = baseline_provenance(s.config.pretrained)
+        if (workdir / "start.json").is_file():
+            record["start"] = json.loads((workdir / "start.json").read_text())
     if s.config.model.startswith("resnet") and s.config.method.name in ("sfp", "asfp", "srfp", "asrfp", "ghfp"):
         depth = int(s.config.model[len("resnet"):])
         if (depth - 2) % 6 == 0:
@@ -420,39 +509,151 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     else:
         ds = data_lib.load_cifar(name, data_dir)
     n = int(meta.get("test_subset") or ds.num_test)  # the split the run was evaluated on
-    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    mean, std = meta.get("mean") or ds.mean, meta.get("std") or ds.std  # what the weights need
+    preprocess = functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
     res = training.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
     return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
 
 
-def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
-                    out: str | os.PathLike) -> Path:
-    """PFEC's sensitivity analysis of a trained run: each numbered conv pruned alone (L1) at
-    rates 0.1..0.9, test accuracy of each; writes ``sensitivity.csv`` and ``sensitivity.png``."""
-    import functools
+SENSITIVITY_CONVS = ("first", "second", "all")
 
+
+def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
+                    out: str | os.PathLike, *, convs: str = "all", batch_size: int = 1000,
+                    progress: bool = True) -> Path:
+    """PFEC's sensitivity analysis of a trained model (a run directory or a ``jaxprune import``
+    directory): each numbered conv pruned alone (L1) at rates 0.1..0.9, test accuracy of each.
+
+    ``convs``: 'first' (the first conv of every residual block: what PFEC prunes in a ResNet),
+    'second' (the second convs) or 'all' (every prunable numbered conv). Evaluation uses
+    `jaxprune.cut_eval.CutEvaluator` (the unchanged prefix of the network is computed once per
+    layer); ``config.test_subset`` limits the test images. Writes ``sensitivity.csv`` (row by
+    row: an interrupted analysis resumes where it stopped), ``sensitivity.json`` (provenance)
+    and ``sensitivity.png`` (one panel per stage, as PFEC draws it).
+    """
+    import csv
+
+    from jaxprune import cut_eval
     from jaxprune.methods import pfec
 
-    ckpt = Path(checkpoint)
-    s, state, _ = _restore_run(ckpt)
-    if s.config.model != config.model:
-        raise ValueError(f"config.model={config.model!r} but {str(ckpt)!r} trained {s.config.model!r}")
+    if convs not in SENSITIVITY_CONVS:
+        raise ValueError(f"convs={convs!r}: expected one of {', '.join(SENSITIVITY_CONVS)}")
+    trained_cfg, variables = load_trained(checkpoint)
+    if trained_cfg.model != config.model:
+        raise ValueError(f"config.model={config.model!r} but {str(checkpoint)!r} holds {trained_cfg.model!r}")
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not tuple(config.mean) and trained_cfg.get("mean"):
+        config.mean, config.std = tuple(trained_cfg.mean), tuple(trained_cfg.std)
+    s = setup(config)
     ds = s.dataset
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    eval_step = training.make_eval_step(s.model, preprocess=preprocess)
-
-    def accuracy(variables) -> float:
-        res = training.evaluate(s.model, variables, ds.x_test, ds.y_test, config.eval_batch_size,
-                                preprocess=preprocess, step=eval_step)
-        return float(res["accuracy"])
-
-    layers = sorted(pfec.layer_numbers(s.graph))
+    numbering = pfec.layer_numbers(s.graph)
     producers = s.graph.producer_to_group()
-    layers = [n for n in layers if pfec.layer_numbers(s.graph)[n] in producers]
-    table = pfec.sensitivity(accuracy, state.variables, s.graph, layers)
+    wanted = {"first": ("conv1",), "second": ("conv2",), "all": None}[convs]
+    layers = [n for n in sorted(numbering) if numbering[n] in producers
+              and (wanted is None or numbering[n].split("/")[-1] in wanted)]
+    if not layers:
+        raise ValueError(f"convs={convs!r}: {config.model} has no such prunable conv")
+    sample = jnp.zeros((1,) + ds.image_shape, jnp.float32)
+    order = cut_eval.top_level_order(s.model, variables, sample)
+    evaluator = cut_eval.CutEvaluator(s.model, variables, ds.x_test, ds.y_test, preprocess, batch_size)
+
+    def prepare(group):
+        members = [m.path for m in s.graph.groups[group].members] if group else []
+        evaluator.set_cut(cut_eval.cut_for(members, order) if group else None)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    rates = pfec.DEFAULT_RATES
+    partial_path = out / "sensitivity.partial.csv"
+    done: dict[str, list[float]] = {}
+    if partial_path.is_file():
+        for row in csv.reader(partial_path.open()):
+            done[row[1]] = [float(v) for v in row[2:]]
+
+    def on_row(label, group, accs):
+        with partial_path.open("a", newline="") as f:
+            csv.writer(f).writerow([label, group, *accs])
+
+    provenance = {"checkpoint": str(checkpoint), "model": config.model, "convs": convs,
+                  "test_images": int(ds.num_test), "rates": list(rates),
+                  "criterion": "l1", "normalization": {"mean": list(ds.mean), "std": list(ds.std)}}
+    if (Path(checkpoint) / "import.json").is_file() or (Path(checkpoint) / "checkpoints").is_dir():
+        provenance["baseline"] = baseline_provenance(checkpoint)
+    t0 = time.time()
+    table = pfec.sensitivity(evaluator.accuracy, variables, s.graph, layers, rates, prepare=prepare,
+                             done=done, on_row=on_row, progress=progress)
+    provenance["baseline_accuracy"] = table.baseline
+    provenance["wall_time_s"] = round(time.time() - t0, 1)
     pfec.write_sensitivity_csv(table, str(out / "sensitivity.csv"))
+    (out / "sensitivity.json").write_text(json.dumps(provenance, indent=2))
+    subset = "" if ds.num_test >= 10000 else f", first {ds.num_test} test images"
+    which = {"first": "first conv of each block", "second": "second conv of each block",
+             "all": "every conv"}[convs]
     pfec.plot_sensitivity(table, str(out / "sensitivity.png"),
-                          title=f"{config.model} on {config.dataset}: L1 sensitivity")
+                          title=f"{config.model} on {config.dataset}: {which} pruned alone (L1){subset}",
+                          stage_ends=pfec.stage_ends_of(config.model))
+    partial_path.unlink()
     return out
+
+
+def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathLike, *,
+                   mean: tuple[float, ...] = (), std: tuple[float, ...] = (),
+                   dataset: str = "cifar10") -> Path:
+    """``jaxprune import``: PyTorch weights (`jaxprune.models.torch_import.from_torch`) -> a
+    trained-model directory that ``pretrained=DIR``, ``jaxprune eval DIR`` and ``jaxprune
+    sensitivity DIR`` read with no further input::
+
+        DIR/config.json   model, data set and the input normalisation the weights need
+        DIR/import.json   provenance: source file, its SHA-256, key count
+        DIR/compact/      the dense model (Orbax, `jaxprune.load`)
+
+    ``mean``/``std`` default to the data set's own constants. Checked before anything is written;
+    written to a temporary sibling and renamed, so a failure leaves no directory behind. An
+    existing non-empty ``workdir`` is refused.
+    """
+    import hashlib
+    import shutil
+    import uuid
+
+    from jaxprune.checkpoints import save_compact
+    from jaxprune.models.torch_import import from_torch
+
+    workdir = Path(workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise FileExistsError(f"--workdir {str(workdir)!r} exists and is not an empty directory")
+    if dataset not in data_lib.CIFAR_CONSTANTS:
+        raise ValueError(f"--dataset {dataset!r}: imported CIFAR ResNets evaluate on one of "
+                         f"{', '.join(data_lib.CIFAR_CONSTANTS)}")
+    cfg = config_lib.base_config()
+    cfg.name = f"import_{name}"
+    cfg.model = str(name).lower()
+    cfg.dataset = dataset
+    cfg.mean, cfg.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    config_lib.validate(cfg)
+    model, variables = from_torch(name, source)
+    channels = 3
+    if cfg.mean and len(cfg.mean) != channels:
+        raise ValueError(f"--mean {cfg.mean!r}: expected {channels} values, one per channel")
+    src = Path(source)
+    provenance = {"source": str(src.absolute()), "sha256": hashlib.sha256(src.read_bytes()).hexdigest(),
+                  "format": "pytorch state_dict (.npz)", "model": cfg.model,
+                  "keys": len(np.load(src).files)}
+    if not cfg.mean:
+        consts = data_lib.CIFAR_CONSTANTS[dataset]
+        cfg.mean, cfg.std = tuple(consts["mean"]), tuple(consts["std"])
+    meta = {"method": "dense", "rate": 0.0, "dataset": dataset, "input_shape": [32, 32, channels],
+            "mean": list(cfg.mean), "std": list(cfg.std), "imported_from": provenance["source"]}
+    tmp = workdir.parent / f".{workdir.name}.import-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=list))
+        (tmp / "import.json").write_text(json.dumps(provenance, indent=2))
+        save_compact(tmp / "compact", model, variables, meta)
+        if workdir.exists():
+            workdir.rmdir()
+        os.rename(tmp, workdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return workdir

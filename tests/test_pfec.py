@@ -286,3 +286,34 @@ def test_sensitivity_table_csv_and_plot(tmp_path):
         pfec.sensitivity(live_share, variables, graph, [9])
     with pytest.raises(ValueError, match="rate"):
         pfec.sensitivity(live_share, variables, graph, [1], rates=(1.0,))
+
+
+def test_sensitivity_resumes_rows_already_done_and_reports_each_row(tmp_path):
+    model = Chain()
+    x = jnp.zeros((1, 5, 5, 2))
+    variables = random_variables(model, x, seed=2)
+    graph = trace_linen(model, variables, x)
+    calls, prepared, saved = [], [], []
+
+    def count(v):
+        calls.append(1)
+        return float(np.count_nonzero(np.asarray(v["params"]["conv1"]["kernel"])))
+
+    rates = (0.2, 0.5)
+    full = pfec.sensitivity(count, variables, graph, [1, "conv2"], rates)
+    calls.clear()
+    table = pfec.sensitivity(count, variables, graph, [1, "conv2"], rates,
+                             done={"conv1": list(full.accuracy[0])}, prepare=prepared.append,
+                             on_row=lambda *row: saved.append(row))
+    assert len(calls) == 1 + len(rates)  # the baseline and conv2's rates only
+    assert prepared == [None, "conv2"]
+    assert [r[1] for r in saved] == ["conv2"]
+    np.testing.assert_array_equal(table.accuracy, full.accuracy)
+    with pytest.raises(ValueError, match="3 rates"):
+        pfec.sensitivity(count, variables, graph, [1], (0.1, 0.2, 0.3), done={"conv1": [1.0]})
+
+
+def test_stage_panels_of_cifar_resnets():
+    assert pfec.stage_ends_of("resnet56") == (19, 37)
+    assert pfec.stage_ends_of("resnet20") == (7, 13)
+    assert pfec.stage_ends_of("vgg16") == ()

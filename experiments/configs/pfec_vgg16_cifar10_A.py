@@ -8,8 +8,8 @@ Recipe (methods.md section 1, `common.pfec`): start from the trained dense basel
 config.pretrained = experiments/runs/dense_vgg16_cifar10/seed0 (row dense_vgg16_cifar10, seed
 0; the runner trains it first when it is missing), prune one-shot by the L1 norm of each filter
 (named config 'vgg16-A' of jaxprune.methods.PFEC_CONFIGS, independent selection, kept count
-int(N (1 - p))), remove the filters, retrain 40 epochs at a constant LR 0.001 (batch 128, SGD
-Nesterov 0.9, wd 5e-4, the CIFAR augmentation). Residual policy 'scatter', as the baseline (the
+int(N (1 - p))), remove the filters, retrain 40 epochs at a constant LR 0.001 (the PFEC reference: batch 64, SGD
+momentum 0.9 without Nesterov, wd 1e-4, the CIFAR augmentation). Residual policy 'scatter', as the baseline (the
 groups of the pruned first convs are the same under both policies). 3 seeds (the retraining
 varies; the pretrained model is the same).
 """

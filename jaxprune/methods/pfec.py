@@ -334,7 +334,10 @@ def _resolve_layer(layer: int | str, graph: PruningGraph, numbering: Mapping[int
 
 def sensitivity(evaluate_fn: Callable[[Any], float], variables: Any, graph: PruningGraph,
                 layers: Iterable[int | str], rates: Sequence[float] = DEFAULT_RATES,
-                criterion: str = "l1") -> SensitivityTable:
+                criterion: str = "l1", *, prepare: Callable[[str], None] | None = None,
+                done: Mapping[str, Sequence[float]] | None = None,
+                on_row: Callable[[str, str, list[float]], None] | None = None,
+                progress: bool = False) -> SensitivityTable:
     """Prunes each layer alone at each rate and evaluates (PFEC's sensitivity analysis).
 
     Args:
@@ -345,19 +348,44 @@ def sensitivity(evaluate_fn: Callable[[Any], float], variables: Any, graph: Prun
       layers: PFEC layer numbers, group names or producer module paths.
       rates: pruning rates in [0, 1); the kept count is ``int(N * (1 - rate))``.
       criterion: the score, 'l1' as PFEC.
+      prepare: called with a group's name before its rates are evaluated (e.g.
+        `jaxprune.cut_eval.CutEvaluator.set_cut` for the group's first module).
+      done: group -> accuracies already measured at ``rates`` (a resumed analysis); not redone.
+      on_row: called with ``(label, group, accuracies)`` after each layer (to save progress).
+      progress: a tqdm bar over the evaluations.
     """
+    from tqdm import tqdm
+
     rates = tuple(check_rate(r, "sensitivity rate") for r in rates)
     numbering = layer_numbers(graph)
     rows = [_resolve_layer(layer, graph, numbering) for layer in layers]
+    done = dict(done or {})
     fn = criteria.get_criterion(criterion)
+    if prepare is not None:
+        prepare(None)
     baseline = float(evaluate_fn(variables))
     acc = np.zeros((len(rows), len(rates)), np.float64)
-    for i, (_, group) in enumerate(rows):
+    bar = tqdm(total=len(rows) * len(rates), disable=not progress, desc="sensitivity",
+               dynamic_ncols=True)
+    for i, (label, group) in enumerate(rows):
+        if group in done:
+            if len(done[group]) != len(rates):
+                raise ValueError(f"resumed sensitivity row {group!r} has {len(done[group])} "
+                                 f"values for {len(rates)} rates")
+            acc[i] = np.asarray(done[group], np.float64)
+            bar.update(len(rates))
+            continue
+        if prepare is not None:
+            prepare(group)
         score = fn(variables, subgraph(graph, [group]))
         for j, rate in enumerate(rates):
             masks = init_masks(graph)
             masks.update(sel.prune_by_rates(score, {group: rate}, rounding="pfec"))
             acc[i, j] = float(evaluate_fn(apply_masks(variables, masks, graph)))
+            bar.update(1)
+        if on_row is not None:
+            on_row(label, group, [float(a) for a in acc[i]])
+    bar.close()
     return SensitivityTable(tuple(r[0] for r in rows), tuple(r[1] for r in rows), rates, acc,
                             baseline)
 
@@ -373,22 +401,57 @@ def write_sensitivity_csv(table: SensitivityTable, path: str) -> None:
                 w.writerow([label, group, rate, float(table.accuracy[i, j])])
 
 
-def plot_sensitivity(table: SensitivityTable, path: str, title: str = "") -> None:
-    """Accuracy vs filters pruned away (%), one line per layer (PFEC Figure 2 style)."""
+def stage_ends_of(model_name: str) -> tuple[int, ...]:
+    """Last layer number of every stage but the last of a bundled CIFAR ResNet (depth 6n+2:
+    ``(2n+1, 4n+1)``, e.g. ``(19, 37)`` for ResNet-56); ``()`` for other models."""
+    name = str(model_name).lower()
+    if name.startswith("resnet") and name[6:].isdigit():
+        depth = int(name[6:])
+        if (depth - 2) % 6 == 0 and depth in (20, 32, 44, 56, 110):
+            n = (depth - 2) // 6
+            return (2 * n + 1, 4 * n + 1)
+    return ()
+
+
+def _layer_number(label: str) -> int | None:
+    parts = label.split()
+    return int(parts[1]) if len(parts) > 1 and parts[0] == "layer" and parts[1].isdigit() else None
+
+
+def plot_sensitivity(table: SensitivityTable, path: str, title: str = "",
+                     stage_ends: Sequence[int] = ()) -> None:
+    """Accuracy vs filters pruned away (%), one line per layer (PFEC Figure 2 style); with
+    ``stage_ends`` (see `stage_ends_of`) one panel per stage, as PFEC draws its ResNets."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4))
+    numbers_ = [_layer_number(label) for label in table.layers]
+    if stage_ends and all(n is not None for n in numbers_):
+        stage = [sum(n > e for e in stage_ends) for n in numbers_]
+        panels = len(stage_ends) + 1
+    else:
+        stage, panels = [0] * len(table.layers), 1
+    fig = Figure(figsize=(4.2 * panels, 4.2))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    axes = [fig.add_subplot(1, panels, k + 1) for k in range(panels)]
     x = [0.0] + [100 * r for r in table.rates]
+    lo = min(float(np.min(table.accuracy)), table.baseline) if table.accuracy.size else 0.0
     for i, label in enumerate(table.layers):
-        ax.plot(x, [table.baseline] + list(table.accuracy[i]), marker="o", ms=3, label=label)
-    ax.set_xlabel("filters pruned away (%)")
-    ax.set_ylabel("accuracy")
+        short = f"layer {numbers_[i]}" if numbers_[i] is not None else label
+        axes[stage[i]].plot(x, [100 * table.baseline] + list(100 * table.accuracy[i]),
+                            marker="o", ms=3, lw=1, label=short)
+    for k, ax in enumerate(axes):
+        ax.set_xlabel("filters pruned away (%)")
+        ax.set_ylim(100 * lo - 1, 100 * table.baseline + 1)
+        ax.set_xlim(0, 100 * max(table.rates) + 2)
+        if k == 0:
+            ax.set_ylabel("test accuracy (%)")
+        if panels > 1:
+            ax.set_title(f"stage {k + 1}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6, ncol=2, loc="lower left")
     if title:
-        ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=120)
