@@ -26,7 +26,8 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   ``pretrained`` at ``<runs-dir>/<row>/seed<k>``. A finished dependency is used as it is, whatever
   schedule produced it (a paper-schedule baseline also serves a shortened row).
 - **Schedules.** ``--epochs N`` shortens every row (dependencies included) to N epochs, with the
-  LR boundaries scaled by N / epochs (label 'short (N epochs)'). ``--tiny`` shrinks every row to
+  LR boundaries and warm-up scaled by N / epochs, so every LR phase keeps its share
+  (label 'short (N epochs)'). ``--tiny`` shrinks every row to
   a smoke schedule: 2 epochs, the first 256 training and 200 test images, batch 128 (label
   'tiny'; default folders ``experiments/runs-tiny`` and ``experiments/results-tiny`` so that smoke
   runs never mix with real ones). ImageNet rows are skipped in --tiny mode: no tiny ImageNet
@@ -134,22 +135,21 @@ def is_imagenet(config: ml_collections.ConfigDict) -> bool:
 # ----------------------------------------------------------------------------- schedules
 
 
-def scale_boundaries(boundaries: Sequence[int], old: int, new: int) -> tuple[int, ...]:
-    """LR boundaries (epochs) of an ``old``-epoch schedule scaled to ``new`` epochs."""
-    out: list[int] = []
-    for b in boundaries:
-        s = max(1, int(round(b * new / old)))
-        if s < new and s not in out:
-            out.append(s)
-    return tuple(out)
+def scale_boundaries(boundaries: Sequence[float], old: int, new: int) -> tuple[float, ...]:
+    """LR boundaries (epochs) of an ``old``-epoch schedule scaled to ``new`` epochs: each phase
+    keeps its share of training (boundaries may become fractional epochs)."""
+    return tuple(round(float(b) * new / old, 6) for b in boundaries)
 
 
 def shorten(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
-    """``config`` with ``epochs`` epochs and its LR boundaries (and fine-tuning epochs, at
-    least 1 if any) scaled to match."""
+    """``config`` with ``epochs`` epochs; its LR boundaries and warm-up scaled by ``epochs /
+    config.epochs`` (so a 3-epoch SFP recipe still warms up, reaches LR 0.1 and steps down as
+    the 200-epoch one does), and fine-tuning epochs scaled (at least 1 if any)."""
     c = ml_collections.ConfigDict(config.to_dict())
     if epochs != c.epochs:
         c.optimizer.boundaries = scale_boundaries(tuple(c.optimizer.boundaries), c.epochs, epochs)
+        if "warmup_epochs" in c.optimizer:
+            c.optimizer.warmup_epochs = round(float(c.optimizer.warmup_epochs) * epochs / c.epochs, 6)
         if c.get("finetune_epochs", 0):
             c.finetune_epochs = max(1, int(round(c.finetune_epochs * epochs / c.epochs)))
         c.epochs = int(epochs)

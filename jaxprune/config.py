@@ -46,8 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.schedule = "sfp_cifar"  # one of LR_SCHEDULES
     c.optimizer.base_lr = 0.1
-    c.optimizer.warmup_lr = 0.01  # sfp_cifar: LR of the first epoch
-    c.optimizer.boundaries = (60, 120, 160)  # epochs
+    c.optimizer.warmup_lr = 0.01  # sfp_cifar: LR of the warm-up (the first epoch)
+    c.optimizer.warmup_epochs = 1.0  # sfp_cifar: length of the warm-up (fractional epochs allowed)
+    c.optimizer.boundaries = (60, 120, 160)  # epochs (fractional allowed: shortened recipes)
     c.optimizer.factor = 0.2
     c.optimizer.momentum = 0.9
     c.optimizer.nesterov = True
@@ -134,6 +135,18 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> m
     return config
 
 
+def _numbers(tree: Any, prefix: str = ""):
+    """``(dotted key, float value)`` of every number in a nested dict/list (bools excluded)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _numbers(v, f"{prefix}{k}.")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _numbers(v, f"{prefix[:-1]}[{i}].")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix[:-1], float(tree)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad value of ``config``."""
     from jaxprune.methods import METHODS
@@ -142,6 +155,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     def bad(key, value, allowed):
         raise ValueError(f"config.{key}={value!r} is not allowed; expected {allowed}")
 
+    for key, v in _numbers(config.to_dict()):
+        if not math.isfinite(v):
+            bad(key, v, "a finite number")
     if config.model not in MODEL_NAMES:
         bad("model", config.model, f"one of {', '.join(MODEL_NAMES)}")
     if config.dataset not in DATASETS:
@@ -157,9 +173,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     opt = config.optimizer
     if opt.schedule not in LR_SCHEDULES:
         bad("optimizer.schedule", opt.schedule, f"one of {', '.join(LR_SCHEDULES)}")
-    for key in ("base_lr", "warmup_lr", "weight_decay", "momentum", "factor"):
-        if not opt[key] >= 0:
-            bad(f"optimizer.{key}", opt[key], "a number >= 0")
+    for key in ("base_lr", "warmup_lr", "weight_decay", "momentum", "factor", "warmup_epochs"):
+        v = opt.get(key, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad(f"optimizer.{key}", v, "a finite number >= 0")
+    bounds = tuple(opt.boundaries)
+    if any(isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0
+           for b in bounds) or list(bounds) != sorted(bounds):
+        bad("optimizer.boundaries", opt.boundaries, "sorted finite epochs >= 0")
+
     for key in ("mean", "std"):
         v = tuple(config[key])
         if v and not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):

@@ -192,6 +192,20 @@ def _default_offline_roots() -> list[Path]:
     return roots
 
 
+def cifar_available(name: str, data_dir: str | os.PathLike | None = None) -> bool:
+    """Whether `load_cifar` would find ``name`` without downloading (a cheap look, no read)."""
+    roots = [Path(data_dir)] if data_dir else []
+    if os.environ.get(ENV_DATA_DIR):
+        roots.append(Path(os.environ[ENV_DATA_DIR]))
+    roots += _default_offline_roots()
+    for r in roots:
+        if _shard_files(r / name) or (data_dir and _shard_files(r)):
+            return True
+    tfds_dirs = [os.environ.get("TFDS_DATA_DIR", ""), os.environ.get(ENV_DATA_DIR, ""),
+                 str(Path.home() / "tensorflow_datasets")]
+    return any(d and (Path(d) / name).is_dir() for d in tfds_dirs)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -79,7 +79,8 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     o = config.optimizer
     if o.schedule == "sfp_cifar":
         return training.sfp_cifar_schedule(steps_per_epoch, base_lr=o.base_lr, warmup_lr=o.warmup_lr,
-                                           boundaries=tuple(o.boundaries), factor=o.factor)
+                                           boundaries=tuple(o.boundaries), factor=o.factor,
+                                           warmup_epochs=float(o.get("warmup_epochs", 1.0)))
     if o.schedule == "step":
         return training.step_schedule(steps_per_epoch, base_lr=o.base_lr,
                                       boundaries=tuple(o.boundaries), factor=o.factor)

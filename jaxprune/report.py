@@ -26,9 +26,12 @@ and writes one table per paper (SFP, PFEC, GHFP, HFP, dense baselines) with EVER
   HFP table: the targets.
 
 With ``plots`` a PNG per (data set, model) with at least one record is drawn (matplotlib, Agg
-canvas), ``<plots>/<dataset>_<model>.png``: accuracy against MACs reduction (conv + FC), one
-colour per method (methods side by side), our runs filled with std error bars, the papers'
-figures of the same data set and model hollow.
+canvas), ``<plots>/<dataset>_<model>.png``: accuracy against MACs reduction on the paper's
+counting convention (`draw_plot`), one colour per method, our runs filled with std error bars,
+the papers' figures hollow, each paper's dense baseline dashed.
+
+``diff`` is shown only for rows run on the paper's schedule; rows whose data set is not on this
+machine say so (`unavailable_reason`) instead of "not yet run".
 
 The tables go between the markers ``<!-- report:begin -->`` and ``<!-- report:end -->`` of
 ``out_md``; everything outside them (a hand-written preamble, notes on sanity runs) is kept.
@@ -176,7 +179,8 @@ def summarize(name: str, cfg: Mapping | None, records: Sequence[dict]) -> list[d
     published = paper.get("baseline_acc" if method == "dense" else "pruned_acc", -1.0)
     base["paper_acc"] = None if published is None or float(published) < 0 else float(published)
     if not records:
-        return [dict(base, schedule=NOT_RUN, n=0)]
+        why = unavailable_reason(base["dataset"])
+        return [dict(base, schedule=why or NOT_RUN, n=0, not_run=True)]
     out = []
     for schedule, recs in _schedules(records).items():
         accs = [a for a in (_accuracy(r) for r in recs) if a is not None]
@@ -201,16 +205,36 @@ def summarize(name: str, cfg: Mapping | None, records: Sequence[dict]) -> list[d
     return out
 
 
+def unavailable_reason(dataset: str) -> str | None:
+    """Why rows of ``dataset`` cannot run with the data this machine has, or None when they can
+    (CIFAR: a local copy or a prepared TFDS copy; ImageNet: a prepared TFDS ``imagenet2012``,
+    which needs a manual download)."""
+    from jaxprune import data as data_lib
+
+    if dataset in ("cifar10", "cifar100") and not data_lib.cifar_available(dataset):
+        return f"cannot run here: no {dataset} data (local copy or prepared TFDS)"
+    if dataset == "imagenet2012":
+        dirs = [os.environ.get("TFDS_DATA_DIR", ""), os.environ.get("JAXPRUNE_DATA_DIR", ""),
+                str(Path.home() / "tensorflow_datasets")]
+        if not any(d and (Path(d) / "imagenet2012").is_dir() for d in dirs):
+            return "cannot run here: no prepared TFDS imagenet2012 (manual download)"
+    return None
+
+
 def format_acc(line: Mapping) -> str:
-    if line["schedule"] == NOT_RUN or line.get("acc_mean") is None:
-        return NOT_RUN if line["schedule"] == NOT_RUN else DASH
+    if line.get("not_run") or line.get("acc_mean") is None:
+        return line["schedule"] if line.get("not_run") else DASH
     m, s = line["acc_mean"], line.get("acc_std")
     return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
 def format_diff(line: Mapping) -> str:
+    """ours - paper, only for a row run on the paper's schedule (else the schedule's name: a
+    shortened run is not comparable with a published figure)."""
     if line.get("acc_mean") is None or line.get("paper_acc") is None:
         return DASH
+    if line.get("schedule") != "paper":
+        return f"n/a ({line['schedule']})"
     return f"{100 * line['acc_mean'] - line['paper_acc']:+.2f}"
 
 
@@ -236,7 +260,7 @@ def table_markdown(table: str, lines: Sequence[Mapping]) -> str:
     rows = []
     for ln in lines:
         p = ln["paper"]
-        run = ln["schedule"] != NOT_RUN
+        run = not ln.get("not_run")
         macs = (f"{_pct(ln.get('macs_reduction_conv'))} / {_pct(ln.get('macs_reduction_conv_fc'))}"
                 if run else DASH)
         params = f"{_pct(ln.get('params_reduction')) if run else DASH} / {_published(p.get('params_reduction'), 1)}"
@@ -301,9 +325,19 @@ def plot_groups(lines: Iterable[Mapping]) -> "OrderedDict[tuple[str, str], list[
     return groups
 
 
+def _paper_name(source: str) -> str:
+    return (source or "paper").split(" ")[0]
+
+
 def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) -> bool:
     """Accuracy vs MACs reduction of one (data set, model), our runs against the papers' figures;
-    False (nothing drawn) when none of ``lines`` has a result of ours."""
+    False (nothing drawn) when none of ``lines`` has a result of ours.
+
+    Both sides use one counting convention per method: SFP-family rows on SFP's closed-form
+    figure (what SFP prints; ours filled, joined by a thin line to the exact count of our
+    compact model, an ``x``), the others on exact conv + FC MACs (as PFEC counts). Each paper's
+    own dense baseline is a dashed line; our schedule is in the legend, all text inside the axes.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -311,48 +345,58 @@ def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) ->
     theirs = [ln for ln in lines if ln.get("paper_acc") is not None]
     if not ours:
         return False
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.6))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     labelled = set()
 
-    def label(kind: str, method: str) -> str | None:
-        key = (kind, method)
-        if key in labelled:
+    def label(text: str) -> str | None:
+        if text in labelled:
             return None
-        labelled.add(key)
-        return f"{method.upper()} ({kind})"
+        labelled.add(text)
+        return text
 
     for ln in ours:
         method = ln["method"] or "?"
-        x = 0.0 if method == "dense" else 100 * (ln.get("macs_reduction_conv_fc") or 0.0)
+        color = _COLORS.get(method, "gray")
         y = 100 * ln["acc_mean"]
         err = 100 * ln["acc_std"] if ln.get("acc_std") is not None else None
+        if method == "dense":
+            x, exact = 0.0, None
+        elif method in SOFT_METHODS and ln.get("formula") is not None:
+            x, exact = 100 * ln["formula"], 100 * (ln.get("macs_reduction_conv") or 0.0)
+        else:
+            x, exact = 100 * (ln.get("macs_reduction_conv_fc") or 0.0), None
         ax.errorbar([x], [y], yerr=None if err is None else [err], fmt="o", ms=7, capsize=3,
-                    color=_COLORS.get(method, "gray"), label=label("ours", method))
-        tag = ln["row"].split("_")[-1] if ln["row"].count("_") >= 3 else ""
-        if ln["schedule"] != "paper":
-            tag = (tag + " " if tag else "") + ln["schedule"]
-        if tag:
-            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                    color=color, label=label(f"{method.upper()} ours ({ln['schedule']})"))
+        if exact is not None:
+            ax.plot([x, exact], [y, y], "-", lw=0.8, color=color)
+            ax.plot([exact], [y], "x", ms=7, color=color,
+                    label=label("ours, exact count of the compact model"))
+    baselines = {}
     for ln in theirs:
         method = ln["method"] or "?"
         p = ln["paper"]
+        base = p.get("baseline_acc", -1)
+        if base is not None and float(base) >= 0:
+            baselines.setdefault(_paper_name(p.get("source", "")), float(base))
         red = p.get("macs_reduction", -1)
         x = 0.0 if method == "dense" else (float(red) if red is not None and float(red) >= 0 else None)
         if x is None:
             continue
         ax.plot([x], [ln["paper_acc"]], marker="o", ms=8, mfc="none", ls="none",
-                color=_COLORS.get(method, "gray"), label=label("paper", method))
-    ax.set_xlabel("MACs reduction (%)   [filled: ours, conv + FC, compact model; hollow: paper]",
-                  fontsize=8)
+                color=_COLORS.get(method, "gray"), label=label(f"{method.upper()} paper"))
+    for k, (name, acc) in enumerate(sorted(baselines.items())):
+        ax.axhline(acc, ls="--", lw=0.8, color=f"C{k + 5}", label=label(f"{name} dense (paper)"))
+    ax.set_xlabel("MACs reduction (%): SFP rows as SFP's formula, others exact conv + FC", fontsize=8)
     ax.set_ylabel("test accuracy (%)" if dataset != "imagenet2012" else "top-1 accuracy (%)")
-    ax.set_title(f"{dataset} {model}")
+    ax.set_title(f"{dataset} {model}", fontsize=10)
     ax.grid(True, alpha=0.3)
+    ax.margins(x=0.08, y=0.12)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=110, bbox_inches="tight")  # annotations may reach past the axes
+    fig.savefig(str(path), dpi=110)
     return True
 
 
@@ -368,7 +412,7 @@ def build_markdown(rows: Mapping[str, Mapping], records: Mapping[str, Sequence[d
         "",
         "Accuracies in percent: ours = test accuracy of the compacted model (top-1 on ImageNet), "
         "mean ± sample std (ddof=1) over the seeds found (`seeds` = found / planned); paper = the "
-        "published pruned accuracy (baseline accuracy for dense rows); diff = ours - paper. MACs "
+        "published pruned accuracy (baseline accuracy for dense rows); diff = ours - paper, only for rows run on the paper's schedule. MACs "
         "reductions of the compacted model in two conventions (conv only, as SFP's scripts; conv + "
         "FC, as PFEC); `SFP formula` = SFP's closed form at the float keep ratio, which SFP's "
         "tables print. Params counted with BN (PFEC's Table 1 leaves BN out). Schedules: `paper` = "

@@ -117,33 +117,40 @@ def make_optimizer(
 def step_schedule(
     steps_per_epoch: int,
     base_lr: float = 0.1,
-    boundaries: Sequence[int] = (30, 60, 90),
+    boundaries: Sequence[float] = (30, 60, 90),
     factor: float = 0.1,
-    warmup_epochs: int = 0,
+    warmup_epochs: float = 0,
     warmup_lr: float | None = None,
 ) -> optax.Schedule:
-    """Epoch-wise piecewise-constant LR as an optax schedule of the step count.
+    """Piecewise-constant LR over epochs as an optax schedule of the step count.
 
-    With ``epoch = step // steps_per_epoch``: ``warmup_lr`` while ``epoch < warmup_epochs``,
-    else ``base_lr * factor ** (number of boundaries <= epoch)``. The defaults are the ImageNet
+    ``boundaries`` and ``warmup_epochs`` are in epochs and may be fractional (a shortened
+    recipe keeps each phase's share of training); each becomes the step
+    ``round(epochs * steps_per_epoch)``. ``warmup_lr`` before the warm-up step, else
+    ``base_lr * factor ** (number of boundary steps <= step)``. The defaults are the ImageNet
     recipe (0.1, x0.1 at epochs 30, 60, 90). The values are computed once in float64 and
     rounded to float32, as PyTorch multiplies its Python-float LR.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    bounds = [int(b) for b in boundaries]
-    if bounds != sorted(bounds) or any(b < 0 for b in bounds):
+    bounds = [float(b) for b in boundaries]
+    if bounds != sorted(bounds) or any(not (b >= 0) or not np.isfinite(b) for b in bounds):
         raise ValueError(f"boundaries must be sorted non-negative epochs, got {tuple(boundaries)}")
+    if not (warmup_epochs >= 0 and np.isfinite(warmup_epochs)):
+        raise ValueError(f"warmup_epochs must be a finite number >= 0, got {warmup_epochs}")
     if warmup_epochs and warmup_lr is None:
         raise ValueError("warmup_epochs > 0 needs warmup_lr")
     values = jnp.asarray([base_lr * factor**k for k in range(len(bounds) + 1)], jnp.float32)
-    bounds_arr = jnp.asarray(bounds, jnp.int32)
+    bound_steps = jnp.asarray([int(round(b * steps_per_epoch)) for b in bounds], jnp.int32)
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
+    if warmup_epochs and warmup_steps == 0:
+        warmup_steps = 1  # a scaled-down warm-up still happens, for one step
 
     def schedule(count):
-        epoch = jnp.asarray(count, jnp.int32) // steps_per_epoch
-        lr = values[jnp.sum(epoch >= bounds_arr)] if bounds else values[0]
-        if warmup_epochs:
-            lr = jnp.where(epoch < warmup_epochs, jnp.float32(warmup_lr), lr)
+        step = jnp.asarray(count, jnp.int32)
+        lr = values[jnp.sum(step >= bound_steps)] if bounds else values[0]
+        if warmup_steps:
+            lr = jnp.where(step < warmup_steps, jnp.float32(warmup_lr), lr)
         return lr
 
     return schedule
@@ -153,13 +160,14 @@ def sfp_cifar_schedule(
     steps_per_epoch: int,
     base_lr: float = 0.1,
     warmup_lr: float = 0.01,
-    boundaries: Sequence[int] = (60, 120, 160),
+    boundaries: Sequence[float] = (60, 120, 160),
     factor: float = 0.2,
+    warmup_epochs: float = 1.0,
 ) -> optax.Schedule:
     """The official SFP CIFAR recipe (methods.md section 2): 0.01 for the first epoch, then 0.1,
-    x0.2 at epochs 60, 120 and 160."""
+    x0.2 at epochs 60, 120 and 160 (a shortened recipe scales ``warmup_epochs`` too)."""
     return step_schedule(steps_per_epoch, base_lr, boundaries, factor,
-                         warmup_epochs=1, warmup_lr=warmup_lr)
+                         warmup_epochs=warmup_epochs, warmup_lr=warmup_lr)
 
 
 def constant_schedule(learning_rate: float) -> optax.Schedule:

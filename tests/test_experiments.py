@@ -199,9 +199,31 @@ def test_overrides_reach_dependencies_only_for_environment_keys(tmp_path):
     assert (row.config.data_dir, row.config.batch_size) == ("/x", 64)
 
 
+def test_a_shortened_recipe_keeps_each_lr_phase_share(tmp_path):
+    """A 3-epoch SFP recipe warms up, reaches LR 0.1 and steps down x0.2 three times, each phase
+    holding the same share of the steps as in the 200-epoch recipe (to within a step)."""
+    from jaxprune.experiment import make_schedule
+
+    (full,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path), only_seed=0)
+    (short,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, epochs=3), only_seed=0)
+    spe = 390
+
+    def shares(cfg):
+        sched = make_schedule(cfg, spe)
+        lrs = np.asarray([float(sched(i)) for i in range(cfg.epochs * spe)], np.float32)
+        values, counts = np.unique(lrs, return_counts=True)
+        return dict(zip(values.tolist(), (counts / len(lrs)).tolist()))
+
+    a, b = shares(full.config), shares(short.config)
+    assert sorted(a) == sorted(b) and len(a) == 5  # 0.01 warm-up, 0.1, 0.02, 0.004, 0.0008
+    assert max(b) == pytest.approx(0.1)
+    for lr in a:
+        assert abs(a[lr] - b[lr]) <= 1.0 / (3 * spe) + 1e-9, (lr, a[lr], b[lr])
+
+
 def test_schedules_and_labels(tmp_path):
     assert runner.scale_boundaries((60, 120, 160), 200, 20) == (6, 12, 16)
-    assert runner.scale_boundaries((60, 120, 160), 200, 2) == (1,)
+    assert runner.scale_boundaries((60, 120, 160), 200, 2) == (0.6, 1.2, 1.6)
     (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, epochs=20), only_seed=0)
     assert job.schedule == "short (20 epochs)" and tuple(job.config.optimizer.boundaries) == (6, 12, 16)
     (job,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path), only_seed=2)
@@ -335,10 +357,16 @@ def test_report_lists_every_row_and_computes_mean_and_std(tmp_path):
     assert cells[7] == "37.7 / 37.6" and cells[8] == "52.6" and cells[9] == "52.6"
     assert cells[11] == "gpu:NVIDIA H100 x1"
     assert _table_line(md, "sfp_resnet56_cifar10", "tiny")[4] == "50.00"
-    # every row without a record says so
+    # a short (here: tiny) row shows no diff against the paper, but its schedule
+    assert _table_line(md, "sfp_resnet56_cifar10", "tiny")[6] == "n/a (tiny)"
+    # every row without a record says so, or why it cannot run on this machine's data
     not_run = [r for r in EXPECTED_ROWS if r not in ("sfp_resnet56_cifar10", "ghfp_resnet56_cifar10")]
     for row in not_run:
-        assert _table_line(md, row)[2] == report.NOT_RUN, row
+        cfg = report.load_rows()[row]
+        why = report.unavailable_reason(cfg["dataset"])
+        assert _table_line(md, row)[2] == (why or report.NOT_RUN), row
+        if cfg["dataset"] == "imagenet2012" and why:
+            assert "imagenet2012" in why
     assert "| `my_adhoc_run` |" in md  # a record without a config still shows up
     ghfp = _table_line(md, "ghfp_resnet56_cifar10")
     assert ghfp[4] == "91.00" and ghfp[7] == "80.00"  # acc. at T/2 column
@@ -361,7 +389,9 @@ def test_report_creates_and_appends_markers(tmp_path):
     report.write_report(tmp_path / "none", new)
     text = new.read_text()
     assert text.count(report.BEGIN) == 1 and text.count(report.END) == 1
-    assert text.count(report.NOT_RUN) >= 2 * len(EXPECTED_ROWS)
+    for row in EXPECTED_ROWS:  # schedule and accuracy cells: not run, or why it cannot run here
+        cells = _table_line(text, row)
+        assert cells[2] == cells[4] and (cells[2] == report.NOT_RUN or cells[2].startswith("cannot run here"))
     old = tmp_path / "old.md"
     old.write_text("# My notes\n")
     report.write_report(tmp_path / "none", old)
