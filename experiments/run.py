@@ -333,6 +333,32 @@ class DataCache:
         return self._cache[key]
 
 
+def check_paper_baseline(job: Job, opts: Options) -> None:
+    """A row labelled 'paper' must start from imported weights or from a baseline trained on
+    its own row's paper schedule (all training images, all epochs); ValueError otherwise."""
+    if job.schedule != "paper" or not job.config.pretrained:
+        return
+    from jaxprune.experiment import baseline_provenance
+
+    prov = baseline_provenance(job.config.pretrained)
+    if prov["kind"] == "imported":
+        return
+    try:
+        paper_epochs = load_row(str(prov.get("name")), opts.config_dir).epochs
+    except (ValueError, FileNotFoundError):
+        paper_epochs = None
+    short = (paper_epochs is None or int(prov.get("epochs") or 0) < paper_epochs
+             or int(prov.get("train_subset") or 0) > 0)
+    if short:
+        subset = f" on {prov['train_subset']} images" if prov.get("train_subset") else ""
+        recipe = f"its recipe has {paper_epochs}" if paper_epochs else "not a paper row"
+        raise ValueError(
+            f"row {job.row} is labelled 'paper' but its baseline {prov['dir']} ({prov.get('name')}) "
+            f"was trained {prov.get('epochs')} epochs{subset} ({recipe}); start it from imported "
+            "weights (jaxprune import ... then --config.pretrained=DIR) or a paper-schedule "
+            "baseline, or run it shortened (--epochs N)")
+
+
 def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]:
     """Runs (or skips) one job; returns ``(status, record)``."""
     if opts.tiny and is_imagenet(job.config):
@@ -344,6 +370,7 @@ def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]
         # a finished dependency serves as it is, whatever schedule produced it
         return "finished earlier (used as the pretrained model)", None
     check_workdir(job)
+    check_paper_baseline(job, opts)
     if result_path.is_file():
         return "finished earlier", write_record(job, json.loads(result_path.read_text()))
     from jaxprune.experiment import run

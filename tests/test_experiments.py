@@ -299,6 +299,34 @@ def test_a_finished_dependency_serves_any_schedule(tmp_path):
     assert (paper.workdir / "result.json").is_file() and not dep.record_path.exists()
 
 
+def test_a_paper_row_refuses_a_short_baseline_and_accepts_imported_weights(tmp_path):
+    (short,) = runner.plan(["dense_resnet56_cifar10"], _opts(tmp_path, epochs=3), only_seed=0)
+    short.workdir.mkdir(parents=True)
+    (short.workdir / "config.json").write_text(json.dumps(short.config.to_dict(), default=list))
+    (short.workdir / "result.json").write_text(json.dumps({"compact_accuracy": 0.5}))
+    opts = _opts(tmp_path)
+    dep, row = runner.plan(["pfec_resnet56_cifar10_A"], opts, only_seed=0)
+    assert row.schedule == "paper"
+    with pytest.raises(ValueError, match=r"labelled 'paper' .* trained 3 epochs .*its recipe has 200"):
+        runner.check_paper_baseline(row, opts)
+    status = runner.run_jobs([dep, row], opts)
+    assert "labelled 'paper'" in status[("pfec_resnet56_cifar10_A", 0)]
+    assert not row.workdir.exists(), "a refused row writes nothing"
+    # a shortened row may start from it; a paper row may start from imported weights
+    (srow,) = [j for j in runner.plan(["pfec_resnet56_cifar10_A"], _opts(tmp_path, epochs=3),
+                                      only_seed=0) if j.requested]
+    runner.check_paper_baseline(srow, opts)
+    imp = tmp_path / "imp"
+    imp.mkdir()
+    (imp / "config.json").write_text(json.dumps({"name": "import_resnet56", "epochs": 200}))
+    (imp / "import.json").write_text(json.dumps({"source": "x.npz", "sha256": "0" * 64}))
+    (row,) = [j for j in runner.plan(["pfec_resnet56_cifar10_A"],
+                                     _opts(tmp_path, overrides=(f"pretrained={imp}",)), only_seed=0)
+              if j.requested]
+    assert row.config.pretrained == str(imp) and row.depends is None
+    runner.check_paper_baseline(row, opts)
+
+
 def test_imagenet_rows_are_skipped_in_tiny_mode(tmp_path):
     opts = _opts(tmp_path, tiny=True)
     jobs = runner.plan(["pfec_resnet34_imagenet_C"], opts)
