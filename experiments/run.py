@@ -251,7 +251,7 @@ def plan(rows: Sequence[str], opts: Options, seeds: int | None = None,
 
 
 def _normalized(d: dict) -> dict:
-    d = json.loads(json.dumps(d, default=list))
+    d = config_lib.with_defaults(d)
     for k in IGNORED_ON_RESUME:
         d.pop(k, None)
     return d

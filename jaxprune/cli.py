@@ -22,6 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 
+EXIT_USAGE = 2  # a bad input, a missing or unusable file: nothing was written
+EXIT_DIVERGED = 3  # training diverged (non-finite loss or params); the last good checkpoint stays
+
+
 def _config_from(args, overrides: Sequence[str]):
     from jaxprune import config as config_lib
 
@@ -47,7 +51,8 @@ def cmd_train(args, overrides) -> int:
     cfg = _config_from(args, overrides)
     if getattr(args, "checkpoint", None):
         cfg.pretrained = args.checkpoint
-    rec = run(cfg, args.workdir, progress=not args.no_progress)
+    rec = run(cfg, args.workdir, progress=not args.no_progress,
+              allow_schedule_change=args.allow_schedule_change)
     _print_record(rec)
     print(f"compact model saved to {Path(args.workdir) / 'compact'}")
     return 0
@@ -146,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--workdir", required=True)
         t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ../shared/data)")
         t.add_argument("--no-progress", action="store_true")
+        t.add_argument("--allow-schedule-change", action="store_true",
+                       help="resume a run in --workdir with changed epochs / batch / optimizer "
+                            "(recorded in config_changes.jsonl); refused otherwise")
         t.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
         t.set_defaults(func=cmd_train)
 
@@ -200,12 +208,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
+    from jaxprune.training import DivergenceError
+
     try:
         return args.func(args, overrides)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+    except DivergenceError as e:
+        print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
+              "written from the diverged state", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in str(msg):
+            msg = f"{e.filename}: {e.strerror or e}"
         print(f"jaxprune {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -161,6 +161,13 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
                 "through the keep_out/keep_in contract (docs/design.md, section 6); use "
                 "compact_variables for the variables alone")
     validate_masks(masks, graph)
+    from jaxprune.masks import check_tree
+
+    check_tree(variables, graph)
+    empty = [g for g, m in masks.items() if not np.any(np.asarray(m) > 0)]
+    if empty:
+        raise ValueError(f"group {empty[0]!r} keeps no channel (an all-zero mask): compaction "
+                         "would build a layer of width 0; keep at least one channel per group")
     kept = align_masks(masks, align)
     if align > 1:
         from jaxprune.masks import apply_masks, binarize

@@ -81,6 +81,23 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def with_defaults(recorded: dict) -> dict:
+    """A recorded config (``config.json`` of a run) completed with the `base_config` defaults of
+    keys added since it was written, as JSON types; recorded values win."""
+    import json
+
+    def merge(base, over):
+        if isinstance(base, dict) and isinstance(over, dict):
+            out = dict(base)
+            for k, v in over.items():
+                out[k] = merge(base.get(k), v) if k in base else v
+            return out
+        return over
+
+    base = json.loads(json.dumps(base_config().to_dict(), default=list))
+    return merge(base, json.loads(json.dumps(recorded, default=list)))
+
+
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
     """Imports the Python file ``path`` and returns its ``get_config()``."""
     p = Path(path)

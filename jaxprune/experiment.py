@@ -108,6 +108,9 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     variables = model.init(jax.random.PRNGKey(config.seed), x, train=False)
     graph = trace_linen(model, variables, x, residual=config.method.residual)
+    if config.batch_size % jax.device_count():
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices; use a multiple of {jax.device_count()}")
     steps = ds.num_train // config.batch_size
     if steps == 0:
         raise ValueError(f"config.batch_size={config.batch_size} exceeds the {ds.num_train} training images")
@@ -298,20 +301,82 @@ def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, prepr
     return state, [relabel(r) for r in history]
 
 
+# config keys a resumed run may never change (the checkpoint's structure and meaning)...
+RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed",
+                "train_subset")
+# ... and keys that change the schedule: refused unless allowed, then recorded
+RESUME_SCHEDULE = ("epochs", "batch_size", "optimizer", "finetune_epochs", "finetune_lr")
+
+
+def check_workdir(workdir: Path) -> None:
+    """Raises OSError naming ``workdir`` when it cannot be a run directory (a file, under a file,
+    not writable), before anything is written."""
+    p = workdir.absolute()
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(20, "the run directory is an existing file, not a directory", str(workdir))
+    parent = p
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(20, f"{parent} is a file, so the run directory cannot be created",
+                                 str(workdir))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"{parent} is not writable", str(workdir))
+
+
+def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
+                 allow_schedule_change: bool = False) -> dict:
+    """Compares ``config`` with the run already in ``workdir`` (its ``config.json``), if any.
+
+    A change of model, data, method or anything else in `RESUME_FIXED` is refused (ValueError
+    naming the keys); a change of the schedule (`RESUME_SCHEDULE`) too, unless
+    ``allow_schedule_change``. Returns ``{key: [old, new]}`` of the allowed changes."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+    old = config_lib.with_defaults(old)
+    new = config_lib.with_defaults(config.to_dict())
+    differ = lambda k: json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)  # noqa: E731
+    fixed = [k for k in RESUME_FIXED if differ(k)]
+    if fixed:
+        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in fixed[:3])
+        raise ValueError(f"{workdir} holds a run with another {', '.join(fixed)} ({shown}); refusing "
+                         "to resume it: use another --workdir")
+    sched = {k: [old.get(k), new.get(k)] for k in RESUME_SCHEDULE if differ(k)}
+    if sched and not allow_schedule_change:
+        raise ValueError(f"{workdir} holds a run with another schedule ({', '.join(sched)} differ); "
+                         "pass --allow-schedule-change to resume it with the new one (recorded in "
+                         "config_changes.jsonl), or use another --workdir")
+    return sched
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
-        dataset: data_lib.Dataset | None = None) -> dict:
-    """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record."""
+        dataset: data_lib.Dataset | None = None, allow_schedule_change: bool = False) -> dict:
+    """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record.
+
+    Everything that can be checked (config, the run directory's usability, the compatibility
+    of a run already there, pretrained weights) is checked before anything is written."""
     t0 = time.time()
     training.maybe_initialize_distributed()
     config = with_pretrained_normalization(config)
-    s = setup(config, dataset)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    check_workdir(workdir)
+    changes = check_resume(workdir, config, allow_schedule_change=allow_schedule_change)
+    s = setup(config, dataset)
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
     state = _initial_params(s, state)
+    # everything checkable is checked: only now is the run directory written
+    workdir.mkdir(parents=True, exist_ok=True)
+    if changes:
+        with open(workdir / "config_changes.jsonl", "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
     if config.pretrained:
         _record_start(s, state, workdir)
     augment_flag = config.dataset in ("cifar10", "cifar100")
@@ -373,6 +438,9 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         "host": platform.node(),
         "paper": s.config.paper.to_dict(),
         "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
+        # which weights this record (and the compact model) comes from: the final state
+        "from_state": {"which": "final", "optimizer_step": int(jax.device_get(state.step)),
+                       "epochs_done": len(history or [])},
     }
     if s.config.pretrained:
         record["baseline"] = baseline_provenance(s.config.pretrained)

@@ -40,6 +40,25 @@ def validate_masks(masks: Mapping[str, Any], graph: PruningGraph) -> None:
             raise ValueError(f"mask for group {name!r} has shape {shape}; expected ({size},)")
 
 
+def check_tree(tree: Any, graph: PruningGraph, prefix: Sequence[str] = ()) -> None:
+    """Raises ValueError unless every leaf of ``tree`` (paths with ``prefix`` prepended) is a
+    variable the graph was traced with, of the same shape: a tree of another model (or a wrong
+    ``prefix``) would otherwise be masked silently not at all, or wrongly."""
+    known = {leaf.path: tuple(leaf.shape) for leaf in graph.leaves}
+    flat = jax.tree_util.tree_leaves(tree)
+    paths = [tuple(prefix) + p for p in leaf_paths(tree)]
+    unknown = [p for p in paths if p not in known]
+    if unknown:
+        hint = "" if prefix else " (a params tree needs prefix=('params',))"
+        raise ValueError(f"the tree does not match the graph: {len(unknown)} of its {len(paths)} leaves "
+                         f"are not variables the graph was traced with, e.g. "
+                         f"{'/'.join(unknown[0])}{hint}")
+    for p, leaf in zip(paths, flat):
+        if tuple(np.shape(leaf)) != known[p]:
+            raise ValueError(f"leaf {'/'.join(p)} has shape {tuple(np.shape(leaf))} but the graph "
+                             f"was traced with {known[p]}: variables of another model?")
+
+
 class _AxisPlan(NamedTuple):
     axis: int
     groups: tuple[str, ...]
@@ -92,6 +111,7 @@ def apply_masks(tree: Any, masks: Mapping[str, jax.Array], graph: PruningGraph,
       A tree of the same structure; leaves untouched by groups are returned as they are.
     """
     validate_masks(masks, graph)
+    check_tree(tree, graph, prefix)
     plans = _plans(graph, roles)
     flat, treedef = jax.tree_util.tree_flatten(tree)
     paths = leaf_paths(tree)

@@ -491,6 +491,17 @@ def make_eval_step(model: Any, mesh: Mesh | None = None, preprocess: Preprocess 
     return step
 
 
+def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
+    """The evaluation batch for ``requested`` (an upper bound): a multiple of ``num_devices`` (at
+    least one example per device), no larger than needed for ``num_examples``; `evaluate` pads
+    the last batch, so any device count works."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+        raise ValueError(f"evaluation batch size {requested!r} is not allowed; expected a positive integer")
+    per_device = max(1, int(requested) // num_devices)
+    per_device = min(per_device, -(-num_examples // num_devices))  # no all-padding batches
+    return per_device * num_devices
+
+
 def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
              batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
              *, step: Callable | None = None) -> dict[str, float]:
@@ -517,10 +528,7 @@ def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
     if step is None:
         step = make_eval_step(model, mesh, preprocess)
         variables = replicate(step.mesh, variables)
-    ndev = step.mesh.size
-    if batch_size % ndev:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {ndev} devices of the mesh")
-    batch_size = min(batch_size, -(-n // ndev) * ndev)  # no all-padding device shards for tiny sets
+    batch_size = eval_batch_size(batch_size, n, step.mesh.size)
     rows = _process_rows(batch_size)
     labels = np.asarray(labels)
     correct, losses = [], []
@@ -542,6 +550,32 @@ def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
 # --------------------------------------------------------------------------------------------
 # The epoch loop
 # --------------------------------------------------------------------------------------------
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or non-finite parameters; nothing was saved from the
+    non-finite state (the last good checkpoint stays the latest)."""
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def check_finite(state: TrainState, train_metrics: Mapping[str, float], *, epoch: int) -> None:
+    """Raises `DivergenceError` naming the epoch, the optimizer step and the quantity when the
+    epoch's mean training loss, the params or the batch statistics are not finite."""
+    step = int(jax.device_get(state.step))
+    loss = train_metrics.get("loss")
+    if loss is not None and not np.isfinite(loss):
+        raise DivergenceError(f"training diverged: the mean training loss of epoch {epoch + 1} "
+                              f"is {loss} (optimizer step {step}); lower optimizer.base_lr")
+    for name, tree in (("params", state.params), ("batch statistics", state.batch_stats)):
+        if not bool(_all_finite(tree)):
+            raise DivergenceError(f"training diverged: the {name} hold non-finite values after "
+                                  f"epoch {epoch + 1} (optimizer step {step})")
 
 
 def _mean_metrics(ms: list[dict]) -> dict[str, float]:
@@ -657,6 +691,7 @@ def fit(
                 bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")
         bar.close()
         train = _mean_metrics(step_metrics)
+        check_finite(state, train, epoch=epoch)  # before anything is saved from this state
         state = replicate(mesh, method.end_of_epoch(state, epoch, ctx))
         record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
         record.update({f"train_{k}": v for k, v in train.items()})
@@ -698,5 +733,8 @@ __all__ = [
     "eval_step",
     "make_eval_step",
     "evaluate",
+    "eval_batch_size",
+    "check_finite",
+    "DivergenceError",
     "fit",
 ]

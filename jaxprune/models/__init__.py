@@ -56,6 +56,8 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     key = str(name).lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r} is not allowed; expected a positive integer")
     cls, fixed = _REGISTRY[key]
     clash = set(fixed) & set(kwargs)
     if clash:

@@ -1,0 +1,195 @@
+"""Bad runs never poison a run directory: divergence stops training before anything is saved
+from the non-finite state, refused commands leave the directory byte for byte unchanged, unusable
+work directories are named in one line, and the API refuses inputs that would be silently wrong."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxprune import cli, training
+from jaxprune.compaction import compact
+from jaxprune.graph import trace_linen
+from jaxprune.masks import apply_masks, init_masks
+from jaxprune.models import get_model
+
+TINY = textwrap.dedent("""
+    from jaxprune.config import base_config
+
+    def get_config():
+        c = base_config()
+        c.name = 'tiny'
+        c.model = 'resnet20'
+        c.dataset = 'digits'
+        c.image_size = 8
+        c.epochs = 1
+        c.batch_size = 64
+        c.eval_batch_size = 128
+        c.train_subset = 128
+        c.test_subset = 128
+        c.optimizer.schedule = 'constant'
+        c.optimizer.base_lr = 0.05
+        c.method.name = 'sfp'
+        c.method.rate = 0.4
+        c.keep_checkpoints = 1
+        return c
+""")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cfg") / "tiny.py"
+    p.write_text(TINY)
+    return p
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file below ``root`` with the SHA-256 of its bytes (directories as ``'dir'``)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_config, tmp_path_factory):
+    work = tmp_path_factory.mktemp("runs") / "good"
+    assert cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress"]) == 0
+    return work
+
+
+def test_divergence_stops_with_a_clear_error_and_writes_nothing_from_it(tiny_config, tmp_path, capsys):
+    work = tmp_path / "nan"
+    rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress",
+                   "--config.optimizer.base_lr=1e6", "--config.epochs=2"])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_DIVERGED, err
+    import re
+
+    m = re.search(r"training diverged: .* epoch (\d+) \(optimizer step \d+\)", err)
+    assert m and err.count("\n") == 1, err
+    bad_epoch = int(m.group(1))
+    assert not (work / "compact").exists() and not (work / "result.json").exists()
+    ckpts = work / "checkpoints"
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+    # Orbax step k holds the state after epoch k: only the epochs before the diverged one
+    assert all(k < bad_epoch for k in steps), (steps, bad_epoch)
+    metrics = (work / "metrics.jsonl").read_text().splitlines() if (work / "metrics.jsonl").exists() else []
+    assert len(metrics) == len(steps)
+
+
+def test_check_finite_names_the_quantity():
+    state = training.TrainState(step=jnp.int32(7), params={"w": jnp.array([1.0, jnp.nan])},
+                                batch_stats={}, opt_state=(), masks={}, hard={}, method_state={},
+                                rng=jax.random.PRNGKey(0))
+    with pytest.raises(training.DivergenceError, match=r"params .* after epoch 3 \(optimizer step 7\)"):
+        training.check_finite(state, {"loss": 0.5}, epoch=2)
+    ok = state.replace(params={"w": jnp.ones(2)})
+    with pytest.raises(training.DivergenceError, match="loss of epoch 1 is inf"):
+        training.check_finite(ok, {"loss": float("inf")}, epoch=0)
+    training.check_finite(ok, {"loss": 0.5}, epoch=0)
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--config.model=resnet32", "model"),
+    ("--config.method.name=dense", "method"),
+    ("--config.epochs=3", "--allow-schedule-change"),
+    ("--config.optimizer.base_lr=0.5", "optimizer"),
+])
+def test_a_refused_command_leaves_the_run_directory_unchanged(tiny_config, trained_run, capsys,
+                                                             override, named):
+    before = snapshot(trained_run)
+    rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(trained_run), "--no-progress",
+                   override])
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_USAGE and named in err and err.count("\n") == 1, err
+    assert snapshot(trained_run) == before
+
+
+def test_an_allowed_schedule_change_is_recorded(tiny_config, trained_run, tmp_path):
+    import shutil
+
+    work = tmp_path / "copy"
+    shutil.copytree(trained_run, work)
+    assert cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress",
+                     "--config.epochs=2", "--allow-schedule-change"]) == 0
+    (line,) = (work / "config_changes.jsonl").read_text().splitlines()
+    assert json.loads(line)["changes"]["epochs"] == [1, 2]
+    assert json.loads((work / "config.json").read_text())["epochs"] == 2
+    assert json.loads((work / "result.json").read_text())["from_state"]["epochs_done"] == 2
+
+
+def test_unusable_workdirs_are_named_in_one_line(tiny_config, tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    for work in (f, f / "under"):
+        rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == cli.EXIT_USAGE and str(work) in err and err.count("\n") == 1, err
+    assert f.read_text() == "x"
+
+
+def test_non_finite_config_values_are_refused(tiny_config, tmp_path, capsys):
+    rc = cli.main(["train", "--config", str(tiny_config), "--workdir", str(tmp_path / "w"),
+                   "--config.optimizer.base_lr=1e999"])
+    assert rc == cli.EXIT_USAGE and "optimizer.base_lr=inf" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- API boundaries
+
+
+@pytest.fixture(scope="module")
+def r20():
+    model = get_model("resnet20")
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), variables)
+    return model, variables, trace_linen(model, variables, x)
+
+
+def test_apply_masks_refuses_a_tree_of_another_model_or_prefix(r20):
+    model, variables, graph = r20
+    masks = init_masks(graph)
+    with pytest.raises(ValueError, match="prefix=\\('params',\\)"):
+        apply_masks(variables["params"], masks, graph)  # the prefix forgotten
+    r32 = get_model("resnet32")
+    v32 = jax.eval_shape(lambda: r32.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
+    with pytest.raises(ValueError, match="not variables the graph was traced with"):
+        apply_masks(v32, masks, graph)
+    wide = jax.tree.map(lambda a: a, variables)
+    wide["params"]["fc"]["bias"] = jnp.ones((11,))
+    with pytest.raises(ValueError, match=r"fc/bias has shape \(11,\) .* \(10,\)"):
+        apply_masks(wide, masks, graph)
+    apply_masks(variables["params"], masks, graph, prefix=("params",))  # the right way works
+
+
+def test_compact_refuses_an_empty_group(r20):
+    model, variables, graph = r20
+    masks = init_masks(graph)
+    name = next(iter(masks))
+    masks[name] = jnp.zeros_like(masks[name])
+    with pytest.raises(ValueError, match=f"group '{name}' keeps no channel"):
+        compact(model, variables, masks, graph)
+
+
+def test_bad_evaluation_batch_and_model_arguments():
+    model = get_model("resnet20")
+    with pytest.raises(ValueError, match="batch size -5"):
+        training.evaluate(model, {}, np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int32), -5)
+    with pytest.raises(ValueError, match="num_classes=0"):
+        get_model("resnet20", num_classes=0)
+
+
+@pytest.mark.parametrize("requested, n, devices, want", [
+    (500, 10000, 8, 496), (500, 10000, 1, 500), (500, 10, 8, 16), (3, 10000, 8, 8), (1000, 70, 1, 70)])
+def test_eval_batch_is_a_device_multiple_bounded_by_the_request(requested, n, devices, want):
+    assert training.eval_batch_size(requested, n, devices) == want
