@@ -210,6 +210,69 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
     return restored[STATE_ITEM], dict(restored[META_ITEM])
 
 
+class CorruptCheckpointError(ValueError):
+    """No readable checkpoint: every step failed to load (each is named with its error)."""
+
+
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
+                        mesh: jax.sharding.Mesh | None = None, warn: Any = None,
+                        set_aside: bool = True) -> tuple[Any, dict, int]:
+    """Restores the newest step that reads back completely: ``(state, meta, step)``.
+
+    A step whose files are truncated, garbage or missing (any read error) is reported through
+    ``warn`` (default: a Python warning) with the step, its directory and the error, and the
+    next older step is tried; nothing is deleted. With ``set_aside`` an unreadable step is
+    renamed to ``corrupt-<step>-<n>`` beside the steps (ignored by Orbax), so that the resumed
+    run can save that step number again. A target that does not match the stored structure or
+    shapes is not corruption: that ValueError is raised at once. Raises
+    `CorruptCheckpointError` when no step is readable, FileNotFoundError when there is none.
+    """
+    import warnings
+
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    problems = []
+    for step in steps:
+        try:
+            state, meta = restore_checkpoint(manager, target, step=step, mesh=mesh)
+            if not isinstance(meta, dict) or "next_epoch" not in meta:
+                raise ValueError("its meta item has no 'next_epoch'")
+        except ValueError as e:
+            if "does not match" in str(e):
+                raise
+            problems.append((step, e))
+        except Exception as e:  # noqa: BLE001 - tensorstore / JSON / OS errors all mean unreadable
+            problems.append((step, e))
+        else:
+            for bad, e in problems:
+                msg = (f"checkpoint step {bad} in {manager.directory} is unreadable "
+                       f"({type(e).__name__}: {_first_line(e)}); resuming from step {step}")
+                (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+                if set_aside:
+                    _set_aside(Path(str(manager.directory)), bad)
+            if problems and set_aside:
+                manager.reload()
+            return state, meta, step
+    detail = "; ".join(f"step {st}: {type(e).__name__}: {_first_line(e, 160)}" for st, e in problems)
+    raise CorruptCheckpointError(f"no readable checkpoint in {manager.directory} ({detail})")
+
+
+def _set_aside(directory: Path, step: int) -> None:
+    src = directory / str(step)
+    if not src.exists():
+        return
+    n = 0
+    while (directory / f"corrupt-{step}-{n}").exists():
+        n += 1
+    os.rename(src, directory / f"corrupt-{step}-{n}")
+
+
 # --------------------------------------------------------------------------------------------
 # Compact models
 # --------------------------------------------------------------------------------------------
@@ -266,6 +329,12 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
         "meta": _jsonable(dict(meta)),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in list(path.parent.glob(f".{path.name}.tmp-*")) + list(path.parent.glob(f".{path.name}.old-*")):
+        # left by an interrupted save (a kill between write and rename); never the live model
+        if stale.name.startswith(f".{path.name}.old-") and not path.exists():
+            os.rename(stale, path)  # the kill came between the two renames: restore the model
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
     tag = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
@@ -329,6 +398,8 @@ __all__ = [
     "make_checkpoint_manager",
     "save_checkpoint",
     "restore_checkpoint",
+    "restore_latest_good",
+    "CorruptCheckpointError",
     "abstract_variables",
     "save_compact",
     "load",

@@ -130,11 +130,19 @@ def costs(graph, masks=None) -> dict[str, int]:
 
 
 class _MetricsWriter:
-    """Appends each epoch record to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Appends each epoch record to metrics.jsonl and TensorBoard (process 0 only).
 
-    def __init__(self, workdir: Path):
+    ``phase``: None for the main training phase, ``'finetune'`` for the fine-tuning phase
+    (whose records are renumbered by ``relabel``). `rebuild` rewrites this phase's lines from a
+    checkpoint's history (on resume), so an epoch whose checkpoint committed but whose line was
+    lost to a kill is never missing, and none is duplicated."""
+
+    def __init__(self, workdir: Path, phase: str | None = None, relabel=None):
         self.path = workdir / "metrics.jsonl"
+        self.phase, self.relabel = phase, relabel or (lambda r: r)
         self.tb = None
+        if jax.process_index() != 0:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -143,6 +151,9 @@ class _MetricsWriter:
             pass
 
     def __call__(self, record: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        record = self.relabel(record)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -151,6 +162,25 @@ class _MetricsWriter:
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+
+    def rebuild(self, history: list[dict]) -> None:
+        """Rewrites metrics.jsonl: this phase's lines become ``history`` (atomically)."""
+        if jax.process_index() != 0:
+            return
+        others = []
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if rec.get("phase") != self.phase:
+                    others.append(line)
+        mine = [json.dumps(self.relabel(h)) for h in history]
+        lines = mine + others if self.phase is None else others + mine
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.path)
 
 
 def _pretrained_dir(path: str | os.PathLike) -> Path:
@@ -293,10 +323,10 @@ def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, prepr
     ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
                         steps_per_epoch=s.ctx.steps_per_epoch)
     relabel = functools.partial(_as_finetune_epoch, main_epochs=c.epochs)
-    writer = _MetricsWriter(workdir)
+    writer = _MetricsWriter(workdir, phase="finetune", relabel=relabel)
     state, history = _fit_phase(s, state, FixedMasks(), ctx, optimizer, epochs=c.finetune_epochs,
                                 seed=c.seed + 1, ckpt_dir=workdir / "checkpoints_finetune",
-                                writer=lambda r: writer(relabel(r)), augment=augment,
+                                writer=writer, augment=augment,
                                 preprocess=preprocess, progress=progress)
     return state, [relabel(r) for r in history]
 
@@ -523,7 +553,7 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
 
 def _restore_run(run_dir: Path):
     """Setup and the latest training state of a run directory (its config.json)."""
-    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
+    from jaxprune.checkpoints import make_checkpoint_manager, restore_latest_good
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -536,8 +566,11 @@ def _restore_run(run_dir: Path):
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
     if mgr.latest_step() is None:
         raise FileNotFoundError(f"{str(run_dir / 'checkpoints')!r} holds no checkpoint")
-    state, meta = restore_checkpoint(mgr, state)
-    mgr.close()
+    try:  # read-only: an unreadable step is reported and skipped, never moved
+        state, meta, _ = restore_latest_good(mgr, state, set_aside=False,
+                                             warn=lambda m: print(f"warning: {m}", flush=True))
+    finally:
+        mgr.close()
     return s, state, meta
 
 

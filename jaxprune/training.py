@@ -635,7 +635,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from jaxprune.checkpoints import restore_checkpoint, save_checkpoint
+    from jaxprune.checkpoints import restore_latest_good, save_checkpoint
     from jaxprune.data import epoch_batches, num_batches
 
     if epochs < 1:
@@ -667,12 +667,15 @@ def fit(
     history: list[dict] = []
     start_epoch = 0
     if checkpoint_manager is not None and checkpoint_manager.latest_step() is not None:
-        state, meta = restore_checkpoint(checkpoint_manager, state, mesh=mesh)
+        state, meta, _ = restore_latest_good(checkpoint_manager, state, mesh=mesh,
+                                             warn=lambda m: print(f"warning: {m}", flush=True))
         if meta.get("method") not in (None, method_name):
             raise ValueError(f"the checkpoint in {checkpoint_manager.directory} was written by method "
                              f"{meta.get('method')!r}, not {method_name!r}")
         start_epoch = int(meta["next_epoch"])
         history = list(meta.get("history", []))
+        if metrics_writer is not None and hasattr(metrics_writer, "rebuild"):
+            metrics_writer.rebuild(history)  # the checkpoint's history is the truth
         if main_process and progress:
             print(f"resuming from {checkpoint_manager.directory} at epoch {start_epoch}")
 

@@ -4,6 +4,7 @@ work directories are named in one line, and the API refuses inputs that would be
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import textwrap
@@ -193,3 +194,80 @@ def test_bad_evaluation_batch_and_model_arguments():
     (500, 10000, 8, 496), (500, 10000, 1, 500), (500, 10, 8, 16), (3, 10000, 8, 8), (1000, 70, 1, 70)])
 def test_eval_batch_is_a_device_multiple_bounded_by_the_request(requested, n, devices, want):
     assert training.eval_batch_size(requested, n, devices) == want
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
+    from jaxprune import data as data_lib
+    from jaxprune.checkpoints import make_checkpoint_manager
+    from jaxprune.methods import get_method
+    from jaxprune.methods.base import MethodContext
+
+    ds = data_lib.load_digits_dataset(image_size=8)
+    model = get_model("resnet20")
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    graph = trace_linen(model, variables, x)
+    opt = training.make_optimizer(0.05)
+    state = training.create_train_state(model, graph, jax.random.PRNGKey(0), x, opt)
+    ctx = MethodContext(graph=graph, total_epochs=epochs, steps_per_epoch=2)
+    mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=5)
+    try:
+        return training.fit(model, graph, get_method("sfp", rate=0.3), ctx, state, opt,
+                            (ds.x_train[:128], ds.y_train[:128]), None, epochs=epochs, batch_size=64,
+                            augment=functools.partial(data_lib.augment_batch, mean=ds.mean,
+                                                      std=ds.std, pad=0, flip=False),
+                            checkpoint_manager=mgr, progress=False, metrics_writer=writer)
+    finally:
+        mgr.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate_array", "garbage_meta", "drop_meta"])
+def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capsys, damage):
+    ckpts = tmp_path / "ck"
+    _, hist = _tiny_fit(tmp_path, 2, ckpts)
+    step2 = ckpts / "2"
+    if damage == "truncate_array":
+        files = [p for p in (step2 / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
+        for p in files:
+            p.write_bytes(p.read_bytes()[:10])
+    elif damage == "garbage_meta":
+        for p in (step2 / "meta").rglob("*"):
+            if p.is_file():
+                p.write_text("{not json")
+    else:
+        import shutil
+
+        shutil.rmtree(step2 / "meta")
+    _, hist3 = _tiny_fit(tmp_path, 3, ckpts)
+    out = capsys.readouterr().out
+    assert "checkpoint step 2" in out and "unreadable" in out and "resuming from step 1" in out
+    assert [h["epoch"] for h in hist3] == [0, 1, 2]  # epoch 1 redone from step 1
+    assert (ckpts / "corrupt-2-0").is_dir(), "the damaged step is kept, set aside"
+    assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [1, 2, 3]
+
+
+def test_metrics_are_rebuilt_from_the_checkpoint_on_resume(tmp_path):
+    from jaxprune.experiment import _MetricsWriter
+
+    writer = _MetricsWriter(tmp_path)
+    _tiny_fit(tmp_path, 2, tmp_path / "ck", writer)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + '{"epoch": 1, "tor')  # a lost + torn line
+    _tiny_fit(tmp_path, 3, tmp_path / "ck", _MetricsWriter(tmp_path))
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
+    from jaxprune.checkpoints import load, save_compact
+
+    model = get_model("resnet20")
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    stale = tmp_path / ".compact.tmp-deadbeef"
+    (stale / "variables.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    save_compact(tmp_path / "compact", model, variables, {"input_shape": [8, 8, 3]})
+    assert not stale.exists()
+    load(tmp_path / "compact")
