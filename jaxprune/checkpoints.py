@@ -21,6 +21,7 @@ ValueError naming the leaf path and both shapes. Nothing is ever padded or trunc
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import shutil
@@ -263,6 +264,52 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
     raise CorruptCheckpointError(f"no readable checkpoint in {manager.directory} ({detail})")
 
 
+PREEMPT_DIR = "preempt"
+
+
+def save_preempt(directory: str | os.PathLike, state: Any, meta: Mapping[str, Any]) -> Path:
+    """Saves a mid-epoch checkpoint (a preempted run) to ``directory/preempt`` atomically:
+    the state (Orbax) and ``meta.json`` go to a temporary sibling that is renamed into place."""
+    target = Path(directory).absolute() / PREEMPT_DIR
+    tmp = target.parent / f".{PREEMPT_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(tmp / "state", jax.device_get(state))
+        ckptr.wait_until_finished()
+        ckptr.close()
+        (tmp / "meta.json").write_text(json.dumps(_jsonable(dict(meta))))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_preempt(directory: str | os.PathLike, target: Any) -> tuple[Any, dict] | None:
+    """``(state, meta)`` of ``directory/preempt`` restored into ``target``'s structure (shapes
+    checked), or None when there is none."""
+    path = Path(directory).absolute() / PREEMPT_DIR
+    if not (path / "meta.json").is_file():
+        return None
+    meta = json.loads((path / "meta.json").read_text())
+    ckptr = ocp.StandardCheckpointer()
+    stored = ckptr.metadata(path / "state").item_metadata
+    check_shapes(getattr(stored, "tree", stored), target, what=f"preempted checkpoint {path}")
+    state = ckptr.restore(path / "state", _abstract(target))
+    ckptr.close()
+    return state, meta
+
+
+def clear_preempt(directory: str | os.PathLike) -> None:
+    """Removes ``directory/preempt`` (once the epoch it interrupted has a normal checkpoint)."""
+    shutil.rmtree(Path(directory).absolute() / PREEMPT_DIR, ignore_errors=True)
+    for stale in Path(directory).absolute().glob(f".{PREEMPT_DIR}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def _set_aside(directory: Path, step: int) -> None:
     src = directory / str(step)
     if not src.exists():
@@ -399,6 +446,9 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "restore_latest_good",
+    "save_preempt",
+    "load_preempt",
+    "clear_preempt",
     "CorruptCheckpointError",
     "abstract_variables",
     "save_compact",

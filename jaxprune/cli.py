@@ -24,6 +24,7 @@ from typing import Sequence
 
 EXIT_USAGE = 2  # a bad input, a missing or unusable file: nothing was written
 EXIT_DIVERGED = 3  # training diverged (non-finite loss or params); the last good checkpoint stays
+EXIT_PREEMPTED = 4  # SIGTERM / SIGINT: stopped at a step boundary, checkpoint saved; rerun to resume
 
 
 def _config_from(args, overrides: Sequence[str]):
@@ -208,10 +209,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
-    from jaxprune.training import DivergenceError
+    from jaxprune.training import DivergenceError, Preempted
 
     try:
         return args.func(args, overrides)
+    except Preempted as e:
+        print(f"jaxprune {args.command}: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except DivergenceError as e:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
               "written from the diverged state", file=sys.stderr)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -552,6 +553,44 @@ def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 
+class Preempted(RuntimeError):
+    """SIGTERM or SIGINT stopped training at a step boundary; a mid-epoch checkpoint was saved
+    and rerunning the same command resumes exactly."""
+
+
+class _StopSignals:
+    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (main thread only); a
+    second signal of the same kind interrupts at once, as usual."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received is not None:  # the second one: stop now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        return False
+
+
 class DivergenceError(RuntimeError):
     """Training produced a non-finite loss or non-finite parameters; nothing was saved from the
     non-finite state (the last good checkpoint stays the latest)."""
@@ -635,7 +674,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from jaxprune.checkpoints import restore_latest_good, save_checkpoint
+    from jaxprune.checkpoints import load_preempt, restore_latest_good
     from jaxprune.data import epoch_batches, num_batches
 
     if epochs < 1:
@@ -679,43 +718,98 @@ def fit(
         if main_process and progress:
             print(f"resuming from {checkpoint_manager.directory} at epoch {start_epoch}")
 
-    for epoch in range(start_epoch, epochs):
-        t0 = time.perf_counter()
-        order = epoch_batches(n_train, batch_size, seed, epoch)
-        bar = tqdm(order, desc=f"epoch {epoch + 1}/{epochs}", disable=not (progress and main_process),
-                   leave=False, dynamic_ncols=True)
-        step_metrics = []
-        for i, idx in enumerate(bar):
-            local = idx[rows]
-            state, m = step_fn(state, x_train[local], y_train[local])
-            step_metrics.append(m)
-            if progress and main_process and (i % log_every == 0 or i == len(order) - 1):
-                last = jax.device_get(m)
-                bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")
-        bar.close()
-        train = _mean_metrics(step_metrics)
-        check_finite(state, train, epoch=epoch)  # before anything is saved from this state
-        state = replicate(mesh, method.end_of_epoch(state, epoch, ctx))
-        record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
-        record.update({f"train_{k}": v for k, v in train.items()})
-        if eval_fn is not None:
-            ev = evaluate(model, state.variables, test_data[0], test_data[1], eval_bs, step=eval_fn)
-            record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
-        record["epoch_time_s"] = time.perf_counter() - t0
-        history.append(record)
-        if checkpoint_manager is not None:
-            save_checkpoint(checkpoint_manager, state, epoch=epoch, metrics=record,
-                            history=history, config=config, method=method_name)
-        if metrics_writer is not None:
-            metrics_writer(record)
-        if progress and main_process:
-            shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
-            print(f"epoch {epoch + 1}/{epochs} {shown}")
+    resume_step, carried = 0, []
+    preempt_dir = None if checkpoint_manager is None else Path(str(checkpoint_manager.directory))
+    if preempt_dir is not None:
+        pre = load_preempt(preempt_dir, state)
+        if pre is not None and int(pre[1]["epoch"]) >= start_epoch:
+            state, pmeta = replicate(mesh, pre[0]), pre[1]
+            start_epoch, resume_step = int(pmeta["epoch"]), int(pmeta["resume_step"])
+            carried, history = list(pmeta["step_metrics"]), list(pmeta["history"])
+            if main_process and progress:
+                print(f"resuming a preempted epoch {start_epoch + 1} at step {resume_step}")
+
+    stop = _StopSignals()
+    with stop:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            order = epoch_batches(n_train, batch_size, seed, epoch)
+            first = resume_step if epoch == start_epoch else 0
+            bar = tqdm(order[first:], desc=f"epoch {epoch + 1}/{epochs}",
+                       disable=not (progress and main_process), leave=False, dynamic_ncols=True)
+            step_metrics = list(carried) if epoch == start_epoch else []
+            for i, idx in enumerate(bar, start=first):
+                local = idx[rows]
+                state, m = step_fn(state, x_train[local], y_train[local])
+                step_metrics.append(m)
+                if progress and main_process and (i % log_every == 0 or i == len(order) - 1):
+                    last = jax.device_get(m)
+                    bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")
+                if stop.received and i + 1 < len(order):
+                    bar.close()
+                    _preempt(stop.received, preempt_dir, state, epoch, i + 1, step_metrics, history)
+            bar.close()
+            state, history = _end_epoch(
+                state, history, step_metrics, epoch, t0, method=method, ctx=ctx, mesh=mesh,
+                model=model, test_data=test_data, eval_fn=eval_fn, eval_bs=eval_bs,
+                checkpoint_manager=checkpoint_manager, preempt_dir=preempt_dir, config=config,
+                method_name=method_name, metrics_writer=metrics_writer,
+                show=progress and main_process, epochs=epochs)
+            if stop.received and epoch + 1 < epochs:
+                _preempt(stop.received, None, state, epoch + 1, 0, [], history)
 
     if checkpoint_manager is not None:
         checkpoint_manager.wait_until_finished()
     if run_finalize:
         state = replicate(mesh, method.finalize(state, ctx))
+    return state, history
+
+
+def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoch: int,
+             resume_step: int, step_metrics: list, history: list) -> None:
+    """Saves the mid-epoch checkpoint (if any steps of the epoch ran) and raises `Preempted`."""
+    from jaxprune.checkpoints import save_preempt
+
+    where = f"epoch {epoch + 1}, step {resume_step}"
+    if preempt_dir is not None and resume_step > 0 and jax.process_index() == 0:
+        save_preempt(preempt_dir, state, {
+            "epoch": epoch, "resume_step": resume_step, "history": history,
+            "step_metrics": [{k: float(v) for k, v in jax.device_get(m).items()} for m in step_metrics]})
+        saved = f"a checkpoint of {where} was saved"
+    elif preempt_dir is not None:
+        saved = f"the checkpoint of epoch {epoch} is the latest"
+    else:
+        saved = "no checkpoint manager: nothing was saved"
+    raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
+
+
+def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, model, test_data,
+               eval_fn, eval_bs, checkpoint_manager, preempt_dir, config, method_name,
+               metrics_writer, show, epochs):
+    """End of an epoch: finiteness check, the method's re-selection, evaluation, checkpoint
+    (which supersedes a preempted one), metrics."""
+    from jaxprune.checkpoints import clear_preempt, save_checkpoint
+
+    train = _mean_metrics(step_metrics)
+    check_finite(state, train, epoch=epoch)  # before anything is saved from this state
+    state = replicate(mesh, method.end_of_epoch(state, epoch, ctx))
+    record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
+    record.update({f"train_{k}": v for k, v in train.items()})
+    if eval_fn is not None:
+        ev = evaluate(model, state.variables, test_data[0], test_data[1], eval_bs, step=eval_fn)
+        record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+    record["epoch_time_s"] = time.perf_counter() - t0
+    history = history + [record]
+    if checkpoint_manager is not None:
+        save_checkpoint(checkpoint_manager, state, epoch=epoch, metrics=record,
+                        history=history, config=config, method=method_name)
+        checkpoint_manager.wait_until_finished()
+        clear_preempt(preempt_dir)
+    if metrics_writer is not None:
+        metrics_writer(record)
+    if show:
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+        print(f"epoch {epoch + 1}/{epochs} {shown}")
     return state, history
 
 
@@ -739,5 +833,6 @@ __all__ = [
     "eval_batch_size",
     "check_finite",
     "DivergenceError",
+    "Preempted",
     "fit",
 ]

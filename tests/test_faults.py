@@ -271,3 +271,51 @@ def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
     save_compact(tmp_path / "compact", model, variables, {"input_shape": [8, 8, 3]})
     assert not stale.exists()
     load(tmp_path / "compact")
+
+
+# ----------------------------------------------------------------------------- preemption
+
+PREEMPT_CFG = TINY.replace("c.epochs = 1", "c.epochs = 3").replace("c.train_subset = 128",
+                                                                  "c.train_subset = 1024")
+
+
+def _final_state(work: Path):
+    from jaxprune.experiment import _restore_run
+
+    _, state, meta = _restore_run(work)
+    return state, meta
+
+
+def test_sigterm_stops_at_a_step_saves_and_the_rerun_resumes_exactly(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "p.py"
+    cfg.write_text(PREEMPT_CFG)
+    ref, work = tmp_path / "ref", tmp_path / "pre"
+    cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
+           "--default-xla-flags"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    assert subprocess.run(cmd + ["--workdir", str(ref)], env=env, capture_output=True).returncode == 0
+    proc = subprocess.Popen(cmd + ["--workdir", str(work)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (work / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # wait for the first epoch: the signal then lands inside epoch 2 or 3
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == cli.EXIT_PREEMPTED, err
+    assert "stopped by SIGTERM at epoch" in err and "Traceback" not in err
+    assert not (work / "result.json").exists()
+    done = subprocess.run(cmd + ["--workdir", str(work)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    a, ma = _final_state(ref)
+    b, mb = _final_state(work)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert strip(ma["history"]) == strip(mb["history"])
+    assert not (work / "checkpoints" / "preempt").exists()
