@@ -289,7 +289,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     import functools, json, sys
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, sys.argv[1])
-    from tests.test_training import TinyNet, ToyPrune, AUGMENT, _batch
+    from tests.test_training import TinyNet, ToyPrune, AUGMENT, PREPROCESS, _batch
     from jaxprune import training as tr
     from jaxprune.graph import trace_linen
     from jaxprune.methods.base import MethodContext
@@ -326,6 +326,15 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     for a, b in zip(jax.tree.leaves(out[8]), jax.tree.leaves(out[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(out[8][0]["conv1"]["kernel"][..., 0]) == 0)
+    # evaluation on 8 devices with a batch (500) and a set size (37) that 8 does not divide:
+    # the batch is rounded to a device multiple and the last one padded; same result as 1 device
+    ev_x, ev_y = _batch(37, seed=9)
+    variables = {"params": out[1][0], "batch_stats": out[1][1]}
+    res = {n: tr.evaluate(model, variables, ev_x, ev_y, 500, mesh=tr.make_mesh(jax.devices()[:n]),
+                          preprocess=PREPROCESS)
+           for n in (8, 1)}
+    assert res[8]["accuracy"] == res[1]["accuracy"], res
+    np.testing.assert_allclose(res[8]["loss"], res[1]["loss"], rtol=1e-5)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(out[8]), jax.tree.leaves(out[1])))
     print("RESULT", json.dumps({"max_abs_diff": diff}))
 """)
