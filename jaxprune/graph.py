@@ -646,6 +646,13 @@ class _Tracer:
             self.roles[(leaf, ro)] = "out"
             if g == 1:
                 self.roles[(leaf, ri)] = "in"
+        lhs_dil = tuple(p.get("lhs_dilation") or ()) or (1,) * len(rsp)
+        if any(d != 1 for d in lhs_dil):
+            # a transposed (input-dilated) conv: count only the taps that land on real input
+            # positions, not on the inserted zeros or the padding (methods.md: MACs are real work)
+            taps = _real_taps(eqn, dn, lhs_dil)
+            self.ops.append(("conv", leaf, taps, [out[ob], out[of], rhs[ri]]))
+            return
         const = int(np.prod([len(rhs[k]) for k in rsp])) if rsp else 1
         self.ops.append(("conv", leaf, const, [out[k] for k in range(len(out))] + [rhs[ri]]))
 
@@ -684,6 +691,27 @@ class _Tracer:
         for ids in ins + outs:
             for a in ids or ():
                 self.unknown.append((a, f"primitive '{eqn.primitive.name}' ({where})"))
+
+
+def _real_taps(eqn, dn, lhs_dil) -> int:
+    """Number of (output position, kernel tap) pairs of a conv whose input position is a real
+    element of the (undilated) input: the multiply-accumulates per input/output channel pair."""
+    p = eqn.params
+    lhs_shape = eqn.invars[0].aval.shape
+    rhs_shape = eqn.invars[1].aval.shape
+    out_shape = eqn.outvars[0].aval.shape
+    strides = p["window_strides"]
+    rhs_dil = tuple(p.get("rhs_dilation") or ()) or (1,) * len(strides)
+    total = 1
+    for d, (la, ra, oa) in enumerate(zip(dn.lhs_spec[2:], dn.rhs_spec[2:], dn.out_spec[2:])):
+        n_in, k, n_out = lhs_shape[la], rhs_shape[ra], out_shape[oa]
+        lo = p["padding"][d][0]
+        o = np.arange(n_out)[:, None]
+        t = np.arange(k)[None, :]
+        pos = o * strides[d] + t * rhs_dil[d] - lo  # position in the dilated, unpadded input
+        real = (pos >= 0) & (pos <= (n_in - 1) * lhs_dil[d]) & (pos % lhs_dil[d] == 0)
+        total *= int(real.sum())
+    return total
 
 
 def _where(eqn) -> str:

@@ -56,20 +56,29 @@ def constant_rate(rate: float) -> Schedule:
     return schedule
 
 
-def asfp_rate(rate: float, total_epochs: int) -> Schedule:
-    """ASFP's growing rate ``P_t = P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``.
+def asfp_rate(rate: float, total_epochs: int, full_from: float | None = 0.95) -> Schedule:
+    """ASFP's growing rate ``P_t = P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``, after ``t``
+    completed epochs.
 
-    ``P_0 = 0``, ``P_{T/8} = 0.75 P`` and ``P_t -> P`` (methods.md section 3). Negative
-    epochs are treated as 0.
+    ``P_0 = 0``, ``P_{T/8} = 0.75 P`` and ``P_t -> P`` (methods.md section 3). As in the public
+    ASFP / GHFP code (methods.md section 7), the full rate ``P`` is forced once the epoch just
+    finished, ``e = t - 1``, reaches ``full_from * T`` (default 0.95; None: never), so the last
+    selections prune ``int(N P)`` even where ``int(N P_t)`` would stay one short. Negative epochs
+    are treated as 0.
     """
     rate = _check_rate(rate)
-    k = math.log(4.0) / (_check_epochs(total_epochs) / 8.0)
+    total_epochs = _check_epochs(total_epochs)
+    k = math.log(4.0) / (total_epochs / 8.0)
+    if full_from is not None and not (isinstance(full_from, numbers.Real) and 0 < full_from <= 1):
+        raise ValueError(f"full_from must be a fraction of training in (0, 1] or None, got {full_from!r}")
+    force_at = math.inf if full_from is None else float(full_from) * total_epochs + 1.0
 
     def schedule(epoch: Epoch):
         if _is_traced(epoch):
             t = jnp.maximum(jnp.asarray(epoch, jnp.float32), 0.0)
-            return rate * (1.0 - jnp.exp(-k * t))
-        return rate * (1.0 - math.exp(-k * max(float(epoch), 0.0)))
+            return jnp.where(t >= force_at, jnp.float32(rate), rate * (1.0 - jnp.exp(-k * t)))
+        t = max(float(epoch), 0.0)
+        return rate if t >= force_at else rate * (1.0 - math.exp(-k * t))
 
     return schedule
 

@@ -321,3 +321,31 @@ def test_soft_cost_flatten_rows_scale_with_channels():
     assert float(params) == (5 * 2 + 2) + (8 * 3 + 3)
     exact = flops.count(g, {"c": np.array([0, 1, 1, 0])}, convention="conv_fc")
     assert (exact.macs, exact.params) == (float(macs), float(params))
+
+
+def test_strided_conv_transpose_counts_only_taps_on_real_inputs():
+    """A strided ConvTranspose is a conv over the input dilated with zeros: its MACs are the
+    (output, tap) pairs that hit real input elements, checked against the sum of a 1-channel
+    transposed conv of ones with a ones kernel (each output counts its real taps)."""
+    import flax.linen as nn
+
+    from jaxprune.graph import trace_linen
+
+    class Up(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3))(x)
+            return nn.ConvTranspose(6, (3, 3), strides=(2, 2))(x)
+
+    model, x = Up(), jnp.zeros((1, 4, 5, 2))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    graph = trace_linen(model, variables, x)
+    taps = float(jax.lax.conv_transpose(jnp.ones((1, 4, 5, 1)), jnp.ones((3, 3, 1, 1)), (2, 2), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")).sum())
+    dense = flops.count(graph, convention="conv")
+    assert dense.per_layer["ConvTranspose_0"] == taps * 4 * 6
+    assert dense.per_layer["ConvTranspose_0"] < 8 * 10 * 9 * 4 * 6 / 3  # not the dilated count
+    (group,) = [n for n, g in graph.groups.items() if "Conv_0" in g.producers]
+    masks = {n: jnp.ones(g.size) for n, g in graph.groups.items()}
+    masks[group] = jnp.array([1.0, 0.0, 1.0, 0.0])
+    assert flops.count(graph, masks, convention="conv").per_layer["ConvTranspose_0"] == taps * 2 * 6

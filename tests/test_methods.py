@@ -244,7 +244,8 @@ def test_asfp_rate_per_epoch_follows_formula(tiny):
         assert zeros_of(state.masks[name]) == set()  # P_0 = 0
     for epoch in range(total):
         state = method.end_of_epoch(perturb(state, epoch), epoch, ctx)
-        rate = 0.5 * (1.0 - math.exp(-k * (epoch + 1)))
+        # the full rate from the epoch index 0.95 T on (the public ASFP code), else the formula
+        rate = 0.5 if epoch >= 0.95 * total else 0.5 * (1.0 - math.exp(-k * (epoch + 1)))
         for name, n in SIZES.items():
             assert len(zeros_of(state.masks[name])) == int(n * rate), (epoch, name)
     # P_t = 0.75 P at t = T / 8
@@ -252,6 +253,16 @@ def test_asfp_rate_per_epoch_follows_formula(tiny):
     final = method.finalize(state, ctx)
     for name, n in SIZES.items():
         assert len(zeros_of(final.masks[name])) == int(n * 0.5)
+
+
+def test_asfp_reaches_the_full_count_at_95_percent():
+    from jaxprune import schedules
+
+    s = schedules.asfp_rate(0.3, 200)
+    assert s(190) < 0.3 and s(191) == 0.3 and s(200) == 0.3  # epoch index 190 = 0.95 T
+    assert int(10 * s(190)) == 2 and int(10 * s(191)) == 3  # int(N P_t) one short without it
+    assert float(jax.jit(s)(jnp.float32(191))) == pytest.approx(0.3)
+    assert schedules.asfp_rate(0.3, 200, full_from=None)(200) < 0.3
 
 
 def test_srfp_decays_selected_filters_then_zeroes(tiny):
