@@ -4,7 +4,7 @@
     jaxprune train --config FILE --workdir DIR [--config.key=value ...]
     jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
     jaxprune import MODEL STATE_DICT.npz --workdir DIR [--mean M M M --std S S S]
-    jaxprune compact RUN_DIR
+    jaxprune compact RUN_DIR [--checkpoint final|best]
     jaxprune eval PATH [--data_dir DIR]
     jaxprune info MODEL_OR_CHECKPOINT [--input-size N] [--residual scatter|coupled]
     jaxprune sensitivity TRAINED_DIR --config FILE --out DIR [--convs first|second|all]
@@ -62,7 +62,8 @@ def cmd_train(args, overrides) -> int:
 def cmd_compact(args, overrides) -> int:
     from jaxprune.experiment import compact_run
 
-    rec = compact_run(args.run_dir)
+    rec = compact_run(args.run_dir, which=args.checkpoint)
+    print(f"compacted the {args.checkpoint} checkpoint (optimizer step {rec['from_state']['optimizer_step']})")
     _print_record(rec)
     return 0
 
@@ -170,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compact", help="compact the latest checkpoint of a run directory")
     c.add_argument("run_dir")
+    c.add_argument("--checkpoint", default="final", choices=("final", "best"),
+                   help="the final (latest) checkpoint, or the one with the best test accuracy")
     c.set_defaults(func=cmd_compact)
 
     e = sub.add_parser("eval", help="test accuracy of a compact model directory or a run directory")

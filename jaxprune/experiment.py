@@ -427,7 +427,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
 
 
 def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
-           history: list | None = None, save: bool = True) -> dict:
+           history: list | None = None, save: bool = True, which: str = "final") -> dict:
     """Final masks -> compaction -> accuracy check (compact == masked) -> saved compact model."""
     from jaxprune.checkpoints import save_compact
 
@@ -468,8 +468,9 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         "host": platform.node(),
         "paper": s.config.paper.to_dict(),
         "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
-        # which weights this record (and the compact model) comes from: the final state
-        "from_state": {"which": "final", "optimizer_step": int(jax.device_get(state.step)),
+        # which weights this record (and the compact model) comes from: 'final' or 'best'; with
+        # 'best' the epoch whose state it is has optimizer step ``optimizer_step``
+        "from_state": {"which": which, "optimizer_step": int(jax.device_get(state.step)),
                        "epochs_done": len(history or [])},
     }
     if s.config.pretrained:
@@ -574,23 +575,43 @@ def _restore_run(run_dir: Path):
     return s, state, meta
 
 
-def compact_run(run_dir: str | os.PathLike) -> dict:
-    """Finalizes and compacts the latest checkpoint of a run (``jaxprune compact``); a run with
-    a fine-tuning phase is compacted from its latest fine-tuning checkpoint."""
+CHECKPOINT_CHOICES = ("final", "best")
+
+
+def compact_run(run_dir: str | os.PathLike, which: str = "final") -> dict:
+    """Finalizes and compacts a checkpoint of a run (``jaxprune compact``): the final (latest)
+    one, or with ``which='best'`` the one with the best test accuracy; a run with a fine-tuning
+    phase is compacted from that phase's checkpoints. The record says which (``from_state``)."""
     from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
 
+    if which not in CHECKPOINT_CHOICES:
+        raise ValueError(f"checkpoint {which!r} is not allowed; expected one of {', '.join(CHECKPOINT_CHOICES)}")
     run_dir = Path(run_dir)
     s, state, meta = _restore_run(run_dir)
+    ft_dir = run_dir / "checkpoints_finetune"
+    has_ft = ft_dir.is_dir() and any(p.name.isdigit() for p in ft_dir.iterdir())
+
+    def pick(mgr, state):
+        step = mgr.best_step() if which == "best" else mgr.latest_step()
+        return restore_checkpoint(mgr, state, step=step if step is not None else mgr.latest_step())
+
+    if which == "best" and not has_ft:
+        mgr = make_checkpoint_manager(run_dir / "checkpoints")
+        try:
+            state, meta = pick(mgr, state)
+        finally:
+            mgr.close()
     state = s.method.finalize(state, s.ctx)
     history = list(meta.get("history", []))
-    if (run_dir / "checkpoints_finetune").is_dir():
-        mgr = make_checkpoint_manager(run_dir / "checkpoints_finetune")
-        if mgr.latest_step() is not None:
-            state, ft_meta = restore_checkpoint(mgr, state)
-            history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
-        mgr.close()
+    if has_ft:
+        mgr = make_checkpoint_manager(ft_dir)
+        try:
+            state, ft_meta = pick(mgr, state)
+        finally:
+            mgr.close()
+        history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
     preprocess = functools.partial(data_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
-    rec = finish(s, state, run_dir, preprocess, history=history)
+    rec = finish(s, state, run_dir, preprocess, history=history, which=which)
     (run_dir / "result.json").write_text(json.dumps(rec, indent=2))
     return rec
 

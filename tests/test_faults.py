@@ -319,3 +319,79 @@ def test_sigterm_stops_at_a_step_saves_and_the_rerun_resumes_exactly(tmp_path):
     strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
     assert strip(ma["history"]) == strip(mb["history"])
     assert not (work / "checkpoints" / "preempt").exists()
+
+
+def test_compact_states_which_checkpoint_it_used(tiny_config, tmp_path, capsys):
+    work = tmp_path / "two"
+    assert cli.main(["train", "--config", str(tiny_config), "--workdir", str(work), "--no-progress",
+                     "--config.epochs=2", "--config.keep_checkpoints=2"]) == 0
+    hist = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((work / "result.json").read_text())["from_state"]
+    assert final["which"] == "final" and final["optimizer_step"] == hist[-1]["step"]
+    assert cli.main(["compact", str(work), "--checkpoint", "best"]) == 0
+    best = json.loads((work / "result.json").read_text())["from_state"]
+    top = max(h["test_accuracy"] for h in hist)
+    assert best["which"] == "best"
+    assert best["optimizer_step"] in [h["step"] for h in hist if h["test_accuracy"] == top]
+    assert "compacted the best checkpoint" in capsys.readouterr().out
+
+
+def test_retention_is_reapplied_by_the_next_save_after_a_kill(tmp_path):
+    """A kill between a save and Orbax's clean-up leaves one step too many; the resumed run's
+    next save removes it."""
+    from jaxprune import checkpoints as ck
+
+    from test_checkpoints import small_state
+
+    loose = ck.make_checkpoint_manager(tmp_path, max_to_keep=10, keep_best=0)
+    for e in range(3):
+        ck.save_checkpoint(loose, small_state(e + 1.0), epoch=e, metrics={"test_accuracy": 0.1})
+    loose.close()
+    mgr = ck.make_checkpoint_manager(tmp_path, max_to_keep=2, keep_best=0)
+    ck.save_checkpoint(mgr, small_state(4.0), epoch=3, metrics={"test_accuracy": 0.1})
+    assert list(mgr.all_steps()) == [3, 4]
+    mgr.close()
+
+
+@pytest.mark.slow
+def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(tmp_path):
+    """The long kill sweep: SIGKILL at random times (startup, mid-epoch, inside saves), resume
+    until done, compare with the uninterrupted run bit for bit."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "k.py"
+    cfg.write_text(PREEMPT_CFG.replace("c.epochs = 3", "c.epochs = 4"))
+    cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
+           "--default-xla-flags"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    ref, work = tmp_path / "ref", tmp_path / "killed"
+    t0 = time.time()
+    assert subprocess.run(cmd + ["--workdir", str(ref)], env=env, capture_output=True).returncode == 0
+    full = time.time() - t0
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(12):
+        proc = subprocess.Popen(cmd + ["--workdir", str(work)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.2, 1.0) * full)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        if (work / "result.json").is_file():
+            break
+    done = subprocess.run(cmd + ["--workdir", str(work)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert kills >= 3
+    a, ma = _final_state(ref)
+    b, mb = _final_state(work)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    epochs = [json.loads(x)["epoch"] for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
