@@ -19,6 +19,7 @@ from jaxprune.models.densenet import DenseNetTiny
 from jaxprune.models.imagenet_resnet import ImageNetResNet, ResNetBlock
 from jaxprune.models.mobilenet import InvertedResidual, MobileNetV2Tiny
 from jaxprune.models.nnx_models import SmallNNXCNN
+from jaxprune.models.torch_import import from_torch
 from jaxprune.models.vgg import CifarVGG
 
 # registry name -> (class, fixed fields)
@@ -140,6 +141,7 @@ def model_from_config(cfg: dict) -> nn.Module:
 
 
 __all__ = [
+    "from_torch",
     "MODEL_NAMES",
     "MODEL_CLASSES",
     "get_model",
