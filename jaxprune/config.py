@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.method.criterion = "l2"
     c.method.residual = "scatter"  # 'scatter' (policy a) or 'coupled' (policy b)
     c.method.exclude = ()  # producer module paths never pruned
+    # Hardware-aware widths of the final selection (jaxprune.selection.WidthPolicy): kept counts
+    # rounded to a multiple of round_to ('up': keep the next-best filters; 'down'); 1 = exact
+    # (the paper rows keep the papers' exact widths).
+    c.method.round_to = 1
+    c.method.round_direction = "up"
     c.method.kwargs = ml_collections.ConfigDict()  # method-specific options
 
     # Fine-tuning after the method's final hard pruning (HFP: methods.md 5): this many epochs
@@ -214,5 +219,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         bad("method.rate", m.rate, "a number in [0, 1)")
     if m.criterion not in CRITERIA:
         bad("method.criterion", m.criterion, f"one of {', '.join(CRITERIA)}")
+    rt = m.get("round_to", 1)
+    if isinstance(rt, bool) or not isinstance(rt, int) or rt < 1:
+        bad("method.round_to", rt, "a positive integer (1 = exact widths)")
+    if m.get("round_direction", "up") not in ("up", "down"):
+        bad("method.round_direction", m.round_direction, "'up' or 'down'")
     if m.residual not in RESIDUAL_POLICIES:
         bad("method.residual", m.residual, f"one of {', '.join(RESIDUAL_POLICIES)}")

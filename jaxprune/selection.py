@@ -13,6 +13,7 @@ A group is never pruned to zero channels.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Collection, Iterable, Mapping
@@ -104,16 +105,92 @@ def prune_by_rate(
     rate: float,
     rounding: str = "sfp",
     groups: Collection[str] | None = None,
+    width: "WidthPolicy | None" = None,
 ) -> Masks:
     """One rate for every group in ``groups`` (default: all); the others keep all channels.
 
-    This is SFP's uniform layer-wise selection; see ``num_pruned`` for ``rounding``.
+    This is SFP's uniform layer-wise selection; see ``num_pruned`` for ``rounding`` and
+    `WidthPolicy` for ``width`` (hardware-friendly kept counts; default exact).
     """
     names = list(scores) if groups is None else list(groups)
     _check_names("groups", names, scores)
-    return prune_by_count(
-        scores, {name: num_pruned(_size(scores[name]), rate, rounding) for name in names}
-    )
+    counts = {name: num_pruned(_size(scores[name]), rate, rounding) for name in names}
+    return prune_by_count(scores, _widths(counts, scores, width))
+
+
+def _widths(counts: Mapping[str, int], scores: Scores, width: "WidthPolicy | None") -> dict[str, int]:
+    if width is None or width.exact:
+        return dict(counts)
+    return width.pruned_counts(counts, {n: _size(scores[n]) for n in counts})
+
+
+WIDTH_DIRECTIONS = ("up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthPolicy:
+    """Hardware-friendly kept widths, applied by a method's FINAL selection (so the trained
+    masked model and the compact model are one function).
+
+    Attributes:
+      round_to: the kept count of every pruned group becomes a multiple of ``round_to``
+        (1 = the exact count the method selected).
+      direction: ``'up'`` (default: keep the next-best filters, never fewer than selected) or
+        ``'down'`` (prune a few more; never to zero: at least ``min(round_to, size)`` kept).
+      latency: optional measured table ``{group: {width: seconds}}`` (``jaxprune bench-widths``):
+        per group, the width with the lowest measured latency at or above the selected count
+        (ties: the narrower); a group absent from the table falls back to ``round_to``.
+    """
+
+    round_to: int = 1
+    direction: str = "up"
+    latency: Mapping[str, Mapping[int, float]] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.round_to, bool) or not isinstance(self.round_to, numbers.Integral) \
+                or self.round_to < 1:
+            raise ValueError(f"round_to={self.round_to!r} is not allowed; expected a positive int")
+        if self.direction not in WIDTH_DIRECTIONS:
+            raise ValueError(f"direction={self.direction!r} is not allowed; expected one of "
+                             f"{', '.join(WIDTH_DIRECTIONS)}")
+        if self.latency is not None:  # frozen, hashable form (methods are static jit args)
+            items = self.latency.items() if isinstance(self.latency, Mapping) else self.latency
+            frozen = tuple(sorted((str(g), tuple(sorted((int(w), float(t)) for w, t in
+                                                       (dict(tab).items())))) for g, tab in items))
+            for g, tab in frozen:
+                if not tab or any(not math.isfinite(t) or t < 0 for _, t in tab):
+                    raise ValueError(f"latency table of group {g!r} needs finite times >= 0")
+            object.__setattr__(self, "latency", frozen)
+
+    @property
+    def exact(self) -> bool:
+        return self.round_to == 1 and not self.latency
+
+    def kept(self, size: int, kept: int, group: str | None = None) -> int:
+        """The kept count for a group of ``size`` channels whose method selected ``kept``."""
+        size, kept = int(size), int(kept)
+        if not 1 <= kept <= size:
+            raise ValueError(f"kept count {kept} of group {group!r} must be in [1, {size}]")
+        table = dict(dict(self.latency or ()).get(group, ())) if group is not None else None
+        if table:
+            options = {w: t for w, t in table.items() if kept <= w <= size}
+            if options:
+                return min(options, key=lambda w: (options[w], w))
+        n = self.round_to
+        if n == 1 or kept == size:
+            return kept
+        if self.direction == "up":
+            return min(size, -(-kept // n) * n)
+        return max(min(n, size), (kept // n) * n)
+
+    def pruned_counts(self, counts: Mapping[str, int], sizes: Mapping[str, int]) -> dict[str, int]:
+        """Pruned counts per group after the policy (``counts``: the method's pruned counts);
+        a group the method does not prune (count 0) stays whole."""
+        return {g: (0 if int(c) == 0 else sizes[g] - self.kept(sizes[g], sizes[g] - int(c), g))
+                for g, c in counts.items()}
+
+
+EXACT_WIDTHS = WidthPolicy()
 
 
 def prune_by_rates(
@@ -121,23 +198,20 @@ def prune_by_rates(
     rates: Mapping[str, float],
     skip: Collection[str] = (),
     rounding: str = "pfec",
+    width: "WidthPolicy | None" = None,
 ) -> Masks:
     """PFEC-style per-group rates: ``rates[name]`` for each listed group not in ``skip``.
 
     Groups absent from ``rates`` and groups in ``skip`` keep all channels (``skip`` wins
-    over ``rates``, so a stage-wide rate table can exclude sensitive layers).
+    over ``rates``, so a stage-wide rate table can exclude sensitive layers). ``width``: see
+    `WidthPolicy` (default exact counts).
     """
     _check_names("rates", rates, scores)
     _check_names("skip", skip, scores)
     skipped = set(skip)
-    return prune_by_count(
-        scores,
-        {
-            name: num_pruned(_size(scores[name]), rate, rounding)
-            for name, rate in rates.items()
-            if name not in skipped
-        },
-    )
+    counts = {name: num_pruned(_size(scores[name]), rate, rounding)
+              for name, rate in rates.items() if name not in skipped}
+    return prune_by_count(scores, _widths(counts, scores, width))
 
 
 def _normalized(score: jax.Array, normalize: str | bool | None) -> jax.Array:
@@ -253,3 +327,17 @@ def grow_hard(
         now_hard = (in_s & (rank < k)) | was_hard
         out[name] = jnp.where(now_hard, 0.0, 1.0).astype(jnp.float32)
     return out
+
+
+def as_width_policy(value: "WidthPolicy | Mapping | int | None") -> WidthPolicy:
+    """A `WidthPolicy` from itself, ``None`` (exact), an int (``round_to``, up) or a mapping of
+    its fields."""
+    if value is None:
+        return EXACT_WIDTHS
+    if isinstance(value, WidthPolicy):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return WidthPolicy(round_to=int(value))
+    if isinstance(value, Mapping):
+        return WidthPolicy(**dict(value))
+    raise ValueError(f"width={value!r} is not allowed; expected a WidthPolicy, an int or a mapping")

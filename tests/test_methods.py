@@ -17,7 +17,7 @@ from jaxprune import compaction, flops
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
-                              get_method)
+                              get_method, pfec_masks)
 from jaxprune.models import get_model
 from jaxprune.training import TrainState
 
@@ -680,3 +680,70 @@ def test_fixed_masks_keep_the_final_hard_selection_through_training(tiny):
     assert np.any(kernel(trained, "conv1")[..., kept] != kernel(final, "conv1")[..., kept])
     pen, metrics = ft.penalty(trained.params, trained.batch_stats, trained.method_state, ctx)
     assert float(pen) == 0.0 and metrics == {}
+
+
+# ----------------------------------------------------------------------------- width policies
+
+
+@pytest.mark.parametrize("method_name, kwargs, residual", [
+    ("sfp", dict(rate=0.4), "scatter"),
+    ("sfp", dict(rate=0.4), "coupled"),
+    ("ghfp", dict(rate=0.3), "scatter"),
+    ("asfp", dict(rate=0.4), "coupled"),
+])
+def test_rounded_final_selection_keeps_compact_equal_to_masked(method_name, kwargs, residual):
+    model = get_model("resnet20")
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
+    variables = random_variables(model, x[:1], seed=11)
+    graph = trace_linen(model, variables, x[:1], residual=residual)
+    ctx = MethodContext(graph, total_epochs=3)
+    exact = get_method(method_name, **kwargs)
+    rounded = get_method(method_name, width={"round_to": 8}, **kwargs)
+    finals = {}
+    for tag, method in (("exact", exact), ("rounded", rounded)):
+        state = method.init(make_state(variables, graph), ctx)
+        for epoch in range(3):
+            state = method.end_of_epoch(state, epoch, ctx)
+        finals[tag] = method.finalize(state, ctx)
+    names = exact.soft.pruned_groups(graph) if method_name == "ghfp" else exact.pruned_groups(graph)
+    for name in names:
+        size = graph.groups[name].size
+        k_exact = int(np.sum(np.asarray(finals["exact"].masks[name])))
+        k_round = int(np.sum(np.asarray(finals["rounded"].masks[name])))
+        assert k_round >= k_exact and 1 <= k_round <= size
+        assert k_round % 8 == 0 or k_round == size, (name, k_round)
+    final = finals["rounded"]
+    masks = {n: (np.asarray(m) > 0).astype(np.float32) for n, m in final.masks.items()}
+    res = compaction.compact(model, final.variables, masks, graph)
+    want = model.apply(apply_masks(final.variables, masks, graph), x)
+    got = res.model.apply(res.variables, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the compact model has exactly the rounded widths: its size is the masked count
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(res.variables["params"]))
+    assert n_params == flops.count(graph, masks).params
+
+
+def test_pfec_with_rounded_widths(resnet20_scatter):
+    model, variables, graph = resnet20_scatter
+    cfg = PFECConfig("r20", 19, (7, 13), (0.3, 0.3, 0.3))
+    exact = pfec_masks(variables, graph, cfg)
+    up = pfec_masks(variables, graph, cfg, width=8)
+    for name in exact:
+        ke, ku = int(np.sum(np.asarray(exact[name]))), int(np.sum(np.asarray(up[name])))
+        size = graph.groups[name].size
+        assert ku >= ke and (ku % 8 == 0 or ku == size)
+        if ku == ke:
+            np.testing.assert_array_equal(exact[name], up[name])
+        else:  # rounding up keeps the exact selection's filters plus the next-best ones
+            assert np.all(np.asarray(up[name]) >= np.asarray(exact[name]))
+
+
+def test_width_policy_rejects_methods_without_it():
+    from jaxprune.config import base_config
+    from jaxprune.experiment import make_method
+
+    c = base_config()
+    c.method.name = "hfp"
+    c.method.round_to = 8
+    with pytest.raises(ValueError, match="round_to=8: method 'hfp'"):
+        make_method(c)

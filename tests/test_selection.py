@@ -212,3 +212,49 @@ def test_grow_hard_takes_lowest_of_selected_and_keeps_old_hard():
     assert _zeros(fn(jnp.float32(0.75))["a"]) == [0, 1, 5]
     assert _zeros(fn(jnp.float32(1.0))["a"]) == [0, 1, 3, 5]
     assert len(traces) == 1
+
+
+# ----------------------------------------------------------------------------- width policies
+
+
+def test_rounded_counts_never_below_selected_never_zero_never_above_size():
+    from jaxprune.selection import WidthPolicy
+
+    for n in (1, 2, 4, 8, 16):
+        up, down = WidthPolicy(n), WidthPolicy(n, "down")
+        for size in range(1, 70):
+            for kept in range(1, size + 1):
+                u, d = up.kept(size, kept), down.kept(size, kept)
+                assert kept <= u <= size and (u % n == 0 or u == size)
+                assert 1 <= d <= size and (d % n == 0 or d == size or d == kept)
+                assert d <= kept or d == min(n, size)
+                if kept % n == 0:
+                    assert u == d == kept
+    with pytest.raises(ValueError, match="round_to=0"):
+        WidthPolicy(0)
+    with pytest.raises(ValueError, match="direction='sideways'"):
+        WidthPolicy(8, "sideways")
+
+
+def test_latency_table_choice_is_the_argmin_at_or_above_the_selected_count():
+    from jaxprune.selection import WidthPolicy
+
+    table = {"g": {8: 3.0, 12: 1.0, 16: 2.0, 24: 0.5, 32: 4.0}}
+    p = WidthPolicy(latency=table)
+    for kept in range(1, 33):
+        options = {w: t for w, t in table["g"].items() if w >= kept}
+        want = min(options, key=lambda w: (options[w], w)) if options else kept
+        assert p.kept(32, kept, "g") == want
+    assert p.kept(32, 5, "other") == 5  # no table: exact
+    ties = WidthPolicy(latency={"g": {8: 1.0, 16: 1.0}})
+    assert ties.kept(16, 3, "g") == 8  # a tie goes to the narrower width
+    assert hash(p) == hash(WidthPolicy(latency=table))  # hashable: methods are static jit args
+
+
+def test_prune_by_rate_with_width_keeps_the_best_filters():
+    from jaxprune.selection import WidthPolicy
+
+    scores = {"a": jnp.arange(16.0), "b": jnp.arange(32.0)[::-1]}
+    m = sel.prune_by_rate(scores, 0.4, width=WidthPolicy(8))
+    assert int(m["a"].sum()) == 16 and int(m["b"].sum()) == 24  # 10 -> 16, 20 -> 24
+    np.testing.assert_array_equal(np.asarray(m["b"])[:24], 1.0)  # the 24 highest scores

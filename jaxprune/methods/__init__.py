@@ -61,7 +61,8 @@ class FixedMasks(MasksSetAtInit):
         return state
 
 
-_SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction")
+_SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction",
+              "width")
 
 
 def _split(kwargs: dict, keys) -> tuple[dict, dict]:
@@ -132,7 +133,7 @@ def _hfp(**kwargs: Any) -> HFP:
 
 def _pfec(**kwargs: Any) -> PFEC:
     kwargs = _neutral("pfec", kwargs)
-    _check_keys("pfec", kwargs, ("config", "criterion", "selection"))
+    _check_keys("pfec", kwargs, ("config", "criterion", "selection", "width"))
     return PFEC(**kwargs)
 
 

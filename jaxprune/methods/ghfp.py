@@ -88,9 +88,7 @@ class GHFP:
         return no_penalty(params, batch_stats, method_state, ctx)
 
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        names = self.soft.pruned_groups(ctx.graph)
-        counts = {n: selection.num_pruned(ctx.graph.groups[n].size, self.soft.rate, "sfp")
-                  for n in names}
+        counts = self.soft.final_counts(ctx.graph)  # int(N P), then the width policy
         # Everything selected becomes hard: the hard count equals the pruned count.
         return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(counts),
                             jnp.float32(0.0))
@@ -99,12 +97,16 @@ class GHFP:
         names = self.soft.pruned_groups(ctx.graph)
         counts = self.soft.counts_at(ctx.graph, names, t, ctx.total_epochs)
         alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
+        # never more hard channels than the final selection prunes (its width policy may keep
+        # more than int(N P)): hard stays hard, so the cap must hold from the start
+        final = self.soft.final_counts(ctx.graph)
         hard_counts = {}
         for n, size in counts.items():  # floor(h * |S_t|), on the host when both are static
             if is_traced(size) or is_traced(h):
-                hard_counts[n] = jnp.floor(jnp.asarray(h, jnp.float32) * size).astype(jnp.int32)
+                hard = jnp.floor(jnp.asarray(h, jnp.float32) * size).astype(jnp.int32)
+                hard_counts[n] = jnp.minimum(hard, final[n])
             else:
-                hard_counts[n] = math.floor(h * size)
+                hard_counts[n] = min(math.floor(h * size), final[n])
         return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(hard_counts), alpha)
 
 

@@ -202,13 +202,16 @@ def resolve(config: str | PFECConfig, graph: PruningGraph) -> dict[str, float]:
 
 
 def pfec_masks(variables: Any, graph: PruningGraph, config: str | PFECConfig,
-               criterion: str = "l1", selection: str = "independent") -> dict[str, jax.Array]:
+               criterion: str = "l1", selection: str = "independent",
+               width: Any = None) -> dict[str, jax.Array]:
     """0/1 masks of the one-shot PFEC pruning of ``config`` (a name or a `PFECConfig`).
 
     ``selection='independent'`` scores every layer on its own weights (PFEC's default);
     ``'greedy'`` scores a layer without the input kernels of channels already pruned upstream
-    (groups are visited in forward order).
+    (groups are visited in forward order). ``width``: a `jaxprune.selection.WidthPolicy` for
+    the kept counts (default the paper's exact counts).
     """
+    width = sel.as_width_policy(width)
     if selection not in SELECTIONS:
         raise ValueError(f"unknown selection {selection!r}; allowed: {', '.join(SELECTIONS)}")
     rates = resolve(config, graph)
@@ -216,13 +219,13 @@ def pfec_masks(variables: Any, graph: PruningGraph, config: str | PFECConfig,
     masks = init_masks(graph)
     if selection == "independent":
         scores = fn(variables, subgraph(graph, list(rates)))
-        masks.update(sel.prune_by_rates(scores, rates, rounding="pfec"))
+        masks.update(sel.prune_by_rates(scores, rates, rounding="pfec", width=width))
         return masks
     for name in graph.groups:
         if name in rates:
             seen = apply_masks(variables, masks, graph, roles=("in",))
             scores = fn(seen, subgraph(graph, [name]))
-            masks.update(sel.prune_by_rates(scores, {name: rates[name]}, rounding="pfec"))
+            masks.update(sel.prune_by_rates(scores, {name: rates[name]}, rounding="pfec", width=width))
     return masks
 
 
@@ -270,21 +273,25 @@ class PFEC(MasksSetAtInit):
       config: a ``PFEC_CONFIGS`` name or a `PFECConfig`.
       criterion: 'l1' (PFEC) or any ``jaxprune.criteria`` name.
       selection: 'independent' or 'greedy'.
+      width: a `jaxprune.selection.WidthPolicy` (or ``round_to`` int) for the kept counts.
     """
 
     config: Any = "resnet56-A"
     criterion: str = "l1"
     selection: str = "independent"
+    width: Any = None
     name: str = "pfec"
 
     def __post_init__(self):
         object.__setattr__(self, "config", get_config(self.config))
+        object.__setattr__(self, "width", sel.as_width_policy(self.width))
         criteria.get_criterion(self.criterion)
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
 
     def init(self, state: Any, ctx: MethodContext) -> Any:
-        masks = pfec_masks(state.variables, ctx.graph, self.config, self.criterion, self.selection)
+        masks = pfec_masks(state.variables, ctx.graph, self.config, self.criterion, self.selection,
+                           self.width)
         state = state.replace(masks=masks, hard=dict(masks), method_state={})
         return harden(state, masks, ctx.graph)
 

@@ -185,6 +185,8 @@ class SFP:
         ``round(zero_fraction T)`` epochs; ``decay_rate=None`` picks ``c = 3 / t_zero``.
       mask_bn: also multiply the BN scale/bias (and conv bias) of the selected channels.
       exclude: producer module paths / fnmatch patterns, or a predicate, never pruned.
+      width: a `jaxprune.selection.WidthPolicy` (or ``round_to`` int) for the final
+        selection's kept counts (hardware-friendly widths); default the exact counts.
       name: 'sfp', 'asfp', 'srfp' or 'asrfp', derived from the flags when left empty.
     """
 
@@ -197,10 +199,12 @@ class SFP:
     zero_fraction: float = 0.15
     mask_bn: bool = False
     exclude: Any = ()
+    width: Any = None
     name: str = ""
 
     def __post_init__(self):
         check_rate(self.rate, "SFP rate")
+        object.__setattr__(self, "width", selection.as_width_policy(self.width))
         criteria.get_criterion(self.criterion)
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
         if self.decay:
@@ -274,11 +278,14 @@ class SFP:
     def penalty(self, params, batch_stats, method_state, ctx):
         return no_penalty(params, batch_stats, method_state, ctx)
 
+    def final_counts(self, graph: PruningGraph) -> dict[str, int]:
+        """Pruned count per group of the final selection: ``int(N P)``, then the width policy."""
+        names = self.pruned_groups(graph)
+        counts = {n: selection.num_pruned(graph.groups[n].size, self.rate, "sfp") for n in names}
+        return self.width.pruned_counts(counts, {n: graph.groups[n].size for n in names})
+
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        names = self.pruned_groups(ctx.graph)
-        counts = {n: selection.num_pruned(ctx.graph.groups[n].size, self.rate, "sfp")
-                  for n in names}
-        return _sfp_finalize(self, ctx, state, _as_counts(counts))
+        return _sfp_finalize(self, ctx, state, _as_counts(self.final_counts(ctx.graph)))
 
     def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
         names = self.pruned_groups(ctx.graph)
