@@ -46,9 +46,9 @@ def dense_config(epochs: int = 8) -> ml_collections.ConfigDict:
 def sfp_config(pretrained: str, epochs: int = 6) -> ml_collections.ConfigDict:
     """SFP 50% from the dense model with hardware-aware widths: residual groups coupled
     (policy b: the residual stream itself narrows, no scatter), kept counts rounded up to a
-    multiple of 8 (`jaxprune.selection.WidthPolicy`), BN masked. Measured on 2 CPU cores, this
-    compacts to a model about 2x faster than the dense one, where SFP's own setting (40%,
-    policy a, exact widths) gave a compact model slower than the dense one (BENCHMARKS.md)."""
+    multiple of 8 (`jaxprune.selection.WidthPolicy`), BN masked. The quickstart prints the
+    measured speedup of its compact model; SFP's own setting (40%, policy a, exact widths) gave
+    a compact model slower than the dense one on this CPU (BENCHMARKS.md)."""
     c = dense_config(epochs)
     c.name = "quickstart-sfp"
     c.pretrained = pretrained
