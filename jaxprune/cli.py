@@ -8,6 +8,7 @@
     jaxprune eval PATH [--data_dir DIR]
     jaxprune info MODEL_OR_CHECKPOINT [--input-size N] [--residual scatter|coupled]
     jaxprune sensitivity TRAINED_DIR --config FILE --out DIR [--convs first|second|all]
+    jaxprune bench-widths MODEL [--batch N] [--step N] [--out FILE]
     jaxprune report [--records DIR] [--out RESULTS.md]
 
 ``--config.key=value`` overrides any config entry (Python literals; nested keys with dots).
@@ -83,6 +84,37 @@ def cmd_import(args, overrides) -> int:
                           std=tuple(args.std or ()), dataset=args.dataset)
     print(f"imported {args.model} from {args.state_dict} into {path} "
           f"(evaluate: jaxprune eval {path}; start a run from it: --config.pretrained={path})")
+    return 0
+
+
+def cmd_bench_widths(args, overrides) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxprune import width_bench
+    from jaxprune.graph import trace_linen
+    from jaxprune.models import MODEL_NAMES, get_model
+
+    if args.model not in MODEL_NAMES:
+        raise ValueError(f"model {args.model!r} is not a bundled model; allowed: {', '.join(MODEL_NAMES)}")
+    if args.batch < 1 or args.step < 1 or args.repeats < 1:
+        raise ValueError(f"--batch {args.batch}, --step {args.step}, --repeats {args.repeats}: "
+                         "expected positive integers")
+    size = args.input_size or (224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101",
+                                                     "resnet152") else 32)
+    model = get_model(args.model)
+    x = jnp.zeros((1, size, size, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    graph = trace_linen(model, variables, x, residual=args.residual)
+    shape = (args.batch, size, size, 3)
+    out = args.out or width_bench.cache_path(f"{args.model}-{args.residual}", shape)
+    table = width_bench.bench_widths(model, variables, graph, shape, step=args.step,
+                                     repeats=args.repeats, progress=not args.no_progress)
+    meta = {"model": args.model, "residual": args.residual, "batch_shape": list(shape),
+            "device": jax.devices()[0].device_kind, "step": args.step, "repeats": args.repeats}
+    path = width_bench.save_table(out, table, meta)
+    print(f"{len(table)} groups timed at widths in steps of {args.step}; table: {path}")
+    print(f"use it: --config.method.width_table={path}")
     return 0
 
 
@@ -185,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--input-size", type=int, default=0, help="image side (default: 32, 224 for ImageNet ResNets)")
     i.add_argument("--residual", default="scatter", choices=("scatter", "coupled"))
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench-widths", help="per-group latency at candidate widths on this device "
+                       "(a table for config.method.width_table)")
+    b.add_argument("model")
+    b.add_argument("--batch", type=int, default=256, help="deploy batch size")
+    b.add_argument("--input-size", type=int, default=0)
+    b.add_argument("--residual", default="scatter", choices=("scatter", "coupled"))
+    b.add_argument("--step", type=int, default=8, help="candidate widths: multiples of this")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--out", default=None, help="table file (default: the per-device cache)")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=cmd_bench_widths)
 
     s = sub.add_parser("sensitivity", help="PFEC sensitivity analysis of a trained checkpoint")
     s.add_argument("checkpoint")

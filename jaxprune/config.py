@@ -65,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
     # (the paper rows keep the papers' exact widths).
     c.method.round_to = 1
     c.method.round_direction = "up"
+    c.method.width_table = ""  # a `jaxprune bench-widths` table: per group the fastest width >= selected
     c.method.kwargs = ml_collections.ConfigDict()  # method-specific options
 
     # Fine-tuning after the method's final hard pruning (HFP: methods.md 5): this many epochs

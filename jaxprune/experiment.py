@@ -98,11 +98,16 @@ def make_method(config: ml_collections.ConfigDict):
     m = config.method
     kwargs = dict(m.kwargs.to_dict()) if m.kwargs else {}
     round_to, direction = int(m.get("round_to", 1)), m.get("round_direction", "up")
-    if round_to != 1:
+    table = m.get("width_table", "")
+    if round_to != 1 or table:
         if m.name not in ("sfp", "asfp", "srfp", "asrfp", "ghfp", "pfec"):
-            raise ValueError(f"config.method.round_to={round_to}: method {m.name!r} does not take a "
+            what = f"round_to={round_to}" if round_to != 1 else f"width_table={table!r}"
+            raise ValueError(f"config.method.{what}: method {m.name!r} does not take a "
                              "width policy (sfp, asfp, srfp, asrfp, ghfp and pfec do)")
-        kwargs["width"] = {"round_to": round_to, "direction": direction}
+        from jaxprune.width_bench import load_table
+
+        kwargs["width"] = {"round_to": round_to, "direction": direction,
+                           "latency": load_table(table) if table else None}
     return get_method(m.name, rate=m.rate, criterion=m.criterion, exclude=tuple(m.exclude), **kwargs)
 
 
@@ -475,7 +480,8 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
         "paper": s.config.paper.to_dict(),
         "normalization": {"mean": list(ds.mean), "std": list(ds.std)},
         "width_policy": {"round_to": int(s.config.method.get("round_to", 1)),
-                         "direction": s.config.method.get("round_direction", "up")},
+                         "direction": s.config.method.get("round_direction", "up"),
+                         "latency_table": s.config.method.get("width_table", "")},
         # which weights this record (and the compact model) comes from: 'final' or 'best'; with
         # 'best' the epoch whose state it is has optimizer step ``optimizer_step``
         "from_state": {"which": which, "optimizer_step": int(jax.device_get(state.step)),

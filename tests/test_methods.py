@@ -747,3 +747,46 @@ def test_width_policy_rejects_methods_without_it():
     c.method.round_to = 8
     with pytest.raises(ValueError, match="round_to=8: method 'hfp'"):
         make_method(c)
+
+
+def test_bench_widths_table_composition_and_latency_policy(tmp_path):
+    """The table sums the producer's and the consumers' conv times at each width (a fake
+    timer makes the expected values exact); a run config reading it picks the argmin."""
+    from jaxprune import width_bench
+    from jaxprune.config import base_config
+    from jaxprune.experiment import make_method
+
+    model = get_model("resnet20")
+    x = jnp.zeros((1, 8, 8, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
+    graph = trace_linen(model, variables, x)
+    calls = []
+
+    def fake(spec, cin, cout):  # a width of 24 is "fast", everything else costs MACs
+        calls.append((spec["input_shape"], cin, cout))
+        return 0.001 if 24 in (cin, cout) else float(cin * cout)
+
+    g = graph.producer_to_group()["layer2_1/conv1"]
+    table = width_bench.bench_widths(model, variables, graph, (4, 8, 8, 3), step=8, groups=[g],
+                                     timer=fake)
+    # layer2_1/conv1: 32 -> w, consumer layer2_1/conv2: w -> 32
+    assert table[g] == {8: 2 * 32 * 8.0, 16: 2 * 32 * 16.0, 24: 0.002, 32: 2 * 32 * 32.0}
+    assert len(calls) == 8  # 4 widths x (producer, consumer), each signature timed once
+    path = width_bench.save_table(tmp_path / "t.json", table, {"model": "resnet20"})
+    c = base_config()
+    c.method.name = "sfp"
+    c.method.rate = 0.5
+    c.method.width_table = str(path)
+    method = make_method(c)
+    assert method.width.kept(32, 16, g) == 24 and method.width.kept(32, 25, g) == 32
+    counts = method.final_counts(graph)
+    assert counts[g] == 32 - 24
+
+
+def test_time_conv_measures_a_real_conv():
+    from jaxprune import width_bench
+
+    spec = dict(input_shape=(2, 6, 6, 3), features=4, kernel_size=(3, 3), strides=1,
+                padding="SAME", groups=1)
+    assert 0 < width_bench.time_conv(spec, 3, 4, repeats=2) < 10
+    assert width_bench.candidate_widths(20, 8) == [8, 16, 20]
