@@ -286,6 +286,7 @@ class _Tracer:
         self.ids: dict[Any, list[np.ndarray]] = {}
         self.edges: list[tuple[np.ndarray, np.ndarray]] = []
         self.reshapes: list[tuple[np.ndarray, list[np.ndarray], list[int]]] = []
+        self.splits: list[tuple[np.ndarray, str]] = []  # (input axis ids, where) of axis splits
         self.poison: list[tuple[np.ndarray, str]] = []
         self.unknown: list[tuple[np.ndarray, str]] = []
         self.data: set[Any] = set()
@@ -496,6 +497,7 @@ class _Tracer:
                 self.reshapes.append((o[bj[0]], [x[k] for k in bi], [xs[k] for k in bi]))
             elif len(bi) == 1 and len(bj) > 1:
                 self.reshapes.append((x[bi[0]], [o[k] for k in bj], [os_[k] for k in bj]))
+                self.splits.append((x[bi[0]], _where(eqn)))
             elif bi and bj:
                 for a in [x[k] for k in bi] + [o[k] for k in bj]:
                     self.poison.append((a, "a reshape regroups several axes"))
@@ -511,7 +513,15 @@ class _Tracer:
                 self.poison.append((x[i], f"reduced over by {eqn.primitive.name}"))
 
     def rule_reduce_sum(self, eqn, ins, outs):
+        # A sum over channels is a mean, a variance or a normalisation statistic (LayerNorm,
+        # GroupNorm, RMSNorm, channel means, softmax over channels): removing channels changes
+        # its count, so the compact model would compute something else. Refused; the sums of a
+        # matmul are dot_general, and global pooling reduces spatial axes, which carry no channel.
         self._reduce(eqn, ins, outs, bad=False)
+        where = _where(eqn)
+        for i in set(eqn.params["axes"]):
+            self.poison.append((ins[0][i], f"summed over by {eqn.primitive.name} (a mean or "
+                                           f"normalisation over channels) at {where}"))
 
     rule_reduce_and = rule_reduce_or = rule_reduce_xor = rule_reduce_sum
 
@@ -803,6 +813,9 @@ def trace(
         channel = np.zeros(comp.max() + 1 if t.n else 1, bool)
         for ids in t.channel_ids:
             channel[comp[ids]] = True
+        for axis, where in t.splits:  # GroupNorm, pixel shuffle: channels regrouped
+            if channel[comp[axis]].any():
+                t.poison.append((axis, f"a reshape splits the channel axis (e.g. GroupNorm) at {where}"))
         for merged, parts, sizes in t.reshapes:
             live = [k for k, p in enumerate(parts) if channel[comp[p]].any()]
             if len(live) == 1:

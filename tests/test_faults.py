@@ -224,10 +224,20 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
         mgr.close()
 
 
+@pytest.fixture(scope="module")
+def two_epoch_checkpoints(tmp_path_factory):
+    ckpts = tmp_path_factory.mktemp("two") / "ck"
+    _tiny_fit(None, 2, ckpts)
+    return ckpts
+
+
 @pytest.mark.parametrize("damage", ["truncate_array", "garbage_meta", "drop_meta"])
-def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capsys, damage):
+def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capsys, damage,
+                                                                two_epoch_checkpoints):
+    import shutil
+
     ckpts = tmp_path / "ck"
-    _, hist = _tiny_fit(tmp_path, 2, ckpts)
+    shutil.copytree(two_epoch_checkpoints, ckpts)
     step2 = ckpts / "2"
     if damage == "truncate_array":
         files = [p for p in (step2 / "state").rglob("*") if p.is_file() and p.stat().st_size > 64]
@@ -238,8 +248,6 @@ def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capsy
             if p.is_file():
                 p.write_text("{not json")
     else:
-        import shutil
-
         shutil.rmtree(step2 / "meta")
     _, hist3 = _tiny_fit(tmp_path, 3, ckpts)
     out = capsys.readouterr().out
@@ -298,7 +306,9 @@ def test_sigterm_stops_at_a_step_saves_and_the_rerun_resumes_exactly(tmp_path):
     ref, work = tmp_path / "ref", tmp_path / "pre"
     cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
            "--default-xla-flags"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # the three processes share a persistent compilation cache: only the first one compiles
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     assert subprocess.run(cmd + ["--workdir", str(ref)], env=env, capture_output=True).returncode == 0
     proc = subprocess.Popen(cmd + ["--workdir", str(work)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

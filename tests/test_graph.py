@@ -400,3 +400,42 @@ def test_nnx_model_groups_via_split_merge():
     # params leaves are recognised as parameters (used by the param counter)
     assert {leaf.path for leaf in g.leaves if leaf.is_param} == {
         p for p in leaf_paths(state) if p[0] == "params"}
+
+
+class _NormAfterConv(nn.Module):
+    norm: str = "ln"
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="conv_a")(x)
+        if self.norm == "ln":
+            x = nn.LayerNorm()(x)
+        elif self.norm == "gn":
+            x = nn.GroupNorm(num_groups=2)(x)
+        elif self.norm == "rms":
+            x = nn.RMSNorm()(x)
+        elif self.norm == "channel_mean":
+            x = x * jax.nn.sigmoid(jnp.mean(x, axis=-1, keepdims=True))
+        elif self.norm == "softmax":
+            x = jax.nn.softmax(x, axis=-1)
+        x = nn.relu(x)
+        x = nn.Conv(4, (3, 3), name="conv_b")(x)
+        return jnp.mean(x, axis=(1, 2))
+
+
+@pytest.mark.parametrize("norm, reason", [
+    ("ln", "summed over"), ("rms", "summed over"), ("channel_mean", "summed over"),
+    ("softmax", "reduced over"), ("gn", "splits the channel axis")])
+def test_channel_statistics_make_a_conv_unprunable_with_the_reason_and_line(norm, reason):
+    """Removing channels changes a mean / normalisation over channels: never pruned silently."""
+    model = _NormAfterConv(norm)
+    x = jnp.ones((1, 6, 6, 3))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    graph = trace_linen(model, variables, x)
+    assert "conv_a" not in graph.producer_to_group()
+    assert reason in graph.unprunable["conv_a"]
+    if norm != "softmax":
+        assert "test_graph.py" in graph.unprunable["conv_a"]  # the user's source line
+    plain = _NormAfterConv("none")
+    v = plain.init(jax.random.PRNGKey(0), x)
+    assert "conv_a" in trace_linen(plain, v, x).producer_to_group()
