@@ -26,6 +26,7 @@ from typing import Sequence
 EXIT_USAGE = 2  # a bad input, a missing or unusable file: nothing was written
 EXIT_DIVERGED = 3  # training diverged (non-finite loss or params); the last good checkpoint stays
 EXIT_PREEMPTED = 4  # SIGTERM / SIGINT: stopped at a step boundary, checkpoint saved; rerun to resume
+EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once
 
 
 def _config_from(args, overrides: Sequence[str]):
@@ -263,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as e:
         print(f"jaxprune {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print(f"jaxprune {args.command}: interrupted (a second Ctrl-C: no checkpoint of the "
+              "current epoch; the run resumes from its last one)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except DivergenceError as e:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
               "written from the diverged state", file=sys.stderr)

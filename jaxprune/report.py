@@ -223,7 +223,7 @@ def unavailable_reason(dataset: str) -> str | None:
 
 def format_acc(line: Mapping) -> str:
     if line.get("not_run") or line.get("acc_mean") is None:
-        return line["schedule"] if line.get("not_run") else DASH
+        return NOT_RUN if line.get("schedule") == NOT_RUN else DASH
     m, s = line["acc_mean"], line.get("acc_std")
     return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"
 
@@ -234,7 +234,7 @@ def format_diff(line: Mapping) -> str:
     if line.get("acc_mean") is None or line.get("paper_acc") is None:
         return DASH
     if line.get("schedule") != "paper":
-        return f"n/a ({line['schedule']})"
+        return "n/a"
     return f"{100 * line['acc_mean'] - line['paper_acc']:+.2f}"
 
 
@@ -412,7 +412,7 @@ def build_markdown(rows: Mapping[str, Mapping], records: Mapping[str, Sequence[d
         "",
         "Accuracies in percent: ours = test accuracy of the compacted model (top-1 on ImageNet), "
         "mean ± sample std (ddof=1) over the seeds found (`seeds` = found / planned); paper = the "
-        "published pruned accuracy (baseline accuracy for dense rows); diff = ours - paper, only for rows run on the paper's schedule. MACs "
+        "published pruned accuracy (baseline accuracy for dense rows); diff = ours - paper, only for rows run on the paper's schedule (n/a otherwise). MACs "
         "reductions of the compacted model in two conventions (conv only, as SFP's scripts; conv + "
         "FC, as PFEC); `SFP formula` = SFP's closed form at the float keep ratio, which SFP's "
         "tables print. Params counted with BN (PFEC's Table 1 leaves BN out). Schedules: `paper` = "

@@ -553,14 +553,19 @@ def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 
+# steps dispatched ahead of the one the host waits for (keeps the device busy, bounds the queue)
+IN_FLIGHT = 2
+
+
 class Preempted(RuntimeError):
     """SIGTERM or SIGINT stopped training at a step boundary; a mid-epoch checkpoint was saved
     and rerunning the same command resumes exactly."""
 
 
 class _StopSignals:
-    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (main thread only); a
-    second signal of the same kind interrupts at once, as usual."""
+    """Turns SIGTERM / SIGINT into a flag checked at step boundaries (main thread only). A
+    repeated SIGTERM is ignored (the checkpoint is being saved); a second Ctrl-C interrupts at
+    once, without a checkpoint."""
 
     def __init__(self):
         self.received: str | None = None
@@ -578,10 +583,12 @@ class _StopSignals:
     def _handle(self, signum, frame):
         import signal
 
-        if self.received is not None:  # the second one: stop now
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+        elif signum == signal.SIGINT:  # a second Ctrl-C: stop now, without saving
             signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        # a repeated SIGTERM is ignored: the checkpoint of the first one is being written
 
     def __exit__(self, *exc):
         import signal
@@ -742,6 +749,8 @@ def fit(
                 local = idx[rows]
                 state, m = step_fn(state, x_train[local], y_train[local])
                 step_metrics.append(m)
+                if len(step_metrics) > IN_FLIGHT:  # bound the dispatch queue: a stop (or a
+                    jax.block_until_ready(step_metrics[-1 - IN_FLIGHT])  # save) waits <= 2 steps
                 if progress and main_process and (i % log_every == 0 or i == len(order) - 1):
                     last = jax.device_get(m)
                     bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")

@@ -316,6 +316,8 @@ def test_sigterm_stops_at_a_step_saves_and_the_rerun_resumes_exactly(tmp_path):
     while not (work / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)  # wait for the first epoch: the signal then lands inside epoch 2 or 3
     proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)  # repeated (as by `pkill` twice): ignored while it saves
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == cli.EXIT_PREEMPTED, err
     assert "stopped by SIGTERM at epoch" in err and "Traceback" not in err
