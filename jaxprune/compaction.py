@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.graph import PruningGraph, leaf_paths, module_path
+from jaxprune.graph import PruningGraph, leaf_paths
 from jaxprune.masks import _plans, validate_masks
 
 AxisKeep = dict[tuple[str, ...], dict[int, np.ndarray]]

@@ -116,3 +116,22 @@ def resnet20_graphs(resnet20):
     """Residual policy -> PruningGraph of ResNet-20."""
     model, variables, x = resnet20
     return {pol: trace_linen(model, variables, x, residual=pol) for pol in ("scatter", "coupled")}
+
+
+_TINY_VALUES = {
+    "name": "tiny", "model": "resnet20", "dataset": "digits", "image_size": 8, "epochs": 2,
+    "batch_size": 64, "eval_batch_size": 128, "train_subset": 256, "test_subset": 128,
+    "optimizer.schedule": "constant", "optimizer.base_lr": 0.05, "method.name": "sfp",
+    "method.rate": 0.4, "keep_checkpoints": 1,
+}
+
+
+def tiny_config_source(**changes: Any) -> str:
+    """Source of a config file for a seconds-long run (ResNet-20 on 8x8 digits, SFP 40%);
+    ``changes`` override its values, dotted keys as ``optimizer__base_lr``."""
+    values = dict(_TINY_VALUES)
+    values.update({k.replace("__", "."): v for k, v in changes.items()})
+    lines = ["from jaxprune.config import base_config", "", "", "def get_config():",
+             "    c = base_config()"]
+    lines += [f"    c.{k} = {v!r}" for k, v in values.items()]
+    return "\n".join(lines + ["    return c", ""])

@@ -1,35 +1,14 @@
 """Every CLI command on a tiny config; bad configs are rejected with the value named."""
 
 import json
-import textwrap
-from pathlib import Path
 
 import pytest
 
+from conftest import tiny_config_source
 from jaxprune import cli
 from jaxprune import config as config_lib
 
-TINY = textwrap.dedent("""
-    from jaxprune.config import base_config
-
-    def get_config():
-        c = base_config()
-        c.name = 'tiny'
-        c.model = 'resnet20'
-        c.dataset = 'digits'
-        c.image_size = 8
-        c.epochs = 2
-        c.batch_size = 64
-        c.eval_batch_size = 128
-        c.train_subset = 256
-        c.test_subset = 128
-        c.optimizer.schedule = 'constant'
-        c.optimizer.base_lr = 0.05
-        c.method.name = 'sfp'
-        c.method.rate = 0.4
-        c.keep_checkpoints = 1
-        return c
-""")
+TINY = tiny_config_source()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import textwrap
 from pathlib import Path
 
 import jax
@@ -15,33 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config_source
 from jaxprune import cli, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.models import get_model
 
-TINY = textwrap.dedent("""
-    from jaxprune.config import base_config
-
-    def get_config():
-        c = base_config()
-        c.name = 'tiny'
-        c.model = 'resnet20'
-        c.dataset = 'digits'
-        c.image_size = 8
-        c.epochs = 1
-        c.batch_size = 64
-        c.eval_batch_size = 128
-        c.train_subset = 128
-        c.test_subset = 128
-        c.optimizer.schedule = 'constant'
-        c.optimizer.base_lr = 0.05
-        c.method.name = 'sfp'
-        c.method.rate = 0.4
-        c.keep_checkpoints = 1
-        return c
-""")
+TINY = tiny_config_source(epochs=1, train_subset=128)
 
 
 @pytest.fixture(scope="module")
@@ -283,8 +263,7 @@ def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
 
 # ----------------------------------------------------------------------------- preemption
 
-PREEMPT_CFG = TINY.replace("c.epochs = 1", "c.epochs = 3").replace("c.train_subset = 128",
-                                                                  "c.train_subset = 1024")
+PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024)
 
 
 def _final_state(work: Path):
@@ -377,7 +356,7 @@ def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(tmp_path):
     import time
 
     cfg = tmp_path / "k.py"
-    cfg.write_text(PREEMPT_CFG.replace("c.epochs = 3", "c.epochs = 4"))
+    cfg.write_text(tiny_config_source(epochs=4, train_subset=1024))
     cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
            "--default-xla-flags"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

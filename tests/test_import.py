@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import json
-import textwrap
 from pathlib import Path
 
 import jax
@@ -13,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import tiny_config_source
 from jaxprune import cli, training
 from jaxprune import data as data_lib
 from jaxprune.graph import leaf_paths
-from jaxprune.models import get_model
 from jaxprune.models.torch_import import from_torch
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrained"
@@ -149,26 +148,9 @@ def test_cli_import_writes_a_trained_model_dir_and_refuses_a_used_one(tmp_path, 
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 
 
-TINY_FROM_PRETRAINED = textwrap.dedent("""
-    from jaxprune.config import base_config
-
-    def get_config():
-        c = base_config()
-        c.name = 'pfec_from_import'
-        c.model = 'resnet20'
-        c.dataset = 'digits'
-        c.image_size = 8
-        c.epochs = 1
-        c.batch_size = 64
-        c.eval_batch_size = 128
-        c.train_subset = 128
-        c.test_subset = 128
-        c.optimizer.schedule = 'constant'
-        c.optimizer.base_lr = 0.001
-        c.method.name = 'dense'
-        c.keep_checkpoints = 1
-        return c
-""")
+TINY_FROM_PRETRAINED = tiny_config_source(name="from_import", epochs=1, train_subset=128,
+                                          optimizer__base_lr=0.001, method__name="dense",
+                                          method__rate=0.0)
 
 
 def test_a_run_from_imported_weights_inherits_their_normalisation_and_records_provenance(tmp_path):

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune import schedules, selection
+from jaxprune import schedules
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.base import MethodContext, no_penalty
 from jaxprune.methods.sfp import SFP, _as_counts, harden, is_traced, ranks

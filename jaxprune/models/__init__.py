@@ -9,7 +9,7 @@ through JSON-safe types (for checkpoints).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 
