@@ -765,7 +765,10 @@ def fit(
                 method_name=method_name, metrics_writer=metrics_writer,
                 show=progress and main_process, epochs=epochs)
             if stop.received and epoch + 1 < epochs:
-                _preempt(stop.received, None, state, epoch + 1, 0, [], history)
+                saved = ("its checkpoint was saved" if checkpoint_manager is not None
+                         else "no checkpoint manager: nothing was saved")
+                raise Preempted(f"stopped by {stop.received} at the end of epoch {epoch + 1}; "
+                                f"{saved}; rerun the same command to resume")
 
     if checkpoint_manager is not None:
         checkpoint_manager.wait_until_finished()
@@ -776,19 +779,19 @@ def fit(
 
 def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoch: int,
              resume_step: int, step_metrics: list, history: list) -> None:
-    """Saves the mid-epoch checkpoint (if any steps of the epoch ran) and raises `Preempted`."""
+    """Saves the mid-epoch checkpoint (process 0) and raises `Preempted`."""
     from jaxprune.checkpoints import save_preempt
 
     where = f"epoch {epoch + 1}, step {resume_step}"
-    if preempt_dir is not None and resume_step > 0 and jax.process_index() == 0:
-        save_preempt(preempt_dir, state, {
-            "epoch": epoch, "resume_step": resume_step, "history": history,
-            "step_metrics": [{k: float(v) for k, v in jax.device_get(m).items()} for m in step_metrics]})
-        saved = f"a checkpoint of {where} was saved"
-    elif preempt_dir is not None:
-        saved = f"the checkpoint of epoch {epoch} is the latest"
-    else:
+    if preempt_dir is None:
         saved = "no checkpoint manager: nothing was saved"
+    else:
+        if jax.process_index() == 0:
+            save_preempt(preempt_dir, state, {
+                "epoch": epoch, "resume_step": resume_step, "history": history,
+                "step_metrics": [{k: float(v) for k, v in jax.device_get(m).items()}
+                                 for m in step_metrics]})
+        saved = f"a checkpoint of {where} was saved"
     raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
 
 
