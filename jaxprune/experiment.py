@@ -100,10 +100,10 @@ def make_method(config: ml_collections.ConfigDict):
     round_to, direction = int(m.get("round_to", 1)), m.get("round_direction", "up")
     table = m.get("width_table", "")
     if round_to != 1 or table:
-        if m.name not in ("sfp", "asfp", "srfp", "asrfp", "ghfp", "pfec"):
+        if m.name not in ("sfp", "asfp", "srfp", "asrfp", "ghfp", "pfec", "hfp"):
             what = f"round_to={round_to}" if round_to != 1 else f"width_table={table!r}"
             raise ValueError(f"config.method.{what}: method {m.name!r} does not take a "
-                             "width policy (sfp, asfp, srfp, asrfp, ghfp and pfec do)")
+                             "width policy (sfp, asfp, srfp, asrfp, ghfp, pfec and hfp do)")
         from jaxprune.width_bench import load_table
 
         kwargs["width"] = {"round_to": round_to, "direction": direction,

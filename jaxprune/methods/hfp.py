@@ -114,6 +114,9 @@ class HFP:
       exclude: producer paths / patterns / predicate whose groups are not gated.
       balance: tilt the final order so that both targets are met within ``tolerance``.
       tolerance: accepted slack under each target, as a share of the dense figure.
+      width: a `jaxprune.selection.WidthPolicy` (or ``round_to`` int) applied to every gated
+        group's kept count inside the final threshold search, so the rounded model still
+        meets both targets (the search prunes further where rounding up would exceed them).
     """
 
     macs_reduction: float | None = None
@@ -127,6 +130,7 @@ class HFP:
     margin: float = 2.0
     balance: bool = True
     tolerance: float = 0.005
+    width: Any = None
     name: str = "hfp"
 
     def __post_init__(self):
@@ -155,6 +159,9 @@ class HFP:
         if not (isinstance(self.tolerance, numbers.Real) and 0 < self.tolerance < 1):
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
+        from jaxprune.selection import as_width_policy
+
+        object.__setattr__(self, "width", as_width_policy(self.width))
 
     # -- structure
     def gated_groups(self, graph: PruningGraph) -> tuple[str, ...]:
@@ -361,14 +368,24 @@ class HFP:
         else:
             ratios, betas = np.ones(total), [0.0]
 
+        offsets = np.cumsum([0] + sizes)
+
         def masks_for(order, k):
             keep = np.ones(total, np.float32)
             keep[order[:k]] = 0.0
+            if not self.width.exact:  # per group, the kept count the width policy allows
+                rank = np.empty(total, np.int64)
+                rank[order] = np.arange(total)  # position in the pruning order (low = weak)
+                for i, (n, s) in enumerate(zip(names, sizes)):
+                    seg = slice(offsets[i], offsets[i + 1])
+                    kept = int(keep[seg].sum())
+                    want = self.width.kept(s, max(kept, 1), n)
+                    by_strength = np.argsort(-rank[seg], kind="stable")  # strongest first
+                    keep[seg] = 0.0
+                    keep[offsets[i] + by_strength[:want]] = 1.0
             out = {n: np.ones(g.size, np.float32) for n, g in graph.groups.items()}
-            o = 0
-            for n, s in zip(names, sizes):
-                out[n] = keep[o:o + s]
-                o += s
+            for i, n in enumerate(names):
+                out[n] = keep[offsets[i]:offsets[i + 1]]
             return out
 
         def slacks(macs, params):
