@@ -216,8 +216,6 @@ _ORIGIN_PRESERVING = {"convert_element_type", "copy", "copy_p", "reduce_precisio
                       "sharding_constraint", "device_put", "optimization_barrier"}
 _NO_LINK = {"iota", "random_bits", "random_seed", "random_wrap", "random_unwrap",
             "rng_bit_generator", "random_fold_in", "random_split", "rng_uniform"}
-_REDUCE_OK = {"reduce_sum", "reduce_and", "reduce_or", "reduce_xor"}
-_REDUCE_BAD = {"reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin"}
 _CALL_PARAMS = ("jaxpr", "call_jaxpr", "fun_jaxpr")
 
 
