@@ -34,7 +34,7 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   ships with the project, and `jaxprune.experiment.run` trains from in-memory arrays only
   (CIFAR-10/100, digits).
 - **Overrides.** ``--config.key=value`` applies to the named rows (after the schedule flags);
-  the keys ``data_dir``, ``eval_batch_size``, ``keep_checkpoints`` and ``log_every`` also apply to
+  the keys ``data_dir``, ``eval_batch_size``, ``keep_checkpoints`` and ``steps_per_call`` also apply to
   their dependencies.
 
 - **XLA flags.** On CPU the runner adds `jaxprune.perf.RECOMMENDED_CPU_FLAGS` to ``XLA_FLAGS``
@@ -77,10 +77,10 @@ NOT_ROWS = ("common",)
 TINY = {"epochs": 2, "train_subset": 256, "test_subset": 200, "batch_size": 128,
         "eval_batch_size": 200, "keep_checkpoints": 1}
 # overrides that also reach the dependencies of the named rows
-ENV_KEYS = ("data_dir", "eval_batch_size", "keep_checkpoints", "log_every")
+ENV_KEYS = ("data_dir", "eval_batch_size", "keep_checkpoints", "steps_per_call")
 # config keys that may differ between the config.json of a run directory and a resumed run
 IGNORED_ON_RESUME = ("pretrained", "data_dir", "eval_batch_size", "keep_checkpoints",
-                     "log_every", "paper", "num_seeds")
+                     "steps_per_call", "paper", "num_seeds")
 _PRETRAINED = re.compile(r"(?:^|/)runs/([A-Za-z0-9_.-]+)/seed(\d+)/*$")
 
 

@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data_dir", default=None)
     s.add_argument("--convs", default="all", choices=("first", "second", "all"),
                    help="which convs: the first / second conv of every residual block, or all")
-    s.add_argument("--batch-size", type=int, default=1000, help="evaluation batch")
+    s.add_argument("--batch-size", type=int, default=100,
+                   help="evaluation batch (100 measured fastest for ResNet-56 on XLA:CPU)")
     s.add_argument("--no-progress", action="store_true")
     s.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     s.set_defaults(func=cmd_sensitivity)

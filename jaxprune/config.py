@@ -21,6 +21,7 @@ DATASETS = ("cifar10", "cifar100", "digits", "imagenet2012")
 RESIDUAL_POLICIES = ("coupled", "scatter")
 LR_SCHEDULES = ("sfp_cifar", "step", "constant", "cosine")
 CRITERIA = ("l1", "l2", "fpgm", "bn_scale")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -75,7 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.pretrained = ""  # checkpoint directory to start from (its latest or best params)
     c.keep_checkpoints = 3
-    c.log_every = 50
+    # The engine: train steps per jitted device call (the largest divisor of the epoch's steps
+    # up to this; 0 = the whole epoch); results do not depend on it. The progress bar and a stop
+    # signal act between calls.
+    c.steps_per_call = 50
+    # Compute dtype: 'bfloat16' runs convolutions and activations in bf16 while params,
+    # optimizer state, BN statistics, masks and the loss stay float32.
+    c.dtype = "float32"
 
     c.paper = ml_collections.ConfigDict()
     c.paper.source = ""  # e.g. 'SFP (He et al. 2018), Table 1'
@@ -188,7 +195,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size", "num_seeds", "keep_checkpoints"):
         if not isinstance(config[key], int) or config[key] < 1:
             bad(key, config[key], "a positive integer")
-    for key in ("seed", "train_subset", "test_subset", "image_size", "finetune_epochs"):
+    if config.dtype not in COMPUTE_DTYPES:
+        bad("dtype", config.dtype, f"one of {', '.join(COMPUTE_DTYPES)}")
+    for key in ("seed", "train_subset", "test_subset", "image_size", "finetune_epochs",
+                "steps_per_call"):
         if not isinstance(config[key], int) or config[key] < 0:
             bad(key, config[key], "a non-negative integer")
     if not (isinstance(config.finetune_lr, (int, float)) and config.finetune_lr > 0):

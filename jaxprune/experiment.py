@@ -115,7 +115,7 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     """Validates ``config`` and builds data, model, graph, optimizer and method."""
     config_lib.validate(config)
     ds = dataset if dataset is not None else load_dataset(config)
-    model = get_model(config.model, num_classes=ds.num_classes)
+    model = get_model(config.model, num_classes=ds.num_classes, dtype=jnp.dtype(config.dtype))
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     variables = model.init(jax.random.PRNGKey(config.seed), x, train=False)
     graph = trace_linen(model, variables, x, residual=config.method.residual)
@@ -211,7 +211,7 @@ def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, An
     from jaxprune.checkpoints import load
 
     p = _pretrained_dir(path)
-    cfg = ml_collections.ConfigDict(json.loads((p / "config.json").read_text()))
+    cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads((p / "config.json").read_text())))
     ckpts = p / "checkpoints"
     if ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir()):
         _, state, _ = _restore_run(p)
@@ -300,7 +300,7 @@ def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodCon
     from jaxprune.checkpoints import make_checkpoint_manager
 
     c, ds = s.config, s.dataset
-    manager = make_checkpoint_manager(ckpt_dir, max_to_keep=c.keep_checkpoints)
+    manager = make_checkpoint_manager(ckpt_dir, max_to_keep=c.keep_checkpoints, async_save=True)
     try:
         return training.fit(
             s.model, s.graph, method, ctx, state, optimizer,
@@ -308,7 +308,7 @@ def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodCon
             epochs=epochs, batch_size=c.batch_size, seed=seed,
             augment=augment, preprocess=preprocess, checkpoint_manager=manager,
             metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
-            config=c.to_dict())
+            config=c.to_dict(), steps_per_call=c.steps_per_call)
     finally:
         manager.close()
 
@@ -343,7 +343,7 @@ def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, prepr
 
 
 # config keys a resumed run may never change (the checkpoint's structure and meaning)...
-RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed",
+RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed", "dtype",
                 "train_subset")
 # ... and keys that change the schedule: refused unless allowed, then recorded
 RESUME_SCHEDULE = ("epochs", "batch_size", "optimizer", "finetune_epochs", "finetune_lr")
@@ -573,7 +573,7 @@ def _restore_run(run_dir: Path):
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json)")
-    cfg = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads(cfg_path.read_text())))
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
@@ -656,7 +656,7 @@ SENSITIVITY_CONVS = ("first", "second", "all")
 
 
 def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.PathLike,
-                    out: str | os.PathLike, *, convs: str = "all", batch_size: int = 1000,
+                    out: str | os.PathLike, *, convs: str = "all", batch_size: int = 100,
                     progress: bool = True) -> Path:
     """PFEC's sensitivity analysis of a trained model (a run directory or a ``jaxprune import``
     directory): each numbered conv pruned alone (L1) at rates 0.1..0.9, test accuracy of each.
@@ -703,18 +703,28 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
     out.mkdir(parents=True, exist_ok=True)
     rates = pfec.DEFAULT_RATES
     partial_path = out / "sensitivity.partial.csv"
+    settings_path = out / "sensitivity.partial.json"
+    # rows already written are reused only if they were measured the same way
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "model": config.model, "convs": convs,
+                "test_images": int(ds.num_test), "rates": list(rates), "batch_size": int(batch_size),
+                "normalization": {"mean": list(ds.mean), "std": list(ds.std)}}
     done: dict[str, list[float]] = {}
     if partial_path.is_file():
+        before = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+        if before != settings:
+            changed = sorted(k for k in settings if before is None or before.get(k) != settings[k])
+            raise ValueError(f"{partial_path} holds rows measured with other settings "
+                             f"({', '.join(changed)}); use another --out or delete it")
         for row in csv.reader(partial_path.open()):
             done[row[1]] = [float(v) for v in row[2:]]
+    else:
+        settings_path.write_text(json.dumps(settings, indent=2))
 
     def on_row(label, group, accs):
         with partial_path.open("a", newline="") as f:
             csv.writer(f).writerow([label, group, *accs])
 
-    provenance = {"checkpoint": str(checkpoint), "model": config.model, "convs": convs,
-                  "test_images": int(ds.num_test), "rates": list(rates),
-                  "criterion": "l1", "normalization": {"mean": list(ds.mean), "std": list(ds.std)}}
+    provenance = {**settings, "checkpoint": str(checkpoint), "criterion": "l1"}
     if (Path(checkpoint) / "import.json").is_file() or (Path(checkpoint) / "checkpoints").is_dir():
         provenance["baseline"] = baseline_provenance(checkpoint)
     t0 = time.time()
@@ -731,6 +741,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
                           title=f"{config.model} on {config.dataset}: {which} pruned alone (L1){subset}",
                           stage_ends=pfec.stage_ends_of(config.model))
     partial_path.unlink()
+    settings_path.unlink()
     return out
 
 

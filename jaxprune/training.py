@@ -10,7 +10,10 @@ Read top to bottom (design.md section 7):
   cross-entropy + ``method.penalty``, optimizer update, then everything a hard-pruned channel
   owns (update, new value, optimizer moments, BN running statistics) multiplied by
   ``state.hard`` so it stays exactly zero, while soft-pruned channels train normally.
-- `make_eval_step` / `evaluate`: exact accuracy and mean loss over an in-memory array data set.
+- `make_train_chunk`: many train steps in one jitted call (a ``lax.scan``) over a training set
+  that lives on the devices; `fit` runs every epoch through it.
+- `put_eval_data` / `make_eval_fn` / `evaluate`: exact accuracy and mean loss over a whole
+  evaluation set on the devices, one jitted call.
 - `fit`: the epoch loop of the CLI, with automatic resume from the latest checkpoint.
 
 Data parallelism uses `jax.sharding`, not ``pmap``: a 1-D mesh named ``'data'`` over all devices,
@@ -31,7 +34,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -426,12 +429,15 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
 
     # Only the big, never-aliased part of the state is donated: methods routinely put the same
     # array in `masks` and `hard`, and XLA refuses to donate one buffer twice.
+    # A one-step lax.scan, so that the program is the loop body `make_train_chunk` runs: XLA
+    # compiles a loop body differently from straight-line code (last-bit differences otherwise).
     def fn(big, small, images, labels):
-        step_, params, batch_stats, opt_state = big
-        masks, hard, method_state, rng = small
-        state = TrainState(step_, params, batch_stats, opt_state, masks, hard, method_state, rng)
-        return train_step(state, images, labels, model=model, graph=graph, optimizer=optimizer,
-                          method=method, ctx=ctx, augment=augment, mask_hard=mask_hard)
+        def body(state, batch):
+            return train_step(state, *batch, model=model, graph=graph, optimizer=optimizer,
+                              method=method, ctx=ctx, augment=augment, mask_hard=mask_hard)
+
+        state, metrics = jax.lax.scan(body, TrainState(*big, *small), (images[None], labels[None]))
+        return state, jax.tree.map(lambda v: v[0], metrics)
 
     jitted = jax.jit(fn, in_shardings=(repl, repl, batch, batch), out_shardings=(repl, repl),
                      donate_argnums=(0,) if donate else ())
@@ -448,6 +454,76 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
     step.mesh = mesh
     step.jitted = jitted
     return step
+
+
+def chunk_steps(steps_per_epoch: int, requested: int) -> int:
+    """Steps per device call: the largest divisor of ``steps_per_epoch`` that is at most
+    ``requested`` (0 = the whole epoch), so an epoch is whole chunks of one compiled length."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 0:
+        raise ValueError(f"steps_per_call={requested!r}: expected 0 (the whole epoch) or a "
+                         "positive integer")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch={steps_per_epoch}: expected a positive integer")
+    limit = steps_per_epoch if requested == 0 else min(int(requested), steps_per_epoch)
+    return max(k for k in range(1, limit + 1) if steps_per_epoch % k == 0)
+
+
+def put_replicated(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
+    """Host arrays placed once on every device of ``mesh`` (explicit transfers; every process
+    passes the same full arrays)."""
+    return tuple(replicate(mesh, np.asarray(a)) for a in arrays)
+
+
+def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransformation,
+                     method: Any, ctx: Any, *, steps: int, mesh: Mesh | None = None,
+                     augment: Augment | None = None, donate: bool = False) -> Callable:
+    """``steps`` train steps in one jitted call over data that already lives on the devices.
+
+    ``chunk(state, images, labels, order, start) -> (state, metrics, start + steps)``:
+    ``images``/``labels`` are the whole training set on the devices (`put_replicated`),
+    ``order`` the epoch's ``int32 [steps_per_epoch, batch]`` batch indices on the devices
+    (`jaxprune.data.epoch_batches`), ``start`` an int32 device scalar, the first row of
+    ``order`` to run (it must leave ``steps`` rows). A ``lax.scan`` runs `train_step` on
+    ``images[order[start + i]]``, gathered on the devices and sharded over the batch axis, for
+    ``i < steps``; ``metrics`` stacks each step's metrics (``[steps]``). It computes what
+    `make_train_step`'s step computes on those batches one by one, with one dispatch and no
+    host transfer per chunk (the returned ``start`` feeds the next call). ``donate`` as in
+    `make_train_step`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps}: expected a positive integer")
+    mesh = make_mesh() if mesh is None else mesh
+    repl = NamedSharding(mesh, P())
+    batch = NamedSharding(mesh, P(DATA_AXIS))
+
+    def fn(big, small, images, labels, order, start):
+        rows = jax.lax.dynamic_slice_in_dim(order, start, steps, axis=0)
+
+        def body(state, idx):
+            x = jax.lax.with_sharding_constraint(images[idx], batch)
+            y = jax.lax.with_sharding_constraint(labels[idx], batch)
+            return train_step(state, x, y, model=model, graph=graph, optimizer=optimizer,
+                              method=method, ctx=ctx, augment=augment)
+
+        state, metrics = jax.lax.scan(body, TrainState(*big, *small), rows)
+        return ((state.step, state.params, state.batch_stats, state.opt_state),
+                (state.masks, state.hard, state.method_state, state.rng), metrics, start + steps)
+
+    jitted = jax.jit(fn, in_shardings=(repl, repl, repl, repl, repl, repl),
+                     out_shardings=(repl, repl, repl, repl),
+                     donate_argnums=(0,) if donate else ())
+
+    def chunk(state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array,
+              start: jax.Array):
+        big = (state.step, state.params, state.batch_stats, state.opt_state)
+        small = (state.masks, state.hard, state.method_state, state.rng)
+        big, small, metrics, nxt = jitted(big, small, images, labels, order, start)
+        return TrainState(*big, *small), metrics, nxt
+
+    chunk.mesh, chunk.jitted, chunk.steps = mesh, jitted, steps
+    chunk.with_steps = lambda n: make_train_chunk(model, graph, optimizer, method, ctx, steps=n,
+                                                  mesh=mesh, augment=augment, donate=donate)
+    return chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,34 +544,71 @@ def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: An
     return correct, jnp.sum(jnp.where(valid, ce, 0.0))
 
 
-def make_eval_step(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None
-                   ) -> Callable[[Any, Any, Any], tuple[jax.Array, jax.Array]]:
-    """Jitted `eval_step`: ``(variables, images, labels) -> (correct_count, loss_sum)``.
+class EvalData(NamedTuple):
+    """An evaluation set on the devices, in equal batches: ``images [nb, bs, ...]`` and
+    ``labels int32 [nb, bs]`` (the last batch padded with label ``-1``) sharded over the batch
+    axis (axis 1); ``n`` real examples. Built by `put_eval_data`."""
 
-    Batch sharded over ``mesh`` (default all devices), variables replicated. Pad a short batch
-    with label ``-1`` to keep one compiled shape (`evaluate` does).
-    """
+    images: jax.Array
+    labels: jax.Array
+    n: int
+
+
+def put_eval_data(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int) -> EvalData:
+    """Places a whole evaluation set on ``mesh`` once (`EvalData`), in batches of
+    `eval_batch_size` ``(batch_size, N, devices)``. Every process passes the full arrays."""
+    n = int(np.shape(images)[0])
+    if n == 0:
+        raise ValueError("evaluation needs at least one example")
+    if np.shape(labels)[0] != n:
+        raise ValueError(f"images and labels disagree on the number of examples: {n} vs "
+                         f"{np.shape(labels)[0]}")
+    bs = eval_batch_size(batch_size, n, mesh.size)
+    nb = -(-n // bs)
+    x = np.asarray(images)
+    y = np.asarray(labels).astype(np.int32)
+    if nb * bs > n:
+        x = np.concatenate([x, np.zeros((nb * bs - n,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.full((nb * bs - n,), -1, np.int32)])
+    x, y = x.reshape((nb, bs) + x.shape[1:]), y.reshape(nb, bs)
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    if jax.process_count() == 1:
+        xd, yd = jax.device_put((x, y), sharding)
+    else:
+        xd, yd = (jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in (x, y))
+    return EvalData(xd, yd, n)
+
+
+def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None
+                 ) -> Callable[[Any, EvalData], tuple[jax.Array, jax.Array]]:
+    """``fn(variables, data) -> (correct_count, loss_sum)`` over a whole `EvalData` in one
+    jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
+    ``variables`` replicated on ``mesh`` (default all devices)."""
     mesh = make_mesh() if mesh is None else mesh
     repl = NamedSharding(mesh, P())
-    batch = NamedSharding(mesh, P(DATA_AXIS))
-    jitted = jax.jit(functools.partial(eval_step, model=model, preprocess=preprocess),
-                     in_shardings=(repl, batch, batch), out_shardings=(repl, repl))
+    batches = NamedSharding(mesh, P(None, DATA_AXIS))
 
-    def step(variables: Any, images: Any, labels: Any):
-        if not (isinstance(images, jax.Array) and isinstance(labels, jax.Array)):
-            images, labels = shard_batch(mesh, images, labels)
-        return jitted(variables, images, labels)
+    def whole(variables, images, labels):
+        def body(acc, xy):
+            c, l = eval_step(variables, *xy, model=model, preprocess=preprocess)
+            return (acc[0] + c, acc[1] + l), None
 
-    step.mesh = mesh
-    step.jitted = jitted
-    step.preprocess = preprocess
-    return step
+        zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+        return jax.lax.scan(body, zero, (images, labels))[0]
+
+    jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=(repl, repl))
+
+    def fn(variables: Any, data: EvalData):
+        return jitted(variables, data.images, data.labels)
+
+    fn.mesh, fn.jitted, fn.preprocess = mesh, jitted, preprocess
+    return fn
 
 
 def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
     """The evaluation batch for ``requested`` (an upper bound): a multiple of ``num_devices`` (at
-    least one example per device), no larger than needed for ``num_examples``; `evaluate` pads
-    the last batch, so any device count works."""
+    least one example per device), no larger than needed for ``num_examples``; the last batch
+    is padded, so any device count works."""
     if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
         raise ValueError(f"evaluation batch size {requested!r} is not allowed; expected a positive integer")
     per_device = max(1, int(requested) // num_devices)
@@ -503,49 +616,31 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
     return per_device * num_devices
 
 
-def evaluate(model: Any, variables: Any, images: np.ndarray, labels: np.ndarray,
+def evaluate(model: Any, variables: Any, images: np.ndarray | EvalData, labels: np.ndarray | None,
              batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
              *, step: Callable | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over a whole in-memory data set.
+    """Top-1 accuracy and mean cross-entropy over a whole data set.
 
     ``images [N, H, W, C]`` (uint8 needs ``preprocess``, e.g.
-    ``partial(data.normalize, mean=..., std=...)``), ``labels int [N]``. The last partial batch is
-    padded with label ``-1`` (weight 0), so every example counts exactly once and only one batch
-    shape is compiled. Pass ``step`` (from `make_eval_step`) to reuse a compiled step across
-    calls (`fit` does); ``variables`` must then be replicated on its mesh. Every process passes
-    the full arrays and feeds its own rows of each batch.
+    ``partial(data.normalize, mean=..., std=...)``) and ``labels int [N]`` host arrays, placed on
+    the devices for this call; or an `EvalData` already there (``labels`` None). Every example
+    counts exactly once (padding has label -1) and one batch shape is compiled. Pass ``step``
+    (from `make_eval_fn`) to reuse a compiled program across calls (`fit` does); ``variables``
+    must then be replicated on its mesh.
     """
-    n = int(np.shape(images)[0])
-    if n == 0:
-        raise ValueError("evaluate needs at least one example")
-    if np.shape(labels)[0] != n:
-        raise ValueError(f"images and labels disagree on the number of examples: {n} vs "
-                         f"{np.shape(labels)[0]}")
     if step is not None:
         preprocess = getattr(step, "preprocess", preprocess)
-    if preprocess is None and not np.issubdtype(np.asarray(images[:1]).dtype, np.floating):
-        raise TypeError("integer images need preprocess= (e.g. functools.partial("
-                        "data.normalize, mean=..., std=...))")
+    if not isinstance(images, EvalData):
+        if int(np.shape(images)[0]) and preprocess is None and not np.issubdtype(
+                np.asarray(images[:1]).dtype, np.floating):
+            raise TypeError("integer images need preprocess= (e.g. functools.partial("
+                            "data.normalize, mean=..., std=...))")
     if step is None:
-        step = make_eval_step(model, mesh, preprocess)
+        step = make_eval_fn(model, mesh, preprocess)
         variables = replicate(step.mesh, variables)
-    batch_size = eval_batch_size(batch_size, n, step.mesh.size)
-    rows = _process_rows(batch_size)
-    labels = np.asarray(labels)
-    correct, losses = [], []
-    for start in range(0, n, batch_size):
-        x = np.asarray(images[start:start + batch_size])
-        y = labels[start:start + batch_size].astype(np.int32)
-        if x.shape[0] < batch_size:
-            pad = batch_size - x.shape[0]
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-            y = np.concatenate([y, np.full((pad,), -1, np.int32)])
-        c, l = step(variables, x[rows], y[rows])
-        correct.append(c)
-        losses.append(l)
-    correct_total = int(np.sum(np.asarray(jax.device_get(correct), np.int64)))
-    loss_total = float(np.sum(np.asarray(jax.device_get(losses), np.float64)))
-    return {"accuracy": correct_total / n, "loss": loss_total / n}
+    data = images if isinstance(images, EvalData) else put_eval_data(step.mesh, images, labels, batch_size)
+    correct, loss = jax.device_get(step(variables, data))
+    return {"accuracy": int(correct) / data.n, "loss": float(loss) / data.n}
 
 
 # --------------------------------------------------------------------------------------------
@@ -624,11 +719,27 @@ def check_finite(state: TrainState, train_metrics: Mapping[str, float], *, epoch
                                   f"epoch {epoch + 1} (optimizer step {step})")
 
 
-def _mean_metrics(ms: list[dict]) -> dict[str, float]:
-    if not ms:
+def _stack(per_step: list[dict]) -> dict[str, np.ndarray]:
+    """Per-step metric dicts as one dict of ``[n]`` arrays."""
+    return {k: np.asarray([m[k] for m in per_step], np.float32) for k in per_step[0]}
+
+
+def _per_step(chunks: list[dict]) -> list[dict[str, float]]:
+    """Chunks of stacked ``[n]`` metrics (host or device) as one float dict per step."""
+    out = []
+    for c in jax.device_get(chunks):
+        n = len(next(iter(c.values())))
+        out += [{key: float(v[j]) for key, v in c.items()} for j in range(n)]
+    return out
+
+
+def _mean_metrics(chunks: list[dict]) -> dict[str, float]:
+    """The epoch mean of every metric over all its steps."""
+    if not chunks:
         return {}
-    host = jax.device_get(ms)
-    return {k: float(np.mean([np.asarray(m[k], np.float64) for m in host])) for k in host[0]}
+    host = jax.device_get(chunks)
+    return {k: float(np.mean(np.concatenate([np.asarray(c[k], np.float64).reshape(-1) for c in host])))
+            for k in host[0]}
 
 
 def fit(
@@ -654,13 +765,18 @@ def fit(
     config: Mapping[str, Any] | None = None,
     run_init: bool = True,
     run_finalize: bool = True,
-    log_every: int = 20,
+    steps_per_call: int = 50,
 ) -> tuple[TrainState, list[dict]]:
     """Trains ``epochs`` epochs and returns ``(state, history)`` (one dict per epoch).
 
-    Before the first epoch ``method.init`` runs (``run_init``). Per epoch: the batch order is
-    `jaxprune.data.epoch_batches(N, batch_size, seed, epoch)` (drop-last), each batch goes
-    through the jitted step (``augment`` runs on device inside it), then
+    The training and test sets are placed on the devices once; per epoch only the batch order
+    `jaxprune.data.epoch_batches(N, batch_size, seed, epoch)` (drop-last; ``int32 [steps,
+    batch]``) is uploaded, and the steps run in chunks of `chunk_steps` ``(steps,
+    steps_per_call)`` steps per jitted call (`make_train_chunk`: one dispatch, batches gathered
+    and ``augment``-ed on the devices, metrics fetched once per chunk; the progress bar
+    advances per chunk, a stop signal is honoured between chunks).
+
+    Before the first epoch ``method.init`` runs (``run_init``). Per epoch: the chunks, then
     ``method.end_of_epoch(state, epoch, ctx)``, then `evaluate` on ``test_data`` (with
     ``preprocess``), then a checkpoint of the state with its meta (epoch, the epoch to resume
     at, metrics, history, ``config``, method name), then ``metrics_writer(record)``. After the
@@ -676,8 +792,9 @@ def fit(
     ``train_data``/``test_data`` are ``(uint8 images [N, H, W, C], int labels [N])`` host arrays.
     ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``data.num_batches(N, batch_size)``
     steps (the incomplete last batch is dropped: one compiled shape, even device shards), which
-    is the ``steps_per_epoch`` an LR schedule must use. The progress bar shows the loss and
-    accuracy of every ``log_every``-th step (fetching them is the only per-step host sync).
+    is the ``steps_per_epoch`` an LR schedule must use. Checkpoints are written
+    asynchronously while the next epoch runs (Orbax commits a step only once it is complete, so
+    a crash during the write leaves the previous one as the latest).
     """
     from tqdm import tqdm
 
@@ -696,14 +813,18 @@ def fit(
         raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
     mesh = make_mesh() if mesh is None else mesh
     _check_batch(mesh, batch_size // jax.process_count())
-    rows = _process_rows(batch_size)
+    _process_rows(batch_size)  # the global batch splits over the processes
     main_process = jax.process_index() == 0
     method_name = getattr(method, "name", type(method).__name__)
+    k = chunk_steps(steps_per_epoch, steps_per_call)
 
-    step_fn = make_train_step(model, graph, optimizer, method, ctx, mesh=mesh, augment=augment,
-                              donate=True)
-    eval_fn = make_eval_step(model, mesh, preprocess) if test_data is not None else None
-    eval_bs = eval_batch_size or batch_size
+    chunks = {k: make_train_chunk(model, graph, optimizer, method, ctx, steps=k, mesh=mesh,
+                                  augment=augment, donate=True)}
+    x_dev, y_dev = put_replicated(mesh, x_train, np.asarray(y_train).astype(np.int32))
+    eval_fn = eval_data = None
+    if test_data is not None:
+        eval_fn = make_eval_fn(model, mesh, preprocess)
+        eval_data = put_eval_data(mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
     if run_init:
         state = method.init(state, ctx)
@@ -740,27 +861,23 @@ def fit(
     with stop:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            order = epoch_batches(n_train, batch_size, seed, epoch)
+            order = replicate(mesh, epoch_batches(n_train, batch_size, seed, epoch).astype(np.int32))
             first = resume_step if epoch == start_epoch else 0
-            bar = tqdm(order[first:], desc=f"epoch {epoch + 1}/{epochs}",
+            pos = replicate(mesh, np.int32(first))
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not (progress and main_process), leave=False, dynamic_ncols=True)
-            step_metrics = list(carried) if epoch == start_epoch else []
-            for i, idx in enumerate(bar, start=first):
-                local = idx[rows]
-                state, m = step_fn(state, x_train[local], y_train[local])
-                step_metrics.append(m)
-                if len(step_metrics) > IN_FLIGHT:  # bound the dispatch queue: a stop (or a
-                    jax.block_until_ready(step_metrics[-1 - IN_FLIGHT])  # save) waits <= 2 steps
-                if progress and main_process and (i % log_every == 0 or i == len(order) - 1):
-                    last = jax.device_get(m)
-                    bar.set_postfix(loss=f"{float(last['loss']):.3f}", acc=f"{float(last['accuracy']):.3f}")
-                if stop.received and i + 1 < len(order):
-                    bar.close()
-                    _preempt(stop.received, preempt_dir, state, epoch, i + 1, step_metrics, history)
+            # the epoch's per-step metrics, in chunks of stacked [n] arrays (host or device)
+            step_metrics = [_stack(carried)] if epoch == start_epoch and carried else []
+            # the images never leave the devices: an implicit host transfer in here is a bug
+            with jax.transfer_guard_host_to_device("disallow"):
+                state, i = _run_steps(chunks, k, first, steps_per_epoch, state, x_dev, y_dev,
+                                      order, pos, step_metrics, bar, stop)
             bar.close()
+            if i < steps_per_epoch:  # stopped by a signal between chunks
+                _preempt(stop.received, preempt_dir, state, epoch, i, step_metrics, history)
             state, history = _end_epoch(
                 state, history, step_metrics, epoch, t0, method=method, ctx=ctx, mesh=mesh,
-                model=model, test_data=test_data, eval_fn=eval_fn, eval_bs=eval_bs,
+                eval_fn=eval_fn, eval_data=eval_data,
                 checkpoint_manager=checkpoint_manager, preempt_dir=preempt_dir, config=config,
                 method_name=method_name, metrics_writer=metrics_writer,
                 show=progress and main_process, epochs=epochs)
@@ -772,9 +889,37 @@ def fit(
 
     if checkpoint_manager is not None:
         checkpoint_manager.wait_until_finished()
+        if history:
+            from jaxprune.checkpoints import clear_preempt
+
+            clear_preempt(preempt_dir)  # superseded by the committed epoch checkpoint
     if run_finalize:
         state = replicate(mesh, method.finalize(state, ctx))
     return state, history
+
+
+def _run_steps(chunks: dict, k: int, i: int, steps_per_epoch: int, state: TrainState,
+               x_dev, y_dev, order, pos, step_metrics: list, bar, stop) -> tuple[TrainState, int]:
+    """Runs the epoch's steps from ``i`` in chunks of ``k`` (``chunks[k]``; single steps until a
+    resume off the chunk grid is back on it), appending each chunk's metrics to
+    ``step_metrics``; returns early (at a chunk boundary) when a stop signal arrived. Returns
+    the state and the next step."""
+    while i < steps_per_epoch:
+        n = k if i % k == 0 else 1
+        if n not in chunks:
+            chunks[n] = chunks[k].with_steps(n)
+        state, m, pos = chunks[n](state, x_dev, y_dev, order, pos)
+        step_metrics.append(m)
+        i += n
+        if len(step_metrics) > IN_FLIGHT:  # bound the dispatch queue: a stop (or a save)
+            done = jax.device_get(step_metrics[-1 - IN_FLIGHT])  # waits <= 2 chunks
+            step_metrics[-1 - IN_FLIGHT] = done
+            bar.set_postfix(loss=f"{float(np.mean(done['loss'])):.3f}",
+                            acc=f"{float(np.mean(done['accuracy'])):.3f}")
+        bar.update(n)
+        if stop.received:
+            break
+    return state, i
 
 
 def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoch: int,
@@ -789,18 +934,17 @@ def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoc
         if jax.process_index() == 0:
             save_preempt(preempt_dir, state, {
                 "epoch": epoch, "resume_step": resume_step, "history": history,
-                "step_metrics": [{k: float(v) for k, v in jax.device_get(m).items()}
-                                 for m in step_metrics]})
+                "step_metrics": _per_step(step_metrics)})
         saved = f"a checkpoint of {where} was saved"
     raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
 
 
-def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, model, test_data,
-               eval_fn, eval_bs, checkpoint_manager, preempt_dir, config, method_name,
+def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, eval_fn,
+               eval_data, checkpoint_manager, preempt_dir, config, method_name,
                metrics_writer, show, epochs):
-    """End of an epoch: finiteness check, the method's re-selection, evaluation, checkpoint
-    (which supersedes a preempted one), metrics."""
-    from jaxprune.checkpoints import clear_preempt, save_checkpoint
+    """End of an epoch: finiteness check, the method's re-selection, evaluation, an
+    asynchronous checkpoint (which supersedes a preempted one once committed), metrics."""
+    from jaxprune.checkpoints import save_checkpoint
 
     train = _mean_metrics(step_metrics)
     check_finite(state, train, epoch=epoch)  # before anything is saved from this state
@@ -808,15 +952,15 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, mo
     record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
     record.update({f"train_{k}": v for k, v in train.items()})
     if eval_fn is not None:
-        ev = evaluate(model, state.variables, test_data[0], test_data[1], eval_bs, step=eval_fn)
+        ev = evaluate(None, state.variables, eval_data, None, 0, step=eval_fn)
         record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
     record["epoch_time_s"] = time.perf_counter() - t0
     history = history + [record]
     if checkpoint_manager is not None:
-        save_checkpoint(checkpoint_manager, state, epoch=epoch, metrics=record,
+        # the next steps donate the state's buffers: the asynchronous write gets its own copy
+        snapshot = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+        save_checkpoint(checkpoint_manager, snapshot, epoch=epoch, metrics=record,
                         history=history, config=config, method=method_name)
-        checkpoint_manager.wait_until_finished()
-        clear_preempt(preempt_dir)
     if metrics_writer is not None:
         metrics_writer(record)
     if show:
@@ -839,8 +983,13 @@ __all__ = [
     "cross_entropy",
     "train_step",
     "make_train_step",
+    "chunk_steps",
+    "put_replicated",
+    "make_train_chunk",
     "eval_step",
-    "make_eval_step",
+    "EvalData",
+    "put_eval_data",
+    "make_eval_fn",
     "evaluate",
     "eval_batch_size",
     "check_finite",

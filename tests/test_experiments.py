@@ -187,7 +187,7 @@ def test_plan_runs_dependencies_first_and_points_pretrained_at_them(tmp_path):
     assert all(j.schedule == "tiny" and j.config.epochs == 2 and j.config.train_subset == 256 for j in jobs)
     # a dependency that is also requested runs with the row's own overrides
     jobs = runner.plan(["pfec_resnet56_cifar10_A", "dense_resnet56_cifar10"],
-                       _opts(tmp_path, overrides=("log_every=7", "batch_size=64")), only_seed=0)
+                       _opts(tmp_path, overrides=("steps_per_call=7", "batch_size=64")), only_seed=0)
     assert [(j.row, j.requested, j.config.batch_size) for j in jobs] == [
         ("dense_resnet56_cifar10", True, 64), ("pfec_resnet56_cifar10_A", True, 64)]
 

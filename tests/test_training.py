@@ -272,7 +272,7 @@ def test_evaluate_partial_batch_matches_numpy(tiny):
     want_acc = float(np.mean(logits.argmax(1) == test_y))
     want_loss = float(-np.mean(logp[np.arange(37), test_y]))
 
-    eval_step = tr.make_eval_step(model, mesh, PREPROCESS)
+    eval_step = tr.make_eval_fn(model, mesh, PREPROCESS)
     for bs in (16, 8, 64):  # 37 = 2*16 + 5, 4*8 + 5, and one batch larger than the data
         got = tr.evaluate(model, state.variables, test_x, test_y, bs, step=eval_step)
         assert got["accuracy"] == want_acc

@@ -4,7 +4,7 @@ Per model (batch 128 steps, fresh compilations: no persistent cache):
 
 - **trace**: `jaxprune.graph.trace_linen` (jaxpr tracing + channel propagation), policy 'scatter';
 - **train step**: ``make_train_step(..., mask_hard=True).jitted`` lower + compile;
-- **eval step**: ``make_eval_step(...).jitted`` lower + compile;
+- **evaluation**: ``make_eval_fn(...).jitted`` (the whole-set scan, 4 batches) lower + compile;
 - **re-selection**: SFP's jitted ``end_of_epoch`` (traced epoch) lower + compile;
 - **compaction**: ``compact(model, variables, masks, graph)`` with SFP's masks (host surgery
   + slicing, first call, so it includes the small jitted slicing programs it runs).
@@ -30,6 +30,7 @@ import _harness as H  # noqa: F401  (puts the repository on sys.path)
 def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     import _setup as S
     from jaxprune import methods, training
@@ -59,8 +60,11 @@ def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
                                   (rst.masks, rst.hard, rst.method_state, rst.rng), xs, ys)
     out["train step: lower"], out["train step: compile"] = lo, co
 
-    ev = training.make_eval_step(model)
-    lo, co, _ = H.compile_seconds(ev.jitted, training.replicate(ev.mesh, st.variables), xs, ys)
+    ev = training.make_eval_fn(model)
+    data = training.put_eval_data(ev.mesh, np.concatenate([np.asarray(x)] * 4),
+                                  np.concatenate([np.asarray(y)] * 4), batch_size)
+    lo, co, _ = H.compile_seconds(ev.jitted, training.replicate(ev.mesh, st.variables), data.images,
+                                  data.labels)
     out["eval step: lower"], out["eval step: compile"] = lo, co
 
     jitted = jax.jit(lambda state, e: method.end_of_epoch(state, e, ctx))
