@@ -874,16 +874,18 @@ def fit(
                                       order, pos, step_metrics, bar, stop)
             bar.close()
             if i < steps_per_epoch:  # stopped by a signal between chunks
-                _preempt(stop.received, preempt_dir, state, epoch, i, step_metrics, history)
+                _preempt(stop.received, checkpoint_manager, state, epoch, i, step_metrics, history)
             state, history = _end_epoch(
                 state, history, step_metrics, epoch, t0, method=method, ctx=ctx, mesh=mesh,
                 eval_fn=eval_fn, eval_data=eval_data,
-                checkpoint_manager=checkpoint_manager, preempt_dir=preempt_dir, config=config,
+                checkpoint_manager=checkpoint_manager, config=config,
                 method_name=method_name, metrics_writer=metrics_writer,
                 show=progress and main_process, epochs=epochs)
             if stop.received and epoch + 1 < epochs:
-                saved = ("its checkpoint was saved" if checkpoint_manager is not None
-                         else "no checkpoint manager: nothing was saved")
+                saved = "no checkpoint manager: nothing was saved"
+                if checkpoint_manager is not None:  # still ignoring a repeated SIGTERM
+                    checkpoint_manager.wait_until_finished()
+                    saved = "its checkpoint was saved"
                 raise Preempted(f"stopped by {stop.received} at the end of epoch {epoch + 1}; "
                                 f"{saved}; rerun the same command to resume")
 
@@ -922,15 +924,18 @@ def _run_steps(chunks: dict, k: int, i: int, steps_per_epoch: int, state: TrainS
     return state, i
 
 
-def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoch: int,
+def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
              resume_step: int, step_metrics: list, history: list) -> None:
-    """Saves the mid-epoch checkpoint (process 0) and raises `Preempted`."""
+    """Saves the mid-epoch checkpoint (process 0) once the last epoch checkpoint is committed,
+    and raises `Preempted`."""
     from jaxprune.checkpoints import save_preempt
 
     where = f"epoch {epoch + 1}, step {resume_step}"
-    if preempt_dir is None:
+    if manager is None:
         saved = "no checkpoint manager: nothing was saved"
     else:
+        manager.wait_until_finished()
+        preempt_dir = Path(str(manager.directory))
         if jax.process_index() == 0:
             save_preempt(preempt_dir, state, {
                 "epoch": epoch, "resume_step": resume_step, "history": history,
@@ -940,8 +945,7 @@ def _preempt(signal_name: str, preempt_dir: Path | None, state: TrainState, epoc
 
 
 def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, eval_fn,
-               eval_data, checkpoint_manager, preempt_dir, config, method_name,
-               metrics_writer, show, epochs):
+               eval_data, checkpoint_manager, config, method_name, metrics_writer, show, epochs):
     """End of an epoch: finiteness check, the method's re-selection, evaluation, an
     asynchronous checkpoint (which supersedes a preempted one once committed), metrics."""
     from jaxprune.checkpoints import save_checkpoint

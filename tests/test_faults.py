@@ -263,7 +263,8 @@ def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
 
 # ----------------------------------------------------------------------------- preemption
 
-PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024)
+# 16 steps per epoch in chunks of 4: a stop lands between chunks, inside an epoch
+PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024, steps_per_call=4)
 
 
 def _final_state(work: Path):
@@ -356,7 +357,7 @@ def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(tmp_path):
     import time
 
     cfg = tmp_path / "k.py"
-    cfg.write_text(tiny_config_source(epochs=4, train_subset=1024))
+    cfg.write_text(tiny_config_source(epochs=4, train_subset=1024, steps_per_call=4))
     cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
            "--default-xla-flags"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -1,0 +1,170 @@
+"""Benchmark: the training engine's throughput against a minimal hand-written Flax loop.
+
+All contestants train the same model on the same device-resident uint8 CIFAR-size data with
+the same on-device augmentation (`jaxprune.data.augment_batch`), SGD + momentum, batch 128,
+and run interleaved (A B C A B C ...) so that load drift hits all alike; each sample is one
+"epoch" of ``--steps`` steps; the table shows medians and ratios to the hand-written loop.
+
+- **plain flax**: a minimal ``jax.jit`` train step (``model.apply`` with mutable BN
+  statistics, cross-entropy, ``optax`` update), the batch gathered on the device from the
+  resident data, one Python dispatch per step: the loop a Flax user writes.
+- **jaxprune chunk**: `jaxprune.training.make_train_chunk` with the whole epoch in one call
+  (what `fit` runs; here with the hard masking of SFP's masks, all ones), float32.
+- **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
+- **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
+  one host-to-device copy of the images per step: the engine before issue 13.
+
+XLA_FLAGS: `jaxprune.perf.RECOMMENDED_CPU_FLAGS` on CPU, as the training commands use.
+Dispatches per epoch are counted by wrapping the jitted callables; host copies of images per
+epoch are 0 for the resident variants (`fit` runs its steps under
+``jax.transfer_guard_host_to_device('disallow')``) and one per step for the per-step variant.
+
+Usage::
+
+    python experiments/bench/engine.py --models resnet20 --steps 20 --repeats 3
+    python experiments/bench/engine.py --append BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+import _harness as H
+
+
+def contestants(name: str, steps: int, batch: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from jaxprune import data, methods, training
+    from jaxprune.graph import trace_linen
+    from jaxprune.methods.base import MethodContext
+    from jaxprune.models import get_model
+
+    n = steps * batch
+    rs = np.random.RandomState(0)
+    x_host = rs.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
+    y_host = rs.randint(0, 10, n).astype(np.int32)
+    augment = functools.partial(data.augment_batch, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
+    order_host = data.epoch_batches(n, batch, seed=0, epoch=0).astype(np.int32)
+    opt = training.make_optimizer(0.01)
+    x1 = jnp.zeros((1, 32, 32, 3))
+    counts = {}
+    out = {}
+
+    # -- plain flax: the loop a user writes
+    model = get_model(name)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x1)
+    mesh = training.make_mesh()
+    xd, yd = training.put_replicated(mesh, x_host, y_host)
+    order = jnp.asarray(order_host)
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def plain_step(carry, idx):
+        params, bs, opt_state, rng = carry
+        rng, k = jax.random.split(rng)
+        x = augment(k, xd[idx])
+
+        def loss_fn(p):
+            logits, upd = model.apply({"params": p, "batch_stats": bs}, x, train=True,
+                                      mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yd[idx]).mean(), upd
+
+        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        u, opt_state = opt.update(g, opt_state, params)
+        return (optax.apply_updates(params, u), upd["batch_stats"], opt_state, rng), loss
+
+    plain = [(variables["params"], variables["batch_stats"], opt.init(variables["params"]),
+              jax.random.PRNGKey(1))]
+
+    def run_plain():
+        c = plain[0]
+        loss = None
+        for i in range(steps):
+            c, loss = plain_step(c, order[i])
+        plain[0] = c
+        return loss
+
+    out["plain flax"], counts["plain flax"] = run_plain, steps
+
+    # -- jaxprune: whole epoch per call, f32 and bf16
+    for label, dtype in (("jaxprune chunk", jnp.float32), ("jaxprune chunk bf16", jnp.bfloat16)):
+        m = get_model(name, dtype=dtype)
+        graph = trace_linen(m, variables, x1)
+        method = methods.get_method("sfp", rate=0.0)
+        ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
+        st = training.create_train_state(m, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
+        st = training.replicate(mesh, method.init(st, ctx))
+        chunk = training.make_train_chunk(m, graph, opt, method, ctx, steps=steps, mesh=mesh,
+                                          augment=augment, donate=True)
+        od = training.replicate(mesh, order_host)
+        box = [st]
+
+        def run_chunk(chunk=chunk, box=box, od=od):
+            s, metrics, _ = chunk(box[0], xd, yd, od, training.replicate(mesh, np.int32(0)))
+            box[0] = s
+            return metrics["loss"]
+
+        out[label], counts[label] = run_chunk, 1
+
+    # -- jaxprune per-step on host batches (the engine before)
+    graph = trace_linen(model, variables, x1)
+    method = methods.get_method("sfp", rate=0.0)
+    ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
+    st = training.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
+    step = training.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
+                                    donate=True)
+    box = [training.replicate(mesh, method.init(st, ctx))]
+
+    def run_host():
+        s, m = box[0], None
+        for idx in order_host:
+            s, m = step(s, x_host[idx], y_host[idx])
+        box[0] = s
+        return m["loss"]
+
+    out["jaxprune per-step (host batches)"], counts["jaxprune per-step (host batches)"] = run_host, steps
+    return out, counts
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="resnet20,resnet56")
+    p.add_argument("--steps", type=int, default=20, help="steps per timed epoch")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--append", default="", help="append the table to this markdown file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.repeats < 1:
+        raise SystemExit(f"--steps {args.steps}, --batch {args.batch}, --repeats {args.repeats}: "
+                         "expected positive integers")
+    load = H.load_average()
+    from jaxprune import perf
+
+    perf.use_recommended_cpu_flags()  # as the CLI's training commands (before jax starts)
+    H.disable_compilation_cache()
+    rows = []
+    for name in args.models.split(","):
+        fns, counts = contestants(name, args.steps, args.batch)
+        times = H.interleave(fns, repeats=args.repeats)
+        base = H.median(times["plain flax"])
+        for label, ts in times.items():
+            med = H.median(ts)
+            rows.append(f"| {name} | {label} | {args.batch * args.steps / med:.0f} | "
+                        f"{base / med:.2f} | {counts[label]} | {H.spread(ts)} |")
+    text = "\n".join([
+        f"### Training engine vs a hand-written Flax loop ({args.steps}-step epochs, batch "
+        f"{args.batch}, median of {args.repeats} interleaved repeats)", "",
+        "| model | variant | images/s | vs plain flax | dispatches / epoch | spread |",
+        "|---|---|---|---|---|---|", *rows])
+    H.report(text, argv, args.append, load)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    raise SystemExit(main())
