@@ -21,7 +21,8 @@ from pathlib import Path
 
 RECORDS = Path(__file__).resolve().parent / "pretrained_records"
 RUN_FILES = ("config.json", "start.json", "metrics.jsonl", "result.json", "config_changes.jsonl")
-SENS_FILES = ("sensitivity.csv", "sensitivity.partial.csv", "sensitivity.json", "sensitivity.png")
+SENS_FILES = ("sensitivity.csv", "sensitivity.partial.csv", "sensitivity.partial.json", "sensitivity.json",
+              "sensitivity.png")
 PAPER_EPOCHS = {"pfec": 40}
 
 

@@ -474,9 +474,26 @@ def put_replicated(mesh: Mesh, *arrays: Any) -> tuple[jax.Array, ...]:
     return tuple(replicate(mesh, np.asarray(a)) for a in arrays)
 
 
+def stack_runs(states: Sequence[Any]) -> Any:
+    """R pytrees of one structure (e.g. the `TrainState`s of R seeds) as one pytree whose leaves
+    have a leading run axis of R, for ``make_train_chunk(..., runs=R)``."""
+    if not states:
+        raise ValueError("stack_runs needs at least one state")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_runs(stacked: Any) -> list[Any]:
+    """The inverse of `stack_runs`: one pytree per run."""
+    n = {x.shape[0] for x in jax.tree.leaves(stacked)}
+    if len(n) != 1:
+        raise ValueError(f"leaves disagree on the run axis: sizes {sorted(n)}")
+    return [jax.tree.map(lambda x, r=r: x[r], stacked) for r in range(n.pop())]
+
+
 def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransformation,
                      method: Any, ctx: Any, *, steps: int, mesh: Mesh | None = None,
-                     augment: Augment | None = None, donate: bool = False) -> Callable:
+                     augment: Augment | None = None, donate: bool = False,
+                     runs: int = 0) -> Callable:
     """``steps`` train steps in one jitted call over data that already lives on the devices.
 
     ``chunk(state, images, labels, order, start) -> (state, metrics, start + steps)``:
@@ -489,22 +506,34 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
     `make_train_step`'s step computes on those batches one by one, with one dispatch and no
     host transfer per chunk (the returned ``start`` feeds the next call). ``donate`` as in
     `make_train_step`.
+
+    ``runs=R > 0`` trains R independent runs together (e.g. the seeds of one row), vectorised
+    with ``jax.vmap``: every leaf of ``state`` has a leading axis of R (`stack_runs`), ``order``
+    is ``[R, steps_per_epoch, batch]`` (each run its own batch order) and the metrics are
+    ``[steps, R]``; the data set is shared. Each run computes what it computes alone up to float
+    rounding (XLA batches the R convolutions into one; see tests/test_engine.py).
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: expected a positive integer")
+    if runs < 0:
+        raise ValueError(f"runs={runs}: expected 0 (one run, no run axis) or a positive count")
     mesh = make_mesh() if mesh is None else mesh
     repl = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, P(DATA_AXIS))
 
     def fn(big, small, images, labels, order, start):
-        rows = jax.lax.dynamic_slice_in_dim(order, start, steps, axis=0)
-
-        def body(state, idx):
+        def one(state, idx):
             x = jax.lax.with_sharding_constraint(images[idx], batch)
             y = jax.lax.with_sharding_constraint(labels[idx], batch)
             return train_step(state, x, y, model=model, graph=graph, optimizer=optimizer,
                               method=method, ctx=ctx, augment=augment)
 
+        if runs:
+            rows = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(order, start, steps, axis=1), 0, 1)
+            body = jax.vmap(one)
+        else:
+            rows = jax.lax.dynamic_slice_in_dim(order, start, steps, axis=0)
+            body = one
         state, metrics = jax.lax.scan(body, TrainState(*big, *small), rows)
         return ((state.step, state.params, state.batch_stats, state.opt_state),
                 (state.masks, state.hard, state.method_state, state.rng), metrics, start + steps)
@@ -522,7 +551,8 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
 
     chunk.mesh, chunk.jitted, chunk.steps = mesh, jitted, steps
     chunk.with_steps = lambda n: make_train_chunk(model, graph, optimizer, method, ctx, steps=n,
-                                                  mesh=mesh, augment=augment, donate=donate)
+                                                  mesh=mesh, augment=augment, donate=donate,
+                                                  runs=runs)
     return chunk
 
 
@@ -579,11 +609,12 @@ def put_eval_data(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size
     return EvalData(xd, yd, n)
 
 
-def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None
-                 ) -> Callable[[Any, EvalData], tuple[jax.Array, jax.Array]]:
+def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
+                 *, runs: int = 0) -> Callable[[Any, EvalData], tuple[jax.Array, jax.Array]]:
     """``fn(variables, data) -> (correct_count, loss_sum)`` over a whole `EvalData` in one
     jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
-    ``variables`` replicated on ``mesh`` (default all devices)."""
+    ``variables`` replicated on ``mesh`` (default all devices). ``runs=R``: variables with a
+    leading run axis (`stack_runs`), counts and sums ``[R]``."""
     mesh = make_mesh() if mesh is None else mesh
     repl = NamedSharding(mesh, P())
     batches = NamedSharding(mesh, P(None, DATA_AXIS))
@@ -596,6 +627,8 @@ def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | 
         zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
         return jax.lax.scan(body, zero, (images, labels))[0]
 
+    if runs:
+        whole = jax.vmap(whole, in_axes=(0, None, None))
     jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=(repl, repl))
 
     def fn(variables: Any, data: EvalData):
@@ -990,6 +1023,8 @@ __all__ = [
     "chunk_steps",
     "put_replicated",
     "make_train_chunk",
+    "stack_runs",
+    "unstack_runs",
     "eval_step",
     "EvalData",
     "put_eval_data",

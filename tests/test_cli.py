@@ -93,6 +93,19 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     assert rows[0] == "layer,group,rate,accuracy"
     assert len(rows) - 1 == 19 * 10  # 19 convs of ResNet-20 x (baseline + 9 rates)
     assert (sens / "sensitivity.png").stat().st_size > 0
+    assert not (sens / "sensitivity.partial.csv").exists() and not (sens / "sensitivity.partial.json").exists()
+    # a resumed analysis refuses rows measured another way (here: another evaluation batch)
+    half = tmp_path / "half"
+    half.mkdir()
+    settings = json.loads((sens / "sensitivity.json").read_text())
+    keys = ("checkpoint", "model", "convs", "test_images", "rates", "batch_size", "normalization")
+    before = dict({k: settings[k] for k in keys}, checkpoint=str(work.resolve()))
+    (half / "sensitivity.partial.json").write_text(json.dumps(before))
+    (half / "sensitivity.partial.csv").write_text("layer 1 (x),stem,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5\n")
+    args = ["sensitivity", str(work), "--config", str(tiny_config), "--out", str(half)]
+    assert cli.main(args + ["--batch-size", "7"]) == 2
+    assert "other settings (batch_size)" in capsys.readouterr().err
+    assert (half / "sensitivity.partial.csv").read_text().count("\n") == 1  # untouched
 
 
 def test_hfp_finetune_phase_keeps_masks_and_resumes(tiny_config, tmp_path, capsys):

@@ -43,7 +43,7 @@ _SCRIPT = textwrap.dedent(r"""
     state, hist = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, epochs=2,
                          batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
                          progress=False, checkpoint_manager=mgr, steps_per_call=1)
-    restored, meta = restore_checkpoint(mgr, fresh)
+    restored, meta = restore_checkpoint(mgr, ToyPrune().init(fresh, ctx))
     mgr.close()
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)))
