@@ -9,8 +9,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "checkpoints", "compaction", "config", "criteria", "data", "experiment", "flops", "graph",
-    "masks", "methods", "models", "schedules", "selection", "training",
+    "checkpoints", "compaction", "config", "criteria", "cut_eval", "data", "evaluation",
+    "experiment", "flops", "graph", "masks", "methods", "models", "optim", "parallel",
+    "schedules", "selection", "train_step", "training",
 )
 
 

@@ -29,7 +29,7 @@ import optax
 
 from jaxprune import config as config_lib
 from jaxprune import data as data_lib
-from jaxprune import flops, training
+from jaxprune import evaluation, flops, optim, parallel, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, binarize
@@ -78,17 +78,17 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     """The LR schedule the config names (per optimizer step)."""
     o = config.optimizer
     if o.schedule == "sfp_cifar":
-        return training.sfp_cifar_schedule(steps_per_epoch, base_lr=o.base_lr, warmup_lr=o.warmup_lr,
+        return optim.sfp_cifar_schedule(steps_per_epoch, base_lr=o.base_lr, warmup_lr=o.warmup_lr,
                                            boundaries=tuple(o.boundaries), factor=o.factor,
                                            warmup_epochs=float(o.get("warmup_epochs", 1.0)))
     if o.schedule == "step":
-        return training.step_schedule(steps_per_epoch, base_lr=o.base_lr,
+        return optim.step_schedule(steps_per_epoch, base_lr=o.base_lr,
                                       boundaries=tuple(o.boundaries), factor=o.factor)
     if o.schedule == "cosine":
         import optax
 
         return optax.cosine_decay_schedule(o.base_lr, max(1, config.epochs * steps_per_epoch))
-    return training.constant_schedule(o.base_lr)
+    return optim.constant_schedule(o.base_lr)
 
 
 def make_method(config: ml_collections.ConfigDict):
@@ -126,7 +126,7 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     if steps == 0:
         raise ValueError(f"config.batch_size={config.batch_size} exceeds the {ds.num_train} training images")
     o = config.optimizer
-    optimizer = training.make_optimizer(make_schedule(config, steps), momentum=o.momentum,
+    optimizer = optim.make_optimizer(make_schedule(config, steps), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     method = make_method(config)
     ctx = MethodContext(graph=graph, total_epochs=config.epochs, steps_per_epoch=steps)
@@ -254,7 +254,7 @@ def baseline_provenance(path: str | os.PathLike) -> dict:
     return rec
 
 
-def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState:
+def _initial_params(s: Setup, state: train_step.TrainState) -> train_step.TrainState:
     """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set.
 
     Only params and batch stats are taken (a fresh optimizer, masks and step), so the
@@ -273,7 +273,7 @@ def _initial_params(s: Setup, state: training.TrainState) -> training.TrainState
                          batch_stats=put(restored["batch_stats"], state.batch_stats))
 
 
-def _record_start(s: Setup, state: training.TrainState, workdir: Path) -> dict:
+def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict:
     """``workdir/start.json``: test accuracy of the pretrained weights and of the same weights
     right after the method's ``init`` (PFEC: pruned, not yet retrained), written once."""
     path = workdir / "start.json"
@@ -281,7 +281,7 @@ def _record_start(s: Setup, state: training.TrainState, workdir: Path) -> dict:
         return json.loads(path.read_text())
     ds = s.dataset
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    ev = lambda v: training.evaluate(s.model, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+    ev = lambda v: evaluation.evaluate(s.model, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
                                      preprocess=preprocess)["accuracy"]
     pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
@@ -293,9 +293,9 @@ def _record_start(s: Setup, state: training.TrainState, workdir: Path) -> dict:
     return rec
 
 
-def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodContext,
+def _fit_phase(s: Setup, state: train_step.TrainState, method: Any, ctx: MethodContext,
                optimizer: optax.GradientTransformation, *, epochs: int, seed: int, ckpt_dir: Path,
-               writer, augment, preprocess, progress: bool) -> tuple[training.TrainState, list[dict]]:
+               writer, augment, preprocess, progress: bool) -> tuple[train_step.TrainState, list[dict]]:
     """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``."""
     from jaxprune.checkpoints import make_checkpoint_manager
 
@@ -308,7 +308,8 @@ def _fit_phase(s: Setup, state: training.TrainState, method: Any, ctx: MethodCon
             epochs=epochs, batch_size=c.batch_size, seed=seed,
             augment=augment, preprocess=preprocess, checkpoint_manager=manager,
             metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
-            config=c.to_dict(), steps_per_call=c.steps_per_call)
+            config=c.to_dict(),
+            steps_per_call=None if c.steps_per_call == -1 else c.steps_per_call)
     finally:
         manager.close()
 
@@ -318,8 +319,8 @@ def _as_finetune_epoch(record: dict, main_epochs: int) -> dict:
     return dict(record, epoch=record["epoch"] + main_epochs, phase="finetune")
 
 
-def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, preprocess, *,
-             progress: bool = True) -> tuple[training.TrainState, list[dict]]:
+def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, preprocess, *,
+             progress: bool = True) -> tuple[train_step.TrainState, list[dict]]:
     """``config.finetune_epochs`` epochs at the constant LR ``config.finetune_lr`` with the final
     hard masks fixed (`jaxprune.methods.FixedMasks`), from fresh optimizer moments; its own
     checkpoints (``workdir/checkpoints_finetune``) so an interrupted fine-tuning resumes too.
@@ -328,7 +329,7 @@ def finetune(s: Setup, state: training.TrainState, workdir: Path, augment, prepr
 
     c = s.config
     o = c.optimizer
-    optimizer = training.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
+    optimizer = optim.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     state = state.replace(opt_state=optimizer.init(state.params))
     ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
@@ -402,7 +403,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     Everything that can be checked (config, the run directory's usability, the compatibility
     of a run already there, pretrained weights) is checked before anything is written."""
     t0 = time.time()
-    training.maybe_initialize_distributed()
+    parallel.maybe_initialize_distributed()
     config = with_pretrained_normalization(config)
     workdir = Path(workdir)
     check_workdir(workdir)
@@ -410,7 +411,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     s = setup(config, dataset)
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
-    state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
+    state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
     state = _initial_params(s, state)
     # everything checkable is checked: only now is the run directory written
     workdir.mkdir(parents=True, exist_ok=True)
@@ -437,7 +438,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     return record
 
 
-def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
+def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
            history: list | None = None, save: bool = True, which: str = "final") -> dict:
     """Final masks -> compaction -> accuracy check (compact == masked) -> saved compact model."""
     from jaxprune.checkpoints import save_compact
@@ -446,7 +447,7 @@ def finish(s: Setup, state: training.TrainState, workdir: Path, preprocess, *,
     masks = binarize(state.masks)
     variables = state.variables
     masked_vars = apply_masks(variables, masks, s.graph)
-    ev = lambda m, v: training.evaluate(m, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+    ev = lambda m, v: evaluation.evaluate(m, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
                                         preprocess=preprocess)
     masked = ev(s.model, masked_vars)
     res = compact(s.model, variables, masks, s.graph)
@@ -576,7 +577,7 @@ def _restore_run(run_dir: Path):
     cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads(cfg_path.read_text())))
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
-    state = training.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
+    state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
     state = s.method.init(state, s.ctx)
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
     if mgr.latest_step() is None:
@@ -648,7 +649,7 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     n = int(meta.get("test_subset") or ds.num_test)  # the split the run was evaluated on
     mean, std = meta.get("mean") or ds.mean, meta.get("std") or ds.std  # what the weights need
     preprocess = functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
-    res = training.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
+    res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
     return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
 
 

@@ -85,7 +85,7 @@ def quickstart(workdir: str = "workdir/quickstart", epochs: int | None = None,
     """Runs the demo; returns a summary dict (also printed)."""
     import jaxprune
     from jaxprune import data as data_lib
-    from jaxprune import training
+    from jaxprune import evaluation
     from jaxprune.experiment import run
 
     t0 = time.time()
@@ -103,7 +103,7 @@ def quickstart(workdir: str = "workdir/quickstart", epochs: int | None = None,
     model, variables, meta = jaxprune.load(workdir / "sfp" / "compact")
     dense_model, dense_vars, _ = jaxprune.load(workdir / "dense" / "compact")
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    reloaded = training.evaluate(model, variables, ds.x_test, ds.y_test, 360, preprocess=preprocess)
+    reloaded = evaluation.evaluate(model, variables, ds.x_test, ds.y_test, 360, preprocess=preprocess)
     x = preprocess(jnp.asarray(ds.x_test[:256]))
     speed = throughputs({"dense": (dense_model, dense_vars), "compact": (model, variables)}, x)
     speed_dense, speed_compact = speed["dense"], speed["compact"]

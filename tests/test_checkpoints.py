@@ -19,17 +19,17 @@ import pytest
 
 import jaxprune
 from jaxprune import checkpoints as ck
-from jaxprune import training as tr
+from jaxprune import optim, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def small_state(value: float = 1.0, out: int = 4) -> tr.TrainState:
+def small_state(value: float = 1.0, out: int = 4) -> train_step.TrainState:
     """A TrainState with every kind of leaf (nested params, optax NamedTuples, empty dicts)."""
     params = {"conv": {"kernel": jnp.full((3, 3, 2, out), value)},
               "fc": {"kernel": jnp.full((out, 3), value), "bias": jnp.zeros((3,))}}
-    opt = tr.make_optimizer(0.1)
-    return tr.TrainState(
+    opt = optim.make_optimizer(0.1)
+    return train_step.TrainState(
         step=jnp.asarray(int(value), jnp.int32), params=params, batch_stats={},
         opt_state=opt.init(params), masks={"conv": jnp.ones((out,))},
         hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
@@ -59,7 +59,7 @@ def test_save_restore_keeps_latest_and_best(tmp_path):
     fresh = ck.make_checkpoint_manager(tmp_path / "run")  # as a new process would
     state, meta = ck.restore_checkpoint(fresh, small_state(0.0))
     assert_trees_equal(state, small_state(4.0))
-    assert isinstance(state, tr.TrainState)
+    assert isinstance(state, train_step.TrainState)
     assert meta["epoch"] == 3 and meta["next_epoch"] == 4 and meta["step"] == 4
     assert meta["method"] == "sfp" and meta["config"] == {"model": "resnet20", "rate": 0.3}
     assert meta["metrics"]["test_accuracy"] == pytest.approx(0.2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxprune import data as data_lib
-from jaxprune import training
+from jaxprune import evaluation
 from jaxprune.cut_eval import CutEvaluator, cut_for, top_level_order
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
@@ -48,11 +48,11 @@ def test_cached_prefix_accuracy_equals_plain_evaluation(setup):
         group = graph.producer_to_group()[producer]
         only = {k: (v if k == group else jnp.ones_like(v)) for k, v in masks.items()}
         masked = apply_masks(variables, only, graph)
-        want = training.evaluate(model, masked, images, labels, 35, preprocess=pre)["accuracy"]
+        want = evaluation.evaluate(model, masked, images, labels, 35, preprocess=pre)["accuracy"]
         ev.set_cut(cut_for([m.path for m in graph.groups[group].members], order))
         assert ev.accuracy(masked) == want
     ev.set_cut(None)
-    plain = training.evaluate(model, variables, images, labels, 70, preprocess=pre)["accuracy"]
+    plain = evaluation.evaluate(model, variables, images, labels, 70, preprocess=pre)["accuracy"]
     assert ev.accuracy(variables) == plain
 
 

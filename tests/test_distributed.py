@@ -22,8 +22,8 @@ _SCRIPT = textwrap.dedent(r"""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.path.insert(0, sys.argv[1])
     out_dir, ckpt_dir = sys.argv[2], sys.argv[3]
-    from jaxprune import training as tr
-    distributed = tr.maybe_initialize_distributed()
+    from jaxprune import optim, parallel, train_step, training as tr
+    distributed = parallel.maybe_initialize_distributed()
     import numpy as np
     from tests.test_training import TinyNet, ToyPrune, AUGMENT, PREPROCESS, _batch
     from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
@@ -36,9 +36,9 @@ _SCRIPT = textwrap.dedent(r"""
     graph = trace_linen(model, jax.eval_shape(functools.partial(model.init, train=False),
                                               jax.random.PRNGKey(0), x0), x0)
     ctx = MethodContext(graph, total_epochs=2, steps_per_epoch=3)
-    opt = tr.make_optimizer(0.1)
+    opt = optim.make_optimizer(0.1)
     train, test = _batch(48, seed=6), _batch(20, seed=7)
-    fresh = tr.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
     mgr = make_checkpoint_manager(ckpt_dir, async_save=True)
     state, hist = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, epochs=2,
                          batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,

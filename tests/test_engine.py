@@ -8,31 +8,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data, training as tr
+from jaxprune import data, evaluation, optim, parallel, train_step, training as tr
 from jaxprune.methods.base import MethodContext
 from tests.test_training import AUGMENT, PREPROCESS, ToyPrune, _batch, tiny  # noqa: F401
 
 
 def test_chunk_steps_picks_the_largest_divisor():
-    assert tr.chunk_steps(390, 50) == 39  # 390 = 2 * 3 * 5 * 13
-    assert tr.chunk_steps(390, 0) == 390  # 0: the whole epoch
-    assert tr.chunk_steps(781, 50) == 11  # 781 = 11 * 71
-    assert tr.chunk_steps(7, 50) == 7
-    assert tr.chunk_steps(7, 3) == 1
-    assert tr.chunk_steps(12, 1) == 1
+    assert train_step.chunk_steps(390, 50) == 39  # 390 = 2 * 3 * 5 * 13
+    assert train_step.chunk_steps(390, 0) == 390  # 0: the whole epoch
+    assert train_step.chunk_steps(781, 50) == 11  # 781 = 11 * 71
+    assert train_step.chunk_steps(7, 50) == 7
+    assert train_step.chunk_steps(7, 3) == 1
+    assert train_step.chunk_steps(12, 1) == 1
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="steps_per_call"):
-            tr.chunk_steps(10, bad)
+            train_step.chunk_steps(10, bad)
 
 
 def _setup(tiny, epochs=2, steps=3):
     model, graph = tiny
     ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=steps)
-    opt = tr.make_optimizer(tr.step_schedule(steps, base_lr=0.1, boundaries=(1,), factor=0.5))
-    mesh = tr.make_mesh(jax.devices()[:1])
+    opt = optim.make_optimizer(optim.step_schedule(steps, base_lr=0.1, boundaries=(1,), factor=0.5))
+    mesh = parallel.make_mesh(jax.devices()[:1])
     method = ToyPrune()
     train = _batch(16 * steps, seed=6)
-    fresh = tr.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
     return model, graph, ctx, opt, mesh, method, train, fresh
 
 
@@ -41,33 +41,40 @@ def _leaves_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def _allclose(a, b, rtol=1e-5, atol=1e-7):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
 def test_chunk_equals_stepping_one_by_one(tiny):
-    """4 steps in one scan == 4 calls of the per-step program on host batches (bitwise), hard
-    masking included; metrics stacked per step."""
+    """4 one-step chunks == 4 calls of the per-step program on host batches, bitwise (the same
+    straight-line program); 2 chunks of 2 steps (a rolled loop, which XLA compiles otherwise)
+    agree to float rounding (measured: 4e-8). Hard masking included; metrics stacked."""
     model, graph, ctx, opt, mesh, method, (x, y), fresh = _setup(tiny, steps=4)
-    state0 = tr.replicate(mesh, method.init(fresh, ctx))
+    state0 = parallel.replicate(mesh, method.init(fresh, ctx))
     order = data.epoch_batches(len(y), 16, seed=2, epoch=0).astype(np.int32)
 
-    step = tr.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
+    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
     one, per_step = state0, []
     for idx in order:
         one, m = step(one, x[idx], y[idx])
         per_step.append(jax.device_get(m))
 
-    chunk = tr.make_train_chunk(model, graph, opt, method, ctx, steps=2, mesh=mesh, augment=AUGMENT)
-    xd, yd = tr.put_replicated(mesh, x, y)
-    od = tr.replicate(mesh, order)
-    pos = tr.replicate(mesh, np.int32(0))
-    st, ms = state0, []
-    for _ in range(2):
-        st, m, pos = chunk(st, xd, yd, od, pos)
-        ms.append(jax.device_get(m))
-    assert int(pos) == 4 and int(st.step) == 4
-    _leaves_equal(one, st)
-    np.testing.assert_array_equal(np.concatenate([m["loss"] for m in ms]),
-                                  [m["loss"] for m in per_step])
-    assert np.all(np.asarray(st.params["conv1"]["kernel"][..., 0]) == 0)  # hard channel
-    assert chunk.jitted._cache_size() == 1  # one program whatever the position
+    xd, yd = parallel.put_replicated(mesh, x, y)
+    od = parallel.replicate(mesh, order)
+    for k, same in ((1, _leaves_equal), (2, _allclose)):
+        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=k, mesh=mesh,
+                                            augment=AUGMENT)
+        pos = parallel.replicate(mesh, np.int32(0))
+        st, ms = state0, []
+        for _ in range(4 // k):
+            st, m, pos = chunk(st, xd, yd, od, pos)
+            ms.append(jax.device_get(m))
+        assert int(pos) == 4 and int(st.step) == 4
+        same(one, st)
+        same(np.concatenate([m["loss"] for m in ms]), np.asarray([m["loss"] for m in per_step]))
+        assert np.all(np.asarray(st.params["conv1"]["kernel"][..., 0]) == 0)  # hard channel
+        assert chunk.jitted._cache_size() == 1  # one program whatever the position
 
 
 def _fit(tiny, steps_per_call, guard="allow"):
@@ -80,10 +87,11 @@ def _fit(tiny, steps_per_call, guard="allow"):
 
 
 def test_fit_result_does_not_depend_on_the_chunk_size(tiny, monkeypatch):
-    """A whole epoch per call, one step per call, and the reference per-step loop (host
-    batches through `make_train_step`, then the method's re-selection) give the same bits."""
+    """One step per call gives the bits of the reference per-step loop (host batches through
+    `make_train_step`, then the method's re-selection); a whole epoch per call (a rolled loop)
+    agrees to float rounding and takes one dispatch per epoch."""
     calls = []
-    real = tr.make_train_chunk
+    real = train_step.make_train_chunk
 
     def counting(*a, **k):
         fn = real(*a, **k)
@@ -95,24 +103,25 @@ def test_fit_result_does_not_depend_on_the_chunk_size(tiny, monkeypatch):
         wrapped.steps = fn.steps
         return wrapped
 
-    monkeypatch.setattr(tr, "make_train_chunk", counting)
+    monkeypatch.setattr(train_step, "make_train_chunk", counting)
     whole, hist_whole = _fit(tiny, 0)
     assert calls == [3, 3]  # one dispatch per epoch
     calls.clear()
     single, hist_single = _fit(tiny, 1)
     assert calls == [1] * 6
-    _leaves_equal(whole, single)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
-    assert strip(hist_whole) == strip(hist_single)
+    _allclose(whole, single, rtol=1e-4, atol=1e-6)  # 6 steps and 2 re-selections: measured 3e-5
+    for a, b in zip(hist_whole, hist_single):
+        assert a["test_accuracy"] == b["test_accuracy"]
+        np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
 
     model, graph, ctx, opt, mesh, method, (x, y), fresh = _setup(tiny)
-    step = tr.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
-    st = tr.replicate(mesh, method.init(fresh, ctx))
+    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
+    st = parallel.replicate(mesh, method.init(fresh, ctx))
     for epoch in range(2):
         for idx in data.epoch_batches(len(y), 16, seed=3, epoch=epoch):
             st, _ = step(st, x[idx], y[idx])
         st = method.end_of_epoch(st, epoch, ctx)
-    _leaves_equal(st, whole)
+    _leaves_equal(st, single)
 
 
 def test_fit_makes_no_implicit_host_transfer(tiny, monkeypatch):
@@ -121,31 +130,31 @@ def test_fit_makes_no_implicit_host_transfer(tiny, monkeypatch):
     would fail loudly."""
     state, hist = _fit(tiny, 0)
     assert len(hist) == 2 and np.isfinite(hist[-1]["train_loss"])
-    real = tr.make_train_chunk
+    real = train_step.make_train_chunk
 
     def leaky(*a, **k):
         fn = real(*a, **k)
         return lambda state, x, y, order, pos: fn(state, np.asarray(x), y, order, pos)
 
-    monkeypatch.setattr(tr, "make_train_chunk", leaky)
+    monkeypatch.setattr(train_step, "make_train_chunk", leaky)
     with pytest.raises(Exception, match="Disallowed host-to-device transfer"):
         _fit(tiny, 0)
 
 
 def test_evaluate_on_device_is_one_call(tiny):
     model, graph, ctx, opt, mesh, method, train, fresh = _setup(tiny)
-    ev = tr.make_eval_fn(model, mesh, PREPROCESS)
+    ev = evaluation.make_eval_fn(model, mesh, PREPROCESS)
     x, y = _batch(37, seed=4)
-    d = tr.put_eval_data(mesh, x, y, 16)
+    d = evaluation.put_eval_data(mesh, x, y, 16)
     assert d.images.shape == (3, 16, 8, 8, 3) and d.n == 37 and int(np.sum(d.labels == -1)) == 11
-    variables = tr.replicate(mesh, fresh.variables)
-    a = tr.evaluate(model, variables, d, None, 0, step=ev)
-    b = tr.evaluate(model, fresh.variables, x, y, 37, preprocess=PREPROCESS)
+    variables = parallel.replicate(mesh, fresh.variables)
+    a = evaluation.evaluate(model, variables, d, None, 0, step=ev)
+    b = evaluation.evaluate(model, fresh.variables, x, y, 37, preprocess=PREPROCESS)
     logits = np.asarray(jax.jit(model.apply)(fresh.variables, PREPROCESS(x)))
     assert a["accuracy"] == b["accuracy"] == float(np.mean(logits.argmax(1) == y))
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-6)
     with pytest.raises(ValueError, match="at least one example"):
-        tr.put_eval_data(mesh, x[:0], y[:0], 16)
+        evaluation.put_eval_data(mesh, x[:0], y[:0], 16)
 
 
 def test_bfloat16_tracks_float32_and_keeps_float32_state(tmp_path):
@@ -183,30 +192,30 @@ def test_runs_together_equal_runs_one_by_one(tiny):
     differences ~1e-7), and hard-pruned channels stay exactly zero in every run."""
     model, graph, ctx, opt, mesh, method, (x, y), _ = _setup(tiny, steps=3)
     seeds = (0, 1, 2)
-    states = [tr.replicate(mesh, method.init(
-        tr.create_train_state(model, graph, jax.random.PRNGKey(s), x, opt), ctx)) for s in seeds]
+    states = [parallel.replicate(mesh, method.init(
+        train_step.create_train_state(model, graph, jax.random.PRNGKey(s), x, opt), ctx)) for s in seeds]
     orders = [data.epoch_batches(len(y), 16, seed=s, epoch=0).astype(np.int32) for s in seeds]
-    xd, yd = tr.put_replicated(mesh, x, y)
-    zero = tr.replicate(mesh, np.int32(0))
+    xd, yd = parallel.put_replicated(mesh, x, y)
+    zero = parallel.replicate(mesh, np.int32(0))
 
-    alone = tr.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh, augment=AUGMENT)
-    singles = [alone(st, xd, yd, tr.replicate(mesh, o), zero) for st, o in zip(states, orders)]
-    together = tr.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh,
+    alone = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh, augment=AUGMENT)
+    singles = [alone(st, xd, yd, parallel.replicate(mesh, o), zero) for st, o in zip(states, orders)]
+    together = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh,
                                    augment=AUGMENT, runs=3)
-    st, metrics, pos = together(tr.stack_runs(states), xd, yd, tr.replicate(mesh, np.stack(orders)), zero)
+    st, metrics, pos = together(train_step.stack_runs(states), xd, yd, parallel.replicate(mesh, np.stack(orders)), zero)
     assert int(pos) == 3 and metrics["loss"].shape == (3, 3)
     for r, (single, m, _) in enumerate(singles):
-        mine = tr.unstack_runs(st)[r]
+        mine = train_step.unstack_runs(st)[r]
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(mine), strict=True):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(metrics["loss"][:, r], m["loss"], rtol=1e-5)
         assert np.all(np.asarray(mine.params["conv1"]["kernel"][..., 0]) == 0)
 
-    ev = tr.make_eval_fn(model, mesh, PREPROCESS)
-    ev_runs = tr.make_eval_fn(model, mesh, PREPROCESS, runs=3)
-    test = tr.put_eval_data(mesh, *_batch(37, seed=4), 16)
+    ev = evaluation.make_eval_fn(model, mesh, PREPROCESS)
+    ev_runs = evaluation.make_eval_fn(model, mesh, PREPROCESS, runs=3)
+    test = evaluation.put_eval_data(mesh, *_batch(37, seed=4), 16)
     correct, _ = ev_runs(st.variables, test)
     assert correct.shape == (3,)
-    assert [int(c) for c in correct] == [int(ev(v.variables, test)[0]) for v in tr.unstack_runs(st)]
+    assert [int(c) for c in correct] == [int(ev(v.variables, test)[0]) for v in train_step.unstack_runs(st)]
     with pytest.raises(ValueError, match="run axis"):
-        tr.unstack_runs({"a": jnp.zeros((2, 1)), "b": jnp.zeros((3, 1))})
+        train_step.unstack_runs({"a": jnp.zeros((2, 1)), "b": jnp.zeros((3, 1))})

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config_source
-from jaxprune import cli, training
+from jaxprune import cli, evaluation, optim, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, init_masks
@@ -68,7 +68,7 @@ def test_divergence_stops_with_a_clear_error_and_writes_nothing_from_it(tiny_con
 
 
 def test_check_finite_names_the_quantity():
-    state = training.TrainState(step=jnp.int32(7), params={"w": jnp.array([1.0, jnp.nan])},
+    state = train_step.TrainState(step=jnp.int32(7), params={"w": jnp.array([1.0, jnp.nan])},
                                 batch_stats={}, opt_state=(), masks={}, hard={}, method_state={},
                                 rng=jax.random.PRNGKey(0))
     with pytest.raises(training.DivergenceError, match=r"params .* after epoch 3 \(optimizer step 7\)"):
@@ -165,7 +165,7 @@ def test_compact_refuses_an_empty_group(r20):
 def test_bad_evaluation_batch_and_model_arguments():
     model = get_model("resnet20")
     with pytest.raises(ValueError, match="batch size -5"):
-        training.evaluate(model, {}, np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int32), -5)
+        evaluation.evaluate(model, {}, np.zeros((4, 8, 8, 3), np.float32), np.zeros(4, np.int32), -5)
     with pytest.raises(ValueError, match="num_classes=0"):
         get_model("resnet20", num_classes=0)
 
@@ -173,7 +173,7 @@ def test_bad_evaluation_batch_and_model_arguments():
 @pytest.mark.parametrize("requested, n, devices, want", [
     (500, 10000, 8, 496), (500, 10000, 1, 500), (500, 10, 8, 16), (3, 10000, 8, 8), (1000, 70, 1, 70)])
 def test_eval_batch_is_a_device_multiple_bounded_by_the_request(requested, n, devices, want):
-    assert training.eval_batch_size(requested, n, devices) == want
+    assert evaluation.eval_batch_size(requested, n, devices) == want
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -190,8 +190,8 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     x = jnp.zeros((1, 8, 8, 3))
     variables = model.init(jax.random.PRNGKey(0), x)
     graph = trace_linen(model, variables, x)
-    opt = training.make_optimizer(0.05)
-    state = training.create_train_state(model, graph, jax.random.PRNGKey(0), x, opt)
+    opt = optim.make_optimizer(0.05)
+    state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x, opt)
     ctx = MethodContext(graph=graph, total_epochs=epochs, steps_per_epoch=2)
     mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=5)
     try:

@@ -19,7 +19,7 @@ from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
                               get_method, pfec_masks)
 from jaxprune.models import get_model
-from jaxprune.training import TrainState
+from jaxprune.train_step import TrainState
 
 P = 0.3
 SIZES = {"conv1": 10, "conv2": 8}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data, training as tr
+from jaxprune import data, evaluation, optim, parallel, train_step, training as tr
 from jaxprune.checkpoints import make_checkpoint_manager
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
@@ -124,7 +124,7 @@ def test_make_optimizer_is_pytorch_nesterov_sgd():
         buf = m * buf + d
         p -= lr * (d + m * buf)
         ps.append(p)
-    opt = tr.make_optimizer(lr, momentum=m, nesterov=True, weight_decay=wd)
+    opt = optim.make_optimizer(lr, momentum=m, nesterov=True, weight_decay=wd)
     params = {"w": jnp.asarray(1.5)}
     state = opt.init(params)
     for g, want in zip((0.5, -0.2, 0.3), ps):
@@ -135,18 +135,18 @@ def test_make_optimizer_is_pytorch_nesterov_sgd():
 
 def test_make_optimizer_rejects_bad_values():
     with pytest.raises(ValueError, match="momentum"):
-        tr.make_optimizer(0.1, momentum=1.0)
+        optim.make_optimizer(0.1, momentum=1.0)
     with pytest.raises(ValueError, match="nesterov"):
-        tr.make_optimizer(0.1, momentum=0.0, nesterov=True)
+        optim.make_optimizer(0.1, momentum=0.0, nesterov=True)
     with pytest.raises(ValueError, match="weight_decay"):
-        tr.make_optimizer(0.1, weight_decay=-1.0)
+        optim.make_optimizer(0.1, weight_decay=-1.0)
 
 
 # ----------------------------------------------------------------------------- schedules
 
 def test_sfp_cifar_schedule_boundaries():
     spe = 10
-    s = tr.sfp_cifar_schedule(spe)
+    s = optim.sfp_cifar_schedule(spe)
     f32 = np.float32
     expected = {0: 0.01, 9: 0.01, 10: 0.1, 599: 0.1, 600: 0.1 * 0.2, 1199: 0.1 * 0.2,
                 1200: 0.1 * 0.2**2, 1599: 0.1 * 0.2**2, 1600: 0.1 * 0.2**3, 1999: 0.1 * 0.2**3}
@@ -157,13 +157,13 @@ def test_sfp_cifar_schedule_boundaries():
 
 
 def test_step_schedule_imagenet_and_constant():
-    s = tr.step_schedule(5)  # 0.1, x0.1 at epochs 30, 60, 90
+    s = optim.step_schedule(5)  # 0.1, x0.1 at epochs 30, 60, 90
     for step, lr in {0: 0.1, 149: 0.1, 150: 0.01, 299: 0.01, 300: 0.001, 450: 0.0001, 10**6: 0.0001}.items():
         np.testing.assert_allclose(np.asarray(s(step)), lr, rtol=1e-7)
-    c = tr.constant_schedule(0.001)
+    c = optim.constant_schedule(0.001)
     assert np.asarray(c(0)) == np.float32(0.001) and np.asarray(c(12345)) == np.float32(0.001)
     with pytest.raises(ValueError, match="sorted"):
-        tr.step_schedule(5, boundaries=(60, 30))
+        optim.step_schedule(5, boundaries=(60, 30))
 
 
 # ----------------------------------------------------------------------------- masking
@@ -187,12 +187,12 @@ def _mask_leaves(state):
 
 def test_hard_channels_stay_zero_soft_channels_learn(tiny):
     model, graph = tiny
-    opt = tr.make_optimizer(0.1, weight_decay=5e-4)
+    opt = optim.make_optimizer(0.1, weight_decay=5e-4)
     ctx = MethodContext(graph, total_epochs=1)
     images, labels = _batch()
-    mesh = tr.make_mesh(jax.devices()[:1])
-    state = tr.create_train_state(model, graph, jax.random.PRNGKey(1), images, opt, mesh=mesh)
-    step = tr.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train_step.create_train_state(model, graph, jax.random.PRNGKey(1), images, opt, mesh=mesh)
+    step = train_step.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT)
     for _ in range(2):  # build up momentum everywhere first
         state, _ = step(state, images, labels)
     assert all(np.any(np.asarray(v) != 0) for v in _mask_leaves(state).values())
@@ -205,7 +205,7 @@ def test_hard_channels_stay_zero_soft_channels_learn(tiny):
     assert np.all(np.asarray(pruned.params["conv1"]["kernel"][..., 2]) == 0)
 
     masked = plain = pruned
-    plain_step = tr.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT,
+    plain_step = train_step.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT,
                                     mask_hard=False)
     for _ in range(4):
         masked, metrics = step(masked, images, labels)
@@ -228,12 +228,12 @@ def test_penalty_is_differentiated(tiny):
     ctx = MethodContext(graph, total_epochs=1)
     images, labels = _batch()
     x = PREPROCESS(images)
-    mesh = tr.make_mesh(jax.devices()[:1])
+    mesh = parallel.make_mesh(jax.devices()[:1])
     results = []
     for method, wd in ((L2Penalty(coef=0.05), 0.0), (NoPrune(), 0.05)):
-        opt = tr.make_optimizer(0.1, weight_decay=wd)
-        state = tr.create_train_state(model, graph, jax.random.PRNGKey(2), x, opt, mesh=mesh)
-        step = tr.make_train_step(model, graph, opt, method, ctx, mesh=mesh)
+        opt = optim.make_optimizer(0.1, weight_decay=wd)
+        state = train_step.create_train_state(model, graph, jax.random.PRNGKey(2), x, opt, mesh=mesh)
+        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh)
         for _ in range(2):
             state, metrics = step(state, x, labels)
         results.append((state, metrics))
@@ -244,11 +244,11 @@ def test_penalty_is_differentiated(tiny):
 
 def test_integer_images_need_augment(tiny):
     model, graph = tiny
-    opt = tr.make_optimizer(0.1)
+    opt = optim.make_optimizer(0.1)
     images, labels = _batch()
-    mesh = tr.make_mesh(jax.devices()[:1])
-    state = tr.create_train_state(model, graph, jax.random.PRNGKey(0), images, opt, mesh=mesh)
-    step = tr.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), images, opt, mesh=mesh)
+    step = train_step.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh)
     with pytest.raises(TypeError, match="augment"):
         step(state, images, labels)
 
@@ -257,11 +257,11 @@ def test_integer_images_need_augment(tiny):
 
 def test_evaluate_partial_batch_matches_numpy(tiny):
     model, graph = tiny
-    opt = tr.make_optimizer(0.1)
+    opt = optim.make_optimizer(0.1)
     images, labels = _batch(16, seed=3)
-    mesh = tr.make_mesh(jax.devices()[:1])
-    state = tr.create_train_state(model, graph, jax.random.PRNGKey(3), images, opt, mesh=mesh)
-    step = tr.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh,
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    state = train_step.create_train_state(model, graph, jax.random.PRNGKey(3), images, opt, mesh=mesh)
+    step = train_step.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh,
                               augment=AUGMENT)
     state, _ = step(state, images, labels)  # non-trivial BN statistics
     test_x, test_y = _batch(37, seed=4)
@@ -272,15 +272,15 @@ def test_evaluate_partial_batch_matches_numpy(tiny):
     want_acc = float(np.mean(logits.argmax(1) == test_y))
     want_loss = float(-np.mean(logp[np.arange(37), test_y]))
 
-    eval_step = tr.make_eval_fn(model, mesh, PREPROCESS)
+    eval_step = evaluation.make_eval_fn(model, mesh, PREPROCESS)
     for bs in (16, 8, 64):  # 37 = 2*16 + 5, 4*8 + 5, and one batch larger than the data
-        got = tr.evaluate(model, state.variables, test_x, test_y, bs, step=eval_step)
+        got = evaluation.evaluate(model, state.variables, test_x, test_y, bs, step=eval_step)
         assert got["accuracy"] == want_acc
         np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-6)
     # padding keeps one shape per batch size: no retrace per batch
     assert eval_step.jitted._cache_size() == 3
     with pytest.raises(TypeError, match="preprocess"):
-        tr.evaluate(model, state.variables, test_x, test_y, 16, mesh=mesh)
+        evaluation.evaluate(model, state.variables, test_x, test_y, 16, mesh=mesh)
 
 
 # ----------------------------------------------------------------------------- multi-device
@@ -290,7 +290,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
     sys.path.insert(0, sys.argv[1])
     from tests.test_training import TinyNet, ToyPrune, AUGMENT, PREPROCESS, _batch
-    from jaxprune import training as tr
+    from jaxprune import evaluation, optim, parallel, train_step
     from jaxprune.graph import trace_linen
     from jaxprune.methods.base import MethodContext
 
@@ -301,21 +301,21 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
                                               jax.random.PRNGKey(0), x0), x0)
     ctx = MethodContext(graph, total_epochs=1)
     method = ToyPrune()
-    opt = tr.make_optimizer(0.1, weight_decay=5e-4)
+    opt = optim.make_optimizer(0.1, weight_decay=5e-4)
     images, labels = _batch(32, seed=5)
-    fresh = method.init(tr.create_train_state(model, graph, jax.random.PRNGKey(7), images, opt), ctx)
+    fresh = method.init(train_step.create_train_state(model, graph, jax.random.PRNGKey(7), images, opt), ctx)
     out = {}
     for n in (8, 1):
-        mesh = tr.make_mesh(jax.devices()[:n])
-        step = tr.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
-        state = tr.replicate(mesh, fresh)
+        mesh = parallel.make_mesh(jax.devices()[:n])
+        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
+        state = parallel.replicate(mesh, fresh)
         for i in range(3):
             state, metrics = step(state, images, labels)
         out[n] = jax.device_get((state.params, state.batch_stats, state.opt_state))
         devs = {len(l.sharding.device_set) for l in jax.tree.leaves(state.params)}
         assert devs == {n}, devs
         if n == 8:
-            x, y = tr.shard_batch(mesh, images, labels)
+            x, y = parallel.shard_batch(mesh, images, labels)
             assert len(x.sharding.device_set) == 8 and x.addressable_shards[0].data.shape[0] == 4
             try:
                 step(state, images[:12], labels[:12])
@@ -330,7 +330,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     # the batch is rounded to a device multiple and the last one padded; same result as 1 device
     ev_x, ev_y = _batch(37, seed=9)
     variables = {"params": out[1][0], "batch_stats": out[1][1]}
-    res = {n: tr.evaluate(model, variables, ev_x, ev_y, 500, mesh=tr.make_mesh(jax.devices()[:n]),
+    res = {n: evaluation.evaluate(model, variables, ev_x, ev_y, 500, mesh=parallel.make_mesh(jax.devices()[:n]),
                           preprocess=PREPROCESS)
            for n in (8, 1)}
     assert res[8]["accuracy"] == res[1]["accuracy"], res
@@ -352,10 +352,10 @@ def test_eight_devices_match_one_device():
 def test_maybe_initialize_distributed_env(monkeypatch):
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         monkeypatch.delenv(name, raising=False)
-    assert tr.maybe_initialize_distributed() is False
+    assert parallel.maybe_initialize_distributed() is False
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(ValueError, match="JAX_COORDINATOR_ADDRESS"):
-        tr.maybe_initialize_distributed()
+        parallel.maybe_initialize_distributed()
 
 
 # ----------------------------------------------------------------------------- fit / resume
@@ -366,9 +366,9 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
     train = _batch(48, seed=6)
     test = _batch(20, seed=7)
     ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=3)
-    opt = tr.make_optimizer(tr.step_schedule(3, base_lr=0.1, boundaries=(1, 2), factor=0.5))
-    mesh = tr.make_mesh(jax.devices()[:1])
-    fresh = tr.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
+    opt = optim.make_optimizer(optim.step_schedule(3, base_lr=0.1, boundaries=(1, 2), factor=0.5))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
     common = dict(epochs=epochs, batch_size=bs, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
                   progress=False, mesh=mesh, config={"run": "test"})
 

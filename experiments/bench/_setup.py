@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import _harness as H
-from jaxprune import methods, training
+from jaxprune import methods, optim, parallel, train_step as step_lib
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import init_masks
@@ -49,16 +49,16 @@ def setup(name: str, residual: str = "scatter", seed: int = 1) -> Setup:
     x1 = jnp.zeros((1,) + IMAGE)
     variables = jax.jit(lambda k: model.init(k, x1))(jax.random.PRNGKey(seed))
     graph = trace_linen(model, variables, x1, residual=residual)
-    return Setup(name, model, graph, variables, training.make_optimizer(0.1))
+    return Setup(name, model, graph, variables, optim.make_optimizer(0.1))
 
 
-def fresh_state(s: Setup, model: Any = None, graph: Any = None) -> training.TrainState:
+def fresh_state(s: Setup, model: Any = None, graph: Any = None) -> step_lib.TrainState:
     model = s.model if model is None else model
-    return training.create_train_state(model, graph, jax.random.PRNGKey(3), jnp.zeros((1,) + IMAGE),
+    return step_lib.create_train_state(model, graph, jax.random.PRNGKey(3), jnp.zeros((1,) + IMAGE),
                                        s.optimizer)
 
 
-def with_variables(state: training.TrainState, variables: Any, optimizer) -> training.TrainState:
+def with_variables(state: step_lib.TrainState, variables: Any, optimizer) -> step_lib.TrainState:
     params = variables["params"]
     return state.replace(params=params, batch_stats=variables.get("batch_stats", {}),
                          opt_state=optimizer.init(params))
@@ -93,13 +93,13 @@ class Compiled:
     compile_s: float
 
 
-def train_step(model: Any, graph: Any, state: training.TrainState, optimizer, x, y, *,
+def train_step(model: Any, graph: Any, state: step_lib.TrainState, optimizer, x, y, *,
                mask_hard: bool, method: Any = None, ctx: Any = None) -> Compiled:
     """The library's jitted train step of ``model``, compiled once (lower + compile timed)."""
     method = methods.get_method("dense") if method is None else method
-    step = training.make_train_step(model, graph, optimizer, method, ctx, mask_hard=mask_hard)
-    state = training.replicate(step.mesh, state)
-    x, y = training.shard_batch(step.mesh, x, y)
+    step = step_lib.make_train_step(model, graph, optimizer, method, ctx, mask_hard=mask_hard)
+    state = parallel.replicate(step.mesh, state)
+    x, y = parallel.shard_batch(step.mesh, x, y)
     args = ((state.step, state.params, state.batch_stats, state.opt_state),
             (state.masks, state.hard, state.method_state, state.rng), x, y)
     lower_s, compile_s, compiled = H.compile_seconds(step.jitted, *args)

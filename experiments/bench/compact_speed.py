@@ -89,7 +89,7 @@ def bench_inference(depth: int, batch: int, rate: float, repeats: int, inner: in
 
 
 def bench_mask_overhead(depth: int, batch: int, repeats: int, inner: int) -> dict:
-    from jaxprune import methods, training
+    from jaxprune import methods, optim, train_step
     from jaxprune.methods.base import MethodContext
 
     model = get_model(f"resnet{depth}")
@@ -97,13 +97,13 @@ def bench_mask_overhead(depth: int, batch: int, repeats: int, inner: int) -> dic
     y = jax.random.randint(jax.random.PRNGKey(2), (batch,), 0, 10)
     variables = model.init(jax.random.PRNGKey(1), x[:1])
     graph = trace_linen(model, variables, x[:1], residual="scatter")
-    opt = training.make_optimizer(0.1)
+    opt = optim.make_optimizer(0.1)
     method = methods.get_method("dense")
     ctx = MethodContext(graph=graph, total_epochs=1)
-    state = training.create_train_state(model, graph, jax.random.PRNGKey(3), x[:1], opt)
+    state = train_step.create_train_state(model, graph, jax.random.PRNGKey(3), x[:1], opt)
     steps = {
-        "plain": training.make_train_step(model, graph, opt, method, ctx, mask_hard=False),
-        "masked": training.make_train_step(model, graph, opt, method, ctx, mask_hard=True),
+        "plain": train_step.make_train_step(model, graph, opt, method, ctx, mask_hard=False),
+        "masked": train_step.make_train_step(model, graph, opt, method, ctx, mask_hard=True),
     }
     samples = {k: [] for k in steps}
 

@@ -33,7 +33,7 @@ def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
     import numpy as np
 
     import _setup as S
-    from jaxprune import methods, training
+    from jaxprune import evaluation, methods, optim, parallel, train_step
     from jaxprune.compaction import compact
     from jaxprune.graph import trace_linen
     from jaxprune.models import get_model
@@ -48,22 +48,22 @@ def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
     t0 = time.perf_counter()
     graph = trace_linen(model, variables, x1, residual="scatter")
     out["trace"] = time.perf_counter() - t0
-    s = S.Setup(name, model, graph, variables, training.make_optimizer(0.1))
+    s = S.Setup(name, model, graph, variables, optim.make_optimizer(0.1))
     x, y = S.batch(batch_size)
 
     method = methods.get_method("sfp", rate=rate)
     st, ctx = S.method_state(s, method)
-    step = training.make_train_step(model, graph, s.optimizer, method, ctx, mask_hard=True)
-    rst = training.replicate(step.mesh, st)
-    xs, ys = training.shard_batch(step.mesh, x, y)
+    step = train_step.make_train_step(model, graph, s.optimizer, method, ctx, mask_hard=True)
+    rst = parallel.replicate(step.mesh, st)
+    xs, ys = parallel.shard_batch(step.mesh, x, y)
     lo, co, _ = H.compile_seconds(step.jitted, (rst.step, rst.params, rst.batch_stats, rst.opt_state),
                                   (rst.masks, rst.hard, rst.method_state, rst.rng), xs, ys)
     out["train step: lower"], out["train step: compile"] = lo, co
 
-    ev = training.make_eval_fn(model)
-    data = training.put_eval_data(ev.mesh, np.concatenate([np.asarray(x)] * 4),
+    ev = evaluation.make_eval_fn(model)
+    data = evaluation.put_eval_data(ev.mesh, np.concatenate([np.asarray(x)] * 4),
                                   np.concatenate([np.asarray(y)] * 4), batch_size)
-    lo, co, _ = H.compile_seconds(ev.jitted, training.replicate(ev.mesh, st.variables), data.images,
+    lo, co, _ = H.compile_seconds(ev.jitted, parallel.replicate(ev.mesh, st.variables), data.images,
                                   data.labels)
     out["eval step: lower"], out["eval step: compile"] = lo, co
 

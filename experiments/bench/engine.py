@@ -8,7 +8,7 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
 - **plain flax**: a minimal ``jax.jit`` train step (``model.apply`` with mutable BN
   statistics, cross-entropy, ``optax`` update), the batch gathered on the device from the
   resident data, one Python dispatch per step: the loop a Flax user writes.
-- **jaxprune chunk**: `jaxprune.training.make_train_chunk` with the whole epoch in one call
+- **jaxprune chunk**: `jaxprune.train_step.make_train_chunk` with the whole epoch in one call
   (what `fit` runs; here with the hard masking of SFP's masks, all ones), float32.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
@@ -37,13 +37,13 @@ import os
 import _harness as H
 
 
-def contestants(name: str, steps: int, batch: int, runs: int):
+def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxprune import data, methods, training
+    from jaxprune import data, methods, optim, parallel, train_step
     from jaxprune.graph import trace_linen
     from jaxprune.methods.base import MethodContext
     from jaxprune.models import get_model
@@ -54,7 +54,7 @@ def contestants(name: str, steps: int, batch: int, runs: int):
     y_host = rs.randint(0, 10, n).astype(np.int32)
     augment = functools.partial(data.augment_batch, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
     order_host = data.epoch_batches(n, batch, seed=0, epoch=0).astype(np.int32)
-    opt = training.make_optimizer(0.01)
+    opt = optim.make_optimizer(0.01)
     x1 = jnp.zeros((1, 32, 32, 3))
     counts = {}
     out = {}
@@ -62,8 +62,8 @@ def contestants(name: str, steps: int, batch: int, runs: int):
     # -- plain flax: the loop a user writes
     model = get_model(name)
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x1)
-    mesh = training.make_mesh()
-    xd, yd = training.put_replicated(mesh, x_host, y_host)
+    mesh = parallel.make_mesh()
+    xd, yd = parallel.put_replicated(mesh, x_host, y_host)
     order = jnp.asarray(order_host)
 
     @functools.partial(jax.jit, donate_argnums=(0,))
@@ -95,20 +95,21 @@ def contestants(name: str, steps: int, batch: int, runs: int):
     out["plain flax"], counts["plain flax"] = run_plain, steps
 
     # -- jaxprune: whole epoch per call, f32 and bf16
-    for label, dtype in (("jaxprune chunk", jnp.float32), ("jaxprune chunk bf16", jnp.bfloat16)):
+    dtypes = (("jaxprune chunk", jnp.float32),) + ((("jaxprune chunk bf16", jnp.bfloat16),) if bf16 else ())
+    for label, dtype in dtypes:
         m = get_model(name, dtype=dtype)
         graph = trace_linen(m, variables, x1)
         method = methods.get_method("sfp", rate=0.0)
         ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
-        st = training.create_train_state(m, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
-        st = training.replicate(mesh, method.init(st, ctx))
-        chunk = training.make_train_chunk(m, graph, opt, method, ctx, steps=steps, mesh=mesh,
+        st = train_step.create_train_state(m, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
+        st = parallel.replicate(mesh, method.init(st, ctx))
+        chunk = train_step.make_train_chunk(m, graph, opt, method, ctx, steps=steps, mesh=mesh,
                                           augment=augment, donate=True)
-        od = training.replicate(mesh, order_host)
+        od = parallel.replicate(mesh, order_host)
         box = [st]
 
         def run_chunk(chunk=chunk, box=box, od=od):
-            s, metrics, _ = chunk(box[0], xd, yd, od, training.replicate(mesh, np.int32(0)))
+            s, metrics, _ = chunk(box[0], xd, yd, od, parallel.replicate(mesh, np.int32(0)))
             box[0] = s
             return metrics["loss"]
 
@@ -118,10 +119,10 @@ def contestants(name: str, steps: int, batch: int, runs: int):
     graph = trace_linen(model, variables, x1)
     method = methods.get_method("sfp", rate=0.0)
     ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
-    st = training.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
-    step = training.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
+    st = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
+    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
                                     donate=True)
-    box = [training.replicate(mesh, method.init(st, ctx))]
+    box = [parallel.replicate(mesh, method.init(st, ctx))]
 
     def run_host():
         s, m = box[0], None
@@ -134,16 +135,16 @@ def contestants(name: str, steps: int, batch: int, runs: int):
 
     # -- R runs together (the seeds of a row), vectorised over a run axis
     if runs:
-        chunk = training.make_train_chunk(model, graph, opt, method, ctx, steps=steps, mesh=mesh,
+        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=steps, mesh=mesh,
                                           augment=augment, donate=True, runs=runs)
-        sts = [method.init(training.create_train_state(model, graph, jax.random.PRNGKey(r), x1, opt), ctx)
+        sts = [method.init(train_step.create_train_state(model, graph, jax.random.PRNGKey(r), x1, opt), ctx)
                for r in range(runs)]
         orders = np.stack([data.epoch_batches(n, batch, seed=r, epoch=0) for r in range(runs)])
-        od = training.replicate(mesh, orders.astype(np.int32))
-        many = [training.replicate(mesh, training.stack_runs(sts))]
+        od = parallel.replicate(mesh, orders.astype(np.int32))
+        many = [parallel.replicate(mesh, train_step.stack_runs(sts))]
 
         def run_many():
-            s, metrics, _ = chunk(many[0], xd, yd, od, training.replicate(mesh, np.int32(0)))
+            s, metrics, _ = chunk(many[0], xd, yd, od, parallel.replicate(mesh, np.int32(0)))
             many[0] = s
             return metrics["loss"]
 
@@ -159,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", type=int, default=4, help="runs trained together (0: leave out)")
+    p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variant")
     p.add_argument("--append", default="", help="append the table to this markdown file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1:
@@ -171,7 +173,7 @@ def main(argv=None) -> int:
     H.disable_compilation_cache()
     rows = []
     for name in args.models.split(","):
-        fns, counts = contestants(name, args.steps, args.batch, args.runs)
+        fns, counts = contestants(name, args.steps, args.batch, args.runs, not args.no_bf16)
         times = H.interleave(fns, repeats=args.repeats)
         base = H.median(times["plain flax"])
         for label, ts in times.items():

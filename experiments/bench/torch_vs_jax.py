@@ -7,7 +7,7 @@ workload is pinned to the same ``--threads`` cores with ``sched_setaffinity`` an
 ``set_num_threads``). Sections (``--sections``, default all):
 
 ``compare``  images/s of train step and inference: PyTorch vs the library's JAX step
-             (`jaxprune.training.make_train_step`, no masking) under the default XLA flags
+             (`jaxprune.train_step.make_train_step`, no masking) under the default XLA flags
              and under `jaxprune.perf.RECOMMENDED_CPU_FLAGS`.
 ``flags``    the JAX train step under several XLA:CPU flag sets.
 ``profile``  where the JAX train step spends its time: per-op times from ``jax.profiler``
@@ -316,7 +316,7 @@ def jax_workload(spec: dict):
     import optax
 
     H.disable_compilation_cache()
-    from jaxprune import methods, training
+    from jaxprune import methods, optim, parallel, train_step
     from jaxprune.models import get_model
 
     depth, b, mode = spec["depth"], spec["batch"], spec["mode"]
@@ -325,17 +325,17 @@ def jax_workload(spec: dict):
     model = get_model(f"resnet{depth}", **({"dtype": dtype} if dtype is not None else {}))
     x = jax.random.normal(jax.random.PRNGKey(0), (b, 32, 32, 3))
     y = jax.random.randint(jax.random.PRNGKey(2), (b,), 0, 10)
-    opt = training.make_optimizer(0.1)
-    state = training.create_train_state(model, None, jax.random.PRNGKey(3), x[:1], opt)
+    opt = optim.make_optimizer(0.1)
+    state = train_step.create_train_state(model, None, jax.random.PRNGKey(3), x[:1], opt)
     info: dict = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     if impl == "lib" and mode == "step":
-        step = training.make_train_step(model, None, opt, methods.get_method("dense"), None,
+        step = train_step.make_train_step(model, None, opt, methods.get_method("dense"), None,
                                         mask_hard=False, donate=bool(spec.get("donate")))
         # placed as the step's outputs will be, so that the one compiled executable serves
         # every call (an uncommitted first input would otherwise compile a second one)
-        state = training.replicate(step.mesh, state)
-        x, y = training.shard_batch(step.mesh, x, y)
+        state = parallel.replicate(step.mesh, state)
+        x, y = parallel.shard_batch(step.mesh, x, y)
         args = ((state.step, state.params, state.batch_stats, state.opt_state),
                 (state.masks, state.hard, state.method_state, state.rng), x, y)
         lower_s, compile_s, compiled = H.compile_seconds(step.jitted, *args)

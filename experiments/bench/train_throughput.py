@@ -1,7 +1,7 @@
 """Benchmark: train-step throughput dense vs hard-masked vs compacted, and each step's compile time.
 
 For every model (CIFAR ResNet-20/56/110, VGG-16; batch 128 of 32x32x3 inputs), three jitted
-train steps of the library (`jaxprune.training.make_train_step`), timed side by side in one
+train steps of the library (`jaxprune.train_step.make_train_step`), timed side by side in one
 process, round-robin (dense, masked, compact, dense, ...), median of ``--repeats``:
 
 - **dense**: the full model, ``mask_hard=False`` (nothing masked).

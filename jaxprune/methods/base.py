@@ -1,6 +1,6 @@
 """The interface every pruning method implements (design.md section 7).
 
-A method is a small frozen object of pure functions over `jaxprune.training.TrainState`;
+A method is a small frozen object of pure functions over `jaxprune.train_step.TrainState`;
 the trainer calls them in this order::
 
     state = method.init(state, ctx)                 # once, before the first epoch (host)

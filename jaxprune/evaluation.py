@@ -1,0 +1,139 @@
+"""Exact evaluation: top-1 accuracy and mean cross-entropy over a whole data set placed on the
+devices once (`put_eval_data`), in one jitted call (`make_eval_fn`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxprune.parallel import DATA_AXIS, make_mesh, replicate
+from jaxprune.train_step import _call_kwargs, cross_entropy
+
+
+# uint8 images -> float images; e.g. partial(data.normalize, mean=.., std=..)
+Preprocess = Callable[[jax.Array], jax.Array]
+
+def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: Any,
+              preprocess: Preprocess | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(number correct, summed cross-entropy)`` of a batch; rows with ``label < 0`` are padding
+    and count for nothing."""
+    if preprocess is not None:
+        images = preprocess(images)
+    logits = model.apply(variables, images, **_call_kwargs(model, False))
+    valid = labels >= 0
+    ce = cross_entropy(logits, jnp.where(valid, labels, 0))
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid, dtype=jnp.int32)
+    return correct, jnp.sum(jnp.where(valid, ce, 0.0))
+
+class EvalData(NamedTuple):
+    """An evaluation set on the devices, in equal batches: ``images [nb, bs, ...]`` and
+    ``labels int32 [nb, bs]`` (the last batch padded with label ``-1``) sharded over the batch
+    axis (axis 1); ``n`` real examples. Built by `put_eval_data`."""
+
+    images: jax.Array
+    labels: jax.Array
+    n: int
+
+def put_eval_data(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size: int) -> EvalData:
+    """Places a whole evaluation set on ``mesh`` once (`EvalData`), in batches of
+    `eval_batch_size` ``(batch_size, N, devices)``. Every process passes the full arrays."""
+    n = int(np.shape(images)[0])
+    if n == 0:
+        raise ValueError("evaluation needs at least one example")
+    if np.shape(labels)[0] != n:
+        raise ValueError(f"images and labels disagree on the number of examples: {n} vs "
+                         f"{np.shape(labels)[0]}")
+    bs = eval_batch_size(batch_size, n, mesh.size)
+    nb = -(-n // bs)
+    x = np.asarray(images)
+    y = np.asarray(labels).astype(np.int32)
+    if nb * bs > n:
+        x = np.concatenate([x, np.zeros((nb * bs - n,) + x.shape[1:], x.dtype)])
+        y = np.concatenate([y, np.full((nb * bs - n,), -1, np.int32)])
+    x, y = x.reshape((nb, bs) + x.shape[1:]), y.reshape(nb, bs)
+    sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+    if jax.process_count() == 1:
+        xd, yd = jax.device_put((x, y), sharding)
+    else:
+        xd, yd = (jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in (x, y))
+    return EvalData(xd, yd, n)
+
+def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
+                 *, runs: int = 0) -> Callable[[Any, EvalData], tuple[jax.Array, jax.Array]]:
+    """``fn(variables, data) -> (correct_count, loss_sum)`` over a whole `EvalData` in one
+    jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
+    ``variables`` replicated on ``mesh`` (default all devices). ``runs=R``: variables with a
+    leading run axis (`stack_runs`), counts and sums ``[R]``."""
+    mesh = make_mesh() if mesh is None else mesh
+    repl = NamedSharding(mesh, P())
+    batches = NamedSharding(mesh, P(None, DATA_AXIS))
+
+    def whole(variables, images, labels):
+        def body(acc, xy):
+            c, l = eval_step(variables, *xy, model=model, preprocess=preprocess)
+            return (acc[0] + c, acc[1] + l), None
+
+        zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+        return jax.lax.scan(body, zero, (images, labels))[0]
+
+    if runs:
+        whole = jax.vmap(whole, in_axes=(0, None, None))
+    jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=(repl, repl))
+
+    def fn(variables: Any, data: EvalData):
+        return jitted(variables, data.images, data.labels)
+
+    fn.mesh, fn.jitted, fn.preprocess = mesh, jitted, preprocess
+    return fn
+
+def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
+    """The evaluation batch for ``requested`` (an upper bound): a multiple of ``num_devices`` (at
+    least one example per device), no larger than needed for ``num_examples``; the last batch
+    is padded, so any device count works."""
+    if isinstance(requested, bool) or not isinstance(requested, (int, np.integer)) or requested < 1:
+        raise ValueError(f"evaluation batch size {requested!r} is not allowed; expected a positive integer")
+    per_device = max(1, int(requested) // num_devices)
+    per_device = min(per_device, -(-num_examples // num_devices))  # no all-padding batches
+    return per_device * num_devices
+
+def evaluate(model: Any, variables: Any, images: np.ndarray | EvalData, labels: np.ndarray | None,
+             batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
+             *, step: Callable | None = None) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over a whole data set.
+
+    ``images [N, H, W, C]`` (uint8 needs ``preprocess``, e.g.
+    ``partial(data.normalize, mean=..., std=...)``) and ``labels int [N]`` host arrays, placed on
+    the devices for this call; or an `EvalData` already there (``labels`` None). Every example
+    counts exactly once (padding has label -1) and one batch shape is compiled. Pass ``step``
+    (from `make_eval_fn`) to reuse a compiled program across calls (`fit` does); ``variables``
+    must then be replicated on its mesh.
+    """
+    if step is not None:
+        preprocess = getattr(step, "preprocess", preprocess)
+    if not isinstance(images, EvalData):
+        if int(np.shape(images)[0]) and preprocess is None and not np.issubdtype(
+                np.asarray(images[:1]).dtype, np.floating):
+            raise TypeError("integer images need preprocess= (e.g. functools.partial("
+                            "data.normalize, mean=..., std=...))")
+    if step is None:
+        step = make_eval_fn(model, mesh, preprocess)
+        variables = replicate(step.mesh, variables)
+    data = images if isinstance(images, EvalData) else put_eval_data(step.mesh, images, labels, batch_size)
+    correct, loss = jax.device_get(step(variables, data))
+    return {"accuracy": int(correct) / data.n, "loss": float(loss) / data.n}
+
+
+__all__ = [
+    "Preprocess",
+    "eval_step",
+    "EvalData",
+    "put_eval_data",
+    "make_eval_fn",
+    "eval_batch_size",
+    "evaluate",
+]
