@@ -201,11 +201,9 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
     # Straight-line code, the same program as a one-step `make_train_chunk` (XLA:CPU runs the
     # convolutions of a loop body, even a one-trip one, ~35x slower).
     def fn(big, small, images, labels):
-        def body(state, batch):
-            return train_step(state, *batch, model=model, graph=graph, optimizer=optimizer,
-                              method=method, ctx=ctx, augment=augment, mask_hard=mask_hard)
-
-        return body(TrainState(*big, *small), (images, labels))
+        return train_step(TrainState(*big, *small), images, labels, model=model, graph=graph,
+                          optimizer=optimizer, method=method, ctx=ctx, augment=augment,
+                          mask_hard=mask_hard)
 
     jitted = jax.jit(fn, in_shardings=(repl, repl, batch, batch), out_shardings=(repl, repl),
                      donate_argnums=(0,) if donate else ())

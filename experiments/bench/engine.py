@@ -9,7 +9,7 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
   statistics, cross-entropy, ``optax`` update), the batch gathered on the device from the
   resident data, one Python dispatch per step: the loop a Flax user writes.
 - **jaxprune chunk**: `jaxprune.train_step.make_train_chunk` with the whole epoch in one call
-  (what `fit` runs; here with the hard masking of SFP's masks, all ones), float32.
+  (what `fit` runs on accelerators; on CPU it defaults to one step per call; here with the hard masking of SFP's masks, all ones), float32.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
   one host-to-device copy of the images per step: the engine before issue 13.
