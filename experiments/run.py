@@ -1,7 +1,8 @@
 """Runs paper-table rows end to end and writes one result record per run.
 
     python experiments/run.py ROW [ROW ...] [--seeds N | --seed K] [--runs-dir experiments/runs]
-                              [--records experiments/results] [--epochs N | --tiny] [--force]
+                              [--records experiments/results] [--epochs N | --tiny [--synthetic-data]]
+                              [--force]
                               [--config.key=value ...]
     python experiments/run.py --list
 
@@ -30,9 +31,10 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   (label 'short (N epochs)'). ``--tiny`` shrinks every row to
   a smoke schedule: 2 epochs, the first 256 training and 200 test images, batch 128 (label
   'tiny'; default folders ``experiments/runs-tiny`` and ``experiments/results-tiny`` so that smoke
-  runs never mix with real ones). ImageNet rows are skipped in --tiny mode: no tiny ImageNet
-  ships with the project, and `jaxprune.experiment.run` trains from in-memory arrays only
-  (CIFAR-10/100, digits).
+  runs never mix with real ones). ImageNet rows need ``--synthetic-data`` in --tiny mode: a
+  generated TFDS-format ImageNet (`jaxprune.imagenet.write_synthetic_imagenet`: 64 train and 32
+  validation JPEGs, written once to ``<runs-dir>/synthetic-imagenet``) streamed through the same
+  loop at 64x64 pixels, batch 16, 2 epochs (``TINY_IMAGENET``); without it they are skipped.
 - **Overrides.** ``--config.key=value`` applies to the named rows (after the schedule flags);
   the keys ``data_dir``, ``eval_batch_size``, ``keep_checkpoints`` and ``steps_per_call`` also apply to
   their dependencies.
@@ -76,6 +78,10 @@ NOT_ROWS = ("common",)
 
 TINY = {"epochs": 2, "train_subset": 256, "test_subset": 200, "batch_size": 128,
         "eval_batch_size": 200, "keep_checkpoints": 1}
+# ImageNet rows in --tiny mode (on the generated data of --synthetic-data)
+TINY_IMAGENET = {"epochs": 2, "batch_size": 16, "eval_batch_size": 16, "image_size": 64,
+                 "keep_checkpoints": 1}
+SYNTHETIC_IMAGENET = {"num_train": 64, "num_validation": 32}
 # overrides that also reach the dependencies of the named rows
 ENV_KEYS = ("data_dir", "eval_batch_size", "keep_checkpoints", "steps_per_call")
 # config keys that may differ between the config.json of a run directory and a resumed run
@@ -157,9 +163,10 @@ def shorten(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.Co
 
 
 def make_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The smoke schedule of ``config`` (see ``TINY``)."""
-    c = shorten(config, TINY["epochs"])
-    for k, v in TINY.items():
+    """The smoke schedule of ``config`` (``TINY``; ``TINY_IMAGENET`` for ImageNet rows)."""
+    tiny = TINY_IMAGENET if is_imagenet(config) else TINY
+    c = shorten(config, tiny["epochs"])
+    for k, v in tiny.items():
         if k != "epochs":
             c[k] = v
     return c
@@ -191,6 +198,7 @@ class Options:
     runs_dir: Path
     records_dir: Path
     tiny: bool = False
+    synthetic_data: bool = False
     epochs: int | None = None
     overrides: tuple[str, ...] = ()
     force: bool = False
@@ -210,6 +218,8 @@ def make_job(row: str, seed: int, opts: Options, requested: bool) -> Job:
     overrides = list(opts.overrides) if requested else [
         o for o in opts.overrides if o.split("=", 1)[0] in ENV_KEYS]
     c = config_lib.override(c, overrides)
+    if opts.synthetic_data and is_imagenet(c):
+        c.data_dir = str(opts.runs_dir / "synthetic-imagenet")
     c.seed = int(seed)
     dep = dependency(c, row_names(opts.config_dir))
     if dep is not None:
@@ -322,10 +332,10 @@ class DataCache:
         self._cache: dict[tuple, Any] = {}
 
     def get(self, config: ml_collections.ConfigDict):
-        if is_imagenet(config):
-            return None
         from jaxprune.experiment import load_dataset
 
+        if is_imagenet(config):  # streamed: each run opens its own streams
+            return load_dataset(config)
         key = (config.dataset, config.data_dir, config.train_subset, config.test_subset,
                config.image_size, config.seed if config.dataset == "digits" else 0)
         if key not in self._cache:
@@ -361,8 +371,8 @@ def check_paper_baseline(job: Job, opts: Options) -> None:
 
 def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]:
     """Runs (or skips) one job; returns ``(status, record)``."""
-    if opts.tiny and is_imagenet(job.config):
-        return "skipped (ImageNet rows do not run in --tiny mode)", None
+    if opts.tiny and is_imagenet(job.config) and not opts.synthetic_data:
+        return "skipped (ImageNet rows run in --tiny mode with --synthetic-data only)", None
     if opts.force and job.requested and job.workdir.exists():  # never a dependency's run
         shutil.rmtree(job.workdir)
     result_path = job.workdir / "result.json"
@@ -375,6 +385,10 @@ def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]
         return "finished earlier", write_record(job, json.loads(result_path.read_text()))
     from jaxprune.experiment import run
 
+    if opts.synthetic_data and is_imagenet(job.config):
+        from jaxprune.imagenet import write_synthetic_imagenet
+
+        write_synthetic_imagenet(job.config.data_dir, **SYNTHETIC_IMAGENET)
     t0 = time.time()
     result = run(job.config, job.workdir, progress=opts.progress, dataset=data.get(job.config))
     return f"ran in {time.time() - t0:.0f} s", write_record(job, result)
@@ -436,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--tiny", action="store_true", help="smoke schedule: 2 epochs on 256 images (CIFAR rows)")
     g.add_argument("--epochs", type=int, default=None, help="shorten every row to N epochs (LR steps scaled)")
+    p.add_argument("--synthetic-data", action="store_true",
+                   help="with --tiny: run ImageNet rows on a generated TFDS-format ImageNet")
     p.add_argument("--force", action="store_true", help="delete existing run directories and run again")
     p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
     p.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
@@ -460,13 +476,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.epochs is not None and args.epochs < 1:
         print("experiments/run.py: error: --epochs must be >= 1", file=sys.stderr)
         return 2
+    if args.synthetic_data and not args.tiny:
+        print("experiments/run.py: error: --synthetic-data needs --tiny (generated data is for "
+              "smoke runs only)", file=sys.stderr)
+        return 2
     if args.seeds is not None and args.seeds < 1:
         print("experiments/run.py: error: --seeds must be >= 1", file=sys.stderr)
         return 2
     opts = Options(
         runs_dir=Path(args.runs_dir or (TINY_RUNS if args.tiny else DEFAULT_RUNS)),
         records_dir=Path(args.records or (TINY_RECORDS if args.tiny else DEFAULT_RECORDS)),
-        tiny=args.tiny, epochs=args.epochs, overrides=overrides, force=args.force,
+        tiny=args.tiny, synthetic_data=args.synthetic_data, epochs=args.epochs, overrides=overrides, force=args.force,
         progress=not args.no_progress)
     if not (args.default_xla_flags or args.dry_run):
         from jaxprune import perf

@@ -1,5 +1,6 @@
-"""Exact evaluation: top-1 accuracy and mean cross-entropy over a whole data set placed on the
-devices once (`put_eval_data`), in one jitted call (`make_eval_fn`)."""
+"""Exact evaluation: top-1 and top-5 accuracy and mean cross-entropy over a whole data set placed
+on the devices once (`put_eval_data`), in one jitted call (`make_eval_fn`), or over a streamed
+one (`jaxprune.imagenet.ImagenetStream`), batch by batch with the same compiled program."""
 
 from __future__ import annotations
 
@@ -19,16 +20,21 @@ from jaxprune.train_step import _call_kwargs, cross_entropy
 Preprocess = Callable[[jax.Array], jax.Array]
 
 def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: Any,
-              preprocess: Preprocess | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(number correct, summed cross-entropy)`` of a batch; rows with ``label < 0`` are padding
-    and count for nothing."""
+              preprocess: Preprocess | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(number correct, number correct in the top 5, summed cross-entropy)`` of a batch; rows
+    with ``label < 0`` are padding and count for nothing. With fewer than 5 classes every
+    valid row is a top-5 hit."""
     if preprocess is not None:
         images = preprocess(images)
     logits = model.apply(variables, images, **_call_kwargs(model, False))
     valid = labels >= 0
-    ce = cross_entropy(logits, jnp.where(valid, labels, 0))
+    safe = jnp.where(valid, labels, 0)
+    ce = cross_entropy(logits, safe)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid, dtype=jnp.int32)
-    return correct, jnp.sum(jnp.where(valid, ce, 0.0))
+    # top-5: fewer than 5 logits beat the label's (ties count for the label, as torch.topk may)
+    label_logit = jnp.take_along_axis(logits, safe[:, None], axis=-1)
+    top5 = jnp.sum((jnp.sum(logits > label_logit, axis=-1) < 5) & valid, dtype=jnp.int32)
+    return correct, top5, jnp.sum(jnp.where(valid, ce, 0.0))
 
 class EvalData(NamedTuple):
     """An evaluation set on the devices, in equal batches: ``images [nb, bs, ...]`` and
@@ -64,9 +70,9 @@ def put_eval_data(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size
     return EvalData(xd, yd, n)
 
 def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
-                 *, runs: int = 0) -> Callable[[Any, EvalData], tuple[jax.Array, jax.Array]]:
-    """``fn(variables, data) -> (correct_count, loss_sum)`` over a whole `EvalData` in one
-    jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
+                 *, runs: int = 0) -> Callable[[Any, EvalData], tuple[jax.Array, ...]]:
+    """``fn(variables, data) -> (correct_count, top5_count, loss_sum)`` over a whole `EvalData`
+    in one jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
     ``variables`` replicated on ``mesh`` (default all devices). ``runs=R``: variables with a
     leading run axis (`stack_runs`), counts and sums ``[R]``."""
     mesh = make_mesh() if mesh is None else mesh
@@ -75,15 +81,15 @@ def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | 
 
     def whole(variables, images, labels):
         def body(acc, xy):
-            c, l = eval_step(variables, *xy, model=model, preprocess=preprocess)
-            return (acc[0] + c, acc[1] + l), None
+            out = eval_step(variables, *xy, model=model, preprocess=preprocess)
+            return tuple(a + o for a, o in zip(acc, out)), None
 
-        zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+        zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
         return jax.lax.scan(body, zero, (images, labels))[0]
 
     if runs:
         whole = jax.vmap(whole, in_axes=(0, None, None))
-    jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=(repl, repl))
+    jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=repl)
 
     def fn(variables: Any, data: EvalData):
         return jitted(variables, data.images, data.labels)
@@ -101,21 +107,36 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
     per_device = min(per_device, -(-num_examples // num_devices))  # no all-padding batches
     return per_device * num_devices
 
-def evaluate(model: Any, variables: Any, images: np.ndarray | EvalData, labels: np.ndarray | None,
+def _is_stream(data: Any) -> bool:
+    return hasattr(data, "for_epoch") and hasattr(data, "iter_from")
+
+
+def _stream_batches(mesh: Mesh, stream: Any):
+    """A streamed evaluation set as one-batch `EvalData`s (padding rows get label -1), each
+    placed on the devices while the previous one is evaluated."""
+    for b in stream:
+        labels = np.where(np.asarray(b["mask"]) > 0, np.asarray(b["label"]), -1).astype(np.int32)
+        d = put_eval_data(mesh, b["image"], labels, len(labels))
+        yield EvalData(d.images, d.labels, int(np.sum(labels >= 0)))
+
+
+def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
              batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
              *, step: Callable | None = None) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over a whole data set.
+    """Top-1 (``accuracy``) and top-5 (``top5``) accuracy and mean cross-entropy (``loss``) over
+    a whole data set.
 
     ``images [N, H, W, C]`` (uint8 needs ``preprocess``, e.g.
     ``partial(data.normalize, mean=..., std=...)``) and ``labels int [N]`` host arrays, placed on
-    the devices for this call; or an `EvalData` already there (``labels`` None). Every example
-    counts exactly once (padding has label -1) and one batch shape is compiled. Pass ``step``
-    (from `make_eval_fn`) to reuse a compiled program across calls (`fit` does); ``variables``
-    must then be replicated on its mesh.
+    the devices for this call; or an `EvalData` already there (``labels`` None); or a stream of
+    batches (`jaxprune.imagenet.ImagenetStream`, ``labels`` None; its batch size is used),
+    evaluated batch by batch. Every example counts exactly once (padding has label -1) and one
+    batch shape is compiled. Pass ``step`` (from `make_eval_fn`) to reuse a compiled program
+    across calls (`fit` does); ``variables`` must then be replicated on its mesh.
     """
     if step is not None:
         preprocess = getattr(step, "preprocess", preprocess)
-    if not isinstance(images, EvalData):
+    if not isinstance(images, EvalData) and not _is_stream(images):
         if int(np.shape(images)[0]) and preprocess is None and not np.issubdtype(
                 np.asarray(images[:1]).dtype, np.floating):
             raise TypeError("integer images need preprocess= (e.g. functools.partial("
@@ -123,9 +144,19 @@ def evaluate(model: Any, variables: Any, images: np.ndarray | EvalData, labels: 
     if step is None:
         step = make_eval_fn(model, mesh, preprocess)
         variables = replicate(step.mesh, variables)
-    data = images if isinstance(images, EvalData) else put_eval_data(step.mesh, images, labels, batch_size)
-    correct, loss = jax.device_get(step(variables, data))
-    return {"accuracy": int(correct) / data.n, "loss": float(loss) / data.n}
+    if _is_stream(images):
+        parts, n = [], 0
+        for d in _stream_batches(step.mesh, images):
+            parts.append(step(variables, d))  # dispatched: the next batch loads meanwhile
+            n += d.n
+        if n == 0:
+            raise ValueError("evaluation needs at least one example; the stream has none")
+        totals = np.sum(np.asarray(jax.device_get(parts), np.float64), axis=0)
+    else:
+        data = images if isinstance(images, EvalData) else put_eval_data(step.mesh, images, labels, batch_size)
+        totals, n = np.asarray(jax.device_get(step(variables, data)), np.float64), data.n
+    correct, top5, loss = totals
+    return {"accuracy": int(correct) / n, "top5": int(top5) / n, "loss": float(loss) / n}
 
 
 __all__ = [

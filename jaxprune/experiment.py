@@ -32,6 +32,7 @@ from jaxprune import data as data_lib
 from jaxprune import evaluation, flops, optim, parallel, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
+from jaxprune.imagenet import StreamedDataset, load_imagenet
 from jaxprune.masks import apply_masks, binarize
 from jaxprune.methods.base import MethodContext
 from jaxprune.models import get_model
@@ -51,27 +52,47 @@ class Setup:
     ctx: MethodContext
 
 
-def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset:
-    """The config's data set as in-memory arrays (optionally a subset, for smoke runs)."""
+def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset | StreamedDataset:
+    """The config's data set: in-memory arrays (CIFAR, digits) or streams (ImageNet); optionally
+    a subset, for smoke runs."""
     if config.dataset == "digits":
         ds = data_lib.load_digits_dataset(image_size=config.image_size or 16, seed=config.seed)
     elif config.dataset in ("cifar10", "cifar100"):
         ds = data_lib.load_cifar(config.dataset, config.data_dir or None)
+    elif config.dataset == "imagenet2012":
+        ds = load_imagenet(config.batch_size, config.eval_batch_size,
+                           image_size=config.image_size or 224, seed=config.seed,
+                           data_dir=config.data_dir or None, train_subset=config.train_subset,
+                           test_subset=config.test_subset)
     else:
-        raise ValueError(
-            f"config.dataset={config.dataset!r}: in-memory training supports cifar10, cifar100 "
-            "and digits; ImageNet streams through jaxprune.data.imagenet_pipeline")
+        raise ValueError(f"config.dataset={config.dataset!r}: expected cifar10, cifar100, digits "
+                         "or imagenet2012")
     if tuple(config.mean):
         if len(config.mean) != len(ds.mean):
             raise ValueError(f"config.mean={tuple(config.mean)!r} has {len(config.mean)} values; "
                              f"{config.dataset} images have {len(ds.mean)} channels")
         ds = dataclasses.replace(ds, mean=tuple(config.mean), std=tuple(config.std))
+    if isinstance(ds, StreamedDataset):
+        return ds
     if config.train_subset or config.test_subset:
         n_tr = config.train_subset or ds.num_train
         n_te = config.test_subset or ds.num_test
         ds = dataclasses.replace(ds, x_train=ds.x_train[:n_tr], y_train=ds.y_train[:n_tr],
                                  x_test=ds.x_test[:n_te], y_test=ds.y_test[:n_te])
     return ds
+
+
+def _fit_sets(ds: data_lib.Dataset | StreamedDataset) -> tuple[Any, Any]:
+    """The training and test sets as `training.fit` takes them: host arrays or streams."""
+    if isinstance(ds, StreamedDataset):
+        return ds.train, ds.test
+    return (ds.x_train, ds.y_train), (ds.x_test, ds.y_test)
+
+
+def _test_set(ds: data_lib.Dataset | StreamedDataset) -> tuple[Any, Any]:
+    """``(images, labels)`` of the test set as `evaluation.evaluate` takes them (a stream and
+    None for a streamed data set)."""
+    return (ds.test, None) if isinstance(ds, StreamedDataset) else (ds.x_test, ds.y_test)
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
@@ -281,7 +302,7 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
         return json.loads(path.read_text())
     ds = s.dataset
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
-    ev = lambda v: evaluation.evaluate(s.model, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+    ev = lambda v: evaluation.evaluate(s.model, v, *_test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                      preprocess=preprocess)["accuracy"]
     pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
@@ -304,7 +325,7 @@ def _fit_phase(s: Setup, state: train_step.TrainState, method: Any, ctx: MethodC
     try:
         return training.fit(
             s.model, s.graph, method, ctx, state, optimizer,
-            (ds.x_train, ds.y_train), (ds.x_test, ds.y_test),
+            *_fit_sets(ds),
             epochs=epochs, batch_size=c.batch_size, seed=seed,
             augment=augment, preprocess=preprocess, checkpoint_manager=manager,
             metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
@@ -421,10 +442,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
     if config.pretrained:
         _record_start(s, state, workdir)
-    augment_flag = config.dataset in ("cifar10", "cifar100")
-    augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std, flip=augment_flag,
-                                pad=4 if augment_flag else 0)
     preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    if isinstance(ds, StreamedDataset):  # the stream crops and flips on the host
+        augment = lambda rng, images: preprocess(images)  # noqa: E731
+    else:
+        augment_flag = config.dataset in ("cifar10", "cifar100")
+        augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std,
+                                    flip=augment_flag, pad=4 if augment_flag else 0)
     state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
                                 seed=config.seed, ckpt_dir=workdir / "checkpoints",
                                 writer=_MetricsWriter(workdir), augment=augment,
@@ -447,7 +471,7 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
     masks = binarize(state.masks)
     variables = state.variables
     masked_vars = apply_masks(variables, masks, s.graph)
-    ev = lambda m, v: evaluation.evaluate(m, v, ds.x_test, ds.y_test, s.config.eval_batch_size,  # noqa: E731
+    ev = lambda m, v: evaluation.evaluate(m, v, *_test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                         preprocess=preprocess)
     masked = ev(s.model, masked_vars)
     res = compact(s.model, variables, masks, s.graph)
@@ -469,6 +493,8 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         "finetune_epochs": s.config.finetune_epochs,
         "masked_accuracy": masked["accuracy"],
         "compact_accuracy": small["accuracy"],
+        "masked_top5": masked["top5"],
+        "compact_top5": small["top5"],
         "best_accuracy": max([h.get("test_accuracy", 0.0) for h in history or []] or [masked["accuracy"]]),
         "dense": dense_cost,
         "compact": pruned_cost,

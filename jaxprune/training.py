@@ -20,8 +20,9 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import train_step as _ts
-from jaxprune.evaluation import Preprocess, evaluate, make_eval_fn, put_eval_data
-from jaxprune.parallel import _check_batch, _process_rows, make_mesh, put_replicated, replicate
+from jaxprune.evaluation import Preprocess, _is_stream, evaluate, make_eval_fn, put_eval_data
+from jaxprune.parallel import (_check_batch, _process_rows, make_mesh, put_replicated, replicate,
+                               shard_batch)
 from jaxprune.train_step import Augment, TrainState, chunk_steps
 
 
@@ -111,6 +112,7 @@ def _per_step(chunks: list[dict]) -> list[dict[str, float]]:
     """Chunks of stacked ``[n]`` metrics (host or device) as one float dict per step."""
     out = []
     for c in jax.device_get(chunks):
+        c = {key: np.reshape(v, -1) for key, v in c.items()}  # a single step's are scalars
         n = len(next(iter(c.values())))
         out += [{key: float(v[j]) for key, v in c.items()} for j in range(n)]
     return out
@@ -132,8 +134,8 @@ def fit(
     ctx: Any,
     state: TrainState,
     optimizer: optax.GradientTransformation,
-    train_data: tuple[np.ndarray, np.ndarray],
-    test_data: tuple[np.ndarray, np.ndarray] | None,
+    train_data: Any,
+    test_data: Any,
     *,
     epochs: int,
     batch_size: int,
@@ -172,7 +174,14 @@ def fit(
     function of ``(seed, epoch)`` and the augmentation key lives in the state, a resumed run
     reproduces the uninterrupted one exactly.
 
-    ``train_data``/``test_data`` are ``(uint8 images [N, H, W, C], int labels [N])`` host arrays.
+    ``train_data``/``test_data`` are ``(uint8 images [N, H, W, C], int labels [N])`` host arrays,
+    or streams of batches too large to hold on the devices (`jaxprune.imagenet.ImagenetStream`:
+    ``len()`` batches of ``batch_size`` per epoch, ``for_epoch(e)``, ``iter_from(k)``). A
+    streamed epoch runs `make_train_step` on each batch as it arrives (the stream decodes the
+    next batches on host threads meanwhile, and the step is dispatched asynchronously); its
+    ``augment`` gets the stream's already-augmented uint8 images (pass the normalisation). The
+    data position is the step: a preempted epoch resumes with ``iter_from(step)``, reading
+    exactly the remaining batches. A streamed ``test_data`` is evaluated batch by batch.
     ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``data.num_batches(N, batch_size)``
     steps (the incomplete last batch is dropped: one compiled shape, even device shards), which
     is the ``steps_per_epoch`` an LR schedule must use. Checkpoints are written
@@ -189,9 +198,16 @@ def fit(
     if getattr(ctx, "total_epochs", epochs) != epochs:
         raise ValueError(f"ctx.total_epochs={ctx.total_epochs} but fit was asked for epochs={epochs}; "
                          "the method's schedules would not line up")
-    x_train, y_train = train_data
-    n_train = int(np.shape(x_train)[0])
-    steps_per_epoch = num_batches(n_train, batch_size)
+    streamed = _is_stream(train_data)
+    if streamed:
+        if train_data.batch_size != batch_size:
+            raise ValueError(f"the training stream yields batches of {train_data.batch_size}, "
+                             f"but fit was asked for batch_size={batch_size}")
+        n_train, steps_per_epoch = int(train_data.num_examples), len(train_data)
+    else:
+        x_train, y_train = train_data
+        n_train = int(np.shape(x_train)[0])
+        steps_per_epoch = num_batches(n_train, batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
     mesh = make_mesh() if mesh is None else mesh
@@ -201,13 +217,18 @@ def fit(
     method_name = getattr(method, "name", type(method).__name__)
     k = chunk_steps(steps_per_epoch, auto_steps_per_call() if steps_per_call is None else steps_per_call)
 
-    chunks = {k: _ts.make_train_chunk(model, graph, optimizer, method, ctx, steps=k, mesh=mesh,
-                                  augment=augment, donate=True)}
-    x_dev, y_dev = put_replicated(mesh, x_train, np.asarray(y_train).astype(np.int32))
+    if streamed:
+        step_fn = _ts.make_train_step(model, graph, optimizer, method, ctx, mesh=mesh,
+                                      augment=augment, donate=True)
+    else:
+        chunks = {k: _ts.make_train_chunk(model, graph, optimizer, method, ctx, steps=k, mesh=mesh,
+                                          augment=augment, donate=True)}
+        x_dev, y_dev = put_replicated(mesh, x_train, np.asarray(y_train).astype(np.int32))
     eval_fn = eval_data = None
     if test_data is not None:
         eval_fn = make_eval_fn(model, mesh, preprocess)
-        eval_data = put_eval_data(mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
+        eval_data = test_data if _is_stream(test_data) else put_eval_data(
+            mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
     if run_init:
         state = method.init(state, ctx)
@@ -244,17 +265,22 @@ def fit(
     with stop:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
-            order = replicate(mesh, epoch_batches(n_train, batch_size, seed, epoch).astype(np.int32))
             first = resume_step if epoch == start_epoch else 0
-            pos = replicate(mesh, np.int32(first))
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not (progress and main_process), leave=False, dynamic_ncols=True)
             # the epoch's per-step metrics, in chunks of stacked [n] arrays (host or device)
             step_metrics = [_stack(carried)] if epoch == start_epoch and carried else []
             # the images never leave the devices: an implicit host transfer in here is a bug
-            with jax.transfer_guard_host_to_device("disallow"):
-                state, i = _run_steps(chunks, k, first, steps_per_epoch, state, x_dev, y_dev,
-                                      order, pos, step_metrics, bar, stop)
+            if streamed:  # batches placed explicitly as they arrive
+                with jax.transfer_guard_host_to_device("disallow"):
+                    state, i = _run_stream(step_fn, train_data.for_epoch(epoch), first, state,
+                                           step_metrics, bar, stop)
+            else:
+                order = replicate(mesh, epoch_batches(n_train, batch_size, seed, epoch).astype(np.int32))
+                pos = replicate(mesh, np.int32(first))
+                with jax.transfer_guard_host_to_device("disallow"):
+                    state, i = _run_steps(chunks, k, first, steps_per_epoch, state, x_dev, y_dev,
+                                          order, pos, step_metrics, bar, stop)
             bar.close()
             if i < steps_per_epoch:  # stopped by a signal between chunks
                 _preempt(stop.received, checkpoint_manager, state, epoch, i, step_metrics, history)
@@ -294,17 +320,39 @@ def _run_steps(chunks: dict, k: int, i: int, steps_per_epoch: int, state: TrainS
         if n not in chunks:
             chunks[n] = chunks[k].with_steps(n)
         state, m, pos = chunks[n](state, x_dev, y_dev, order, pos)
-        step_metrics.append(m)
         i += n
-        if len(step_metrics) > IN_FLIGHT:  # bound the dispatch queue: a stop (or a save)
-            done = jax.device_get(step_metrics[-1 - IN_FLIGHT])  # waits <= 2 chunks
-            step_metrics[-1 - IN_FLIGHT] = done
-            bar.set_postfix(loss=f"{float(np.mean(done['loss'])):.3f}",
-                            acc=f"{float(np.mean(done['accuracy'])):.3f}")
-        bar.update(n)
+        _dispatched(step_metrics, m, bar, n)
         if stop.received:
             break
     return state, i
+
+
+def _run_stream(step: Callable, stream: Any, i: int, state: TrainState, step_metrics: list,
+                bar, stop) -> tuple[TrainState, int]:
+    """Runs an epoch of a batch stream from batch ``i``, one `make_train_step` call per batch
+    (this process's rows of it, placed on the mesh); returns early when a stop signal arrived.
+    Returns the state and the next step."""
+    rows = _process_rows(stream.batch_size)
+    for b in stream.iter_from(i):
+        images, labels = shard_batch(step.mesh, b["image"][rows], b["label"][rows])
+        state, m = step(state, images, labels)
+        i += 1
+        _dispatched(step_metrics, m, bar, 1)
+        if stop.received:
+            break
+    return state, i
+
+
+def _dispatched(step_metrics: list, metrics: dict, bar, steps: int) -> None:
+    """Books a dispatched call's metrics and bounds the dispatch queue: a stop (or a save) then
+    waits for at most `IN_FLIGHT` calls."""
+    step_metrics.append(metrics)
+    if len(step_metrics) > IN_FLIGHT:
+        done = jax.device_get(step_metrics[-1 - IN_FLIGHT])
+        step_metrics[-1 - IN_FLIGHT] = done
+        bar.set_postfix(loss=f"{float(np.mean(done['loss'])):.3f}",
+                        acc=f"{float(np.mean(done['accuracy'])):.3f}")
+    bar.update(steps)
 
 
 def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
@@ -340,7 +388,7 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, ev
     record.update({f"train_{k}": v for k, v in train.items()})
     if eval_fn is not None:
         ev = evaluate(None, state.variables, eval_data, None, 0, step=eval_fn)
-        record.update(test_accuracy=ev["accuracy"], test_loss=ev["loss"])
+        record.update(test_accuracy=ev["accuracy"], test_top5=ev["top5"], test_loss=ev["loss"])
     record["epoch_time_s"] = time.perf_counter() - t0
     history = history + [record]
     if checkpoint_manager is not None:

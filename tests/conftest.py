@@ -18,6 +18,23 @@ from jaxprune.graph import PruningGraph, leaf_paths, trace_linen
 from jaxprune.models import get_model
 
 
+def pytest_configure(config: Any) -> None:
+    """One persistent XLA compilation cache for the session, in a fresh temporary directory:
+    a test that builds a program compiled before (every in-process run of the same config does)
+    loads it instead of compiling it again. Removed at the end of the session."""
+    import tempfile
+
+    config._jaxprune_jit_cache = tempfile.mkdtemp(prefix="jaxprune-tests-jit-")
+    jax.config.update("jax_compilation_cache_dir", config._jaxprune_jit_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config: Any) -> None:
+    import shutil
+
+    shutil.rmtree(getattr(config, "_jaxprune_jit_cache", ""), ignore_errors=True)
+
+
 def random_variables(model: Any, x: Any, seed: int = 0, **init_kwargs: Any) -> Any:
     """Variables of a Linen ``model`` for input ``x``, filled with numpy random values.
 

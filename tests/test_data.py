@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprune import data
+from jaxprune import data, imagenet
 
 SHARED_CIFAR10 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
 README_FACTS = dict(
@@ -210,7 +210,7 @@ def fake_imagenet(tmp_path_factory):
 
 def test_imagenet_pipeline_reads_tfds_array_record(fake_imagenet, monkeypatch):
     root, labels = fake_imagenet
-    ev = data.imagenet_pipeline("validation", batch_size=2, data_dir=root, train=False,
+    ev = imagenet.imagenet_pipeline("validation", batch_size=2, data_dir=root, train=False,
                                 backend="threads")
     batches = list(ev)
     assert len(ev) == len(batches) == 3
@@ -223,9 +223,9 @@ def test_imagenet_pipeline_reads_tfds_array_record(fake_imagenet, monkeypatch):
 
     # Found through JAXPRUNE_DATA_DIR too; train: shuffled, tail dropped, deterministic.
     monkeypatch.setenv(data.ENV_DATA_DIR, str(root))
-    tr = data.imagenet_pipeline("train", batch_size=3, image_size=64, seed=1, epoch=0,
+    tr = imagenet.imagenet_pipeline("train", batch_size=3, image_size=64, seed=1, epoch=0,
                                 backend="threads")
-    a, b = list(tr), list(data.imagenet_pipeline("train", batch_size=3, image_size=64, seed=1,
+    a, b = list(tr), list(imagenet.imagenet_pipeline("train", batch_size=3, image_size=64, seed=1,
                                                    epoch=0, backend="threads"))
     assert len(a) == 2 and a[0]["image"].shape == (3, 64, 64, 3)
     assert set(np.concatenate([x["label"] for x in a]).tolist()) <= set(labels["train"])
@@ -236,7 +236,7 @@ def test_imagenet_pipeline_reads_tfds_array_record(fake_imagenet, monkeypatch):
 
 def test_imagenet_missing_error(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        data.imagenet_pipeline("train", batch_size=2, data_dir=tmp_path)
+        imagenet.imagenet_pipeline("train", batch_size=2, data_dir=tmp_path)
     msg = str(e.value)
     for needle in ("imagenet2012", str(tmp_path), "downloads/manual", "--file_format=array_record",
                    "JAXPRUNE_DATA_DIR", "TFDS_DATA_DIR", "data_dir="):
@@ -425,40 +425,40 @@ def _coord_image(h, w):
 
 def test_imagenet_eval_center_crop_geometry():
     # Shorter side already 256: no resampling, so the crop is exact. 256x300 -> top 16, left 38.
-    out = data.preprocess_imagenet_eval(_coord_image(256, 300))
+    out = imagenet.preprocess_imagenet_eval(_coord_image(256, 300))
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out[:, 0, 0], np.arange(16, 240))
     np.testing.assert_array_equal(out[0, :, 1], np.arange(38, 262) % 256)
     # Portrait: 300x256 -> top 38, left 16.
-    out = data.preprocess_imagenet_eval(_coord_image(300, 256))
+    out = imagenet.preprocess_imagenet_eval(_coord_image(300, 256))
     assert out[0, 0, 0] == 38 and out[0, 0, 1] == 16
     # Downscale 2x: 512x600 -> 256x300 (shorter side 256), same crop window in resized pixels:
     # a horizontal ramp is kept by the bilinear filter, so the crop's columns can be read off it.
     img = np.zeros((512, 600, 3), np.uint8)
     img[..., 1] = (np.arange(600) * 255 // 599)[None, :]
-    out = data.preprocess_imagenet_eval(img)
+    out = imagenet.preprocess_imagenet_eval(img)
     want = (2 * (38 + np.arange(224)) + 0.5) * 255 / 599
     assert np.abs(out[112, :, 1] - want).max() <= 1.0
     # Non-square output sizes follow image_size / resize_size.
-    assert data.preprocess_imagenet_eval(_coord_image(40, 90), 32, 36).shape == (32, 32, 3)
+    assert imagenet.preprocess_imagenet_eval(_coord_image(40, 90), 32, 36).shape == (32, 32, 3)
 
 
 def test_imagenet_train_preprocessing():
     img = _coord_image(180, 240)
-    a = data.preprocess_imagenet_train(img, np.random.default_rng(7))
+    a = imagenet.preprocess_imagenet_train(img, np.random.default_rng(7))
     assert a.shape == (224, 224, 3) and a.dtype == np.uint8
-    np.testing.assert_array_equal(a, data.preprocess_imagenet_train(img, np.random.default_rng(7)))
+    np.testing.assert_array_equal(a, imagenet.preprocess_imagenet_train(img, np.random.default_rng(7)))
     # JPEG bytes and greyscale inputs come out as RGB too.
-    assert data.preprocess_imagenet_train(_jpeg(img), np.random.default_rng(0), 64).shape == (64, 64, 3)
+    assert imagenet.preprocess_imagenet_train(_jpeg(img), np.random.default_rng(0), 64).shape == (64, 64, 3)
     grey = np.full((50, 70), 9, np.uint8)
-    assert data.preprocess_imagenet_eval(grey, 32, 36).shape == (32, 32, 3)
+    assert imagenet.preprocess_imagenet_eval(grey, 32, 36).shape == (32, 32, 3)
     rng = np.random.default_rng(0)
     for _ in range(200):
-        top, left, h, w = data.random_resized_crop_box(rng, 180, 240)
+        top, left, h, w = imagenet.random_resized_crop_box(rng, 180, 240)
         assert 0 <= top and top + h <= 180 and 0 <= left and left + w <= 240
         assert 0.07 <= h * w / (180 * 240) <= 1.0 and 0.7 <= w / h <= 1.4
     # No crop of a 10x1000 strip meets the area/aspect limits: the central 4/3 box is used.
-    assert data.random_resized_crop_box(np.random.default_rng(0), 10, 1000) == (0, 493, 10, 13)
+    assert imagenet.random_resized_crop_box(np.random.default_rng(0), 10, 1000) == (0, 493, 10, 13)
 
 
 def _memory_source(n, seed=0):
@@ -473,19 +473,19 @@ def _memory_source(n, seed=0):
 
 def test_imagenet_stream_over_memory_source():
     src = _memory_source(11)
-    ev = data.imagenet_pipeline("validation", 4, image_size=32, train=False, source=src,
+    ev = imagenet.imagenet_pipeline("validation", 4, image_size=32, train=False, source=src,
                                 backend="threads", num_workers=2)
     batches = list(ev)
     assert len(ev) == 3 and [b["mask"].sum() for b in batches] == [4, 4, 3]
     # 37 = round(32 * 256 / 224), the default resize_size
-    want = data.preprocess_imagenet_eval(src[1]["image"], 32, 37)
+    want = imagenet.preprocess_imagenet_eval(src[1]["image"], 32, 37)
     np.testing.assert_array_equal(batches[0]["image"][1], want)
     mask = np.concatenate([b["mask"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])[mask > 0]
     assert labels.tolist() == list(range(11))
 
     def train(epoch, backend="threads"):
-        return list(data.imagenet_pipeline("train", 4, image_size=32, source=src, seed=5,
+        return list(imagenet.imagenet_pipeline("train", 4, image_size=32, source=src, seed=5,
                                            epoch=epoch, backend=backend, num_workers=2))
     e0, e0b, e1 = train(0), train(0), train(1)
     assert len(e0) == 2 and all(b["mask"].min() == 1 for b in e0)
@@ -494,9 +494,9 @@ def test_imagenet_stream_over_memory_source():
     for x, y in zip(e0, e0b):
         np.testing.assert_array_equal(x["image"], y["image"])
     assert not np.array_equal(lab0, np.concatenate([b["label"] for b in e1]))
-    if data._grain_module() is not None:  # grain yields the very same batches
+    if imagenet._grain_module() is not None:  # grain yields the very same batches
         for x, y in zip(e0, train(0, "grain")):
             np.testing.assert_array_equal(x["image"], y["image"])
             np.testing.assert_array_equal(x["label"], y["label"])
     with pytest.raises(ValueError, match="backend"):
-        data.imagenet_pipeline("train", 4, source=src, backend="tf.data")
+        imagenet.imagenet_pipeline("train", 4, source=src, backend="tf.data")

@@ -214,7 +214,7 @@ def test_runs_together_equal_runs_one_by_one(tiny):
     ev = evaluation.make_eval_fn(model, mesh, PREPROCESS)
     ev_runs = evaluation.make_eval_fn(model, mesh, PREPROCESS, runs=3)
     test = evaluation.put_eval_data(mesh, *_batch(37, seed=4), 16)
-    correct, _ = ev_runs(st.variables, test)
+    correct, _, _ = ev_runs(st.variables, test)
     assert correct.shape == (3,)
     assert [int(c) for c in correct] == [int(ev(v.variables, test)[0]) for v in train_step.unstack_runs(st)]
     with pytest.raises(ValueError, match="run axis"):

@@ -328,12 +328,27 @@ def test_a_paper_row_refuses_a_short_baseline_and_accepts_imported_weights(tmp_p
     runner.check_paper_baseline(row, opts)
 
 
-def test_imagenet_rows_are_skipped_in_tiny_mode(tmp_path):
+def test_imagenet_rows_need_synthetic_data_in_tiny_mode(tmp_path):
     opts = _opts(tmp_path, tiny=True)
     jobs = runner.plan(["pfec_resnet34_imagenet_C"], opts)
     status = runner.run_jobs(jobs, opts)
-    assert status[("dense_resnet34_imagenet", 0)].startswith("skipped (ImageNet")
+    assert status[("dense_resnet34_imagenet", 0)] == (
+        "skipped (ImageNet rows run in --tiny mode with --synthetic-data only)")
     assert status[("pfec_resnet34_imagenet_C", 0)].startswith("skipped (dependency")
+    synth = _opts(tmp_path, tiny=True, synthetic_data=True)
+    for job in runner.plan(["pfec_resnet34_imagenet_C", "sfp_resnet18_imagenet"], synth):
+        c = job.config
+        assert c.data_dir == str(synth.runs_dir / "synthetic-imagenet"), job.row
+        assert (c.epochs, c.batch_size, c.image_size, c.eval_batch_size) == (2, 16, 64, 16)
+        assert c.train_subset == 0 and job.schedule == "tiny"
+    assert runner.main(["sfp_resnet18_imagenet", "--synthetic-data", "--dry-run"]) == 2
+
+
+def test_the_sfp_imagenet_recipe_uses_nesterov_as_the_official_script():
+    for row in ROWS:
+        cfg = runner.load_row(row)
+        if cfg.dataset == "imagenet2012":
+            assert cfg.optimizer.nesterov == row.startswith("sfp_"), row
 
 
 # ----------------------------------------------------------------------------- report
@@ -511,6 +526,24 @@ def test_all_cifar_rows_run_end_to_end_on_tiny(tmp_path):
         assert _table_line(md, row, "tiny")[3] == "1/3", row
     hfp = json.loads((tmp_path / "rec" / "hfp_resnet56_cifar10" / "seed0.json").read_text())
     assert 0.495 <= hfp["macs_reduction_conv_fc"] <= 0.51  # HFP meets its MACs target
+
+
+@pytest.mark.slow
+def test_all_imagenet_rows_run_end_to_end_on_synthetic_data(tmp_path):
+    """Every ImageNet row (dependencies included) on the generated TFDS ImageNet: streamed
+    training, re-selection / one-shot pruning, compaction, streamed top-1/top-5 evaluation."""
+    rows = [r for r in ROWS if r.endswith("imagenet") or "_imagenet_" in r]
+    assert len(rows) == 8
+    proc = _run([*rows, "--tiny", "--synthetic-data", "--no-progress", "--runs-dir",
+                 str(tmp_path / "runs"), "--records", str(tmp_path / "rec")], timeout=4 * 3600)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    for row in rows:
+        rec = json.loads((tmp_path / "rec" / row / "seed0.json").read_text())
+        assert rec["schedule"] == "tiny" and rec["dataset"] == "imagenet2012", row
+        assert rec["compact_accuracy"] == rec["masked_accuracy"], row
+        assert rec["compact_top5"] == rec["masked_top5"], row
+        if not row.startswith("dense_"):
+            assert rec["macs_reduction_conv"] > 0, row
 
 
 def test_sanity_table_formats_records_dense_first(tmp_path):

@@ -263,8 +263,8 @@ def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
 
 # ----------------------------------------------------------------------------- preemption
 
-# 16 steps per epoch in chunks of 4: a stop lands between chunks, inside an epoch
-PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024, steps_per_call=4)
+# 16 steps per epoch, one per call (the fast program on CPU): a stop lands between steps
+PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024, steps_per_call=1)
 
 
 def _final_state(work: Path):
@@ -274,36 +274,55 @@ def _final_state(work: Path):
     return state, meta
 
 
-def test_sigterm_stops_at_a_step_saves_and_the_rerun_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("signal_after, message", [
+    (24, "stopped by SIGTERM at epoch 2, step 8; a checkpoint of epoch 2, step 8 was saved"),
+    (16, "stopped by SIGTERM at the end of epoch 1; its checkpoint was saved"),
+])
+def test_sigterm_stops_saves_and_the_rerun_resumes_exactly(tmp_path, monkeypatch, capsys,
+                                                           signal_after, message):
+    """A SIGTERM delivered to the process after step ``signal_after`` (16 per epoch): inside
+    epoch 2, or in the last step of epoch 1. A repeated SIGTERM while the checkpoint is
+    written is ignored; the rerun ends bitwise where an uninterrupted run ends."""
     import os
     import signal
-    import subprocess
-    import sys
-    import time
+
+    from jaxprune import checkpoints
 
     cfg = tmp_path / "p.py"
     cfg.write_text(PREEMPT_CFG)
     ref, work = tmp_path / "ref", tmp_path / "pre"
-    cmd = [sys.executable, "-m", "jaxprune.cli", "train", "--config", str(cfg), "--no-progress",
-           "--default-xla-flags"]
-    # the three processes share a persistent compilation cache: only the first one compiles
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jit"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    assert subprocess.run(cmd + ["--workdir", str(ref)], env=env, capture_output=True).returncode == 0
-    proc = subprocess.Popen(cmd + ["--workdir", str(work)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (work / "metrics.jsonl").is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)  # wait for the first epoch: the signal then lands inside epoch 2 or 3
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # repeated (as by `pkill` twice): ignored while it saves
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == cli.EXIT_PREEMPTED, err
-    assert "stopped by SIGTERM at epoch" in err and "Traceback" not in err
+    args = lambda w: ["train", "--config", str(cfg), "--workdir", str(w), "--no-progress"]  # noqa: E731
+    assert cli.main(args(ref)) == 0
+    real_chunk, real_save = train_step.make_train_chunk, checkpoints.save_preempt
+    calls = []
+
+    def signalling(*a, **k):
+        fn = real_chunk(*a, **k)
+
+        def chunk(*xs):
+            out = fn(*xs)
+            calls.append(fn.steps)
+            if len(calls) == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        chunk.steps, chunk.with_steps = fn.steps, fn.with_steps
+        return chunk
+
+    def repeated(*a, **k):  # as by `pkill` twice: the second one lands while it saves
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(train_step, "make_train_chunk", signalling)
+    monkeypatch.setattr(checkpoints, "save_preempt", repeated)
+    capsys.readouterr()
+    assert cli.main(args(work)) == cli.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert calls == [1] * signal_after
     assert not (work / "result.json").exists()
-    done = subprocess.run(cmd + ["--workdir", str(work)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert (work / "checkpoints" / "preempt").exists() == (signal_after % 16 != 0)
+    monkeypatch.undo()
+    assert cli.main(args(work)) == 0
     a, ma = _final_state(ref)
     b, mb = _final_state(work)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

@@ -88,11 +88,13 @@ def cifar(name: str, model: str, dataset: str = "cifar10") -> ml_collections.Con
     return c
 
 
-def imagenet(name: str, model: str, epochs: int = 100) -> ml_collections.ConfigDict:
-    """The SFP ImageNet recipe (methods.md 2): ``epochs`` epochs (100), batch 256, LR 0.1 x0.1
-    every 30 epochs, weight decay 1e-4, momentum 0.9. Nesterov is off: the official scripts
-    derive from PyTorch's ImageNet example, whose SGD is plain momentum (methods.md does not
-    say; documented choice). Input 224 (random-resized-crop + flip; eval resize 256 + crop)."""
+def imagenet(name: str, model: str, epochs: int = 100, *,
+             nesterov: bool = False) -> ml_collections.ConfigDict:
+    """The ImageNet recipe (methods.md 2): ``epochs`` epochs (100), batch 256, LR 0.1 x0.1 every
+    30 epochs, weight decay 1e-4, momentum 0.9, input 224 (random-resized-crop + flip; eval
+    resize 256 + crop). ``nesterov``: the official SFP script (he-y/soft-filter-pruning,
+    pruning_train.py) builds ``torch.optim.SGD(..., nesterov=True)``, so the SFP rows pass True;
+    the other rows follow PyTorch's ImageNet example (plain momentum)."""
     c = base_config()
     c.name = name
     c.model = model
@@ -109,7 +111,7 @@ def imagenet(name: str, model: str, epochs: int = 100) -> ml_collections.ConfigD
     o.boundaries = tuple(e for e in (30, 60, 90) if e < epochs)
     o.factor = 0.1
     o.momentum = 0.9
-    o.nesterov = False
+    o.nesterov = nesterov
     o.weight_decay = 1e-4
     return c
 

@@ -4,7 +4,7 @@ Paper row (SFP, IJCAI 2018): "ImageNet ResNet-50, 30%, from scratch": top-1 / to
 92.87 -> 74.61 / 92.06, FLOPs reduction 41.8%.
 
 Recipe (methods.md section 2, `common.imagenet`): 100 epochs, batch 256, LR 0.1 x0.1 every 30
-epochs, weight decay 1e-4, momentum 0.9, random-resized-crop 224 + flip, eval resize 256 +
+epochs, weight decay 1e-4, Nesterov momentum 0.9 (the official script's), random-resized-crop 224 + flip, eval resize 256 +
 center crop 224; L2 criterion; every conv pruned except the projection (downsample) convs;
 residual policy 'scatter'. One seed (ImageNet). Data set name imagenet2012 (TFDS array_record
 copy in $JAXPRUNE_DATA_DIR or TFDS's data dir).
@@ -20,7 +20,7 @@ import common  # noqa: E402  (experiments/configs/common.py)
 
 
 def get_config():
-    c = common.imagenet("sfp_resnet50_imagenet", "resnet50")
+    c = common.imagenet("sfp_resnet50_imagenet", "resnet50", nesterov=True)
     common.soft(c, "sfp", 0.3, exclude=common.IMAGENET_EXCLUDE)
     common.paper(c, table="SFP", source=common.SFP_IMAGENET_SOURCE,
                  row="ImageNet ResNet-50, 30%, from scratch",
