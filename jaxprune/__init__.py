@@ -9,9 +9,9 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "checkpoints", "compaction", "config", "criteria", "cut_eval", "data", "evaluation",
-    "experiment", "flops", "graph", "masks", "methods", "models", "optim", "parallel",
-    "schedules", "selection", "train_step", "training",
+    "augment", "batching", "checkpoints", "compaction", "config", "criteria", "cut_eval", "data",
+    "evaluation", "experiment", "flops", "graph", "imagenet", "masks", "methods", "models",
+    "optim", "parallel", "schedules", "selection", "train_step", "training",
 )
 
 

@@ -59,7 +59,7 @@ def cut_for(member_paths: Iterable[Sequence[str]], order: Sequence[str]) -> str 
 class CutEvaluator:
     """Top-1 accuracy of ``model`` on ``(images, labels)`` with a cached prefix per cut.
 
-    ``preprocess`` maps a uint8 batch to the model's input (e.g. `jaxprune.data.normalize`).
+    ``preprocess`` maps a uint8 batch to the model's input (e.g. `jaxprune.augment.normalize`).
     ``variables`` are the reference weights the prefixes are computed with. Batches of
     ``batch_size`` (the last one padded with label -1).
     """

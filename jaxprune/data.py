@@ -1,16 +1,10 @@
-"""Data: CIFAR-10/100 and digits as in-memory uint8 arrays, on-device augmentation, batch orders,
-with TFDS discovery shared by the ImageNet stream (`jaxprune.imagenet`).
+"""Data sources: CIFAR-10/100 and digits as in-memory uint8 arrays (`Dataset`), found offline or
+through TFDS, with the TFDS discovery the ImageNet stream (`jaxprune.imagenet`) shares.
 
 The CIFAR recipe (docs/methods.md, section 2) is random horizontal flip + 4-pixel zero pad +
-random 32x32 crop, then per-channel normalisation; evaluation normalises only.  Images stay
-``uint8`` on the host; :func:`augment_batch` (train) and :func:`normalize` (eval) turn a batch into
-normalised ``float32`` on the device.  Padding is applied to the ``[0, 1]`` image *before*
-normalisation, so a padded pixel is ``-mean / std`` exactly as in the PyTorch pipeline
-(``ToTensor -> RandomCrop(padding=4) -> Normalize``).
-
-Batch orders are pure functions of ``(seed, epoch)`` (:func:`epoch_batches`), so a run resumed
-mid-training sees the same order; :func:`eval_batches` covers every example exactly once with a
-weight mask for the padded tail.
+random 32x32 crop, then per-channel normalisation; evaluation normalises only. Images stay
+``uint8`` on the host; `jaxprune.augment` turns a batch into normalised ``float32`` on the
+device, and `jaxprune.batching` gives the batch orders.
 
 Where the data comes from (details in :func:`load_cifar` / `jaxprune.imagenet.imagenet_pipeline`):
 
@@ -28,15 +22,12 @@ Where the data comes from (details in :func:`load_cifar` / `jaxprune.imagenet.im
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import re
 from pathlib import Path
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
@@ -51,12 +42,6 @@ __all__ = [
     "load_cifar",
     "write_npz_shards",
     "load_digits_dataset",
-    "normalize",
-    "augment_batch",
-    "augment_params",
-    "epoch_batches",
-    "eval_batches",
-    "num_batches",
 ]
 
 # Normalisation constants of the official SFP/FPGM scripts, in 0..1 units.
@@ -515,110 +500,3 @@ def load_digits_dataset(
         std=(float(xt.std()),) * channels,
         name="digits",
     )
-
-
-# --------------------------------------------------------------------------------------------
-# On-device preprocessing
-# --------------------------------------------------------------------------------------------
-
-
-def _stats(mean, std, dtype=jnp.float32):
-    return jnp.asarray(mean, dtype), jnp.asarray(std, dtype)
-
-
-@jax.jit
-def normalize(images: jax.Array, mean, std) -> jax.Array:
-    """``(images / 255 - mean) / std`` in float32, per channel (last axis). Eval preprocessing."""
-    m, s = _stats(mean, std)
-    return (jnp.asarray(images).astype(jnp.float32) / 255.0 - m) / s
-
-
-@functools.partial(jax.jit, static_argnames=("batch_size", "pad", "flip"))
-def augment_params(rng: jax.Array, batch_size: int, pad: int = 4, flip: bool = True):
-    """The random draws :func:`augment_batch` uses for ``rng``.
-
-    Returns ``(offsets int32 [B, 2], flips bool [B])``: the (row, col) corner of each crop in the
-    padded image (uniform in ``0..2*pad``) and whether each example is mirrored.  The crop is
-    taken first and then mirrored (the same distribution as flip-then-crop, offsets being
-    symmetric).  The crop key and the flip key are split from ``rng`` the same way whatever
-    ``pad``/``flip`` are.
-    """
-    k_crop, k_flip = jax.random.split(rng)
-    if pad > 0:
-        offsets = jax.random.randint(k_crop, (batch_size, 2), 0, 2 * pad + 1, dtype=jnp.int32)
-    else:
-        offsets = jnp.zeros((batch_size, 2), jnp.int32)
-    if flip:
-        flips = jax.random.bernoulli(k_flip, 0.5, (batch_size,))
-    else:
-        flips = jnp.zeros((batch_size,), bool)
-    return offsets, flips
-
-
-@functools.partial(jax.jit, static_argnames=("pad", "flip"))
-def augment_batch(rng: jax.Array, images, mean, std, pad: int = 4, flip: bool = True) -> jax.Array:
-    """CIFAR training augmentation on device: zero pad + random crop + random flip + normalise.
-
-    ``images`` is ``uint8 [B, H, W, C]``.  Each image is scaled to ``[0, 1]``, padded with ``pad``
-    zeros on every side, cropped back to ``H x W`` at a random offset, mirrored left-right with
-    probability 1/2 (``flip=True``) and normalised with ``mean``/``std`` (0..1 units) -- so padded
-    pixels come out as ``-mean / std``, as in the PyTorch recipe.  Pure and jittable; the draws
-    are those of :func:`augment_params`.  Returns ``float32 [B, H, W, C]``.
-    """
-    x = jnp.asarray(images).astype(jnp.float32) / 255.0
-    b, h, w, c = x.shape
-    offsets, flips = augment_params(rng, b, pad, flip)
-    if pad > 0:
-        xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-        crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, c))  # noqa: E731
-        x = jax.vmap(crop)(xp, offsets)
-    if flip:
-        x = jnp.where(flips[:, None, None, None], x[:, :, ::-1, :], x)
-    m, s = _stats(mean, std)
-    return (x - m) / s
-
-
-# --------------------------------------------------------------------------------------------
-# Batch orders
-# --------------------------------------------------------------------------------------------
-
-
-def num_batches(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
-    """How many batches :func:`epoch_batches` / :func:`eval_batches` produce."""
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    return num_examples // batch_size if drop_last else -(-num_examples // batch_size)
-
-
-def epoch_batches(
-    num_examples: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True
-) -> np.ndarray | list[np.ndarray]:
-    """Shuffled index batches of one epoch, a pure function of ``(seed, epoch)``.
-
-    The order is the permutation drawn by ``np.random.default_rng((seed, epoch))``, so resuming
-    at any epoch/step reproduces the original order.  With ``drop_last=True`` (the default) the
-    result is an ``int64 [num_batches, batch_size]`` array and the incomplete tail is dropped;
-    with ``drop_last=False`` it is a list of 1-D arrays whose last one may be shorter.
-    """
-    if num_examples < 0 or seed < 0 or epoch < 0:
-        raise ValueError("num_examples, seed and epoch must be non-negative")
-    nb = num_batches(num_examples, batch_size, drop_last)
-    perm = np.random.default_rng((seed, epoch)).permutation(num_examples)
-    if drop_last:
-        return perm[: nb * batch_size].reshape(nb, batch_size)
-    return [perm[i * batch_size : (i + 1) * batch_size] for i in range(nb)]
-
-
-def eval_batches(num_examples: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sequential batches covering every example exactly once, for exact evaluation.
-
-    Returns ``(indices int64 [nb, batch_size], weights float32 [nb, batch_size])``.  The last
-    batch is padded with index 0 and weight 0, so ``sum(weights * correct)`` counts each example
-    once and every batch has the same shape (one compiled eval step).
-    """
-    nb = num_batches(num_examples, batch_size, drop_last=False)
-    idx = np.zeros(nb * batch_size, np.int64)
-    idx[:num_examples] = np.arange(num_examples)
-    w = np.zeros(nb * batch_size, np.float32)
-    w[:num_examples] = 1.0
-    return idx.reshape(nb, batch_size), w.reshape(nb, batch_size)

@@ -16,7 +16,7 @@ from jaxprune.parallel import DATA_AXIS, make_mesh, replicate
 from jaxprune.train_step import _call_kwargs, cross_entropy
 
 
-# uint8 images -> float images; e.g. partial(data.normalize, mean=.., std=..)
+# uint8 images -> float images; e.g. partial(augment.normalize, mean=.., std=..)
 Preprocess = Callable[[jax.Array], jax.Array]
 
 def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: Any,
@@ -127,7 +127,7 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
     a whole data set.
 
     ``images [N, H, W, C]`` (uint8 needs ``preprocess``, e.g.
-    ``partial(data.normalize, mean=..., std=...)``) and ``labels int [N]`` host arrays, placed on
+    ``partial(augment.normalize, mean=..., std=...)``) and ``labels int [N]`` host arrays, placed on
     the devices for this call; or an `EvalData` already there (``labels`` None); or a stream of
     batches (`jaxprune.imagenet.ImagenetStream`, ``labels`` None; its batch size is used),
     evaluated batch by batch. Every example counts exactly once (padding has label -1) and one
@@ -140,7 +140,7 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
         if int(np.shape(images)[0]) and preprocess is None and not np.issubdtype(
                 np.asarray(images[:1]).dtype, np.floating):
             raise TypeError("integer images need preprocess= (e.g. functools.partial("
-                            "data.normalize, mean=..., std=...))")
+                            "augment.normalize, mean=..., std=...))")
     if step is None:
         step = make_eval_fn(model, mesh, preprocess)
         variables = replicate(step.mesh, variables)

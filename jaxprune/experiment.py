@@ -29,6 +29,7 @@ import optax
 
 from jaxprune import config as config_lib
 from jaxprune import data as data_lib
+from jaxprune import augment as augment_lib
 from jaxprune import evaluation, flops, optim, parallel, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
@@ -50,6 +51,47 @@ class Setup:
     optimizer: Any
     method: Any
     ctx: MethodContext
+    # (dense, pruned) costs of the original architecture when ``model`` is already the compact
+    # one (`compact_for_retraining`); None: computed from ``graph`` and the final masks
+    reference_costs: tuple[dict, dict] | None = None
+
+
+RETRAIN_MODEL = "retrain_model"  # the compact model a compact_before_retraining run retrains
+
+
+def compact_for_retraining(s: Setup, state: train_step.TrainState, workdir: Path
+                           ) -> tuple[Setup, train_step.TrainState]:
+    """PFEC's retraining of the physically smaller model: ``s.method.init`` prunes (one shot),
+    `compact` removes the pruned filters, and the returned setup retrains that model with no
+    masks (method ``dense``: nothing is pruned any more) from a fresh train state with the same
+    RNG, so it computes what retraining the masked model computes, up to float rounding (tested).
+    The compact starting model is saved once to ``workdir/retrain_model`` (and reused on resume,
+    by `jaxprune compact` and `jaxprune eval`); the costs of the original architecture go along
+    so that the record compares with the dense model."""
+    from jaxprune.checkpoints import load, save_compact
+    from jaxprune.methods import get_method
+
+    x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
+    where = workdir / RETRAIN_MODEL
+    if not where.is_dir():
+        pruned = s.method.init(state, s.ctx)
+        masks = binarize(pruned.masks)
+        res = compact(s.model, pruned.variables, masks, s.graph)
+        save_compact(where, res.model, res.variables, {
+            "input_shape": list(s.dataset.image_shape), "method": s.config.method.name,
+            "dense": costs(s.graph), "compact": costs(s.graph, masks)})
+    model, variables, meta = load(where)
+    graph = trace_linen(model, variables, x, residual=s.config.method.residual)
+    ctx = MethodContext(graph=graph, total_epochs=s.ctx.total_epochs,
+                        steps_per_epoch=s.ctx.steps_per_epoch)
+    small = dataclasses.replace(s, model=model, variables=variables, graph=graph,
+                                method=get_method("dense"), ctx=ctx,
+                                reference_costs=(meta["dense"], meta["compact"]))
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(s.config.seed), x,
+                                          s.optimizer)
+    fresh = fresh.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
+                          batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})))
+    return small, fresh
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset | StreamedDataset:
@@ -301,7 +343,7 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     if path.is_file():
         return json.loads(path.read_text())
     ds = s.dataset
-    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     ev = lambda v: evaluation.evaluate(s.model, v, *_test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                      preprocess=preprocess)["accuracy"]
     pruned = s.method.init(state, s.ctx)
@@ -366,7 +408,7 @@ def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, pre
 
 # config keys a resumed run may never change (the checkpoint's structure and meaning)...
 RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed", "dtype",
-                "train_subset")
+                "train_subset", "compact_before_retraining")
 # ... and keys that change the schedule: refused unless allowed, then recorded
 RESUME_SCHEDULE = ("epochs", "batch_size", "optimizer", "finetune_epochs", "finetune_lr")
 
@@ -442,12 +484,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
     if config.pretrained:
         _record_start(s, state, workdir)
-    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    if config.compact_before_retraining:
+        s, state = compact_for_retraining(s, state, workdir)
+    preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     if isinstance(ds, StreamedDataset):  # the stream crops and flips on the host
         augment = lambda rng, images: preprocess(images)  # noqa: E731
     else:
         augment_flag = config.dataset in ("cifar10", "cifar100")
-        augment = functools.partial(data_lib.augment_batch, mean=ds.mean, std=ds.std,
+        augment = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std,
                                     flip=augment_flag, pad=4 if augment_flag else 0)
     state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
                                 seed=config.seed, ckpt_dir=workdir / "checkpoints",
@@ -480,7 +524,7 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
     if abs(small["accuracy"] - masked["accuracy"]) * ds.num_test > 0.5:
         raise AssertionError(f"compact accuracy {small['accuracy']:.4f} != masked accuracy "
                              f"{masked['accuracy']:.4f}: compaction bug")
-    dense_cost, pruned_cost = costs(s.graph), costs(s.graph, masks)
+    dense_cost, pruned_cost = s.reference_costs or (costs(s.graph), costs(s.graph, masks))
     record = {
         "name": s.config.name,
         "model": s.config.model,
@@ -604,6 +648,11 @@ def _restore_run(run_dir: Path):
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
+    if cfg.compact_before_retraining:  # the checkpoints hold the compact model's state
+        if not (run_dir / RETRAIN_MODEL).is_dir():
+            raise FileNotFoundError(f"{str(run_dir / RETRAIN_MODEL)!r} is missing: this run "
+                                    "retrains a compact model and its checkpoints need it")
+        s, state = compact_for_retraining(s, state, run_dir)
     state = s.method.init(state, s.ctx)
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
     if mgr.latest_step() is None:
@@ -651,7 +700,7 @@ def compact_run(run_dir: str | os.PathLike, which: str = "final") -> dict:
         finally:
             mgr.close()
         history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
-    preprocess = functools.partial(data_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
+    preprocess = functools.partial(augment_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
     rec = finish(s, state, run_dir, preprocess, history=history, which=which)
     (run_dir / "result.json").write_text(json.dumps(rec, indent=2))
     return rec
@@ -674,7 +723,7 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
         ds = data_lib.load_cifar(name, data_dir)
     n = int(meta.get("test_subset") or ds.num_test)  # the split the run was evaluated on
     mean, std = meta.get("mean") or ds.mean, meta.get("std") or ds.std  # what the weights need
-    preprocess = functools.partial(data_lib.normalize, mean=tuple(mean), std=tuple(std))
+    preprocess = functools.partial(augment_lib.normalize, mean=tuple(mean), std=tuple(std))
     res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
     return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
 
@@ -710,7 +759,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
         config.mean, config.std = tuple(trained_cfg.mean), tuple(trained_cfg.std)
     s = setup(config)
     ds = s.dataset
-    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     numbering = pfec.layer_numbers(s.graph)
     producers = s.graph.producer_to_group()
     wanted = {"first": ("conv1",), "second": ("conv2",), "all": None}[convs]

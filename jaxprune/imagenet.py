@@ -24,8 +24,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from jaxprune.data import (ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, _tfds_module, _tfds_where,
-                           epoch_batches, eval_batches)
+from jaxprune.batching import epoch_batches, eval_batches
+from jaxprune.data import ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, _tfds_module, _tfds_where
 
 def random_resized_crop_box(
     rng: np.random.Generator,

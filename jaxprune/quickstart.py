@@ -85,7 +85,7 @@ def quickstart(workdir: str = "workdir/quickstart", epochs: int | None = None,
     """Runs the demo; returns a summary dict (also printed)."""
     import jaxprune
     from jaxprune import data as data_lib
-    from jaxprune import evaluation
+    from jaxprune import augment, evaluation
     from jaxprune.experiment import run
 
     t0 = time.time()
@@ -102,7 +102,7 @@ def quickstart(workdir: str = "workdir/quickstart", epochs: int | None = None,
     print("[3/3] compact model: restore with jaxprune.load and re-evaluate")
     model, variables, meta = jaxprune.load(workdir / "sfp" / "compact")
     dense_model, dense_vars, _ = jaxprune.load(workdir / "dense" / "compact")
-    preprocess = functools.partial(data_lib.normalize, mean=ds.mean, std=ds.std)
+    preprocess = functools.partial(augment.normalize, mean=ds.mean, std=ds.std)
     reloaded = evaluation.evaluate(model, variables, ds.x_test, ds.y_test, 360, preprocess=preprocess)
     x = preprocess(jnp.asarray(ds.x_test[:256]))
     speed = throughputs({"dense": (dense_model, dense_vars), "compact": (model, variables)}, x)

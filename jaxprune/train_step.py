@@ -24,7 +24,7 @@ from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
 from jaxprune.parallel import DATA_AXIS, _check_batch, make_mesh, replicate, shard_batch
 
 
-# (rng, uint8 images [B,H,W,C]) -> float images; e.g. partial(data.augment_batch, mean=.., std=..)
+# (rng, uint8 images [B,H,W,C]) -> float images; e.g. partial(augment.augment_batch, mean=.., std=..)
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
 
 @struct.dataclass
@@ -136,7 +136,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         x = augment(aug_rng, images)
     elif not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(f"images of dtype {images.dtype} need augment= (e.g. "
-                        "functools.partial(data.augment_batch, mean=..., std=...))")
+                        "functools.partial(augment.augment_batch, mean=..., std=...))")
     else:
         x = images
     kwargs = _call_kwargs(model, True)
@@ -255,7 +255,7 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
     ``chunk(state, images, labels, order, start) -> (state, metrics, start + steps)``:
     ``images``/``labels`` are the whole training set on the devices (`put_replicated`),
     ``order`` the epoch's ``int32 [steps_per_epoch, batch]`` batch indices on the devices
-    (`jaxprune.data.epoch_batches`), ``start`` an int32 device scalar, the first row of
+    (`jaxprune.batching.epoch_batches`), ``start`` an int32 device scalar, the first row of
     ``order`` to run (it must leave ``steps`` rows). A ``lax.scan`` runs `train_step` on
     ``images[order[start + i]]``, gathered on the devices and sharded over the batch axis, for
     ``i < steps``; ``metrics`` stacks each step's metrics (``[steps]``). It computes what

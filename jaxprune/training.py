@@ -155,7 +155,7 @@ def fit(
     """Trains ``epochs`` epochs and returns ``(state, history)`` (one dict per epoch).
 
     The training and test sets are placed on the devices once; per epoch only the batch order
-    `jaxprune.data.epoch_batches(N, batch_size, seed, epoch)` (drop-last; ``int32 [steps,
+    `jaxprune.batching.epoch_batches(N, batch_size, seed, epoch)` (drop-last; ``int32 [steps,
     batch]``) is uploaded, and the steps run in chunks of `chunk_steps` ``(steps,
     steps_per_call)`` steps per jitted call (None: `auto_steps_per_call`) (`make_train_chunk`: one dispatch, batches gathered
     and ``augment``-ed on the devices, metrics fetched once per chunk; the progress bar
@@ -182,7 +182,7 @@ def fit(
     ``augment`` gets the stream's already-augmented uint8 images (pass the normalisation). The
     data position is the step: a preempted epoch resumes with ``iter_from(step)``, reading
     exactly the remaining batches. A streamed ``test_data`` is evaluated batch by batch.
-    ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``data.num_batches(N, batch_size)``
+    ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``batching.num_batches(N, batch_size)``
     steps (the incomplete last batch is dropped: one compiled shape, even device shards), which
     is the ``steps_per_epoch`` an LR schedule must use. Checkpoints are written
     asynchronously while the next epoch runs (Orbax commits a step only once it is complete, so
@@ -191,7 +191,7 @@ def fit(
     from tqdm import tqdm
 
     from jaxprune.checkpoints import load_preempt, restore_latest_good
-    from jaxprune.data import epoch_batches, num_batches
+    from jaxprune.batching import epoch_batches, num_batches
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data as data_lib
-from jaxprune import evaluation
+from jaxprune import augment, evaluation
 from jaxprune.cut_eval import CutEvaluator, cut_for, top_level_order
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
@@ -26,7 +25,7 @@ def setup():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (70, 8, 8, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (70,)).astype(np.int32)
-    pre = functools.partial(data_lib.normalize, mean=(0.5,) * 3, std=(0.25,) * 3)
+    pre = functools.partial(augment.normalize, mean=(0.5,) * 3, std=(0.25,) * 3)
     return model, variables, graph, images, labels, pre
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxprune import data, imagenet
+from jaxprune import augment, batching, data, imagenet
 
 SHARED_CIFAR10 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
 README_FACTS = dict(
@@ -277,7 +277,7 @@ def test_normalisation_constants_exact():
     assert data.CIFAR100_STD == (68.2 / 255, 65.4 / 255, 70.4 / 255)
     x = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     want = (x / 255.0 - np.array(data.CIFAR10_MEAN)) / np.array(data.CIFAR10_STD)
-    got = np.asarray(data.normalize(x, data.CIFAR10_MEAN, data.CIFAR10_STD))
+    got = np.asarray(augment.normalize(x, data.CIFAR10_MEAN, data.CIFAR10_STD))
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -294,20 +294,20 @@ def _augment_reference(x, offsets, flips, mean, std, pad=4):
 def test_augment_matches_numpy_reference():
     x = np.random.default_rng(1).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     key = jax.random.PRNGKey(3)
-    offsets, flips = (np.asarray(a) for a in data.augment_params(key, 64))
+    offsets, flips = (np.asarray(a) for a in augment.augment_params(key, 64))
     assert offsets.shape == (64, 2) and flips.shape == (64,) and flips.dtype == bool
     assert offsets.min() >= 0 and offsets.max() <= 8
     # The draws exercise both flip states, the extreme offsets and asymmetric crops.
     assert flips.any() and not flips.all()
     assert {0, 8} <= set(offsets.ravel().tolist()) and (offsets[:, 0] != offsets[:, 1]).any()
-    got = np.asarray(data.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD))
+    got = np.asarray(augment.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD))
     assert got.shape == x.shape and got.dtype == np.float32
     want = _augment_reference(x, offsets, flips, data.CIFAR10_MEAN, data.CIFAR10_STD)
     np.testing.assert_allclose(got, want, atol=1e-5)
     # Same key -> same batch; another key -> another batch.
     np.testing.assert_array_equal(
-        got, np.asarray(data.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD)))
-    other = data.augment_batch(jax.random.PRNGKey(4), x, data.CIFAR10_MEAN, data.CIFAR10_STD)
+        got, np.asarray(augment.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD)))
+    other = augment.augment_batch(jax.random.PRNGKey(4), x, data.CIFAR10_MEAN, data.CIFAR10_STD)
     assert not np.array_equal(got, np.asarray(other))
 
 
@@ -320,8 +320,8 @@ def test_flip_and_crop_semantics_by_hand():
     seen = set()
     for k in range(40):
         key = jax.random.PRNGKey(k)
-        (r, c), fl = (np.asarray(a)[0] for a in data.augment_params(key, 1))
-        out = np.rint(np.asarray(data.augment_batch(key, img, mean, std))[0]).astype(int)
+        (r, c), fl = (np.asarray(a)[0] for a in augment.augment_params(key, 1))
+        out = np.rint(np.asarray(augment.augment_batch(key, img, mean, std))[0]).astype(int)
         seen.add((bool(fl), int(r) < 4))
         for i, j in [(0, 0), (5, 17), (31, 31), (12, 3)]:
             jj = 31 - j if fl else j  # mirrored: output column j shows crop column 31 - j
@@ -335,8 +335,8 @@ def test_flip_and_crop_semantics_by_hand():
 def test_padding_is_zero_before_normalisation():
     white = np.full((64, 32, 32, 3), 255, np.uint8)
     key = jax.random.PRNGKey(0)
-    offsets, flips = (np.asarray(a) for a in data.augment_params(key, 64))
-    out = np.asarray(data.augment_batch(key, white, data.CIFAR10_MEAN, data.CIFAR10_STD))
+    offsets, flips = (np.asarray(a) for a in augment.augment_params(key, 64))
+    out = np.asarray(augment.augment_batch(key, white, data.CIFAR10_MEAN, data.CIFAR10_STD))
     mean, std = np.array(data.CIFAR10_MEAN), np.array(data.CIFAR10_STD)
     rows = np.arange(32)
     pad_mask = np.zeros((64, 32, 32), bool)
@@ -355,8 +355,8 @@ def test_padding_is_zero_before_normalisation():
 
 def test_augment_without_pad_or_flip_is_normalize():
     x = np.random.default_rng(2).integers(0, 256, (3, 8, 8, 1), dtype=np.uint8)
-    got = data.augment_batch(jax.random.PRNGKey(0), x, (0.5,), (0.25,), pad=0, flip=False)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(data.normalize(x, (0.5,), (0.25,))), atol=1e-6)
+    got = augment.augment_batch(jax.random.PRNGKey(0), x, (0.5,), (0.25,), pad=0, flip=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(augment.normalize(x, (0.5,), (0.25,))), atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,26 +365,26 @@ def test_augment_without_pad_or_flip_is_normalize():
 
 
 def test_epoch_batches_deterministic_per_seed_and_epoch():
-    a = data.epoch_batches(1000, 128, seed=0, epoch=3)
+    a = batching.epoch_batches(1000, 128, seed=0, epoch=3)
     assert a.shape == (7, 128) and a.dtype.kind == "i"
-    np.testing.assert_array_equal(a, data.epoch_batches(1000, 128, seed=0, epoch=3))
-    assert not np.array_equal(a, data.epoch_batches(1000, 128, seed=0, epoch=4))
-    assert not np.array_equal(a, data.epoch_batches(1000, 128, seed=1, epoch=3))
+    np.testing.assert_array_equal(a, batching.epoch_batches(1000, 128, seed=0, epoch=3))
+    assert not np.array_equal(a, batching.epoch_batches(1000, 128, seed=0, epoch=4))
+    assert not np.array_equal(a, batching.epoch_batches(1000, 128, seed=1, epoch=3))
     assert len(np.unique(a)) == a.size and a.min() >= 0 and a.max() < 1000
-    full = data.epoch_batches(1000, 128, seed=0, epoch=3, drop_last=False)
+    full = batching.epoch_batches(1000, 128, seed=0, epoch=3, drop_last=False)
     assert [len(b) for b in full] == [128] * 7 + [104]
     assert sorted(np.concatenate(full).tolist()) == list(range(1000))
     np.testing.assert_array_equal(np.concatenate(full)[: a.size], a.ravel())
-    assert data.num_batches(1000, 128) == 7 and data.num_batches(1000, 128, drop_last=False) == 8
+    assert batching.num_batches(1000, 128) == 7 and batching.num_batches(1000, 128, drop_last=False) == 8
 
 
 def test_eval_batches_cover_each_example_once():
-    idx, w = data.eval_batches(103, 25)
+    idx, w = batching.eval_batches(103, 25)
     assert idx.shape == w.shape == (5, 25) and w.dtype == np.float32
     assert np.sort(idx[w > 0]).tolist() == list(range(103))
     assert w[:4].min() == 1 and w[4].tolist() == [1] * 3 + [0] * 22
     assert idx.min() >= 0 and idx.max() < 103  # the padding indexes a real example
-    idx, w = data.eval_batches(100, 25)
+    idx, w = batching.eval_batches(100, 25)
     assert idx.shape == (4, 25) and w.min() == 1 and idx.ravel().tolist() == list(range(100))
 
 
@@ -490,7 +490,7 @@ def test_imagenet_stream_over_memory_source():
     e0, e0b, e1 = train(0), train(0), train(1)
     assert len(e0) == 2 and all(b["mask"].min() == 1 for b in e0)
     lab0 = np.concatenate([b["label"] for b in e0])
-    np.testing.assert_array_equal(lab0, data.epoch_batches(11, 4, 5, 0).ravel())
+    np.testing.assert_array_equal(lab0, batching.epoch_batches(11, 4, 5, 0).ravel())
     for x, y in zip(e0, e0b):
         np.testing.assert_array_equal(x["image"], y["image"])
     assert not np.array_equal(lab0, np.concatenate([b["label"] for b in e1]))

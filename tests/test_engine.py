@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data, evaluation, optim, parallel, train_step, training as tr
+from jaxprune import batching, evaluation, optim, parallel, train_step, training as tr
 from jaxprune.methods.base import MethodContext
 from tests.test_training import AUGMENT, PREPROCESS, ToyPrune, _batch, tiny  # noqa: F401
 
@@ -52,7 +52,7 @@ def test_chunk_equals_stepping_one_by_one(tiny):
     agree to float rounding (measured: 4e-8). Hard masking included; metrics stacked."""
     model, graph, ctx, opt, mesh, method, (x, y), fresh = _setup(tiny, steps=4)
     state0 = parallel.replicate(mesh, method.init(fresh, ctx))
-    order = data.epoch_batches(len(y), 16, seed=2, epoch=0).astype(np.int32)
+    order = batching.epoch_batches(len(y), 16, seed=2, epoch=0).astype(np.int32)
 
     step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
     one, per_step = state0, []
@@ -118,7 +118,7 @@ def test_fit_result_does_not_depend_on_the_chunk_size(tiny, monkeypatch):
     step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
     st = parallel.replicate(mesh, method.init(fresh, ctx))
     for epoch in range(2):
-        for idx in data.epoch_batches(len(y), 16, seed=3, epoch=epoch):
+        for idx in batching.epoch_batches(len(y), 16, seed=3, epoch=epoch):
             st, _ = step(st, x[idx], y[idx])
         st = method.end_of_epoch(st, epoch, ctx)
     _leaves_equal(st, single)
@@ -194,7 +194,7 @@ def test_runs_together_equal_runs_one_by_one(tiny):
     seeds = (0, 1, 2)
     states = [parallel.replicate(mesh, method.init(
         train_step.create_train_state(model, graph, jax.random.PRNGKey(s), x, opt), ctx)) for s in seeds]
-    orders = [data.epoch_batches(len(y), 16, seed=s, epoch=0).astype(np.int32) for s in seeds]
+    orders = [batching.epoch_batches(len(y), 16, seed=s, epoch=0).astype(np.int32) for s in seeds]
     xd, yd = parallel.put_replicated(mesh, x, y)
     zero = parallel.replicate(mesh, np.int32(0))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config_source
-from jaxprune import cli, evaluation, optim, train_step, training
+from jaxprune import augment, cli, evaluation, optim, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks, init_masks
@@ -197,7 +197,7 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     try:
         return training.fit(model, graph, get_method("sfp", rate=0.3), ctx, state, opt,
                             (ds.x_train[:128], ds.y_train[:128]), None, epochs=epochs, batch_size=64,
-                            augment=functools.partial(data_lib.augment_batch, mean=ds.mean,
+                            augment=functools.partial(augment.augment_batch, mean=ds.mean,
                                                       std=ds.std, pad=0, flip=False),
                             checkpoint_manager=mgr, progress=False, metrics_writer=writer)
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config_source
-from jaxprune import cli, evaluation
+from jaxprune import augment, cli, evaluation
 from jaxprune import data as data_lib
 from jaxprune.graph import leaf_paths
 from jaxprune.models.torch_import import from_torch
@@ -188,7 +188,7 @@ needs_pretrained = pytest.mark.skipif(
 def test_imported_pretrained_models_reach_their_published_accuracy(name, accuracy):
     model, variables = from_torch(name, PRETRAINED / f"{name}.npz")
     ds = data_lib.load_cifar("cifar10", str(CIFAR10))
-    pre = functools.partial(data_lib.normalize, **IMAGENET_STATS)
+    pre = functools.partial(augment.normalize, **IMAGENET_STATS)
     res = evaluation.evaluate(model, variables, ds.x_test, ds.y_test, 1000, preprocess=pre)
     assert ds.num_test == 10000
     assert res["accuracy"] == accuracy  # exactly: 9173 / 9339 of the 10,000 test images

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data, evaluation, optim, parallel, train_step, training as tr
+from jaxprune import augment, evaluation, optim, parallel, train_step, training as tr
 from jaxprune.checkpoints import make_checkpoint_manager
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
@@ -109,8 +109,8 @@ def _batch(n=16, seed=0):
     return rs.randint(0, 256, (n, 8, 8, 3)).astype(np.uint8), rs.randint(0, 3, n).astype(np.int32)
 
 
-AUGMENT = functools.partial(data.augment_batch, mean=MEAN, std=STD)
-PREPROCESS = functools.partial(data.normalize, mean=MEAN, std=STD)
+AUGMENT = functools.partial(augment.augment_batch, mean=MEAN, std=STD)
+PREPROCESS = functools.partial(augment.normalize, mean=MEAN, std=STD)
 
 
 # ----------------------------------------------------------------------------- optimizer

@@ -1,15 +1,17 @@
 """Benchmark: the training engine's throughput against a minimal hand-written Flax loop.
 
 All contestants train the same model on the same device-resident uint8 CIFAR-size data with
-the same on-device augmentation (`jaxprune.data.augment_batch`), SGD + momentum, batch 128,
+the same on-device augmentation (`jaxprune.augment.augment_batch`), SGD + momentum, batch 128,
 and run interleaved (A B C A B C ...) so that load drift hits all alike; each sample is one
 "epoch" of ``--steps`` steps; the table shows medians and ratios to the hand-written loop.
 
 - **plain flax**: a minimal ``jax.jit`` train step (``model.apply`` with mutable BN
   statistics, cross-entropy, ``optax`` update), the batch gathered on the device from the
   resident data, one Python dispatch per step: the loop a Flax user writes.
-- **jaxprune chunk**: `jaxprune.train_step.make_train_chunk` with the whole epoch in one call
-  (what `fit` runs on accelerators; on CPU it defaults to one step per call; here with the hard masking of SFP's masks, all ones), float32.
+- **jaxprune chunk (K steps/call)**: `jaxprune.train_step.make_train_chunk` with K steps per
+  call (``--chunk``; default `jaxprune.training.auto_steps_per_call()`: what `fit` runs, 1 on
+  CPU, 50 elsewhere; 0 = the whole epoch in one call), with the hard masking of SFP's masks
+  (all ones), float32. The batch order and position stay on the device.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
   one host-to-device copy of the images per step: the engine before issue 13.
@@ -25,6 +27,7 @@ epoch are 0 for the resident variants (`fit` runs its steps under
 Usage::
 
     python experiments/bench/engine.py --models resnet20 --steps 20 --repeats 3
+    python experiments/bench/engine.py --runs 0      # on CPU: vmapped runs are grouped convs
     python experiments/bench/engine.py --append BENCHMARKS.md
 """
 
@@ -37,13 +40,13 @@ import os
 import _harness as H
 
 
-def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
+def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool, chunk_steps: int):
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxprune import data, methods, optim, parallel, train_step
+    from jaxprune import augment as aug, batching, data, methods, optim, parallel, train_step
     from jaxprune.graph import trace_linen
     from jaxprune.methods.base import MethodContext
     from jaxprune.models import get_model
@@ -52,8 +55,8 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
     rs = np.random.RandomState(0)
     x_host = rs.randint(0, 256, (n, 32, 32, 3)).astype(np.uint8)
     y_host = rs.randint(0, 10, n).astype(np.int32)
-    augment = functools.partial(data.augment_batch, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
-    order_host = data.epoch_batches(n, batch, seed=0, epoch=0).astype(np.int32)
+    augment = functools.partial(aug.augment_batch, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
+    order_host = batching.epoch_batches(n, batch, seed=0, epoch=0).astype(np.int32)
     opt = optim.make_optimizer(0.01)
     x1 = jnp.zeros((1, 32, 32, 3))
     counts = {}
@@ -94,8 +97,10 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
 
     out["plain flax"], counts["plain flax"] = run_plain, steps
 
-    # -- jaxprune: whole epoch per call, f32 and bf16
-    dtypes = (("jaxprune chunk", jnp.float32),) + ((("jaxprune chunk bf16", jnp.bfloat16),) if bf16 else ())
+    # -- jaxprune: K steps per call, f32 and bf16
+    k = train_step.chunk_steps(steps, chunk_steps)
+    dtypes = ((f"jaxprune chunk ({k} steps/call)", jnp.float32),) + (
+        ((f"jaxprune chunk bf16 ({k} steps/call)", jnp.bfloat16),) if bf16 else ())
     for label, dtype in dtypes:
         m = get_model(name, dtype=dtype)
         graph = trace_linen(m, variables, x1)
@@ -103,17 +108,19 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
         ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
         st = train_step.create_train_state(m, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
         st = parallel.replicate(mesh, method.init(st, ctx))
-        chunk = train_step.make_train_chunk(m, graph, opt, method, ctx, steps=steps, mesh=mesh,
+        chunk = train_step.make_train_chunk(m, graph, opt, method, ctx, steps=k, mesh=mesh,
                                           augment=augment, donate=True)
         od = parallel.replicate(mesh, order_host)
         box = [st]
 
         def run_chunk(chunk=chunk, box=box, od=od):
-            s, metrics, _ = chunk(box[0], xd, yd, od, parallel.replicate(mesh, np.int32(0)))
+            s, pos, metrics = box[0], parallel.replicate(mesh, np.int32(0)), None
+            for _ in range(steps // k):
+                s, metrics, pos = chunk(s, xd, yd, od, pos)
             box[0] = s
             return metrics["loss"]
 
-        out[label], counts[label] = run_chunk, 1
+        out[label], counts[label] = run_chunk, steps // k
 
     # -- jaxprune per-step on host batches (the engine before)
     graph = trace_linen(model, variables, x1)
@@ -135,21 +142,23 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool):
 
     # -- R runs together (the seeds of a row), vectorised over a run axis
     if runs:
-        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=steps, mesh=mesh,
+        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=k, mesh=mesh,
                                           augment=augment, donate=True, runs=runs)
         sts = [method.init(train_step.create_train_state(model, graph, jax.random.PRNGKey(r), x1, opt), ctx)
                for r in range(runs)]
-        orders = np.stack([data.epoch_batches(n, batch, seed=r, epoch=0) for r in range(runs)])
+        orders = np.stack([batching.epoch_batches(n, batch, seed=r, epoch=0) for r in range(runs)])
         od = parallel.replicate(mesh, orders.astype(np.int32))
         many = [parallel.replicate(mesh, train_step.stack_runs(sts))]
 
         def run_many():
-            s, metrics, _ = chunk(many[0], xd, yd, od, parallel.replicate(mesh, np.int32(0)))
+            s, pos, metrics = many[0], parallel.replicate(mesh, np.int32(0)), None
+            for _ in range(steps // k):
+                s, metrics, pos = chunk(s, xd, yd, od, pos)
             many[0] = s
             return metrics["loss"]
 
         out[f"jaxprune chunk, {runs} runs together"] = run_many
-        counts[f"jaxprune chunk, {runs} runs together"] = 1
+        counts[f"jaxprune chunk, {runs} runs together"] = steps // k
     return out, counts
 
 
@@ -161,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", type=int, default=4, help="runs trained together (0: leave out)")
     p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variant")
+    p.add_argument("--chunk", type=int, default=-1,
+                   help="steps per call of the chunk variants (-1: fit's default for the device)")
     p.add_argument("--append", default="", help="append the table to this markdown file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1:
@@ -171,9 +182,12 @@ def main(argv=None) -> int:
 
     perf.use_recommended_cpu_flags()  # as the CLI's training commands (before jax starts)
     H.disable_compilation_cache()
+    from jaxprune.training import auto_steps_per_call
+
     rows = []
     for name in args.models.split(","):
-        fns, counts = contestants(name, args.steps, args.batch, args.runs, not args.no_bf16)
+        fns, counts = contestants(name, args.steps, args.batch, args.runs, not args.no_bf16,
+                                  auto_steps_per_call() if args.chunk == -1 else args.chunk)
         times = H.interleave(fns, repeats=args.repeats)
         base = H.median(times["plain flax"])
         for label, ts in times.items():

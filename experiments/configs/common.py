@@ -170,6 +170,9 @@ def pfec(c: ml_collections.ConfigDict, pfec_config: str, baseline_row: str,
     c.method.residual = residual
     c.method.kwargs.config = pfec_config
     c.method.kwargs.selection = "independent"
+    # as PFEC: the pruned filters are removed after the one shot and the smaller model is
+    # retrained (cheaper per epoch; the same function as retraining the masked model, tested)
+    c.compact_before_retraining = True
     c.pretrained = run_dir(baseline_row, 0)
     c.epochs = epochs
     c.optimizer.schedule = "constant"

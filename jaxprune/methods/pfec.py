@@ -121,12 +121,21 @@ PFEC_CONFIGS: dict[str, PFECConfig] = {
 
 
 def get_config(config: str | PFECConfig) -> PFECConfig:
-    """The named config (``PFEC_CONFIGS``) or ``config`` itself."""
+    """The named config (``PFEC_CONFIGS``), ``config`` itself, or a `PFECConfig` from a mapping
+    of its fields (what a config file can hold, e.g. ``{'name': 'mine', 'stage_ends': (6, 12),
+    'stage_rates': (0.5, 0.3, 0.1)}``)."""
     if isinstance(config, PFECConfig):
         return config
     if isinstance(config, str) and config in PFEC_CONFIGS:
         return PFEC_CONFIGS[config]
-    raise ValueError(f"unknown PFEC config {config!r}; allowed: {', '.join(PFEC_CONFIGS)}")
+    fields = config.to_dict() if hasattr(config, "to_dict") else config
+    if isinstance(fields, Mapping):
+        try:
+            return PFECConfig(**fields)
+        except TypeError as e:
+            raise ValueError(f"PFEC config {dict(fields)!r}: {e}") from None
+    raise ValueError(f"unknown PFEC config {config!r}; allowed: {', '.join(PFEC_CONFIGS)} or a "
+                     "mapping of PFECConfig fields")
 
 
 def layer_numbers(graph: PruningGraph) -> dict[int, str]:
