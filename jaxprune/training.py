@@ -270,8 +270,9 @@ def fit(
                        disable=not (progress and main_process), leave=False, dynamic_ncols=True)
             # the epoch's per-step metrics, in chunks of stacked [n] arrays (host or device)
             step_metrics = [_stack(carried)] if epoch == start_epoch and carried else []
-            # the images never leave the devices: an implicit host transfer in here is a bug
-            if streamed:  # batches placed explicitly as they arrive
+            # resident data never leaves the devices and a streamed batch is placed explicitly:
+            # an implicit host transfer in here is a bug
+            if streamed:
                 with jax.transfer_guard_host_to_device("disallow"):
                     state, i = _run_stream(step_fn, train_data.for_epoch(epoch), first, state,
                                            step_metrics, bar, stop)
