@@ -115,8 +115,13 @@ def _stream_batches(mesh: Mesh, stream: Any):
     """A streamed evaluation set as one-batch `EvalData`s (padding rows get label -1), each
     placed on the devices while the previous one is evaluated."""
     for b in stream:
+        images = np.asarray(b["image"])
         labels = np.where(np.asarray(b["mask"]) > 0, np.asarray(b["label"]), -1).astype(np.int32)
-        d = put_eval_data(mesh, b["image"], labels, len(labels))
+        pad = -len(labels) % mesh.size  # any stream batch size on any device count
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+            labels = np.concatenate([labels, np.full(pad, -1, np.int32)])
+        d = put_eval_data(mesh, images, labels, len(labels))
         yield EvalData(d.images, d.labels, int(np.sum(labels >= 0)))
 
 

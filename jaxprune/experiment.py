@@ -717,14 +717,22 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
         p = p / "compact"
     model, variables, meta = load(p)
     name = meta.get("dataset", "cifar10")
+    n = int(meta.get("test_subset") or 0)  # the split the run was evaluated on (0: all)
     if name == "digits":
         ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
+    elif name == "imagenet2012":
+        ds = load_imagenet(8, 100, image_size=int(meta["input_shape"][0]), data_dir=data_dir,
+                           test_subset=n)
     else:
         ds = data_lib.load_cifar(name, data_dir)
-    n = int(meta.get("test_subset") or ds.num_test)  # the split the run was evaluated on
     mean, std = meta.get("mean") or ds.mean, meta.get("std") or ds.std  # what the weights need
     preprocess = functools.partial(augment_lib.normalize, mean=tuple(mean), std=tuple(std))
-    res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500, preprocess=preprocess)
+    if isinstance(ds, StreamedDataset):
+        res = evaluation.evaluate(model, variables, ds.test, None, 0, preprocess=preprocess)
+    else:
+        n = n or ds.num_test
+        res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500,
+                                  preprocess=preprocess)
     return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
 
 

@@ -177,7 +177,7 @@ def test_an_imagenet_run_streams_end_to_end(synthetic_imagenet, tmp_path):
     """`experiment.run` on imagenet2012 (generated TFDS copy): streamed training with SFP's
     re-selection, streamed evaluation (top-1 and top-5), compaction, record."""
     from jaxprune import config as config_lib
-    from jaxprune.experiment import run
+    from jaxprune.experiment import evaluate_path, run
 
     c = config_lib.base_config()
     c.update(name="stream", model="resnet20", dataset="imagenet2012", data_dir=str(synthetic_imagenet),
@@ -191,3 +191,5 @@ def test_an_imagenet_run_streams_end_to_end(synthetic_imagenet, tmp_path):
     assert [h["step"] for h in hist] == [4, 8] and all("test_top5" in h for h in hist)
     assert res["macs_reduction_conv"] > 0.4
     assert res["dataset"] == "imagenet2012" and res["normalization"]["mean"] == list(data.IMAGENET_MEAN)
+    ev = evaluate_path(tmp_path / "run", data_dir=str(synthetic_imagenet))  # `jaxprune eval`
+    assert (ev["accuracy"], ev["top5"]) == (res["compact_accuracy"], res["compact_top5"])
