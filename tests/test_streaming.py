@@ -20,11 +20,11 @@ from jaxprune.methods.base import MethodContext
 from tests.test_training import PREPROCESS, ToyPrune, _batch, tiny  # noqa: F401
 
 
-def _source(n: int, seed: int, size: int = 8, classes: int = 3) -> list[dict]:
+def _source(n: int, seed: int, classes: int = 3) -> list[dict]:
+    """``n`` random 8x8 uint8 images with labels in ``0..classes-1``."""
     x, _ = _batch(n, seed)
     y = np.random.default_rng(seed).integers(0, classes, n)
-    return [{"image": x[i] if size == 8 else np.resize(x[i], (size, size, 3)), "label": int(y[i])}
-            for i in range(n)]
+    return [{"image": x[i], "label": int(y[i])} for i in range(n)]
 
 
 def _train_stream(n=48, batch=16, seed=5):
