@@ -23,7 +23,8 @@ RECORDS = Path(__file__).resolve().parent / "pretrained_records"
 RUN_FILES = ("config.json", "start.json", "metrics.jsonl", "result.json", "config_changes.jsonl")
 SENS_FILES = ("sensitivity.csv", "sensitivity.partial.csv", "sensitivity.partial.json", "sensitivity.json",
               "sensitivity.png")
-PAPER_EPOCHS = {"pfec": 40}
+# epochs of each paper's schedule from a trained model (PFEC retraining; SFP's whole recipe)
+PAPER_EPOCHS = {"pfec": 40, "sfp": 200}
 
 
 def collect(runs_dir: Path, out: Path = RECORDS) -> list[str]:
@@ -51,6 +52,14 @@ def _curve(d: Path) -> list[float]:
     return [json.loads(line)["test_accuracy"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def _epochs_done(done: int, planned: int, paper: int) -> str:
+    """``'3 / 40'``, or for a run planned shorter than the paper's schedule
+    ``'3 / 6 (the paper's 200 shortened to 6)'``: a short run never reads as the paper's."""
+    if planned == paper:
+        return f"{done} / {paper}"
+    return f"{done} / {planned} (the paper's {paper} shortened to {planned})"
+
+
 def runs_table(records: Path = RECORDS) -> str:
     head = ("| run | method | epochs done / paper | baseline (imported) | after pruning, before retraining | "
             "test acc. per retraining epoch (%) | masked = compact (%) | conv MACs (SFP conv only) | "
@@ -72,7 +81,7 @@ def runs_table(records: Path = RECORDS) -> str:
                  else "not finished")
         lines.append(
             f"| `{d.name}` | {method} {cfg['method'].get('kwargs', {}).get('config', '')} | "
-            f"{len(curve)} / {paper} | {100 * start['pretrained_accuracy']:.2f} | "
+            f"{_epochs_done(len(curve), cfg['epochs'], paper)} | {100 * start['pretrained_accuracy']:.2f} | "
             f"{100 * start['after_init_accuracy']:.2f} | {', '.join(f'{100 * a:.2f}' for a in curve) or '-'} | "
             f"{final} | {red('macs_conv')} | {red('macs_conv_fc')} | {red('params')} |")
     return "\n".join(lines)
