@@ -420,7 +420,7 @@ def test_a_compact_retraining_step_is_the_masked_step(tmp_path):
     ds = s.dataset
     state = create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed),
                                jnp.zeros((1,) + ds.image_shape), s.optimizer)
-    small, _ = compact_for_retraining(s, state, tmp_path / "w")
+    small, small_state = compact_for_retraining(s, state, tmp_path / "w")  # its fresh state: the template
     masked = s.method.init(state, s.ctx)
     axis_keep, _, _ = surgery(binarize(masked.masks), s.graph)
     aug = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std, flip=False, pad=0)
@@ -439,8 +439,6 @@ def test_a_compact_retraining_step_is_the_masked_step(tmp_path):
     def l2(a, b):
         return sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))) ** 0.5
 
-    small_state = create_train_state(small.model, small.graph, jax.random.PRNGKey(config.seed),
-                                     jnp.zeros((1,) + ds.image_shape), small.optimizer)
     for i in range(order.shape[0]):
         start = sliced(masked)
         masked, m_m, _ = step_m(masked, images, labels, order, jnp.int32(i))
