@@ -60,11 +60,18 @@ def _epochs_done(done: int, planned: int, paper: int) -> str:
     return f"{done} / {planned} (the paper's {paper} shortened to {planned})"
 
 
+def _trained_as(cfg: dict) -> str:
+    """``'compact, bfloat16'``: whether the pruned model was retrained physically compact or as
+    the masked full-width model, and the compute dtype (params stay float32 either way)."""
+    model = "compact" if cfg.get("compact_before_retraining") else "masked"
+    return f"{model}, {cfg.get('dtype', 'float32')}"
+
+
 def runs_table(records: Path = RECORDS) -> str:
-    head = ("| run | method | epochs done / paper | baseline (imported) | after pruning, before retraining | "
+    head = ("| run | method | trained as (model, compute) | epochs done / paper | baseline (imported) | after pruning, before retraining | "
             "test acc. per retraining epoch (%) | masked = compact (%) | conv MACs (SFP conv only) | "
             "conv+FC MACs (PFEC) | params |")
-    lines = [head, "|---|---|---|---:|---:|---|---:|---|---|---|"]
+    lines = [head, "|---|---|---|---|---:|---:|---|---:|---|---|---|"]
     for d in sorted(p for p in records.iterdir() if (p / "start.json").is_file()):
         cfg = json.loads((d / "config.json").read_text())
         start = json.loads((d / "start.json").read_text())
@@ -81,7 +88,7 @@ def runs_table(records: Path = RECORDS) -> str:
                  else "not finished")
         lines.append(
             f"| `{d.name}` | {method} {cfg['method'].get('kwargs', {}).get('config', '')} | "
-            f"{_epochs_done(len(curve), cfg['epochs'], paper)} | {100 * start['pretrained_accuracy']:.2f} | "
+            f"{_trained_as(cfg)} | {_epochs_done(len(curve), cfg['epochs'], paper)} | {100 * start['pretrained_accuracy']:.2f} | "
             f"{100 * start['after_init_accuracy']:.2f} | {', '.join(f'{100 * a:.2f}' for a in curve) or '-'} | "
             f"{final} | {red('macs_conv')} | {red('macs_conv_fc')} | {red('params')} |")
     return "\n".join(lines)

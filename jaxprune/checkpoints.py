@@ -37,11 +37,12 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.graph import leaf_paths
+from jaxprune.models.common import CARRY
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
 COMPACT_FORMAT = "jaxprune.compact"
-COMPACT_VERSION = 1
+COMPACT_VERSION = 2  # 2: the 'carry' collection (constants of removed channels)
 _VARIABLES_ITEM = "variables"
 _MODEL_ITEM = "model"
 
@@ -367,13 +368,17 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
     input_shape = tuple(int(d) for d in input_shape)
     cfg = model_config(model)
     variables = jax.device_get(dict(variables))
-    check_shapes(variables, abstract_variables(model, input_shape), what="variables")
+    carry = variables.get(CARRY, {})
+    check_shapes({k: v for k, v in variables.items() if k != CARRY},
+                 abstract_variables(model, input_shape), what="variables")
     doc = {
         "format": COMPACT_FORMAT,
         "version": COMPACT_VERSION,
         "model": cfg,
         "input_shape": list(input_shape),
         "meta": _jsonable(dict(meta)),
+        # shapes of the carried constants (compact(..., keep_constants=True)); not from init
+        "carry": {"/".join(p): list(np.shape(v)) for p, v in zip(leaf_paths(carry), jax.tree.leaves(carry))},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in list(path.parent.glob(f".{path.name}.tmp-*")) + list(path.parent.glob(f".{path.name}.old-*")):
@@ -428,6 +433,11 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
                          f"up to {COMPACT_VERSION}")
     model = model_from_config(doc["model"])
     target = abstract_variables(model, tuple(doc["input_shape"]))
+    if doc.get("carry"):
+        from flax.traverse_util import unflatten_dict
+
+        target = {**target, CARRY: unflatten_dict({tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v), jnp.float32)
+                                                   for k, v in doc["carry"].items()})}
     stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
     check_shapes(getattr(stored, "tree", stored), target, what=f"compact model {path}")
     variables = ckptr.restore(path, args=ocp.args.Composite(**{

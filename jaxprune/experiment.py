@@ -35,7 +35,7 @@ from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset, load_imagenet
 from jaxprune.masks import apply_masks, binarize
-from jaxprune.methods.base import MethodContext
+from jaxprune.methods.base import MethodContext, final_roles
 from jaxprune.models import get_model
 
 
@@ -349,7 +349,8 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
     rec = {"pretrained_accuracy": ev(state.variables),
-           "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph)),
+           "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph,
+                                                 roles=final_roles(s.method))),
            "after_init_costs": costs(s.graph, masks), "dense_costs": costs(s.graph),
            "test_images": int(ds.num_test)}
     path.write_text(json.dumps(rec, indent=2))
@@ -514,11 +515,15 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
     ds = s.dataset
     masks = binarize(state.masks)
     variables = state.variables
-    masked_vars = apply_masks(variables, masks, s.graph)
+    roles = final_roles(s.method)
+    masked_vars = apply_masks(variables, masks, s.graph, roles=roles)
     ev = lambda m, v: evaluation.evaluate(m, v, *_test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                         preprocess=preprocess)
     masked = ev(s.model, masked_vars)
-    res = compact(s.model, variables, masks, s.graph)
+    # SFP's official final model keeps the BN constants of its pruned channels: carry them
+    sample = jax.random.normal(jax.random.PRNGKey(0), (2,) + tuple(ds.image_shape), jnp.float32)
+    res = compact(s.model, variables, masks, s.graph, keep_constants=roles is not None,
+                  sample_input=sample)
     small = ev(res.model, res.variables)
     # The compact model must predict exactly like the masked one (same correct count).
     if abs(small["accuracy"] - masked["accuracy"]) * ds.num_test > 0.5:

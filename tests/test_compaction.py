@@ -202,6 +202,79 @@ def test_compact_requires_the_keep_contract():
         compact(nn.Dense(3), None, {}, None)
 
 
+# ------------------------------------------------------------- carried BN constants (SFP)
+
+def _filters_only(variables, masks, graph):
+    """SFP's official final model (numpy, member by member): only the filters (role 'out'
+    slices) of the pruned channels are zero; their BN and the consumers' input slices stay."""
+    leaves = jax.tree_util.tree_leaves(variables)
+    flat = {p: np.array(leaf) for p, leaf in zip(leaf_paths(variables), leaves)}
+    for name, g in graph.groups.items():
+        dead = np.flatnonzero(np.asarray(masks[name]) == 0)
+        for m in g.members:
+            if m.role == "out" and m.path in flat:
+                np.moveaxis(flat[m.path], m.axis, 0)[m.index[dead].ravel()] = 0.0
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(variables),
+                                        [jnp.asarray(flat[p]) for p in leaf_paths(variables)])
+
+
+@pytest.mark.parametrize("name,policy", [("resnet20", "scatter"), ("resnet20", "coupled"),
+                                         ("resnet18", "scatter"), ("resnet50", "scatter"),
+                                         ("vgg16", "scatter")])
+def test_keep_constants_carries_what_the_removed_channels_emit(name, policy):
+    """Removed channels whose filters alone were zeroed still emit their BN constants (SFP's
+    official final model): the compact model carries them (bias maps at the consumer convs,
+    constants at the reindexed add operands) and equals that model, on an input it was not
+    built from; without them it does not."""
+    model, variables, x, forward = _setup(name)
+    g = trace_linen(model, variables, x, residual=policy)
+    masks = random_masks(g, seed=7)
+    x_new = jnp.asarray(np.random.default_rng(9).normal(size=x.shape), jnp.float32)
+    ref = forward(_filters_only(variables, masks, g), x_new)
+
+    res = compact(model, variables, masks, g, keep_constants=True, sample_input=x)
+    out = jax.jit(lambda v, a: res.model.apply(v, a, train=False))(res.variables, x_new)
+    assert rel_err(out, ref) <= 1e-5
+    assert jax.tree_util.tree_leaves(res.variables["carry"])
+    plain = compact(model, variables, masks, g)
+    assert rel_err(plain.model.apply(plain.variables, x_new), ref) > 1e-2  # the constants matter
+    # a model whose removed channels are zero everywhere has nothing to carry
+    zero = compact(model, np_apply_masks(variables, masks, g), masks, g, keep_constants=True,
+                   sample_input=x)
+    assert "carry" not in zero.variables
+
+
+def test_keep_constants_refuses_what_it_cannot_carry():
+    model, variables, x, _ = _setup("resnet20")
+    g = trace_linen(model, variables, x, residual="scatter")
+    masks = random_masks(g, seed=7)
+    with pytest.raises(ValueError, match="needs sample_input="):
+        compact(model, variables, masks, g, keep_constants=True)
+    small = compact(model, variables, masks, g)
+    g2 = trace_linen(small.model, small.variables, x, residual="scatter")
+    with pytest.raises(ValueError, match="already compact"):
+        compact(small.model, small.variables, random_masks(g2), g2, keep_constants=True, sample_input=x)
+    # MobileNetV2 has no `carried` hook at its depthwise convs: refused, never silently wrong
+    model, variables, x, _ = _setup("mobilenetv2_tiny")
+    g = trace_linen(model, variables, x, residual="scatter")
+    with pytest.raises(ValueError, match="no `carried` hook"):
+        compact(model, variables, random_masks(g, seed=3), g, keep_constants=True, sample_input=x)
+
+
+def test_carried_constants_survive_save_and_load(tmp_path):
+    import jaxprune
+    from jaxprune.checkpoints import save_compact
+
+    model, variables, x, forward = _setup("resnet20")
+    g = trace_linen(model, variables, x, residual="scatter")
+    masks = random_masks(g, seed=7)
+    res = compact(model, variables, masks, g, keep_constants=True, sample_input=x)
+    path = save_compact(tmp_path / "m", res.model, res.variables, {}, input_shape=(32, 32, 3))
+    loaded, got, _ = jaxprune.load(path)
+    want = res.model.apply(res.variables, x)
+    np.testing.assert_array_equal(np.asarray(loaded.apply(got, x)), np.asarray(want))
+
+
 # ----------------------------------------------------------------------------- fine-tuning
 
 

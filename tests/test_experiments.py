@@ -571,21 +571,26 @@ def test_sanity_table_formats_records_dense_first(tmp_path):
 
 def test_pretrained_table_labels_epochs_against_the_papers_schedule(tmp_path):
     """A PFEC run counts its epochs against PFEC's 40; an SFP run planned shorter than SFP's 200
-    says it is a shortened recipe, so a short row never reads as the paper's."""
+    says it is a shortened recipe, so a short row never reads as the paper's; each row says
+    whether it retrained the compact or the masked model, and in which compute dtype."""
     spec = importlib.util.spec_from_file_location("jaxprune_pretrained_table",
                                                   REPO / "experiments" / "pretrained_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cost = {"macs_conv": 1000, "macs_conv_fc": 1010, "params": 100}
     small = {"macs_conv": 600, "macs_conv_fc": 610, "params": 70}
+    extra = {"pfec_run": {"compact_before_retraining": True, "dtype": "bfloat16"}, "sfp_run": {}}
     for name, method, epochs, done in (("pfec_run", "pfec", 40, 1), ("sfp_run", "sfp", 6, 2)):
         d = tmp_path / name
         d.mkdir()
-        (d / "config.json").write_text(json.dumps({"epochs": epochs, "method": {"name": method}}))
+        (d / "config.json").write_text(json.dumps({"epochs": epochs, "method": {"name": method},
+                                                   **extra[name]}))
         (d / "start.json").write_text(json.dumps({"pretrained_accuracy": 0.9, "after_init_accuracy": 0.5,
                                                   "dense_costs": cost, "after_init_costs": small}))
         (d / "metrics.jsonl").write_text('{"test_accuracy": 0.8}\n' * done)
     rows = mod.runs_table(tmp_path).splitlines()[2:]
-    assert rows[0].startswith("| `pfec_run` | pfec  | 1 / 40 | 90.00 | 50.00 | 80.00 | not finished |")
-    assert rows[1].startswith("| `sfp_run` | sfp  | 2 / 6 (the paper's 200 shortened to 6) | 90.00 |")
+    assert rows[0].startswith("| `pfec_run` | pfec  | compact, bfloat16 | 1 / 40 | 90.00 | 50.00 | 80.00 "
+                              "| not finished |")
+    assert rows[1].startswith("| `sfp_run` | sfp  | masked, float32 | 2 / 6 (the paper's 200 shortened "
+                              "to 6) | 90.00 |")
     assert "1,000 -> 600 (-40.0%)" in rows[1] and "100 -> 70 (-30.0%)" in rows[1]

@@ -313,13 +313,17 @@ def test_end_of_epoch_is_jittable_with_traced_epoch(tiny):
         assert step._cache_size() == 1  # the counts change, the compilation does not
 
 
-def test_sfp_finalize_is_hard_and_matches_compaction():
+@pytest.mark.parametrize("final_bn", ["zero", "keep"])
+def test_sfp_finalize_is_hard_and_matches_compaction(final_bn):
+    """``final_bn='zero'``: every slice of the pruned channels is zero. ``'keep'`` (the official
+    code): only their filters are, their BN is the trained one, and the compact model carries
+    the BN constants. Either way the compact model equals the masked one."""
     model = get_model("resnet20")
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 3)), jnp.float32)
     variables = random_variables(model, x[:1])
     graph = trace_linen(model, variables, x[:1], residual="scatter")
     ctx = MethodContext(graph, total_epochs=2)
-    method = SFP(rate=0.4)
+    method = SFP(rate=0.4, final_bn=final_bn)
     state = make_state(variables, graph)
     state = method.init(state, ctx)
     state = method.end_of_epoch(perturb_all(state, 1), 0, ctx)
@@ -332,12 +336,27 @@ def test_sfp_finalize_is_hard_and_matches_compaction():
         np.testing.assert_array_equal(m, np.asarray(final.hard[name]))
         assert set(np.unique(m).tolist()) <= {0.0, 1.0}
         assert int((m == 0).sum()) == int(g.size * 0.4)
-    # every slice of the pruned channels is zero: the masked model is the compacted one
     masked = {"params": final.params, "batch_stats": final.batch_stats}
-    assert_pruned_slices_zero(final.params, final.hard, graph)
-    trace = jax.tree_util.tree_leaves(final.opt_state)
-    assert sum(int((np.asarray(t) == 0).sum()) for t in trace) > 0
-    small = compaction.compact(model, masked, final.masks, graph)
+    if final_bn == "zero":
+        # every slice of the pruned channels is zero: the masked model is the compacted one
+        assert method.final_roles is None
+        assert_pruned_slices_zero(final.params, final.hard, graph)
+        trace = jax.tree_util.tree_leaves(final.opt_state)
+        assert sum(int((np.asarray(t) == 0).sum()) for t in trace) > 0
+        small = compaction.compact(model, masked, final.masks, graph)
+    else:
+        assert method.final_roles == ("out",)
+        np.testing.assert_array_equal(  # the BN of the pruned channels is untouched
+            final.params["layer1_0"]["bn1"]["bias"], state.params["layer1_0"]["bn1"]["bias"])
+        assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+            lambda a, b: bool(np.array_equal(a, b)), final.batch_stats, state.batch_stats))
+        dead = np.flatnonzero(np.asarray(final.masks["layer1_0/conv1"]) == 0)
+        assert not np.any(np.asarray(final.params["layer1_0"]["conv1"]["kernel"])[..., dead])
+        assert np.all(np.asarray(state.params["layer1_0"]["conv2"]["kernel"])[:, :, dead]
+                      == np.asarray(final.params["layer1_0"]["conv2"]["kernel"])[:, :, dead])
+        small = compaction.compact(model, masked, final.masks, graph, keep_constants=True,
+                                   sample_input=x)
+        assert jax.tree_util.tree_leaves(small.variables["carry"])
     want = jax.jit(model.apply)(masked, x)
     got = jax.jit(small.model.apply)(small.variables, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ import dataclasses
 from typing import Any, Callable
 
 from jaxprune.masks import init_masks
-from jaxprune.methods.base import MasksSetAtInit, Method, MethodContext
+from jaxprune.methods.base import MasksSetAtInit, Method, MethodContext, final_roles
 from jaxprune.methods.ghfp import GHFP
 from jaxprune.methods.hfp import HFP
 from jaxprune.methods.pfec import PFEC, PFEC_CONFIGS, PFECConfig, pfec_masks
@@ -178,6 +178,7 @@ __all__ = [
     "PFECConfig",
     "PFEC_CONFIGS",
     "SFP",
+    "final_roles",
     "get_method",
     "is_projection",
     "pfec_masks",

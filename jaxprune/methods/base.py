@@ -54,6 +54,13 @@ class Method(Protocol):
         """Final hard 0/1 masks: ``masks == hard``, params of pruned channels zeroed."""
 
 
+def final_roles(method: Any) -> tuple[str, ...] | None:
+    """Member roles the method's final model zeroes in its pruned channels: ``None`` (every
+    slice, the default) or, for SFP's official final model, ``('out',)`` (only the filters, so
+    the BN constants stay and compaction carries them: ``compact(..., keep_constants=True)``)."""
+    return getattr(method, "final_roles", None)
+
+
 def no_penalty(params: Any, batch_stats: Any, method_state: Any,
                ctx: MethodContext) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The zero penalty of the methods that have none."""

@@ -32,10 +32,13 @@ Interpretations (documented choices):
   (``t_zero`` the first zeroing step), so ``alpha`` has fallen to ``alpha0 e^-3`` when it is
   switched to 0.
 - **finalize.** A last selection at the full rate ``P`` on the current weights; ``masks ==
-  hard`` (0/1); every member slice of the pruned channels is zeroed (filters, BN scale/bias and
-  running statistics, the consumers' input slices), and the optimizer moments too, so the
-  masked model equals the compacted one (``jaxprune.compaction``) and a hard fine-tuning keeps
-  them at zero.
+  hard`` (0/1). With ``final_bn='keep'`` (the default, as the official code) only what a soft
+  selection zeroes is zeroed (the filters; with ``mask_bn`` their BN scale/bias too): a pruned
+  channel keeps its BN constants, `final_roles` says so, and ``compact(...,
+  keep_constants=True)`` carries them into the compact model, which then equals this masked
+  one. With ``final_bn='zero'`` every member slice of the pruned channels is zeroed (filters,
+  BN scale/bias and running statistics, the consumers' input slices) and the optimizer moments
+  too. A hard fine-tuning after either (``FixedMasks``) zeroes every slice of the hard channels.
 
 Jit: every function is pure and ``end_of_epoch`` is jittable with ``epoch`` a traced scalar,
 ``jax.jit(lambda s, e: method.end_of_epoch(s, e, ctx))``. The per-group counts are DATA, not
@@ -66,6 +69,7 @@ from jaxprune.methods.base import MethodContext, no_penalty
 Exclude = Union[Sequence[str], Callable[[str], bool]]
 
 SOFT_VARIANTS = ("sfp", "asfp", "srfp", "asrfp")
+FINAL_BN = ("keep", "zero")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -184,6 +188,8 @@ class SFP:
       alpha0, decay_rate, zero_fraction: SRFP's ``alpha_t = alpha0 exp(-c t)``, 0 for the last
         ``round(zero_fraction T)`` epochs; ``decay_rate=None`` picks ``c = 3 / t_zero``.
       mask_bn: also multiply the BN scale/bias (and conv bias) of the selected channels.
+      final_bn: 'keep' (official): the final model zeroes what a soft selection zeroes and keeps
+        the BN constants of the pruned channels; 'zero': it zeroes every slice of them.
       exclude: producer module paths / fnmatch patterns, or a predicate, never pruned.
       width: a `jaxprune.selection.WidthPolicy` (or ``round_to`` int) for the final
         selection's kept counts (hardware-friendly widths); default the exact counts.
@@ -198,12 +204,15 @@ class SFP:
     decay_rate: float | None = None
     zero_fraction: float = 0.15
     mask_bn: bool = False
+    final_bn: str = "keep"
     exclude: Any = ()
     width: Any = None
     name: str = ""
 
     def __post_init__(self):
         check_rate(self.rate, "SFP rate")
+        if self.final_bn not in FINAL_BN:
+            raise ValueError(f"final_bn must be one of {', '.join(FINAL_BN)}, got {self.final_bn!r}")
         object.__setattr__(self, "width", selection.as_width_policy(self.width))
         criteria.get_criterion(self.criterion)
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
@@ -226,6 +235,11 @@ class SFP:
     def soft_roles(self) -> tuple[str, ...]:
         """Member roles multiplied at a soft selection."""
         return ("out", "vector") if self.mask_bn else ("out",)
+
+    @property
+    def final_roles(self) -> tuple[str, ...] | None:
+        """Member roles zeroed in the final model (None: every slice of the pruned channels)."""
+        return self.soft_roles if self.final_bn == "keep" else None
 
     def pruned_groups(self, graph: PruningGraph) -> tuple[str, ...]:
         """Names of the groups this method prunes (conv groups with no excluded producer)."""
@@ -321,6 +335,9 @@ def _sfp_select(method: SFP, ctx: MethodContext, state: Any, counts: dict, alpha
 def _sfp_finalize(method: SFP, ctx: MethodContext, state: Any, counts: dict):
     masks = method.selection_masks(state, ctx.graph, counts, jnp.float32(0.0))
     state = state.replace(masks=masks, hard=dict(masks))
+    if method.final_roles is not None:
+        return state.replace(params=apply_masks(state.params, masks, ctx.graph,
+                                                roles=method.final_roles, prefix=("params",)))
     return harden(state, masks, ctx.graph)
 
 

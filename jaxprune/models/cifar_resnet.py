@@ -29,9 +29,10 @@ from jaxprune.models.common import (
     BN_MOMENTUM,
     EMPTY,
     KeepMixin,
+    carried,
+    carried_reindex,
     conv_init,
     positions,
-    reindex,
     sub_keep,
     width,
 )
@@ -67,20 +68,21 @@ class CifarBasicBlock(KeepMixin, nn.Module):
             width(self.keep_out, "conv1", self.planes), (3, 3), (self.stride, self.stride),
             padding=((1, 1), (1, 1)), use_bias=False, kernel_init=conv_init(), dtype=self.dtype, name="conv1",
         )(x)
-        y = nn.relu(_bn("bn1", train, self.dtype)(y))
+        y = nn.relu(_bn("bn1", train, self.dtype)(carried(self, "conv1", y)))
         y = nn.Conv(
             width(self.keep_out, "conv2", self.planes), (3, 3), padding=((1, 1), (1, 1)),
             use_bias=False, kernel_init=conv_init(), dtype=self.dtype, name="conv2",
         )(y)
-        y = _bn("bn2", train, self.dtype)(y)
+        y = _bn("bn2", train, self.dtype)(carried(self, "conv2", y))
 
         if self.stride != 1 or self.in_planes != self.planes:
             # option A: subsample, then zero channels on both sides (dense offset lo).
             lo = (self.planes - self.in_planes) // 2
-            shortcut = reindex(x[:, :: self.stride, :: self.stride, :], tuple(lo + p for p in in_pos), out_pos)
+            shortcut = carried_reindex(self, "shortcut", x[:, :: self.stride, :: self.stride, :],
+                                       tuple(lo + p for p in in_pos), out_pos)
         else:
-            shortcut = reindex(x, in_pos, out_pos)
-        return nn.relu(shortcut + reindex(y, branch_pos, out_pos))
+            shortcut = carried_reindex(self, "shortcut", x, in_pos, out_pos)
+        return nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos))
 
 
 class CifarResNet(KeepMixin, nn.Module):
@@ -114,7 +116,8 @@ class CifarResNet(KeepMixin, nn.Module):
         )(x)
         x = nn.relu(_bn("stem_bn", train, self.dtype)(x))
         # the stream's positions are those its first consumer reads (identity when consistent)
-        x = reindex(
+        x = carried_reindex(
+            self, "stream",
             x,
             positions(self.keep_out, "stem", STAGE_WIDTHS[0]),
             positions(self.keep_in, f"{blocks[0][0]}/conv1", STAGE_WIDTHS[0]),
@@ -132,4 +135,4 @@ class CifarResNet(KeepMixin, nn.Module):
                 name=name,
             )(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return carried(self, "fc", nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))

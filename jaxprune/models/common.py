@@ -9,6 +9,13 @@ both ``FrozenDict``s of int tuples, empty by default (the dense model). A conv's
 ``width(keep_out, path, dense_width)``. Where two activations meet in a residual ``add`` both are
 moved into the output's channel positions with :func:`reindex` (zeros where an operand has no
 channel), so a compacted model computes exactly what the masked dense model computes.
+
+Constants of removed channels (SFP's official final model zeroes only the filters, so a
+removed channel still emits its BN constant): a model marks with :func:`carried` every conv /
+dense output and every reindexed operand of an add. ``jaxprune.compaction.compact(...,
+keep_constants=True)`` reads the dense model's operands at those points (collection
+``'carry_sites'``) and stores what the removed channels contributed there in the compact
+model's ``'carry'`` collection, which :func:`carried` adds back.
 """
 
 from __future__ import annotations
@@ -122,6 +129,36 @@ def reindex(x: jnp.ndarray, src: Sequence[int], dst: Sequence[int]) -> jnp.ndarr
         return jnp.take(x, index, axis=-1)
     zero = jnp.zeros(x.shape[:-1] + (1,), x.dtype)
     return jnp.take(jnp.concatenate([x, zero], axis=-1), index, axis=-1)
+
+
+CARRY = "carry"
+CARRY_SITES = "carry_sites"
+
+
+def carried(module: Any, name: str, x: jnp.ndarray, dst: Sequence[int] | None = None,
+            src: Sequence[int] | None = None) -> jnp.ndarray:
+    """``x`` plus the carried constant ``name + '_const'`` of ``module``'s ``'carry'``
+    collection, when the (compact) model has one; otherwise ``x`` unchanged.
+
+    ``x`` is a conv / dense output named ``name`` (the removed input channels' contribution is
+    carried), or an operand reindexed from positions ``src`` to ``dst`` (the constants of the
+    positions of ``dst`` missing from ``src`` are carried). The dense model records ``x`` (and
+    ``dst``, ``src``) in ``'carry_sites'`` when that collection is mutable, outside ``init``
+    (`jaxprune.compaction` reads it); otherwise the call costs nothing.
+    """
+    if dst is not None and module.is_mutable_collection(CARRY_SITES) and not module.is_initializing():
+        present = np.isin(np.asarray(dst), np.asarray(src)).astype(np.float32)
+        module.sow(CARRY_SITES, name, (x, jnp.asarray(np.asarray(dst), jnp.int32), jnp.asarray(present)))
+    var = name + "_const"
+    if module.has_variable(CARRY, var):
+        x = x + module.get_variable(CARRY, var).astype(x.dtype)
+    return x
+
+
+def carried_reindex(module: Any, name: str, x: jnp.ndarray, src: Sequence[int],
+                    dst: Sequence[int]) -> jnp.ndarray:
+    """:func:`reindex` of ``x`` from ``src`` to ``dst`` as site ``name`` of :func:`carried`."""
+    return carried(module, name, reindex(x, src, dst), dst=dst, src=src)
 
 
 def conv_init():

@@ -27,9 +27,10 @@ from jaxprune.models.common import (
     BN_MOMENTUM,
     EMPTY,
     KeepMixin,
+    carried,
+    carried_reindex,
     conv_init,
     positions,
-    reindex,
     sub_keep,
     width,
 )
@@ -86,27 +87,33 @@ class ResNetBlock(KeepMixin, nn.Module):
         out_pos = self.out_positions if self.out_positions is not None else tuple(range(c_out))
 
         if self.bottleneck:
-            y = _conv(width(ko, "conv1", self.planes), 1, 1, "conv1", self.dtype)(x)
+            y = carried(self, "conv1",
+                        _conv(width(ko, "conv1", self.planes), 1, 1, "conv1", self.dtype)(x))
             y = nn.relu(_bn("bn1", train, self.dtype)(y))
-            y = _conv(width(ko, "conv2", self.planes), 3, self.stride, "conv2", self.dtype)(y)
+            y = carried(self, "conv2",
+                        _conv(width(ko, "conv2", self.planes), 3, self.stride, "conv2", self.dtype)(y))
             y = nn.relu(_bn("bn2", train, self.dtype)(y))
-            y = _conv(width(ko, "conv3", c_out), 1, 1, "conv3", self.dtype)(y)
+            y = carried(self, "conv3",
+                        _conv(width(ko, "conv3", c_out), 1, 1, "conv3", self.dtype)(y))
             y = _bn("bn3", train, self.dtype)(y)
             branch_pos = positions(ko, "conv3", c_out)
         else:
-            y = _conv(width(ko, "conv1", self.planes), 3, self.stride, "conv1", self.dtype)(x)
+            y = carried(self, "conv1",
+                        _conv(width(ko, "conv1", self.planes), 3, self.stride, "conv1", self.dtype)(x))
             y = nn.relu(_bn("bn1", train, self.dtype)(y))
-            y = _conv(width(ko, "conv2", c_out), 3, 1, "conv2", self.dtype)(y)
+            y = carried(self, "conv2",
+                        _conv(width(ko, "conv2", c_out), 3, 1, "conv2", self.dtype)(y))
             y = _bn("bn2", train, self.dtype)(y)
             branch_pos = positions(ko, "conv2", c_out)
 
         if self.has_projection:
-            s = _conv(width(ko, "downsample", c_out), 1, self.stride, "downsample", self.dtype)(x)
+            s = carried(self, "downsample",
+                        _conv(width(ko, "downsample", c_out), 1, self.stride, "downsample", self.dtype)(x))
             s = _bn("downsample_bn", train, self.dtype)(s)
-            shortcut = reindex(s, positions(ko, "downsample", c_out), out_pos)
+            shortcut = carried_reindex(self, "shortcut", s, positions(ko, "downsample", c_out), out_pos)
         else:
-            shortcut = reindex(x, in_pos, out_pos)
-        return nn.relu(shortcut + reindex(y, branch_pos, out_pos))
+            shortcut = carried_reindex(self, "shortcut", x, in_pos, out_pos)
+        return nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos))
 
 
 class ImageNetResNet(KeepMixin, nn.Module):
@@ -137,8 +144,9 @@ class ImageNetResNet(KeepMixin, nn.Module):
         x = _conv(width(self.keep_out, "stem", c0), 7, 2, "stem", self.dtype)(x)
         x = nn.relu(_bn("stem_bn", train, self.dtype)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        x = reindex(
-            x, positions(self.keep_out, "stem", c0), positions(self.keep_in, f"{blocks[0][0]}/conv1", c0)
+        x = carried_reindex(
+            self, "stream", x, positions(self.keep_out, "stem", c0),
+            positions(self.keep_in, f"{blocks[0][0]}/conv1", c0)
         )
         for i, (name, in_planes, planes, stride, bottleneck) in enumerate(blocks):
             c_out = planes * (4 if bottleneck else 1)
@@ -155,4 +163,4 @@ class ImageNetResNet(KeepMixin, nn.Module):
                 name=name,
             )(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
+        return carried(self, "fc", nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x))

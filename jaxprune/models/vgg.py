@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxprune.models.common import BN_EPSILON, BN_MOMENTUM, EMPTY, KeepMixin, conv_init, width
+from jaxprune.models.common import BN_EPSILON, BN_MOMENTUM, EMPTY, KeepMixin, carried, conv_init, width
 
 VGG_CFGS: dict[int, tuple] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -47,20 +47,21 @@ class CifarVGG(KeepMixin, nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 continue
             i += 1
-            x = nn.Conv(
+            x = carried(self, f"conv{i}", nn.Conv(
                 width(self.keep_out, f"conv{i}", v), (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=conv_init(), dtype=self.dtype, name=f"conv{i}",
-            )(x)
+            )(x))
             x = nn.BatchNorm(
                 use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
                 name=f"bn{i}",
             )(x)
             x = nn.relu(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dense(width(self.keep_out, "fc1", self.hidden), dtype=self.dtype, name="fc1")(x)
+        x = carried(self, "fc1", nn.Dense(width(self.keep_out, "fc1", self.hidden), dtype=self.dtype,
+                                          name="fc1")(x))
         x = nn.BatchNorm(
             use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
             name="fc1_bn",
         )(x)
         x = nn.relu(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x)
+        return carried(self, "fc2", nn.Dense(self.num_classes, dtype=self.dtype, name="fc2")(x))
