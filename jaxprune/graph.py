@@ -99,10 +99,6 @@ class LeafInfo:
         return self.path[0] == "params"
 
 
-class TraceError(ValueError):
-    """The tracer met something it cannot follow on a prunable channel."""
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class PruningGraph:
     """The prunable groups of a model, plus what is needed to count its cost.
@@ -287,8 +283,13 @@ class _Tracer:
         self.splits: list[tuple[np.ndarray, str]] = []  # (input axis ids, where) of axis splits
         self.poison: list[tuple[np.ndarray, str]] = []
         self.unknown: list[tuple[np.ndarray, str]] = []
+        self.call_sites: list[str] = []  # source lines of the calls being walked (innermost last)
         self.data: set[Any] = set()
         self.origin: dict[Any, int] = {}
+        # var -> the leaf axis of each of its axes, where not the identity (a scanned stack's
+        # per-iteration slice, a transposed kernel)
+        self.origin_axes: dict[Any, tuple[int, ...]] = {}
+        self.repeat = 1  # how many times the ops being walked run (scan bodies: the length)
         # concrete values of integer/bool variables computed from constants only (the static
         # indices of a gather such as `reindex`'s), see `fold`
         self.value: dict[Any, np.ndarray] = {}
@@ -296,6 +297,49 @@ class _Tracer:
         self.producer_ids: list[np.ndarray] = []
         self.channel_ids: list[np.ndarray] = []
         self.ops: list[tuple[str, int, int, list[np.ndarray]]] = []  # kind, leaf, const, axes
+
+    def copy_origin(self, dst, src, axes: Sequence[int] | None = None) -> None:
+        """``dst`` derives from the same leaf as ``src``; its axis ``i`` is ``src``'s axis
+        ``axes[i]`` (default the same axis)."""
+        if isinstance(src, self._literal) or src not in self.origin:
+            return
+        self.origin[dst] = self.origin[src]
+        base = self.origin_axes.get(src)
+        if axes is not None:
+            base = tuple(base[a] if base else a for a in axes)
+        if base is None:
+            self.origin_axes.pop(dst, None)
+        else:
+            self.origin_axes[dst] = base
+
+    def leaf_axis(self, v, ax: int) -> int:
+        """The axis of ``v``'s leaf that ``v``'s axis ``ax`` is."""
+        m = self.origin_axes.get(v)
+        return m[ax] if m else ax
+
+    def forget(self, jaxpr) -> None:
+        """Drops what is known about ``jaxpr``'s variables: a sub-jaxpr (jit, custom_jvp, a scan
+        body) may be shared by several call sites, each of which gets fresh channel ids."""
+        for eq in jaxpr.eqns:
+            for ov in eq.outvars:
+                self.ids.pop(ov, None)
+                self.data.discard(ov)
+                self.origin.pop(ov, None)
+                self.origin_axes.pop(ov, None)
+                self.value.pop(ov, None)
+        for iv in jaxpr.invars:
+            self.ids.pop(iv, None)
+            self.data.discard(iv)
+            self.origin.pop(iv, None)
+            self.origin_axes.pop(iv, None)
+            self.value.pop(iv, None)
+
+    def where(self, eqn) -> str:
+        """The user's source line of ``eqn``, or of the call (jit, custom_jvp, ...) it is in."""
+        here = _where(eqn)
+        if here == "unknown location" and self.call_sites:
+            return self.call_sites[-1]
+        return here
 
     # -- ids
     def axes(self, v) -> list[np.ndarray] | None:
@@ -329,18 +373,7 @@ class _Tracer:
 
     def alias_call(self, eqn, sub) -> None:
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-        # A sub-jaxpr (jit, custom_jvp such as relu) is shared by all its call sites: forget
-        # the channel ids of its variables so each call gets fresh ones.
-        for eq in inner.eqns:
-            for ov in eq.outvars:
-                self.ids.pop(ov, None)
-                self.data.discard(ov)
-                self.origin.pop(ov, None)
-                self.value.pop(ov, None)
-        for iv in inner.invars:
-            self.data.discard(iv)
-            self.origin.pop(iv, None)
-            self.value.pop(iv, None)
+        self.forget(inner)
         for cv, c in zip(getattr(inner, "constvars", ()), getattr(sub, "consts", ())):
             if _is_index_dtype(getattr(cv.aval, "dtype", None)):
                 self.value[cv] = np.asarray(c)  # e.g. a jitted function's closed-over index
@@ -354,10 +387,11 @@ class _Tracer:
             self.ids[iv] = ids
             if outer in self.data:
                 self.data.add(iv)
-            if outer in self.origin:
-                self.origin[iv] = self.origin[outer]
+            self.copy_origin(iv, outer)
+        self.call_sites.append(self.where(eqn))
         for eq in inner.eqns:
             self.eqn(eq)
+        self.call_sites.pop()
         for outer, ov in zip(eqn.outvars, inner.outvars):
             o_ids = self.axes(outer)
             i_ids = self.axes(ov)
@@ -367,8 +401,7 @@ class _Tracer:
                 self.link(a, b)
             if self.is_data(ov):
                 self.data.add(outer)
-            if not isinstance(ov, self._literal) and ov in self.origin:
-                self.origin[outer] = self.origin[ov]
+            self.copy_origin(outer, ov)
             val = self.known(ov)
             if val is not None:
                 self.value[outer] = val
@@ -410,6 +443,9 @@ class _Tracer:
         outs = [self.axes(v) for v in eqn.outvars]
         if any(self.is_data(v) for v in eqn.invars):
             self.data.update(eqn.outvars)
+        user = _RULES.get(name)
+        if user is not None:
+            return self.user_rule(eqn, user, ins, outs)
         sub = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params), None)
         if sub is not None and name not in ("while", "cond", "scan"):
             return self.alias_call(eqn, sub)
@@ -421,10 +457,34 @@ class _Tracer:
             return self.elementwise(eqn, ins, outs)
         if name in _NO_LINK:
             return None
-        where = _where(eqn)
+        where = self.where(eqn)
         for ids in ins + outs:
             for a in ids or ():
                 self.unknown.append((a, f"primitive '{name}' ({where})"))
+
+    def user_rule(self, eqn, rule, ins, outs) -> None:
+        """A `register_rule` rule: link the axis pairs it returns; every other axis of the
+        primitive's operands and results is lost to pruning (never guessed)."""
+        if rule == "elementwise":
+            return self.elementwise(eqn, ins, outs)
+        linked: set[tuple[str, int, int]] = set()
+        for i, ia, o, oa in rule(eqn):
+            a, b = ins[i], outs[o]
+            if a is None:
+                continue
+            if len(a[ia]) != len(b[oa]):
+                raise ValueError(f"register_rule for {eqn.primitive.name!r}: input {i} axis {ia} "
+                                 f"(size {len(a[ia])}) and output {o} axis {oa} (size {len(b[oa])}) "
+                                 "differ in size; only axes that carry the same channels may be linked")
+            self.link(a[ia], b[oa])
+            linked.update({("in", i, ia), ("out", o, oa)})
+        where = self.where(eqn)
+        for kind, ids_list in (("in", ins), ("out", outs)):
+            for k, ids in enumerate(ids_list):
+                for ax, a in enumerate(ids or ()):
+                    if (kind, k, ax) not in linked:
+                        self.unknown.append((a, f"axis {ax} of primitive '{eqn.primitive.name}' "
+                                                f"(not linked by its rule; {where})"))
 
     def elementwise(self, eqn, ins, outs) -> None:
         out_shape = eqn.outvars[0].aval.shape
@@ -441,11 +501,11 @@ class _Tracer:
                         self.link(a, b)
         if eqn.primitive.name in _ORIGIN_PRESERVING or (
                 not any(self.is_data(v) for v in eqn.invars)):
-            origins = [self.origin[v] for v in eqn.invars
+            origins = [v for v in eqn.invars
                        if not isinstance(v, self._literal) and v in self.origin
                        and v.aval.shape == out_shape]
             if len(origins) == 1:
-                self.origin[eqn.outvars[0]] = origins[0]
+                self.copy_origin(eqn.outvars[0], origins[0])
 
     # -- structural primitives
     def rule_broadcast_in_dim(self, eqn, ins, outs):
@@ -460,8 +520,7 @@ class _Tracer:
         x, o = ins[0], outs[0]
         for i, p in enumerate(eqn.params["permutation"]):
             self.link(x[p], o[i])
-        if eqn.invars[0] in self.origin:
-            self.origin[eqn.outvars[0]] = self.origin[eqn.invars[0]]
+        self.copy_origin(eqn.outvars[0], eqn.invars[0], axes=eqn.params["permutation"])
 
     def rule_squeeze(self, eqn, ins, outs):
         x, o = ins[0], outs[0]
@@ -495,7 +554,7 @@ class _Tracer:
                 self.reshapes.append((o[bj[0]], [x[k] for k in bi], [xs[k] for k in bi]))
             elif len(bi) == 1 and len(bj) > 1:
                 self.reshapes.append((x[bi[0]], [o[k] for k in bj], [os_[k] for k in bj]))
-                self.splits.append((x[bi[0]], _where(eqn)))
+                self.splits.append((x[bi[0]], self.where(eqn)))
             elif bi and bj:
                 for a in [x[k] for k in bi] + [o[k] for k in bj]:
                     self.poison.append((a, "a reshape regroups several axes"))
@@ -516,7 +575,7 @@ class _Tracer:
         # its count, so the compact model would compute something else. Refused; the sums of a
         # matmul are dot_general, and global pooling reduces spatial axes, which carry no channel.
         self._reduce(eqn, ins, outs, bad=False)
-        where = _where(eqn)
+        where = self.where(eqn)
         for i in set(eqn.params["axes"]):
             self.poison.append((ins[0][i], f"summed over by {eqn.primitive.name} (a mean or "
                                            f"normalisation over channels) at {where}"))
@@ -651,18 +710,18 @@ class _Tracer:
         self.channel_ids.extend([rhs[ri], lhs[lf]])
         leaf = self.origin.get(eqn.invars[1], -1)
         if leaf >= 0:
-            self.roles[(leaf, ro)] = "out"
+            self.roles[(leaf, self.leaf_axis(eqn.invars[1], ro))] = "out"
             if g == 1:
-                self.roles[(leaf, ri)] = "in"
+                self.roles[(leaf, self.leaf_axis(eqn.invars[1], ri))] = "in"
         lhs_dil = tuple(p.get("lhs_dilation") or ()) or (1,) * len(rsp)
         if any(d != 1 for d in lhs_dil):
             # a transposed (input-dilated) conv: count only the taps that land on real input
             # positions, not on the inserted zeros or the padding (methods.md: MACs are real work)
             taps = _real_taps(eqn, dn, lhs_dil)
-            self.ops.append(("conv", leaf, taps, [out[ob], out[of], rhs[ri]]))
+            self.ops.append(("conv", leaf, taps * self.repeat, [out[ob], out[of], rhs[ri]]))
             return
         const = int(np.prod([len(rhs[k]) for k in rsp])) if rsp else 1
-        self.ops.append(("conv", leaf, const, [out[k] for k in range(len(out))] + [rhs[ri]]))
+        self.ops.append(("conv", leaf, const * self.repeat, [out[k] for k in range(len(out))] + [rhs[ri]]))
 
     def rule_dot_general(self, eqn, ins, outs):
         lhs, rhs = ins
@@ -686,19 +745,150 @@ class _Tracer:
         if leaf < 0 and self.origin.get(eqn.invars[0], -1) >= 0:
             leaf, w, free, contr, wi = self.origin[eqn.invars[0]], lhs, lfree, lc, 0
         if leaf >= 0:
+            wv = eqn.invars[wi]
             for i in free:
-                self.roles[(leaf, i)] = "out"
+                self.roles[(leaf, self.leaf_axis(wv, i))] = "out"
                 self.producer_ids.append(w[i])
             for i in contr:
-                self.roles[(leaf, i)] = "in"
+                self.roles[(leaf, self.leaf_axis(wv, i))] = "in"
                 self.channel_ids.append(w[i])
-        self.ops.append(("dense", leaf, 1, list(out) + [lhs[i] for i in lc]))
+        self.ops.append(("dense", leaf, self.repeat, list(out) + [lhs[i] for i in lc]))
+
+    # -- control flow: the body is walked once; its channels are the same at every iteration
+    def rule_scan(self, eqn, ins, outs):
+        p = eqn.params
+        closed = p["jaxpr"]
+        inner = closed.jaxpr
+        n_consts, n_carry = p["num_consts"], p["num_carry"]
+        self.forget(inner)
+        for k, (outer, iv) in enumerate(zip(eqn.invars, inner.invars)):
+            ids = self.axes(outer)
+            if ids is None:
+                continue
+            off = 1 if k >= n_consts + n_carry else 0  # xs: the leading axis is the iteration
+            for a, b in zip(ids[off:], self.axes(iv)):
+                self.link(a, b)
+            if self.is_data(outer):
+                self.data.add(iv)
+            self.copy_origin(iv, outer, axes=range(off, len(ids)))
+        self.call_sites.append(self.where(eqn))
+        self.repeat *= int(p["length"])
+        for eq in inner.eqns:
+            self.eqn(eq)
+        self.repeat //= int(p["length"])
+        self.call_sites.pop()
+        body_carry = inner.invars[n_consts:n_consts + n_carry]
+        for k, (outer, ov) in enumerate(zip(eqn.outvars, inner.outvars)):
+            i_ids = self.axes(ov)
+            if i_ids is None:
+                continue
+            if k < n_carry:  # the carry leaving an iteration is the one entering the next
+                for a, b in zip(i_ids, self.axes(body_carry[k])):
+                    self.link(a, b)
+            off = 0 if k < n_carry else 1  # ys: stacked over the iterations
+            for a, b in zip(self.axes(outer)[off:], i_ids):
+                self.link(a, b)
+            if self.is_data(ov):
+                self.data.add(outer)
+
+    def rule_cond(self, eqn, ins, outs):
+        # every branch reads the operands and writes the results: their channels are linked;
+        # the MACs of every branch are counted (an upper bound: one branch runs)
+        for closed in eqn.params["branches"]:
+            inner = closed.jaxpr
+            self.forget(inner)
+            for outer, iv in zip(eqn.invars[1:], inner.invars):
+                ids = self.axes(outer)
+                if ids is None:
+                    continue
+                for a, b in zip(ids, self.axes(iv)):
+                    self.link(a, b)
+                if self.is_data(outer):
+                    self.data.add(iv)
+                self.copy_origin(iv, outer)
+            self.call_sites.append(self.where(eqn))
+            for eq in inner.eqns:
+                self.eqn(eq)
+            self.call_sites.pop()
+            for outer, ov in zip(eqn.outvars, inner.outvars):
+                i_ids = self.axes(ov)
+                if i_ids is None:
+                    continue
+                for a, b in zip(self.axes(outer), i_ids):
+                    self.link(a, b)
+                if self.is_data(ov):
+                    self.data.add(outer)
+
+    def rule_while(self, eqn, ins, outs):
+        # the carry is the same channels before, during and after the loop; the loop condition
+        # is walked too (a reduction over channels there is refused like anywhere else). The
+        # trip count is unknown when tracing: the body's MACs count once.
+        p = eqn.params
+        nc, nb = p["cond_nconsts"], p["body_nconsts"]
+        carry = eqn.invars[nc + nb:]
+        for closed, consts in ((p["cond_jaxpr"], eqn.invars[:nc]), (p["body_jaxpr"], eqn.invars[nc:nc + nb])):
+            inner = closed.jaxpr
+            self.forget(inner)
+            for outer, iv in zip(list(consts) + list(carry), inner.invars):
+                ids = self.axes(outer)
+                if ids is None:
+                    continue
+                for a, b in zip(ids, self.axes(iv)):
+                    self.link(a, b)
+                if self.is_data(outer):
+                    self.data.add(iv)
+                self.copy_origin(iv, outer)
+            self.call_sites.append(self.where(eqn))
+            for eq in inner.eqns:
+                self.eqn(eq)
+            self.call_sites.pop()
+        body = p["body_jaxpr"].jaxpr
+        for k, (outer, ov) in enumerate(zip(eqn.outvars, body.outvars)):
+            i_ids = self.axes(ov)
+            if i_ids is None:
+                continue
+            for a, b, c in zip(self.axes(outer), i_ids, self.axes(carry[k]) or i_ids):
+                self.link(a, b)
+                self.link(b, c)
+            if self.is_data(ov):
+                self.data.add(outer)
 
     def _unknown_all(self, eqn, ins, outs):
-        where = _where(eqn)
+        where = self.where(eqn)
         for ids in ins + outs:
             for a in ids or ():
                 self.unknown.append((a, f"primitive '{eqn.primitive.name}' ({where})"))
+
+
+# primitive name -> rule, see `register_rule` (a process-wide table, like JAX's own
+# primitive registrations; the bundled rules are the `_Tracer.rule_*` methods)
+_RULES: dict[str, Any] = {}
+
+
+def register_rule(primitive: str, rule: Callable[[Any], Sequence[tuple[int, int, int, int]]] | str
+                  ) -> None:
+    """Teaches `trace` how channels pass through a primitive it does not know.
+
+    Args:
+      primitive: the primitive's name as it appears in a jaxpr (``jax.make_jaxpr``), e.g.
+        ``'sort'`` or the name of your own ``jax.extend.core.Primitive``.
+      rule: ``'elementwise'`` (every output axis carries the channels of the same-size axes of
+        the operands), or a function of the jaxpr equation returning
+        ``(operand index, operand axis, result index, result axis)`` tuples: each pair of axes
+        carries the same channels, position for position. Every axis it does not return is
+        lost to pruning, with the primitive and the source line as the reason.
+    ``rule=None`` removes a registered rule. A primitive without a rule loses every channel
+    it touches (``PruningGraph.unprunable`` says which and why); the rest of the model is
+    traced as usual.
+    """
+    if not isinstance(primitive, str) or not primitive:
+        raise ValueError(f"primitive must be a primitive name (str), got {primitive!r}")
+    if rule is None:
+        _RULES.pop(primitive, None)
+        return
+    if not (rule == "elementwise" or callable(rule)):
+        raise ValueError(f"rule must be 'elementwise', a function of the equation or None, got {rule!r}")
+    _RULES[primitive] = rule
 
 
 def _real_taps(eqn, dn, lhs_dil) -> int:
@@ -766,8 +956,11 @@ def trace(
     Returns:
       The `PruningGraph`.
 
+    A primitive the tracer cannot follow loses only the channels it touches (their reason, with
+    the primitive and the user's source line, is in ``PruningGraph.unprunable``);
+    `register_rule` teaches it one.
+
     Raises:
-      TraceError: a primitive the tracer cannot follow touches a prunable channel.
       ValueError: ``residual`` is not one of 'coupled', 'scatter'.
     """
     import jax
@@ -847,11 +1040,10 @@ def _build_graph(t: _Tracer, comp, jaxpr, paths, leaf_ids, residual) -> PruningG
         for c in np.unique(comp[ids]):
             reason.setdefault(int(c), why)
     for ids, why in t.unknown:
+        # only the channels the primitive touches are lost (jaxprune.graph.register_rule)
         for c in np.unique(comp[ids]):
-            if is_producer[c] and int(c) not in reason:
-                raise TraceError(
-                    f"cannot follow {why} on a prunable channel; register a rule for it or "
-                    "exclude that part of the model from tracing")
+            reason.setdefault(int(c), f"cannot follow {why}; jaxprune.graph.register_rule "
+                                      "teaches the tracer a primitive")
 
     # Leaf elements of each component: (leaf, axis, position).
     members: dict[int, dict[tuple[int, int], list[int]]] = {}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxprune.graph import TraceError, leaf_paths, module_path, trace, trace_linen
+from jaxprune.graph import leaf_paths, module_path, register_rule, trace, trace_linen
 from jaxprune.models import SmallNNXCNN
 
 N_BLOCKS = 3  # ResNet-20: 3 blocks per stage
@@ -348,13 +348,54 @@ class _Sorted(nn.Module):
 
 @pytest.mark.parametrize("where,primitive", [("channels", "sort"),
                                              ("callback", "pure_callback")])
-def test_unknown_primitive_on_prunable_channel_raises(where, primitive):
+def test_unknown_primitive_loses_only_the_channels_it_touches(where, primitive):
+    """Conv 'a' feeds a primitive the tracer does not know: its channels are unprunable, with
+    the primitive and the user's source line as the reason; the graph is still built."""
     m = _Sorted(where=where)
     x = jnp.zeros((1, 4, 4, 3))
     v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
-    with pytest.raises(TraceError, match=f"primitive '{primitive}'") as info:
-        trace_linen(m, v, x)
-    assert "prunable channel" in str(info.value)
+    g = trace_linen(m, v, x)
+    assert "a" not in g.groups
+    assert f"primitive '{primitive}'" in g.unprunable["a"]
+    assert "test_graph.py" in g.unprunable["a"] and "register_rule" in g.unprunable["a"]
+
+
+class _SortThenConv(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3), name="a")(x)
+        y = nn.Conv(4, (3, 3), name="b")(jnp.sort(y, axis=1))  # sort along H only
+        return nn.Conv(2, (1, 1), name="c")(nn.relu(y))
+
+
+def test_register_rule_teaches_a_primitive():
+    """With a rule saying sort(axis=1) carries every other axis through, 'a' becomes prunable
+    again and its group reaches b's input; a wrong-sized link is refused; removal restores."""
+    m = _SortThenConv()
+    x = jnp.zeros((1, 4, 4, 3))
+    v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
+    assert "a" in trace_linen(m, v, x).unprunable
+
+    def sort_rule(eqn):
+        dim = eqn.params["dimension"]
+        return [(0, ax, 0, ax) for ax in range(len(eqn.invars[0].aval.shape)) if ax != dim]
+
+    try:
+        register_rule("sort", sort_rule)
+        g = trace_linen(m, v, x)
+        assert "a" in g.groups and "a" not in g.unprunable
+        assert {(mem.module, mem.role) for mem in g.groups["a"].members} >= {("a", "out"), ("b", "in")}
+        register_rule("sort", "elementwise")  # wrong here (sorting mixes H), but accepted form
+        assert "a" in trace_linen(m, v, x).groups
+        register_rule("sort", lambda eqn: [(0, 3, 0, 1)])  # channels (4) onto H (4): same size
+        register_rule("sort", lambda eqn: [(0, 0, 0, 3)])  # batch (1) onto channels (4)
+        with pytest.raises(ValueError, match="differ in size"):
+            trace_linen(m, v, x)
+    finally:
+        register_rule("sort", None)
+    assert "a" in trace_linen(m, v, x).unprunable
+    with pytest.raises(ValueError, match="rule must be"):
+        register_rule("sort", 3)
 
 
 def test_unknown_primitive_off_prunable_channels_is_fine():
@@ -439,3 +480,117 @@ def test_channel_statistics_make_a_conv_unprunable_with_the_reason_and_line(norm
     plain = _NormAfterConv("none")
     v = plain.init(jax.random.PRNGKey(0), x)
     assert "conv_a" in trace_linen(plain, v, x).producer_to_group()
+
+
+# ----------------------------------------------------------------------------- control flow
+
+
+class _Body(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.relu(nn.Conv(8, (3, 3), name="c")(x)), None
+
+
+class _Scanned(nn.Module):
+    """A stem, then 3 residual conv blocks as one `nn.scan` (params stacked on axis 0)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="stem")(x)
+        blocks = nn.scan(_Body, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        x, _ = blocks(name="blocks")(x, None)
+        return nn.Dense(4, name="fc")(x.mean((1, 2)))
+
+
+class _Unrolled(nn.Module):
+    """The same network written out: blocks b0, b1, b2."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="stem")(x)
+        for i in range(3):
+            x, _ = _Body(name=f"b{i}")(x, None)
+        return nn.Dense(4, name="fc")(x.mean((1, 2)))
+
+
+def _unstacked(v):
+    p = dict(v["params"])
+    stack = p.pop("blocks")["c"]
+    for i in range(3):
+        p[f"b{i}"] = {"c": jax.tree_util.tree_map(lambda a, i=i: a[i], stack)}
+    return {"params": p}
+
+
+@pytest.mark.parametrize("policy", ["scatter", "coupled"])
+def test_scan_body_channels_are_shared_across_iterations(policy):
+    """An `nn.scan` is followed: its body's conv is one group for all iterations (its stacked
+    kernel's channel axis is axis 4), the MACs count every iteration, and masking it is
+    masking the same channels of every block of the written-out network."""
+    from jaxprune import flops
+    from jaxprune.masks import apply_masks
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+    scanned, unrolled = _Scanned(), _Unrolled()
+    v = scanned.init(jax.random.PRNGKey(0), x)
+    vu = _unstacked(v)
+    gs, gu = trace_linen(scanned, v, x, residual=policy), trace_linen(unrolled, vu, x, residual=policy)
+    assert flops.count(gs).macs == flops.count(gu).macs
+    rng = np.random.default_rng(1)
+    keep = (rng.random(8) < 0.5).astype(np.float32)
+    keep[0] = 1.0
+    if policy == "scatter":
+        assert set(gs.groups) == {"stem", "blocks/c"} and set(gu.groups) == {"stem", "b0/c", "b1/c", "b2/c"}
+        m = gs.groups["blocks/c"]
+        assert any(mem.path == ("params", "blocks", "c", "kernel") and mem.axis == 4 for mem in m.members)
+        ms, mu = {"stem": jnp.ones(8), "blocks/c": jnp.asarray(keep)}, {"stem": jnp.ones(8)}
+        mu.update({f"b{i}/c": jnp.asarray(keep) for i in range(3)})
+    else:  # the residual adds couple the stem and every block into one stream group
+        assert len(gs.groups) == len(gu.groups) == 1
+        ms = {n: jnp.asarray(keep) for n in gs.groups}
+        mu = {n: jnp.asarray(keep) for n in gu.groups}
+    assert flops.count(gs, ms).macs == flops.count(gu, mu).macs < flops.count(gs).macs
+    got = scanned.apply(apply_masks(v, ms, gs), x)
+    want = unrolled.apply(apply_masks(vu, mu, gu), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Branchy(nn.Module):
+    @nn.compact
+    def __call__(self, x, flag):
+        y = nn.Conv(4, (3, 3), name="a")(x)
+        y = jax.lax.cond(flag, lambda t: nn.relu(t), lambda t: 2.0 * t, y)
+        return nn.Conv(2, (1, 1), name="b")(y)
+
+
+def test_cond_branches_are_followed():
+    x = jnp.zeros((1, 4, 4, 3))
+    m = _Branchy()
+    v = m.init(jax.random.PRNGKey(0), x, True)
+    g = trace(lambda v, a: m.apply(v, a, True), v, x)
+    assert "a" in g.groups and "a" not in g.unprunable
+    assert {(mem.module, mem.role) for mem in g.groups["a"].members} >= {("a", "out"), ("b", "in")}
+
+
+class _Looped(nn.Module):
+    reduce_in_cond: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Conv(4, (3, 3), name="a")(x)
+        if self.reduce_in_cond:  # the loop condition sums over channels: refused
+            cond = lambda c: (c[0] < 3) & (jnp.sum(c[1]) < 1e9)  # noqa: E731
+        else:
+            cond = lambda c: c[0] < 3  # noqa: E731
+        _, y = jax.lax.while_loop(cond, lambda c: (c[0] + 1, 0.5 * c[1]), (0, y))
+        return nn.Conv(2, (1, 1), name="b")(y)
+
+
+def test_while_loops_are_followed():
+    x = jnp.zeros((1, 4, 4, 3))
+    m = _Looped()
+    v = m.init(jax.random.PRNGKey(0), x)
+    g = trace_linen(m, v, x)
+    assert {(mem.module, mem.role) for mem in g.groups["a"].members} >= {("a", "out"), ("b", "in")}
+    m = _Looped(reduce_in_cond=True)
+    g = trace_linen(m, m.init(jax.random.PRNGKey(0), x), x)
+    assert "a" not in g.groups and "summed over" in g.unprunable["a"]
