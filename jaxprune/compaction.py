@@ -22,7 +22,7 @@ graph, roles=('out',)), x)`` in inference mode (running BN statistics), at the s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
