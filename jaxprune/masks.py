@@ -157,27 +157,39 @@ def binarize(masks: Mapping[str, jax.Array]) -> Masks:
     return {n: (m != 0).astype(jnp.float32) for n, m in masks.items()}
 
 
-class HardMaskState(NamedTuple):
-    """Empty state of `hard_mask`: the masks travel as an extra argument."""
+class HardMaskedState(NamedTuple):
+    """State of `hard_masked`: the wrapped optimizer's state (masks travel as an argument)."""
+
+    inner: Any
 
 
-def hard_mask(graph: PruningGraph, prefix: Sequence[str] = ("params",)):
-    """An optax transform that zeroes the updates of pruned channels.
+def hard_masked(inner: Any, graph: PruningGraph, prefix: Sequence[str] = ("params",)):
+    """``inner`` (any optax transform, e.g. a whole ``optax.chain``) with the hard-pruned
+    channels frozen at zero.
 
-    Place it last in an ``optax.chain``; call ``update(grads, state, params, masks=masks)``.
-    With the params already masked, hard-pruned channels then stay exactly zero whatever the
-    momentum or weight decay before it.
+    Call ``update(grads, state, params, masks=masks)`` with the hard masks (0 = pruned). The
+    gradients of pruned channels are zeroed before ``inner`` sees them, its updates are masked
+    after, and every params-shaped leaf of its state (momentum, Adam moments) is masked too
+    (`mask_optimizer_state`), so with the params already masked the pruned channels stay
+    exactly zero whatever momentum or weight decay ``inner`` applies, and the moments of a
+    channel are gone once it is hard-pruned. Kept channels are updated exactly as ``inner``
+    alone would (for element-wise optimizers such as SGD and Adam). Extra keyword arguments
+    are passed on to ``inner``.
     """
     import optax
 
+    inner = optax.with_extra_args_support(inner)
+
     def init_fn(params):
-        del params
-        return HardMaskState()
+        return HardMaskedState(inner.init(params))
 
     def update_fn(updates, state, params=None, *, masks=None, **extra):
-        del params, extra
         if masks is None:
-            raise ValueError("hard_mask.update needs masks=...: the current group masks")
-        return apply_masks(updates, masks, graph, prefix=prefix), state
+            raise ValueError("hard_masked.update needs masks=...: the current hard group masks")
+        updates = apply_masks(updates, masks, graph, prefix=prefix)
+        updates, inner_state = inner.update(updates, state.inner, params, **extra)
+        updates = apply_masks(updates, masks, graph, prefix=prefix)
+        inner_state = mask_optimizer_state(inner_state, masks, graph, collection=prefix[0])
+        return updates, HardMaskedState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

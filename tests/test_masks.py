@@ -14,7 +14,7 @@ from jaxprune.graph import leaf_paths, trace_linen
 from jaxprune.masks import (
     apply_masks,
     binarize,
-    hard_mask,
+    hard_masked,
     init_masks,
     keep_indices,
     mask_optimizer_state,
@@ -246,32 +246,45 @@ def test_mask_optimizer_state_masks_moments(chain_setup, opt):
         assert int(masked[0].count) == int(state[0].count) == 1
 
 
-def test_hard_mask_keeps_pruned_channels_exactly_zero(chain_setup):
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_hard_masked_keeps_pruned_channels_and_their_moments_exactly_zero(chain_setup, opt):
+    """Wrapping the user's whole optimizer: once hard-pruned, channels stay exactly zero under
+    the momentum they had built up and weight decay, their moments are zeroed, and kept
+    channels move exactly as under the plain optimizer (element-wise rules)."""
     g, masks, params = chain_setup
-    tx = optax.chain(optax.add_decayed_weights(5e-4),
-                     optax.sgd(0.1, momentum=0.9, nesterov=True),
-                     hard_mask(g))
-    state = tx.init(params)
+    inner = (optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
+             if opt == "sgd" else optax.adamw(1e-2, weight_decay=1e-4))
+    tx = hard_masked(inner, g)
+    state, plain_state = tx.init(params), inner.init(params)
 
     @jax.jit
-    def step(params, state, grads, masks):
+    def step(params, state, plain, plain_state, grads, masks):
         updates, state = tx.update(grads, state, params, masks=masks)
-        return optax.apply_updates(params, updates), state
+        pu, plain_state = inner.update(grads, plain_state, plain)
+        return (optax.apply_updates(params, updates), state, optax.apply_updates(plain, pu),
+                plain_state)
 
     rng = np.random.default_rng(0)
-    p = params
-    for _ in range(3):
+    ones = {n: jnp.ones_like(m) for n, m in masks.items()}
+    p, plain = params, params
+    for k in range(5):  # 2 steps with nothing pruned build up moments, then hard masks
+        if k == 2:
+            p = apply_masks(p, masks, g, prefix=("params",))
         grads = jax.tree_util.tree_map(
             lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), p)  # nonzero everywhere
-        p, state = step(p, state, grads, masks)
+        p, state, plain, plain_state = step(p, state, plain, plain_state, grads,
+                                            ones if k < 2 else masks)
     for path, axis, pos in _pruned_slices(params, masks, g):
         assert not np.take(_get(p, path), pos, axis=axis).any(), path
-    # the kept slices did move (every kept element got a nonzero random gradient)
+        mom = optax.tree_utils.tree_get(state.inner, "trace" if opt == "sgd" else "mu")
+        assert not np.take(_get(mom, path), pos, axis=axis).any(), path
+    # the kept slices moved, exactly as under the plain optimizer
     keep = np_apply_masks(jax.tree_util.tree_map(jnp.ones_like, params), masks, g,
                           prefix=("params",))
-    for a, b, k in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(params),
-                       jax.tree_util.tree_leaves(keep)):
+    for a, b, c, k in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(params),
+                          jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(keep)):
         k = np.asarray(k) != 0
         assert (np.asarray(a)[k] != np.asarray(b)[k]).all()
+        np.testing.assert_allclose(np.asarray(a)[k], np.asarray(c)[k], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="masks="):
-        hard_mask(g).update(params, optax.EmptyState(), params)
+        hard_masked(inner, g).update(params, tx.init(params), params)
