@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _SUBMODULES = (
     "augment", "batching", "checkpoints", "compaction", "config", "criteria", "cut_eval", "data",
     "evaluation", "experiment", "flops", "graph", "imagenet", "masks", "methods", "models",
-    "optim", "parallel", "schedules", "selection", "train_step", "training",
+    "optim", "parallel", "pruner", "schedules", "selection", "train_step", "training",
 )
 
 

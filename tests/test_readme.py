@@ -1,4 +1,4 @@
-"""The README's library example runs as written and shows compact == masked."""
+"""The README's library examples run as written; the first shows compact == masked."""
 
 import re
 import subprocess
@@ -20,3 +20,13 @@ def test_readme_python_example_runs(tmp_path):
     assert err < 1e-4
     dense, pruned = map(int, re.search(r"(\d+) -> (\d+) conv MACs", out.stdout).groups())
     assert dense == 40_550_400 and pruned < dense
+
+
+def test_readme_own_loop_example_runs(tmp_path):
+    """The second example: GHFP in a flax.training TrainState loop with hard_masked."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    script = tmp_path / "own_loop.py"
+    script.write_text(blocks[1])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(re.search(r"hard-pruned channels: (\d+)", out.stdout).group(1)) > 0

@@ -1,0 +1,99 @@
+"""The pruning methods as pure transforms for any training loop (optax style).
+
+`jaxprune.methods` objects speak to jaxprune's own ``TrainState``. `pruner` wraps one as a
+`Pruner`: four pure functions over the model's variables (``{'params': ..., 'batch_stats':
+...}``, any pytree with the graph's paths) and a small typed state, so that a loop built on
+``flax.training.train_state.TrainState``, an ``nnx.Optimizer`` or plain arrays can use it::
+
+    pr = jaxprune.pruner.pruner(SFP(rate=0.3), graph, total_epochs=E)
+    variables, ps = pr.init(variables)                  # SFP: the first selection
+    tx = jaxprune.masks.hard_masked(optax.sgd(0.1, momentum=0.9), graph)
+    for epoch in range(E):
+        for x, y in batches:                            # loss + pr.penalty(variables, ps)[0]
+            updates, opt_state = tx.update(grads, opt_state, params, masks=ps.hard)
+        variables, ps = pr.update(variables, ps, epoch) # re-selection at the epoch's end
+    variables, ps = pr.finalize(variables, ps)          # final hard masks (ps.masks == ps.hard)
+
+``ps.hard`` is what the optimizer must freeze (`jaxprune.masks.hard_masked`); soft-pruned
+channels (``ps.masks == 0``, ``ps.hard == 1``) train normally, as in jaxprune's own step.
+Every function is jittable (``epoch`` may be traced).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.graph import PruningGraph
+from jaxprune.masks import init_masks
+from jaxprune.methods.base import MethodContext
+
+
+class PruneState(NamedTuple):
+    """What a method carries between calls.
+
+    Attributes:
+      masks: group name -> float32 ``[C]``, the masks of the last selection.
+      hard: group name -> float32 ``[C]``, 0 where a channel is hard-pruned (freeze it).
+      method_state: the method's own pytree (``{}`` if none), e.g. HFP's threshold.
+    """
+
+    masks: dict
+    hard: dict
+    method_state: Any
+
+
+class Pruner(NamedTuple):
+    """A method as pure functions; see the module docstring."""
+
+    init: Callable[[Any], tuple[Any, PruneState]]
+    update: Callable[[Any, PruneState, Any], tuple[Any, PruneState]]
+    finalize: Callable[[Any, PruneState], tuple[Any, PruneState]]
+    penalty: Callable[[Any, PruneState], tuple[jax.Array, dict]]
+
+
+def _as_train_state(variables: Any, ps: PruneState):
+    from jaxprune.train_step import TrainState
+
+    if "params" not in variables:
+        raise ValueError("variables must be a mapping with a 'params' collection "
+                         f"(and 'batch_stats' for BN), got keys {sorted(variables)!r}")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables.get("batch_stats", {}), opt_state=(),
+                      masks=ps.masks, hard=ps.hard, method_state=ps.method_state,
+                      rng=jnp.zeros((2,), jnp.uint32))
+
+
+def _back(variables: Any, ts) -> tuple[Any, PruneState]:
+    out = dict(variables)
+    out["params"] = ts.params
+    if "batch_stats" in variables:
+        out["batch_stats"] = ts.batch_stats
+    return out, PruneState(ts.masks, ts.hard, ts.method_state)
+
+
+def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+    """`Pruner` of a `jaxprune.methods` object (SFP and its variants, GHFP, HFP, PFEC, ...).
+
+    ``total_epochs`` is the training length the method's schedules refer to (ASFP's rate,
+    GHFP's hard fraction); ``steps_per_epoch`` is used by HFP's penalty schedule.
+    """
+    ctx = MethodContext(graph=graph, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch)
+    fresh = PruneState(init_masks(graph), init_masks(graph), {})
+
+    def init(variables):
+        return _back(variables, method.init(_as_train_state(variables, fresh), ctx))
+
+    def update(variables, ps, epoch):
+        return _back(variables, method.end_of_epoch(_as_train_state(variables, ps), epoch, ctx))
+
+    def finalize(variables, ps):
+        return _back(variables, method.finalize(_as_train_state(variables, ps), ctx))
+
+    def penalty(variables, ps):
+        return method.penalty(variables["params"], variables.get("batch_stats", {}),
+                              ps.method_state, ctx)
+
+    return Pruner(init, update, finalize, penalty)

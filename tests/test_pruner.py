@@ -1,0 +1,117 @@
+"""jaxprune.pruner: the methods in a user's own loop (flax.training.train_state.TrainState and
+jaxprune.masks.hard_masked) do what jaxprune's own train step does, step by step."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.training import train_state
+
+from jaxprune import train_step as ts_lib
+from jaxprune.graph import trace_linen
+from jaxprune.masks import hard_masked, init_masks
+from jaxprune.methods import get_method
+from jaxprune.methods.base import MethodContext
+from jaxprune.pruner import PruneState, pruner
+
+EPOCHS, STEPS = 4, 2
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
+        x = nn.relu(bn(name="bn1")(nn.Conv(8, (3, 3), use_bias=False, name="conv1")(x)))
+        x = nn.relu(bn(name="bn2")(nn.Conv(8, (3, 3), use_bias=False, name="conv2")(x)))
+        return nn.Dense(3, name="fc")(jnp.mean(x, axis=(1, 2)))
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+    model = Net()
+    rng = np.random.default_rng(0)
+    xs = jnp.asarray(rng.normal(size=(EPOCHS * STEPS, 4, 8, 8, 3)), jnp.float32)
+    ys = jnp.asarray(rng.integers(0, 3, size=(EPOCHS * STEPS, 4)), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(0), xs[0])
+    graph = trace_linen(model, variables, xs[0])
+    return model, variables, graph, xs, ys
+
+
+OPT = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9, nesterov=True))
+METHODS = {"sfp": dict(rate=0.4), "asfp": dict(rate=0.4), "ghfp": dict(rate=0.5),
+           "hfp": dict(macs_reduction=0.4, params_reduction=0.3)}
+
+
+def _jaxprune_loop(method, model, variables, graph, xs, ys):
+    ctx = MethodContext(graph=graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    state = ts_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                              batch_stats=variables["batch_stats"], opt_state=OPT.init(variables["params"]),
+                              masks=init_masks(graph), hard=init_masks(graph), method_state={},
+                              rng=jnp.zeros((2,), jnp.uint32))
+    state = method.init(state, ctx)
+    step = jax.jit(functools.partial(ts_lib.train_step, model=model, graph=graph, optimizer=OPT,
+                                     method=method, ctx=ctx))
+    for e in range(EPOCHS):
+        for k in range(STEPS):
+            state, _ = step(state, xs[e * STEPS + k], ys[e * STEPS + k])
+        state = method.end_of_epoch(state, e, ctx)
+    return method.finalize(state, ctx)
+
+
+def _user_loop(method, model, variables, graph, xs, ys):
+    """What a user writes: a flax TrainState, their optimizer wrapped in hard_masked, the
+    method's penalty added to their loss."""
+    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    variables, ps = pr.init(variables)
+    tx = hard_masked(OPT, graph)
+    state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
+    batch_stats = variables["batch_stats"]
+
+    @jax.jit
+    def step(state, batch_stats, ps, x, y):
+        def loss_fn(params):
+            logits, upd = state.apply_fn({"params": params, "batch_stats": batch_stats}, x,
+                                         train=True, mutable=["batch_stats"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            pen, _ = pr.penalty({"params": params, "batch_stats": batch_stats}, ps)
+            return ce + pen, upd["batch_stats"]
+
+        grads, new_bs = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params, masks=ps.hard)
+        return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                             opt_state=opt_state), new_bs
+
+    for e in range(EPOCHS):
+        for k in range(STEPS):
+            state, batch_stats = step(state, batch_stats, ps, xs[e * STEPS + k], ys[e * STEPS + k])
+        variables, ps = pr.update({"params": state.params, "batch_stats": batch_stats}, ps, e)
+        state, batch_stats = state.replace(params=variables["params"]), variables["batch_stats"]
+    return pr.finalize({"params": state.params, "batch_stats": batch_stats}, ps)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_a_user_loop_prunes_like_jaxprunes_own(name):
+    model, variables, graph, xs, ys = _setup()
+    method = get_method(name, **METHODS[name])
+    ours = _jaxprune_loop(method, model, variables, graph, xs, ys)
+    got_vars, got = _user_loop(method, model, variables, graph, xs, ys)
+    assert isinstance(got, PruneState)
+    for g in graph.groups:
+        np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
+        np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
+    assert any(not np.asarray(m).all() for m in got.hard.values())  # it did prune
+    for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(ours.variables)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_pruner_names_a_bad_variables_tree():
+    _, variables, graph, _, _ = _setup()
+    pr = pruner(get_method("sfp", rate=0.3), graph, total_epochs=2)
+    with pytest.raises(ValueError, match="'params' collection"):
+        pr.init(variables["params"])
