@@ -265,11 +265,10 @@ def carry_constants(model: Any, ref_vars: Any, small: Any, small_vars: Any,
     Raises ValueError when the compact model, with them, differs from the dense one on ``x``.
     """
     carry: dict[tuple[str, ...], np.ndarray] = {}
-    lost = {p: idx for p, idx in keep_in.items()}
     probes = _probes(x)
-    seen = [_consumer_inputs(model, ref_vars, p, set(lost)) for p in probes]
+    seen = [_consumer_inputs(model, ref_vars, p, set(keep_in)) for p in probes]
     params = flax.traverse_util.flatten_dict(flax.core.unfreeze(ref_vars["params"]), sep="/")
-    for path, kept in lost.items():
+    for path, kept in keep_in.items():
         if path not in seen[0]:
             continue
         mod, x_in = seen[0][path]
