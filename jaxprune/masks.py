@@ -174,7 +174,8 @@ def hard_masked(inner: Any, graph: PruningGraph, prefix: Sequence[str] = ("param
     exactly zero whatever momentum or weight decay ``inner`` applies, and the moments of a
     channel are gone once it is hard-pruned. Kept channels are updated exactly as ``inner``
     alone would (for element-wise optimizers such as SGD and Adam). Extra keyword arguments
-    are passed on to ``inner``.
+    are passed on to ``inner``. ``prefix``: the path of the updated tree inside the variables
+    (``('params',)`` for a Linen params tree and inside an ``nnx.Optimizer`` alike).
     """
     import optax
 

@@ -14,6 +14,10 @@
         variables, ps = pr.update(variables, ps, epoch) # re-selection at the epoch's end
     variables, ps = pr.finalize(variables, ps)          # final hard masks (ps.masks == ps.hard)
 
+For an NNX model, `nnx_variables` / `nnx_update` move its Params and BatchStats to and from
+such a variables dict, `trace_nnx` traces it, and ``hard_masked(tx, graph)`` goes into its
+``nnx.Optimizer`` (``optimizer.update(model, grads, masks=ps.hard)``).
+
 ``ps.hard`` is what the optimizer must freeze (`jaxprune.masks.hard_masked`); soft-pruned
 channels (``ps.masks == 0``, ``ps.hard == 1``) train normally, as in jaxprune's own step.
 Every function is jittable (``epoch`` may be traced).
@@ -97,3 +101,43 @@ def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch:
                               ps.method_state, ctx)
 
     return Pruner(init, update, finalize, penalty)
+
+
+# ----------------------------------------------------------------------------- NNX models
+
+
+def nnx_variables(model: Any) -> dict:
+    """``{'params': ..., 'batch_stats': ...}`` (pure dicts) of an NNX model's Params and
+    BatchStats, named as `trace_nnx`'s graph names them."""
+    from flax import nnx
+
+    return {"params": nnx.state(model, nnx.Param).to_pure_dict(),
+            "batch_stats": nnx.state(model, nnx.BatchStat).to_pure_dict()}
+
+
+def nnx_update(model: Any, variables: Any) -> None:
+    """Writes a variables dict (as `nnx_variables` gives) back into the NNX ``model``."""
+    from flax import nnx
+
+    for kind, col in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
+        state = nnx.state(model, kind)
+        nnx.replace_by_pure_dict(state, variables[col])
+        nnx.update(model, state)
+
+
+def trace_nnx(model: Any, x: Any, residual: str = "coupled", **call_kwargs: Any) -> PruningGraph:
+    """`jaxprune.graph.trace` of an NNX model over its `nnx_variables`, in inference mode
+    (``model(x, **call_kwargs)``)."""
+    from flax import nnx
+
+    from jaxprune.graph import trace
+
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+    def apply(variables, a):
+        p, s = jax.tree_util.tree_map(lambda t: t, (params, stats))
+        nnx.replace_by_pure_dict(p, variables["params"])
+        nnx.replace_by_pure_dict(s, variables["batch_stats"])
+        return nnx.merge(graphdef, p, s, rest)(a, **call_kwargs)
+
+    return trace(apply, nnx_variables(model), x, residual=residual)

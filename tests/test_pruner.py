@@ -106,6 +106,7 @@ def test_a_user_loop_prunes_like_jaxprunes_own(name):
         np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
         np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
     assert any(not np.asarray(m).all() for m in got.hard.values())  # it did prune
+    assert jax.tree_util.tree_structure(got_vars) == jax.tree_util.tree_structure(ours.variables)
     for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(ours.variables)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
@@ -115,3 +116,55 @@ def test_pruner_names_a_bad_variables_tree():
     pr = pruner(get_method("sfp", rate=0.3), graph, total_epochs=2)
     with pytest.raises(ValueError, match="'params' collection"):
         pr.init(variables["params"])
+
+
+def _nnx_loop(method, model, graph, xs, ys):
+    """What an NNX user writes: their model and nnx.Optimizer, hard_masked inside it."""
+    from flax import nnx
+
+    from jaxprune.pruner import nnx_update, nnx_variables
+
+    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    variables, ps = pr.init(nnx_variables(model))
+    nnx_update(model, variables)
+    optimizer = nnx.Optimizer(model, hard_masked(OPT, graph), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, ps, x, y):
+        def loss_fn(model):
+            ce = optax.softmax_cross_entropy_with_integer_labels(model(x, train=True), y).mean()
+            return ce + pr.penalty(nnx_variables(model), ps)[0]
+
+        optimizer.update(model, nnx.grad(loss_fn)(model), masks=ps.hard)
+
+    for e in range(EPOCHS):
+        for k in range(STEPS):
+            step(model, optimizer, ps, xs[e * STEPS + k], ys[e * STEPS + k])
+        variables, ps = pr.update(nnx_variables(model), ps, e)
+        nnx_update(model, variables)
+    return pr.finalize(nnx_variables(model), ps)
+
+
+@pytest.mark.parametrize("name", ["sfp", "ghfp"])
+def test_an_nnx_loop_prunes_like_jaxprunes_own(name):
+    """The NNX twin of `Net` (SmallNNXCNN with the same widths and weights) trained in an NNX
+    loop ends with the masks and weights of jaxprune's own loop on the Linen model."""
+    from flax import nnx
+
+    from jaxprune.models import SmallNNXCNN
+    from jaxprune.pruner import nnx_variables, trace_nnx
+
+    model, _, _, xs, ys = _setup()
+    twin = SmallNNXCNN(rngs=nnx.Rngs(0), num_classes=3, features=(8, 8))
+    variables = nnx_variables(twin)
+    graph = trace_nnx(twin, xs[0])
+    assert graph.group_sizes() == trace_linen(model, variables, xs[0]).group_sizes()
+    method = get_method(name, **METHODS[name])
+    ours = _jaxprune_loop(method, model, variables, trace_linen(model, variables, xs[0]), xs, ys)
+    got_vars, got = _nnx_loop(method, twin, graph, xs, ys)
+    for g in graph.groups:
+        np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
+        np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
+    assert jax.tree_util.tree_structure(got_vars) == jax.tree_util.tree_structure(ours.variables)
+    for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(ours.variables)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
