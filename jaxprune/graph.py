@@ -754,70 +754,63 @@ class _Tracer:
                 self.channel_ids.append(w[i])
         self.ops.append(("dense", leaf, self.repeat, list(out) + [lhs[i] for i in lc]))
 
-    # -- control flow: the body is walked once; its channels are the same at every iteration
-    def rule_scan(self, eqn, ins, outs):
-        p = eqn.params
-        closed = p["jaxpr"]
-        inner = closed.jaxpr
-        n_consts, n_carry = p["num_consts"], p["num_carry"]
+    # -- control flow: a body is walked once; its channels are the same at every iteration
+    def walk_body(self, eqn, inner, operands, stacked=()) -> None:
+        """Walks the sub-jaxpr ``inner`` of ``eqn`` with ``operands[k]`` entering as its k-th
+        input (without the leading, iterated axis when ``k in stacked``)."""
         self.forget(inner)
-        for k, (outer, iv) in enumerate(zip(eqn.invars, inner.invars)):
+        for k, (outer, iv) in enumerate(zip(operands, inner.invars)):
             ids = self.axes(outer)
             if ids is None:
                 continue
-            off = 1 if k >= n_consts + n_carry else 0  # xs: the leading axis is the iteration
+            off = 1 if k in stacked else 0
             for a, b in zip(ids[off:], self.axes(iv)):
                 self.link(a, b)
             if self.is_data(outer):
                 self.data.add(iv)
-            self.copy_origin(iv, outer, axes=range(off, len(ids)))
+            self.copy_origin(iv, outer, axes=range(off, len(ids)) if off else None)
         self.call_sites.append(self.where(eqn))
-        self.repeat *= int(p["length"])
         for eq in inner.eqns:
             self.eqn(eq)
-        self.repeat //= int(p["length"])
         self.call_sites.pop()
-        body_carry = inner.invars[n_consts:n_consts + n_carry]
-        for k, (outer, ov) in enumerate(zip(eqn.outvars, inner.outvars)):
+
+    def link_results(self, results, inner_outs, stacked=()) -> None:
+        """``results[k]`` is the sub-jaxpr's k-th output (stacked over the iterations when
+        ``k in stacked``)."""
+        for k, (outer, ov) in enumerate(zip(results, inner_outs)):
             i_ids = self.axes(ov)
             if i_ids is None:
                 continue
-            if k < n_carry:  # the carry leaving an iteration is the one entering the next
-                for a, b in zip(i_ids, self.axes(body_carry[k])):
-                    self.link(a, b)
-            off = 0 if k < n_carry else 1  # ys: stacked over the iterations
+            off = 1 if k in stacked else 0
             for a, b in zip(self.axes(outer)[off:], i_ids):
                 self.link(a, b)
             if self.is_data(ov):
                 self.data.add(outer)
 
+    def link_carry(self, inner_outs, carry_ins) -> None:
+        """The carry leaving an iteration is the one entering the next."""
+        for ov, cv in zip(inner_outs, carry_ins):
+            a, b = self.axes(ov), self.axes(cv)
+            if a is not None and b is not None:
+                for x, y in zip(a, b):
+                    self.link(x, y)
+
+    def rule_scan(self, eqn, ins, outs):
+        p = eqn.params
+        inner = p["jaxpr"].jaxpr
+        n_consts, n_carry, length = p["num_consts"], p["num_carry"], int(p["length"])
+        self.repeat *= length  # the body's MACs run `length` times
+        self.walk_body(eqn, inner, eqn.invars, stacked=range(n_consts + n_carry, len(eqn.invars)))
+        self.repeat //= length
+        self.link_carry(inner.outvars[:n_carry], inner.invars[n_consts:n_consts + n_carry])
+        self.link_results(eqn.outvars, inner.outvars, stacked=range(n_carry, len(eqn.outvars)))
+
     def rule_cond(self, eqn, ins, outs):
-        # every branch reads the operands and writes the results: their channels are linked;
-        # the MACs of every branch are counted (an upper bound: one branch runs)
+        # every branch reads the operands and writes the results; the MACs of every branch
+        # are counted (an upper bound: one branch runs)
         for closed in eqn.params["branches"]:
-            inner = closed.jaxpr
-            self.forget(inner)
-            for outer, iv in zip(eqn.invars[1:], inner.invars):
-                ids = self.axes(outer)
-                if ids is None:
-                    continue
-                for a, b in zip(ids, self.axes(iv)):
-                    self.link(a, b)
-                if self.is_data(outer):
-                    self.data.add(iv)
-                self.copy_origin(iv, outer)
-            self.call_sites.append(self.where(eqn))
-            for eq in inner.eqns:
-                self.eqn(eq)
-            self.call_sites.pop()
-            for outer, ov in zip(eqn.outvars, inner.outvars):
-                i_ids = self.axes(ov)
-                if i_ids is None:
-                    continue
-                for a, b in zip(self.axes(outer), i_ids):
-                    self.link(a, b)
-                if self.is_data(ov):
-                    self.data.add(outer)
+            self.walk_body(eqn, closed.jaxpr, eqn.invars[1:])
+            self.link_results(eqn.outvars, closed.jaxpr.outvars)
 
     def rule_while(self, eqn, ins, outs):
         # the carry is the same channels before, during and after the loop; the loop condition
@@ -825,33 +818,12 @@ class _Tracer:
         # trip count is unknown when tracing: the body's MACs count once.
         p = eqn.params
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
-        carry = eqn.invars[nc + nb:]
-        for closed, consts in ((p["cond_jaxpr"], eqn.invars[:nc]), (p["body_jaxpr"], eqn.invars[nc:nc + nb])):
-            inner = closed.jaxpr
-            self.forget(inner)
-            for outer, iv in zip(list(consts) + list(carry), inner.invars):
-                ids = self.axes(outer)
-                if ids is None:
-                    continue
-                for a, b in zip(ids, self.axes(iv)):
-                    self.link(a, b)
-                if self.is_data(outer):
-                    self.data.add(iv)
-                self.copy_origin(iv, outer)
-            self.call_sites.append(self.where(eqn))
-            for eq in inner.eqns:
-                self.eqn(eq)
-            self.call_sites.pop()
+        carry = list(eqn.invars[nc + nb:])
+        self.walk_body(eqn, p["cond_jaxpr"].jaxpr, list(eqn.invars[:nc]) + carry)
         body = p["body_jaxpr"].jaxpr
-        for k, (outer, ov) in enumerate(zip(eqn.outvars, body.outvars)):
-            i_ids = self.axes(ov)
-            if i_ids is None:
-                continue
-            for a, b, c in zip(self.axes(outer), i_ids, self.axes(carry[k]) or i_ids):
-                self.link(a, b)
-                self.link(b, c)
-            if self.is_data(ov):
-                self.data.add(outer)
+        self.walk_body(eqn, body, list(eqn.invars[nc:nc + nb]) + carry)
+        self.link_carry(body.outvars, carry)
+        self.link_results(eqn.outvars, body.outvars)
 
     def _unknown_all(self, eqn, ins, outs):
         where = self.where(eqn)
