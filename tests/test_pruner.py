@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,22 +18,14 @@ from jaxprune.masks import hard_masked, init_masks
 from jaxprune.methods import get_method
 from jaxprune.methods.base import MethodContext
 from jaxprune.pruner import PruneState, pruner
+from test_training import TinyNet  # conv(4)-BN-ReLU-conv(6)-BN-ReLU-GAP-fc(3)
 
 EPOCHS, STEPS = 4, 2
 
 
-class Net(nn.Module):
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5)
-        x = nn.relu(bn(name="bn1")(nn.Conv(8, (3, 3), use_bias=False, name="conv1")(x)))
-        x = nn.relu(bn(name="bn2")(nn.Conv(8, (3, 3), use_bias=False, name="conv2")(x)))
-        return nn.Dense(3, name="fc")(jnp.mean(x, axis=(1, 2)))
-
-
 @functools.lru_cache(maxsize=None)
 def _setup():
-    model = Net()
+    model = TinyNet()
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.normal(size=(EPOCHS * STEPS, 4, 8, 8, 3)), jnp.float32)
     ys = jnp.asarray(rng.integers(0, 3, size=(EPOCHS * STEPS, 4)), jnp.int32)
@@ -147,7 +138,7 @@ def _nnx_loop(method, model, graph, xs, ys):
 
 @pytest.mark.parametrize("name", ["sfp", "ghfp"])
 def test_an_nnx_loop_prunes_like_jaxprunes_own(name):
-    """The NNX twin of `Net` (SmallNNXCNN with the same widths and weights) trained in an NNX
+    """The NNX twin of `TinyNet` (SmallNNXCNN with the same widths and weights) trained in an NNX
     loop ends with the masks and weights of jaxprune's own loop on the Linen model."""
     from flax import nnx
 
@@ -155,7 +146,7 @@ def test_an_nnx_loop_prunes_like_jaxprunes_own(name):
     from jaxprune.pruner import nnx_variables, trace_nnx
 
     model, _, _, xs, ys = _setup()
-    twin = SmallNNXCNN(rngs=nnx.Rngs(0), num_classes=3, features=(8, 8))
+    twin = SmallNNXCNN(rngs=nnx.Rngs(0), num_classes=3, features=(4, 6))
     variables = nnx_variables(twin)
     graph = trace_nnx(twin, xs[0])
     assert graph.group_sizes() == trace_linen(model, variables, xs[0]).group_sizes()
