@@ -320,19 +320,10 @@ class _Tracer:
     def forget(self, jaxpr) -> None:
         """Drops what is known about ``jaxpr``'s variables: a sub-jaxpr (jit, custom_jvp, a scan
         body) may be shared by several call sites, each of which gets fresh channel ids."""
-        for eq in jaxpr.eqns:
-            for ov in eq.outvars:
-                self.ids.pop(ov, None)
-                self.data.discard(ov)
-                self.origin.pop(ov, None)
-                self.origin_axes.pop(ov, None)
-                self.value.pop(ov, None)
-        for iv in jaxpr.invars:
-            self.ids.pop(iv, None)
-            self.data.discard(iv)
-            self.origin.pop(iv, None)
-            self.origin_axes.pop(iv, None)
-            self.value.pop(iv, None)
+        for v in [ov for eq in jaxpr.eqns for ov in eq.outvars] + list(jaxpr.invars):
+            for table in (self.ids, self.origin, self.origin_axes, self.value):
+                table.pop(v, None)
+            self.data.discard(v)
 
     def where(self, eqn) -> str:
         """The user's source line of ``eqn``, or of the call (jit, custom_jvp, ...) it is in."""
