@@ -342,8 +342,13 @@ def _compact_checkpointer() -> ocp.Checkpointer:
     }))
 
 
+# model class of a saved `ProgramModel`: its jax.export artifact
+EXPORTED_CLASS = "jax.export"
+
+
 def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapping[str, Any],
-                 *, input_shape: tuple[int, ...] | None = None, overwrite: bool = False) -> Path:
+                 *, input_shape: tuple[int, ...] | None = None, overwrite: bool = False,
+                 batch_size: int = 1) -> Path:
     """Saves a compact model (``compaction.compact``'s model and variables) to directory ``path``.
 
     The JSON document holds ``model_config(model)`` (class, keep_out, keep_in, fields), the
@@ -354,7 +359,12 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
     to ``path`` at the end, so a failure leaves nothing half-written; an existing ``path``
     raises FileExistsError unless ``overwrite``. Single-process (call it from one process).
     Returns the absolute path.
+
+    A `jaxprune.compact_program.ProgramModel` (a compacted model of the user's own) is saved
+    as its ``jax.export`` artifact at ``batch_size`` (serialized into the JSON document), so
+    that `load` restores it without the model's Python code (as an ``ExportedModel``).
     """
+    from jaxprune.compact_program import ProgramModel
     from jaxprune.models import model_config
 
     path = Path(path).absolute()
@@ -366,11 +376,23 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
         raise ValueError("save_compact needs input_shape= (per-example HWC shape, e.g. (32, 32, 3)) "
                          "or meta['input_shape']")
     input_shape = tuple(int(d) for d in input_shape)
-    cfg = model_config(model)
+    if isinstance(model, ProgramModel):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        import base64
+
+        x = jax.ShapeDtypeStruct((batch_size,) + input_shape, jnp.float32)
+        check_shapes(variables, model.program((x,), {}).small_specs, what="variables")
+        exported = model.export(variables, x)
+        cfg = {"class": EXPORTED_CLASS, "batch_size": batch_size,
+               "exported": base64.b64encode(exported.serialize()).decode("ascii")}
+    else:
+        cfg = model_config(model)
     variables = jax.device_get(dict(variables))
     carry = variables.get(CARRY, {})
-    check_shapes({k: v for k, v in variables.items() if k != CARRY},
-                 abstract_variables(model, input_shape), what="variables")
+    if not isinstance(model, ProgramModel):
+        check_shapes({k: v for k, v in variables.items() if k != CARRY},
+                     abstract_variables(model, input_shape), what="variables")
     doc = {
         "format": COMPACT_FORMAT,
         "version": COMPACT_VERSION,
@@ -410,7 +432,8 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
 
 
 def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
-    """Loads a `save_compact` directory: ``(model, variables, meta)``.
+    """Loads a `save_compact` directory: ``(model, variables, meta)`` (``model`` is an
+    ``ExportedModel`` for a saved `~jaxprune.compact_program.ProgramModel`).
 
     The model is rebuilt from the stored config (``jaxprune.models.model_from_config``), the
     expected variable shapes come from ``jax.eval_shape(model.init, ...)`` and the stored arrays
@@ -431,8 +454,17 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if int(doc.get("version", -1)) > COMPACT_VERSION:
         raise ValueError(f"{path} has format version {doc.get('version')}; this jaxprune reads "
                          f"up to {COMPACT_VERSION}")
-    model = model_from_config(doc["model"])
-    target = abstract_variables(model, tuple(doc["input_shape"]))
+    if doc["model"].get("class") == EXPORTED_CLASS:
+        import base64
+
+        from jaxprune.compact_program import ExportedModel
+
+        model = ExportedModel(jax.export.deserialize(base64.b64decode(doc["model"]["exported"])),
+                              int(doc["model"]["batch_size"]))
+        target = model.variable_specs()
+    else:
+        model = model_from_config(doc["model"])
+        target = abstract_variables(model, tuple(doc["input_shape"]))
     if doc.get("carry"):
         from flax.traverse_util import unflatten_dict
 

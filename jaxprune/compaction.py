@@ -1,5 +1,8 @@
 """Compaction: remove pruned channels for real and rebuild a smaller model.
 
+Any Linen or NNX model that `jaxprune.graph.trace` follows is compacted from its own traced
+program (`jaxprune.compact_program`: no model-specific code; the result is a
+`~jaxprune.compact_program.ProgramModel`). The bundled models have a readable narrow form too:
 `compact` slices every leaf that a group touches down to the kept positions and rebuilds the
 model through the compactable-model contract (docs/design.md section 6): the model is cloned
 with ``keep_out`` / ``keep_in`` (module path -> kept original channel indices of that
@@ -166,21 +169,21 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
             ) -> CompactResult:
     """Builds the physically smaller model and variables (see module docstring).
 
-    ``model`` must follow the compactable-model contract: a Flax Linen module with
-    ``keep_out`` and ``keep_in`` fields (all bundled models do). Channels whose mask is 0 are
+    ``model`` is a bundled model (a Linen module with ``keep_out`` and ``keep_in`` fields: it is
+    cloned narrow), or any other Linen module or NNX model that `jaxprune.graph.trace`
+    follows: its program is compacted (`jaxprune.compact_program`) and ``model`` of the result
+    is a `jaxprune.compact_program.ProgramModel` (``apply(variables, x, **kwargs)``; for NNX,
+    ``variables`` is `jaxprune.pruner.nnx_variables`'s dict), checked against the masked
+    model on ``sample_input``, which it needs. Channels whose mask is 0 are
     removed; the kept ones are copied unchanged. With ``align > 1`` each group keeps a
     multiple of ``align`` channels (`align_masks`): faster kernels, same outputs.
-    ``keep_constants=True`` (with ``sample_input``, a batch of model inputs) carries the BN
-    constants of the removed channels, as SFP's official final model keeps them; the result
-    is checked against the filters-only masked model on ``sample_input`` (ValueError if the
-    model has no `carried` hook where a constant flows).
+    ``keep_constants=True`` (bundled models, with ``sample_input``, a batch of model inputs)
+    carries the BN constants of the removed channels, as SFP's official final model keeps them;
+    the result is checked against the filters-only masked model on ``sample_input`` (ValueError
+    if the model has no `carried` hook where a constant flows).
     """
-    for field in ("keep_out", "keep_in"):
-        if not hasattr(model, field):
-            raise TypeError(
-                f"{type(model).__name__} has no {field!r} field: compaction rebuilds a model "
-                "through the keep_out/keep_in contract (docs/design.md, section 6); use "
-                "compact_variables for the variables alone")
+    if not (hasattr(model, "keep_out") and hasattr(model, "keep_in")):
+        return _compact_any(model, variables, masks, graph, align, keep_constants, sample_input)
     validate_masks(masks, graph)
     from jaxprune.masks import check_tree
 
@@ -213,6 +216,52 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
         new_vars = carry_constants(model, variables, new_model, new_vars, new_in, new_out,
                                    jnp.asarray(sample_input))
     return CompactResult(new_model, new_vars, new_out, new_in, axis_keep, kept)
+
+
+def _compact_any(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
+                 align: int, keep_constants: bool, sample_input: Any) -> CompactResult:
+    """`compact` of a model without the keep contract: its traced program, compacted."""
+    import inspect
+
+    from jaxprune.compact_program import ProgramModel, compact_program
+    from jaxprune.masks import check_tree
+
+    name = type(model).__name__
+    if keep_constants:
+        raise ValueError(f"keep_constants=True needs a bundled model (keep_out/keep_in and "
+                         f"`carried` hooks); {name} is compacted from its program, which removes "
+                         "the pruned channels' BN constants with them (SFP(final_bn='zero'))")
+    if sample_input is None:
+        raise ValueError(f"compacting {name}, which has no keep_out/keep_in fields, traces its "
+                         "program: pass sample_input= (a batch of model inputs)")
+    try:
+        from flax import nnx
+        is_nnx = isinstance(model, nnx.Module)
+    except ImportError:  # pragma: no cover - flax is a dependency
+        is_nnx = False
+    if is_nnx:
+        from jaxprune.pruner import nnx_apply
+
+        call = nnx_apply(model)
+        infer: dict = {}
+    elif isinstance(model, nn.Module):
+        call = model.apply
+        infer = {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
+    else:
+        raise TypeError(f"compact takes a Flax Linen module or an NNX model, got {name}")
+    validate_masks(masks, graph)
+    check_tree(variables, graph)
+    kept = align_masks(masks, align)
+    if align > 1:
+        variables = apply_masks(variables, binarize(masks), graph)
+    fn = lambda v, x: call(v, x, **infer)  # noqa: E731
+    program, small = compact_program(fn, variables, kept, graph, (jnp.asarray(sample_input),))
+    axis_keep, keep_out, keep_in = surgery(kept, graph)
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    pm = ProgramModel(call, jax.tree_util.tree_map(spec, variables),
+                      {k: np.asarray(v) for k, v in kept.items()}, graph)
+    pm._programs[repr(sorted(infer.items()))] = program
+    return CompactResult(pm, small, keep_out, keep_in, axis_keep, kept)
 
 
 def _probes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -264,6 +313,9 @@ def carry_constants(model: Any, ref_vars: Any, small: Any, small_vars: Any,
 
     Raises ValueError when the compact model, with them, differs from the dense one on ``x``.
     """
+    # the constants are weights: computed (and checked) in float32 whatever the compute dtype,
+    # else a bfloat16 model would carry bf16-rounded constants (~1e-2 off)
+    model, small = _float32(model), _float32(small)
     carry: dict[tuple[str, ...], np.ndarray] = {}
     probes = _probes(x)
     seen = [_consumer_inputs(model, ref_vars, p, set(keep_in)) for p in probes]
@@ -309,6 +361,12 @@ def carry_constants(model: Any, ref_vars: Any, small: Any, small_vars: Any,
                          f"masked model by up to {err:.3g}: the model has no `carried` hook where "
                          "a removed channel's constant flows (see jaxprune.models.common.carried)")
     return out
+
+
+def _float32(model: Any) -> Any:
+    """``model`` computing in float32 (a bundled model with another ``dtype`` is cloned)."""
+    dtype = getattr(model, "dtype", None)
+    return model if dtype is None or jnp.dtype(dtype) == jnp.float32 else model.clone(dtype=jnp.float32)
 
 
 def _with_carry(variables: Any, carry: Mapping[tuple[str, ...], np.ndarray]) -> Any:

@@ -270,8 +270,30 @@ _FOLD: dict[str, Callable[..., Any]] = {
 _FOLD_MAX_SIZE = 1 << 20
 
 
+@dataclasses.dataclass(eq=False)
+class Visit:
+    """One walk of one equation (`_Tracer` with ``record=True``): the channel ids of each
+    operand and result axis (``None`` for a literal) and the sub-jaxprs walked inside it."""
+
+    eqn: Any
+    ins: list
+    outs: list
+    bodies: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(eq=False)
+class Body:
+    """One walk of a (sub-)jaxpr: ids of its constvars, invars and outvars, and its visits."""
+
+    jaxpr: Any
+    consts: list
+    ins: list
+    outs: list
+    visits: list
+
+
 class _Tracer:
-    def __init__(self, residual: str):
+    def __init__(self, residual: str, record: bool = False):
         from jax.extend import core as jcore
 
         self._literal = jcore.Literal
@@ -297,6 +319,27 @@ class _Tracer:
         self.producer_ids: list[np.ndarray] = []
         self.channel_ids: list[np.ndarray] = []
         self.ops: list[tuple[str, int, int, list[np.ndarray]]] = []  # kind, leaf, const, axes
+        # record=True: the visits of the body being walked (`jaxprune.compact_program`)
+        self.visits: list[Visit] | None = [] if record else None
+
+    def walk(self, jaxpr) -> Body | None:
+        """Walks ``jaxpr``'s equations (its invars' ids already set); with recording, returns
+        the `Body` and attaches it to the equation being visited."""
+        outer = self.visits
+        if outer is None:
+            for eq in jaxpr.eqns:
+                self.eqn(eq)
+            return None
+        self.visits = []
+        for eq in jaxpr.eqns:
+            self.eqn(eq)
+        body = Body(jaxpr, [self.axes(v) for v in getattr(jaxpr, "constvars", ())],
+                    [self.axes(v) for v in jaxpr.invars], [self.axes(v) for v in jaxpr.outvars],
+                    self.visits)
+        self.visits = outer
+        if outer:
+            outer[-1].bodies.append(body)
+        return body
 
     def copy_origin(self, dst, src, axes: Sequence[int] | None = None) -> None:
         """``dst`` derives from the same leaf as ``src``; its axis ``i`` is ``src``'s axis
@@ -355,12 +398,11 @@ class _Tracer:
         return not isinstance(v, self._literal) and v in self.data
 
     # -- walking
-    def run(self, jaxpr, invar_ids: Sequence[list[np.ndarray] | None]) -> None:
+    def run(self, jaxpr, invar_ids: Sequence[list[np.ndarray] | None]) -> Body | None:
         for v, ids in zip(jaxpr.invars, invar_ids):
             if ids is not None:
                 self.ids[v] = ids
-        for eqn in jaxpr.eqns:
-            self.eqn(eqn)
+        return self.walk(jaxpr)
 
     def alias_call(self, eqn, sub) -> None:
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
@@ -380,8 +422,7 @@ class _Tracer:
                 self.data.add(iv)
             self.copy_origin(iv, outer)
         self.call_sites.append(self.where(eqn))
-        for eq in inner.eqns:
-            self.eqn(eq)
+        self.walk(inner)
         self.call_sites.pop()
         for outer, ov in zip(eqn.outvars, inner.outvars):
             o_ids = self.axes(outer)
@@ -432,6 +473,8 @@ class _Tracer:
         name = eqn.primitive.name
         ins = [self.axes(v) for v in eqn.invars]
         outs = [self.axes(v) for v in eqn.outvars]
+        if self.visits is not None:
+            self.visits.append(Visit(eqn, ins, outs))
         if any(self.is_data(v) for v in eqn.invars):
             self.data.update(eqn.outvars)
         user = _RULES.get(name)
@@ -746,23 +789,27 @@ class _Tracer:
         self.ops.append(("dense", leaf, self.repeat, list(out) + [lhs[i] for i in lc]))
 
     # -- control flow: a body is walked once; its channels are the same at every iteration
-    def walk_body(self, eqn, inner, operands, stacked=()) -> None:
+    def walk_body(self, eqn, inner, operands, stacked=(), scattered=()) -> None:
         """Walks the sub-jaxpr ``inner`` of ``eqn`` with ``operands[k]`` entering as its k-th
-        input (without the leading, iterated axis when ``k in stacked``)."""
+        input (without the leading, iterated axis when ``k in stacked``; scattered into the
+        input's own channel space, not linked to it, when ``k in scattered``)."""
         self.forget(inner)
         for k, (outer, iv) in enumerate(zip(operands, inner.invars)):
             ids = self.axes(outer)
             if ids is None:
                 continue
             off = 1 if k in stacked else 0
+            if k in scattered and self.is_data(outer):
+                self.axes(iv)
+                self.data.add(iv)
+                continue
             for a, b in zip(ids[off:], self.axes(iv)):
                 self.link(a, b)
             if self.is_data(outer):
                 self.data.add(iv)
             self.copy_origin(iv, outer, axes=range(off, len(ids)) if off else None)
         self.call_sites.append(self.where(eqn))
-        for eq in inner.eqns:
-            self.eqn(eq)
+        self.walk(inner)
         self.call_sites.pop()
 
     def link_results(self, results, inner_outs, stacked=()) -> None:
@@ -786,12 +833,20 @@ class _Tracer:
                 for x, y in zip(a, b):
                     self.link(x, y)
 
+    def scattered_carry(self, positions) -> tuple[int, ...]:
+        """Under the 'scatter' policy a loop's data carry is the full-width residual stream: its
+        initial value is scattered into the carry's own channel space (as an unrolled network's
+        first residual add would) instead of giving the loop its channels, so the branches that
+        add into the stream at every iteration never write into pruned positions."""
+        return tuple(positions) if self.residual == "scatter" else ()
+
     def rule_scan(self, eqn, ins, outs):
         p = eqn.params
         inner = p["jaxpr"].jaxpr
         n_consts, n_carry, length = p["num_consts"], p["num_carry"], int(p["length"])
         self.repeat *= length  # the body's MACs run `length` times
-        self.walk_body(eqn, inner, eqn.invars, stacked=range(n_consts + n_carry, len(eqn.invars)))
+        self.walk_body(eqn, inner, eqn.invars, stacked=range(n_consts + n_carry, len(eqn.invars)),
+                       scattered=self.scattered_carry(range(n_consts, n_consts + n_carry)))
         self.repeat //= length
         self.link_carry(inner.outvars[:n_carry], inner.invars[n_consts:n_consts + n_carry])
         self.link_results(eqn.outvars, inner.outvars, stacked=range(n_carry, len(eqn.outvars)))
@@ -810,9 +865,11 @@ class _Tracer:
         p = eqn.params
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         carry = list(eqn.invars[nc + nb:])
-        self.walk_body(eqn, p["cond_jaxpr"].jaxpr, list(eqn.invars[:nc]) + carry)
+        self.walk_body(eqn, p["cond_jaxpr"].jaxpr, list(eqn.invars[:nc]) + carry,
+                       scattered=self.scattered_carry(range(nc, nc + len(carry))))
         body = p["body_jaxpr"].jaxpr
-        self.walk_body(eqn, body, list(eqn.invars[nc:nc + nb]) + carry)
+        self.walk_body(eqn, body, list(eqn.invars[nc:nc + nb]) + carry,
+                       scattered=self.scattered_carry(range(nb, nb + len(carry))))
         self.link_carry(body.outvars, carry)
         self.link_results(eqn.outvars, body.outvars)
 
@@ -926,12 +983,36 @@ def trace(
     Raises:
       ValueError: ``residual`` is not one of 'coupled', 'scatter'.
     """
-    import jax
-
     if residual not in RESIDUAL_POLICIES:
         raise ValueError(f"residual={residual!r}: expected one of {RESIDUAL_POLICIES}")
+    run = run_tracer(apply_fn, variables, example_args, residual, per_example=True)
+    return _build_graph(run.tracer, run.comp, run.jaxpr, run.paths, run.leaf_ids, residual)
+
+
+@dataclasses.dataclass(eq=False)
+class TracerRun:
+    """What `run_tracer` found: the tracer, the channel component of every id, the jaxpr,
+    the variables' leaf paths and the ids of each leaf's axes, and (``record=True``) the
+    `Body` of the whole program."""
+
+    tracer: Any
+    comp: np.ndarray
+    closed: Any
+    jaxpr: Any
+    paths: list
+    leaf_ids: list
+    body: Body | None
+
+
+def run_tracer(apply_fn: Callable[..., Any], variables: Any, example_args: Sequence[Any],
+               residual: str, *, per_example: bool = True, record: bool = False) -> TracerRun:
+    """Traces ``apply_fn(variables, *example_args)`` to a jaxpr and propagates channel ids
+    through it (`trace`'s first half). ``per_example`` traces the first argument's leading axis
+    with size 1."""
+    import jax
+
     args = list(example_args)
-    if args and hasattr(args[0], "shape") and len(args[0].shape) >= 1:
+    if per_example and args and hasattr(args[0], "shape") and len(args[0].shape) >= 1:
         args[0] = jax.ShapeDtypeStruct((1,) + tuple(args[0].shape[1:]), args[0].dtype)
     flat_vars, treedef = jax.tree_util.tree_flatten(variables)
     paths = leaf_paths(variables)
@@ -942,7 +1023,7 @@ def trace(
 
     closed = jax.make_jaxpr(flat_fn)(specs, *args)
     jaxpr = closed.jaxpr
-    t = _Tracer(residual)
+    t = _Tracer(residual, record=record)
     for cv, c in zip(jaxpr.constvars, closed.consts):
         if _is_index_dtype(getattr(cv.aval, "dtype", None)):
             t.value[cv] = np.asarray(c)
@@ -953,7 +1034,7 @@ def trace(
             t.origin[v] = i
         else:
             t.data.add(v)
-    t.run(jaxpr, [t.ids[v] for v in jaxpr.invars])
+    body = t.run(jaxpr, [t.ids[v] for v in jaxpr.invars])
     for v in jaxpr.outvars:
         t.axes(v)
 
@@ -981,7 +1062,7 @@ def trace(
                 for p in parts:
                     t.poison.append((p, "a reshape merges several channel axes"))
         comp = _components(t.n, t.edges)
-    return _build_graph(t, comp, jaxpr, paths, leaf_ids, residual)
+    return TracerRun(t, comp, closed, jaxpr, paths, leaf_ids, body)
 
 
 def _build_graph(t: _Tracer, comp, jaxpr, paths, leaf_ids, residual) -> PruningGraph:

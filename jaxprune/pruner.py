@@ -125,19 +125,29 @@ def nnx_update(model: Any, variables: Any) -> None:
         nnx.update(model, state)
 
 
-def trace_nnx(model: Any, x: Any, residual: str = "coupled", **call_kwargs: Any) -> PruningGraph:
-    """`jaxprune.graph.trace` of an NNX model over its `nnx_variables`, in inference mode
-    (``model(x, **call_kwargs)``)."""
+def nnx_apply(model: Any) -> Callable[..., Any]:
+    """``apply(variables, *args, **kwargs)``: the NNX ``model`` called on a variables dict (as
+    `nnx_variables` gives) instead of its own Params and BatchStats; pure, the model is not
+    changed. Its other state (e.g. an ``nnx.Dropout``'s deterministic flag) is the model's at
+    this call."""
     from flax import nnx
-
-    from jaxprune.graph import trace
 
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
-    def apply(variables, a):
+    def apply(variables, *args, **kwargs):
         p, s = jax.tree_util.tree_map(lambda t: t, (params, stats))
         nnx.replace_by_pure_dict(p, variables["params"])
         nnx.replace_by_pure_dict(s, variables["batch_stats"])
-        return nnx.merge(graphdef, p, s, rest)(a, **call_kwargs)
+        return nnx.merge(graphdef, p, s, rest)(*args, **kwargs)
 
-    return trace(apply, nnx_variables(model), x, residual=residual)
+    return apply
+
+
+def trace_nnx(model: Any, x: Any, residual: str = "coupled", **call_kwargs: Any) -> PruningGraph:
+    """`jaxprune.graph.trace` of an NNX model over its `nnx_variables`, in inference mode
+    (``model(x, **call_kwargs)``; call ``model.eval()`` first where it has BatchNorm or
+    Dropout)."""
+    from jaxprune.graph import trace
+
+    apply = nnx_apply(model)
+    return trace(lambda v, a: apply(v, a, **call_kwargs), nnx_variables(model), x, residual=residual)
