@@ -525,10 +525,16 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
     res = compact(s.model, variables, masks, s.graph, keep_constants=roles is not None,
                   sample_input=sample)
     small = ev(res.model, res.variables)
-    # The compact model must predict exactly like the masked one (same correct count).
-    if abs(small["accuracy"] - masked["accuracy"]) * ds.num_test > 0.5:
-        raise AssertionError(f"compact accuracy {small['accuracy']:.4f} != masked accuracy "
-                             f"{masked['accuracy']:.4f}: compaction bug")
+    # The compact model must predict exactly like the masked one (same correct count). In
+    # bfloat16 compute the narrower convs round differently (a few near-tie images flip), so
+    # the exactness check then runs both models in float32; the record keeps both accuracies.
+    check = (masked, small)
+    if jnp.dtype(s.config.dtype) != jnp.float32:
+        f32 = lambda m: m.clone(dtype=jnp.float32)  # noqa: E731
+        check = (ev(f32(s.model), masked_vars), ev(f32(res.model), res.variables))
+    if abs(check[1]["accuracy"] - check[0]["accuracy"]) * ds.num_test > 0.5:
+        raise AssertionError(f"compact accuracy {check[1]['accuracy']:.4f} != masked accuracy "
+                             f"{check[0]['accuracy']:.4f} (float32): compaction bug")
     dense_cost, pruned_cost = s.reference_costs or (costs(s.graph), costs(s.graph, masks))
     record = {
         "name": s.config.name,
@@ -543,6 +549,8 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         "masked_accuracy": masked["accuracy"],
         "compact_accuracy": small["accuracy"],
         "masked_top5": masked["top5"],
+        "compaction_check": {"dtype": "float32", "masked_accuracy": check[0]["accuracy"],
+                             "compact_accuracy": check[1]["accuracy"]},
         "compact_top5": small["top5"],
         "best_accuracy": max([h.get("test_accuracy", 0.0) for h in history or []] or [masked["accuracy"]]),
         "dense": dense_cost,
