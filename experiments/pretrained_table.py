@@ -67,9 +67,20 @@ def _trained_as(cfg: dict) -> str:
     return f"{model}, {cfg.get('dtype', 'float32')}"
 
 
+def _final(res: dict, dtype: str) -> str:
+    """``'23.23 = 23.23'``; a low-precision run adds the float32 exactness check, which is the
+    one the runner requires to be equal: ``'43.01, 43.00 (bfloat16); float32: 42.66 = 42.66'``."""
+    masked, compact = 100 * res["masked_accuracy"], 100 * res["compact_accuracy"]
+    check = res.get("compaction_check")
+    if not check:
+        return f"{masked:.2f} = {compact:.2f}"
+    return (f"{masked:.2f}, {compact:.2f} ({dtype}); {check['dtype']}: "
+            f"{100 * check['masked_accuracy']:.2f} = {100 * check['compact_accuracy']:.2f}")
+
+
 def runs_table(records: Path = RECORDS) -> str:
     head = ("| run | method | trained as (model, compute) | epochs done / paper | baseline (imported) | after pruning, before retraining | "
-            "test acc. per retraining epoch (%) | masked = compact (%) | conv MACs (SFP conv only) | "
+            "test acc. per retraining epoch (%) | final: masked, compact (%) | conv MACs (SFP conv only) | "
             "conv+FC MACs (PFEC) | params |")
     lines = [head, "|---|---|---|---|---:|---:|---|---:|---|---|---|"]
     for d in sorted(p for p in records.iterdir() if (p / "start.json").is_file()):
@@ -84,8 +95,7 @@ def runs_table(records: Path = RECORDS) -> str:
         def red(key):
             return f"{dense[key]:,} -> {pruned[key]:,} (-{100 * (1 - pruned[key] / dense[key]):.1f}%)"
 
-        final = (f"{100 * res['masked_accuracy']:.2f} = {100 * res['compact_accuracy']:.2f}" if res
-                 else "not finished")
+        final = _final(res, cfg.get("dtype", "float32")) if res else "not finished"
         lines.append(
             f"| `{d.name}` | {method} {cfg['method'].get('kwargs', {}).get('config', '')} | "
             f"{_trained_as(cfg)} | {_epochs_done(len(curve), cfg['epochs'], paper)} | {100 * start['pretrained_accuracy']:.2f} | "

@@ -588,9 +588,17 @@ def test_pretrained_table_labels_epochs_against_the_papers_schedule(tmp_path):
         (d / "start.json").write_text(json.dumps({"pretrained_accuracy": 0.9, "after_init_accuracy": 0.5,
                                                   "dense_costs": cost, "after_init_costs": small}))
         (d / "metrics.jsonl").write_text('{"test_accuracy": 0.8}\n' * done)
+    (tmp_path / "sfp_run" / "result.json").write_text(json.dumps(
+        {"masked_accuracy": 0.4301, "compact_accuracy": 0.43,
+         "compaction_check": {"dtype": "float32", "masked_accuracy": 0.4266, "compact_accuracy": 0.4266}}))
+    extra["sfp_run"]["dtype"] = "bfloat16"
+    (tmp_path / "sfp_run" / "config.json").write_text(json.dumps({"epochs": 6, "method": {"name": "sfp"},
+                                                                  **extra["sfp_run"]}))
     rows = mod.runs_table(tmp_path).splitlines()[2:]
     assert rows[0].startswith("| `pfec_run` | pfec  | compact, bfloat16 | 1 / 40 | 90.00 | 50.00 | 80.00 "
                               "| not finished |")
-    assert rows[1].startswith("| `sfp_run` | sfp  | masked, float32 | 2 / 6 (the paper's 200 shortened "
+    assert rows[1].startswith("| `sfp_run` | sfp  | masked, bfloat16 | 2 / 6 (the paper's 200 shortened "
                               "to 6) | 90.00 |")
+    # a bfloat16 run's final accuracies may differ by an image; the float32 check must be equal
+    assert "| 43.01, 43.00 (bfloat16); float32: 42.66 = 42.66 |" in rows[1]
     assert "1,000 -> 600 (-40.0%)" in rows[1] and "100 -> 70 (-30.0%)" in rows[1]
