@@ -30,3 +30,17 @@ def test_readme_own_loop_example_runs(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(re.search(r"hard-pruned channels: (\d+)", out.stdout).group(1)) > 0
+
+
+def test_readme_own_model_compaction_example_runs(tmp_path):
+    """The third example: a user's Linen model (SE gate, concat) compacts exactly, shrinks, and
+    its jax.export artifact and save_compact/jaxprune.load copy give the compact outputs."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    script = tmp_path / "own_model.py"
+    script.write_text(blocks[2].replace('"/tmp/my_small_net"', repr(str(tmp_path / "small"))))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(re.search(r"max \|compact - masked\| = (\S+)", out.stdout).group(1)) < 1e-5
+    dense, small = map(int, re.search(r"params: (\d+) -> (\d+)", out.stdout).groups())
+    assert small < 0.7 * dense
+    assert "restored == compact: True" in out.stdout
