@@ -115,7 +115,11 @@ def train_step(model: Any, graph: Any, state: step_lib.TrainState, optimizer, x,
 
 
 def inference(model: Any, variables: Any, x) -> Compiled:
-    jitted = jax.jit(lambda v, a: model.apply(v, a, train=False))
+    return inference_fn(jax.jit(lambda v, a: model.apply(v, a, train=False)), variables, x)
+
+
+def inference_fn(jitted: Any, variables: Any, x) -> Compiled:
+    """``jitted(variables, x)`` compiled once (lower + compile timed) and warm."""
     lower_s, compile_s, compiled = H.compile_seconds(jitted, variables, x)
     fn = lambda: compiled(variables, x)  # noqa: E731
     H.block(fn())

@@ -15,19 +15,25 @@ masks' STRUCTURE, not accuracy, decides the speed):
   all 1 (every score ties, which would prune whole layers in index order), so the scales are
   first drawn from |N(1, 0.25)| (seeded); documented substitute for trained scales.
 
-For each: dense vs ``compact(...)`` (exact widths) vs ``compact(..., align=8)`` (kept counts
-rounded up to multiples of 8, which XLA:CPU convolutions run much faster), eval mode,
-batch ``--batch``, round-robin, median of ``--repeats``; ideal = dense / compact conv MACs.
+For each: dense vs the compact model at the method's exact widths vs the compact model at
+hardware-aware widths chosen BY THE METHOD (``width=8``: its final selection keeps a multiple of
+8 filters per group, rounded up, so the trained masked model and the compact model are one
+function) vs that model's ``jax.export`` artifact (serialized, deserialized, called through
+``jax.jit``). Eval mode, every batch size of ``--batches``, round-robin, median of ``--repeats``;
+ideal = dense / compact conv MACs. The thread count is the process's CPU affinity (pin with
+``taskset``).
 
 Usage::
 
     python experiments/bench/inference_methods.py --quick        # 3 settings, 3 repeats
-    python experiments/bench/inference_methods.py --repeats 5 --append BENCHMARKS.md
+    taskset -c 1 python experiments/bench/inference_methods.py --issue10 --batches 1,256 \
+        --repeats 5 --append BENCHMARKS.md                      # issue 10's rows, one thread
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import _harness as H  # noqa: F401  (puts the repository on sys.path)
@@ -47,7 +53,12 @@ SETTINGS = [
     ("PFEC-A", "vgg16", "pfec", {"config": "vgg16-A"}, "scatter"),
     ("HFP 50% MACs+params", "resnet56", "hfp",
      {"macs_reduction": 0.5, "params_reduction": 0.5}, "coupled"),
+    ("SFP 40% coupled", "resnet56", "sfp", {"rate": 0.4}, "coupled"),
 ]
+# issue 10's paper rows: SFP ResNet-20/56/110, PFEC-A/B ResNet-56, HFP ResNet-56, coupled 40%
+ISSUE10 = [("SFP 30%", "resnet20"), ("SFP 40%", "resnet56"), ("SFP 30%", "resnet110"),
+           ("PFEC-A", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"),
+           ("SFP 40% coupled", "resnet56")]
 
 
 def method_masks(s, method_name: str, kwargs: dict):
@@ -78,7 +89,21 @@ def method_masks(s, method_name: str, kwargs: dict):
     return S.final_masks(s, method)
 
 
-def bench_setting(label, name, method_name, kwargs, residual, batch_size, repeats, inner):
+def exported_inference(model, variables, x):
+    """The ``jax.export`` round trip of ``model``'s eval forward at ``x``'s shape, compiled."""
+    import jax
+    import jax.export
+
+    import _setup as S
+
+    spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    fn = jax.jit(lambda v, a: model.apply(v, a, train=False))
+    art = jax.export.export(fn)(jax.tree_util.tree_map(spec, variables), spec(x)).serialize()
+    return S.inference_fn(jax.jit(jax.export.deserialize(art).call), variables, x)
+
+
+def bench_setting(label, name, method_name, kwargs, residual, batches, repeats, inner):
+    """``{batch: {variant: (seconds per call, conv MACs, rel. err vs masked)}}``, dense MACs."""
     import jax.numpy as jnp
 
     import _setup as S
@@ -86,29 +111,41 @@ def bench_setting(label, name, method_name, kwargs, residual, batch_size, repeat
     from jaxprune.masks import apply_masks
 
     s = S.setup(name, residual=residual)
-    masks = method_masks(s, method_name, kwargs)
-    x, _ = S.batch(batch_size)
+    dense_vars = s.variables
+    built = {}
+    for variant, width in (("compact, exact widths", None), ("compact, widths x8", 8)):
+        s.variables = dense_vars
+        masks = method_masks(s, method_name, kwargs if width is None else {**kwargs, "width": width})
+        res, _ = S.compact_setup(s, masks)  # HFP's scales were redrawn: s.variables holds them
+        x8, _ = S.batch(8)
+        ref = s.model.apply(apply_masks(s.variables, masks, s.graph), x8, train=False)
+        out = res.model.apply(res.variables, x8, train=False)
+        err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+        built[variant] = (res, flops.count(s.graph, res.kept).macs, err)
     dense_macs = flops.count(s.graph).macs
-    runs = {"dense": (S.inference(s.model, s.variables, x), dense_macs, None)}
-    masked_out = s.model.apply(apply_masks(s.variables, masks, s.graph), x[:8], train=False)
-    for align in (1, 8):
-        res, _ = S.compact_setup(s, masks, align=align)
-        out = res.model.apply(res.variables, x[:8], train=False)
-        err = float(jnp.linalg.norm(out - masked_out) / jnp.linalg.norm(masked_out))
-        runs[f"compact{'' if align == 1 else ', align 8'}"] = (
-            S.inference(res.model, res.variables, x), flops.count(s.graph, res.kept).macs, err)
-    t = H.interleave({k: c.fn for k, (c, _, _) in runs.items()}, repeats, inner, warmup=False)
-    return {k: (t[k], macs, err) for k, (_, macs, err) in runs.items()}, dense_macs
+    out = {}
+    for b in batches:
+        x, _ = S.batch(b)
+        runs = {"dense": (S.inference(s.model, dense_vars, x), dense_macs, None)}
+        for variant, (res, macs, err) in built.items():
+            runs[variant] = (S.inference(res.model, res.variables, x), macs, err)
+        res, macs, err = built["compact, widths x8"]
+        runs["compact, widths x8, jax.export"] = (exported_inference(res.model, res.variables, x), macs, err)
+        n_inner = inner * max(1, 64 // b)  # small batches: more calls per sample
+        t = H.interleave({k: c.fn for k, (c, _, _) in runs.items()}, repeats, n_inner, warmup=False)
+        out[b] = {k: (t[k], macs, err) for k, (_, macs, err) in runs.items()}
+    return out, dense_macs
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batches", default="128", help="comma-separated batch sizes")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--inner", type=int, default=2)
     p.add_argument("--only", default="", help="comma-separated substrings of 'label model'")
     p.add_argument("--ghfp", action="store_true", help="also time the GHFP rows (= SFP masks)")
     p.add_argument("--quick", action="store_true", help="SFP-56, PFEC-56-B, HFP-56; 3 repeats")
+    p.add_argument("--issue10", action="store_true", help="the paper rows issue 10 asks for")
     p.add_argument("--append", default="")
     a = p.parse_args(argv)
     load = H.load_average()
@@ -118,28 +155,35 @@ def main(argv=None) -> int:
         a.repeats = min(a.repeats, 3)
         settings = [st for st in settings if (st[0], st[1]) in
                     (("SFP 40%", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"))]
+    if a.issue10:
+        settings = [st for st in settings if (st[0], st[1]) in ISSUE10]
     if a.only:
         settings = [st for st in settings if any(o in f"{st[0]} {st[1]}" for o in a.only.split(","))]
-    b = a.batch
-    lines = [f"### Inference: compacted vs dense, every method at the paper rates (batch {b})", "",
-             f"Eval mode, median of {a.repeats} round-robin repeats x {a.inner} call(s) within each "
-             "setting; masks from each method's own selection on random-init weights (HFP: "
-             "|N(1, 0.25)| BN scales); GHFP's final masks are SFP's (same rows). 'align 8': "
-             "`compact(..., align=8)`.", "",
-             "| method | model | variant | conv MACs | images/s | speedup | ideal (MAC ratio) | "
+    batches = [int(v) for v in a.batches.split(",")]
+    threads = len(os.sched_getaffinity(0))
+    lines = [f"### Inference: compacted vs dense at the paper rates, exact and hardware-aware widths "
+             f"(batch {', '.join(map(str, batches))}; {threads} thread(s))", "",
+             f"Eval mode, median of {a.repeats} round-robin repeats within each setting and batch size; "
+             "masks from each method's own selection on random-init weights (HFP: |N(1, 0.25)| BN "
+             "scales); GHFP's final masks are SFP's. 'widths x8': the method's final selection keeps "
+             "multiples of 8 filters (`width=8`, rounded up), so masked == compact; 'jax.export': "
+             "that compact model's serialized export, deserialized and called.", "",
+             "| method | model | batch | variant | conv MACs | images/s | speedup | ideal (MAC ratio) | "
              "speedup / ideal | rel. err vs masked |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for label, name, mname, kwargs, residual in settings:
         print(f"[{label} {name}] ...", file=sys.stderr, flush=True)
-        rows, dense_macs = bench_setting(label, name, mname, kwargs, residual, b, a.repeats, a.inner)
-        dense_t = H.median(rows["dense"][0])
-        for k, (ts, macs, err) in rows.items():
-            m = H.median(ts)
-            ideal = dense_macs / macs
-            e = "" if err is None else f"{err:.1e}"
-            lines.append(f"| {label} | {name} | {k} | {macs:,} | {b / m:,.0f} | {dense_t / m:.2f}x | "
-                         f"{ideal:.2f}x | {dense_t / m / ideal:.2f} | {e} |")
-        print("\n".join(lines[-3:]), file=sys.stderr, flush=True)
+        per_batch, dense_macs = bench_setting(label, name, mname, kwargs, residual, batches,
+                                              a.repeats, a.inner)
+        for b, rows in per_batch.items():
+            dense_t = H.median(rows["dense"][0])
+            for k, (ts, macs, err) in rows.items():
+                m = H.median(ts)
+                ideal = dense_macs / macs
+                e = "" if err is None else f"{err:.1e}"
+                lines.append(f"| {label} | {name} | {b} | {k} | {macs:,} | {b / m:,.0f} | "
+                             f"{dense_t / m:.2f}x | {ideal:.2f}x | {dense_t / m / ideal:.2f} | {e} |")
+            print("\n".join(lines[-len(rows):]), file=sys.stderr, flush=True)
     text = "\n".join(lines)
     H.report(text, argv, a.append, load)
     return 0
