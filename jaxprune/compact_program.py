@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune.graph import Body, PruningGraph, leaf_paths, run_tracer
+from jaxprune.models.common import gather_channels
 
 Keep = tuple  # per axis: np.ndarray of kept positions, or None (every position kept)
 
@@ -86,7 +87,8 @@ def take(x: Any, keep: Keep | None) -> Any:
 
 def _move(x: Any, axis: int, src: np.ndarray | None, dst: np.ndarray | None, n: int) -> Any:
     """Axis ``axis`` of ``x`` from kept positions ``src`` to kept positions ``dst`` of an axis of
-    full size ``n`` (None: all ``n``); positions of ``dst`` missing from ``src`` are zeros."""
+    full size ``n`` (None: all ``n``); positions of ``dst`` missing from ``src`` are zeros
+    (`jaxprune.models.common.gather_channels`: a one-hot matmul, exact for finite ``x``)."""
     if src is None and dst is None:
         return x
     s = np.arange(n) if src is None else np.asarray(src)
@@ -95,12 +97,7 @@ def _move(x: Any, axis: int, src: np.ndarray | None, dst: np.ndarray | None, n: 
         return x
     pos = np.searchsorted(s, d)
     hit = (pos < len(s)) & (s[np.minimum(pos, len(s) - 1)] == d) if len(s) else np.zeros(len(d), bool)
-    idx = np.where(hit, pos, len(s)).astype(np.int32)
-    if not hit.all():
-        shape = list(x.shape)
-        shape[axis] = 1
-        x = jnp.concatenate([x, jnp.zeros(shape, x.dtype)], axis=axis)
-    return jnp.take(x, jnp.asarray(idx), axis=axis)
+    return gather_channels(x, np.where(hit, pos, len(s)), axis=axis)
 
 
 def _expand(x: Any, keep: Keep | None, shape: Sequence[int]) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 ROLES = ("out", "in", "vector", "other")
@@ -220,6 +221,31 @@ def _is_index_dtype(dtype) -> bool:
                                   or np.issubdtype(dtype, np.bool_))
 
 
+def _const_value(aval, c) -> np.ndarray | None:
+    """The value a trace remembers of a constant: index arrays, and small float 0/1 matrices
+    (`jaxprune.models.common.gather_channels`' one-hot selections); else None."""
+    dtype = getattr(aval, "dtype", None)
+    if _is_index_dtype(dtype):
+        return np.asarray(c)
+    if (dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(aval.shape) == 2
+            and int(np.prod(aval.shape)) <= _FOLD_MAX_SIZE):
+        v = np.asarray(c, np.float32)
+        if np.isin(v, (0.0, 1.0)).all():
+            return v
+    return None
+
+
+def _selection_rows(value: np.ndarray, contracting: int) -> np.ndarray | None:
+    """For a 0/1 matrix with at most one 1 per column (along ``contracting``, the summed axis):
+    the row of each column's 1, -1 where a column is all zeros; None for any other matrix."""
+    if value.ndim != 2 or not np.isin(value, (0.0, 1.0)).all():
+        return None
+    m = value if contracting == 0 else value.T
+    if (m.sum(axis=0) > 1).any():
+        return None
+    return np.where(m.any(axis=0), m.argmax(axis=0), -1)
+
+
 def _fold_broadcast(v, p, shape):
     x = v[0]
     dims = p["broadcast_dimensions"]
@@ -408,8 +434,9 @@ class _Tracer:
         inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
         self.forget(inner)
         for cv, c in zip(getattr(inner, "constvars", ()), getattr(sub, "consts", ())):
-            if _is_index_dtype(getattr(cv.aval, "dtype", None)):
-                self.value[cv] = np.asarray(c)  # e.g. a jitted function's closed-over index
+            val = _const_value(cv.aval, c)  # e.g. a jitted function's closed-over index
+            if val is not None:
+                self.value[cv] = val
         for outer, iv in zip(eqn.invars, inner.invars):
             val = self.known(outer)
             if val is not None:
@@ -761,6 +788,8 @@ class _Tracer:
         lhs, rhs = ins
         out = outs[0]
         (lc, rc), (lbd, rbd) = eqn.params["dimension_numbers"]
+        if self.selection_dot(eqn, lhs, out):
+            return
         for a, b in zip(lc, rc):
             self.link(lhs[a], rhs[b])
         k = 0
@@ -787,6 +816,24 @@ class _Tracer:
                 self.roles[(leaf, self.leaf_axis(wv, i))] = "in"
                 self.channel_ids.append(w[i])
         self.ops.append(("dense", leaf, self.repeat, list(out) + [lhs[i] for i in lc]))
+
+    def selection_dot(self, eqn, lhs, out) -> bool:
+        """A matmul of data with a constant one-hot matrix (`jaxprune.models.common.gather_channels`)
+        moves channels, as a static gather does: output column j is input channel ``rows[j]``
+        (no channel where the column is zero). Links them and counts no MACs."""
+        (lc, rc), (lbd, _) = eqn.params["dimension_numbers"]
+        value = self.known(eqn.invars[1])
+        if lhs is None or value is None or lbd or len(lc) != 1 or not self.is_data(eqn.invars[0]):
+            return False
+        rows = _selection_rows(value, int(rc[0]))
+        if rows is None:
+            return False
+        lfree = [i for i in range(len(lhs)) if i != lc[0]]
+        for k, i in enumerate(lfree):
+            self.link(lhs[i], out[k])
+        cols = np.flatnonzero(rows >= 0)
+        self.link(lhs[lc[0]][rows[cols]], out[len(lfree)][cols])
+        return True
 
     # -- control flow: a body is walked once; its channels are the same at every iteration
     def walk_body(self, eqn, inner, operands, stacked=(), scattered=()) -> None:
@@ -1025,8 +1072,9 @@ def run_tracer(apply_fn: Callable[..., Any], variables: Any, example_args: Seque
     jaxpr = closed.jaxpr
     t = _Tracer(residual, record=record)
     for cv, c in zip(jaxpr.constvars, closed.consts):
-        if _is_index_dtype(getattr(cv.aval, "dtype", None)):
-            t.value[cv] = np.asarray(c)
+        val = _const_value(cv.aval, c)
+        if val is not None:
+            t.value[cv] = val
     n_leaves = len(flat_vars)
     for i, v in enumerate(jaxpr.invars):
         t.axes(v)

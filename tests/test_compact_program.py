@@ -19,6 +19,7 @@ from jaxprune.compaction import compact
 from jaxprune.compact_program import ExportedModel, ProgramModel
 from jaxprune.graph import leaf_paths, trace_linen
 from jaxprune.masks import apply_masks
+from jaxprune.models import gather_channels
 from jaxprune.pruner import nnx_variables, trace_nnx
 
 
@@ -72,6 +73,18 @@ class UNet(nn.Module):
         d1 = nn.relu(nn.Conv(8, (3, 3))(jnp.concatenate([u, e1], -1)))
         t = nn.ConvTranspose(8, (2, 2), strides=(2, 2))(e2)
         return nn.Conv(3, (1, 1))(jnp.concatenate([d1, t], -1))
+
+
+class ChannelMoves(nn.Module):
+    """A branch of 6 channels moved into an 8-channel stream (with zero slots) by a one-hot
+    matmul, as the bundled compact models do (`jaxprune.models.gather_channels`)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), name="stem")(x)
+        b = nn.Conv(6, (3, 3), name="branch")(nn.relu(x))
+        x = x + gather_channels(b, [3, 6, 0, 1, 6, 5, 2, 4])  # 6: a zero channel
+        return nn.Dense(4)(nn.relu(x).mean((1, 2)))
 
 
 class _Block(nn.Module):
@@ -135,7 +148,7 @@ def _linen(model, shape=(2, 8, 8, 3)):
 
 
 LINEN = {"se_grouped_concat": SEGroupedConcat, "norms_residual": NormsAndResidual, "unet": UNet,
-         "scan_remat": ScanRemat}
+         "scan_remat": ScanRemat, "channel_moves": ChannelMoves}
 
 
 def _check_compact(model, variables, x, graph, rate, apply_dense):

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxprune.graph import leaf_paths, module_path, register_rule, trace, trace_linen
-from jaxprune.models import SmallNNXCNN
+from jaxprune.models import SmallNNXCNN, gather_channels
 
 N_BLOCKS = 3  # ResNet-20: 3 blocks per stage
 STAGES = ((1, 16), (2, 32), (3, 64))  # (stage, width)
@@ -301,12 +301,15 @@ class _Gather(nn.Module):
             y = y[..., idx]
         elif self.mode == "jitted":
             y = _jitted_perm(y)
+        elif self.mode.startswith("one-hot"):  # the compact models' channel moves
+            dtype = jnp.bfloat16 if self.mode.endswith("bf16") else jnp.float32
+            y = gather_channels(y.astype(dtype), _PERM).astype(jnp.float32)
         else:
             y = y[..., _PERM]
         return nn.Conv(2, (1, 1), use_bias=False, name="b")(y).sum(axis=(1, 2))
 
 
-@pytest.mark.parametrize("mode", ["static", "jitted"])
+@pytest.mark.parametrize("mode", ["static", "jitted", "one-hot", "one-hot bf16"])
 def test_static_gather_permutation_is_followed(mode):
     m = _Gather(mode=mode)
     x = jnp.zeros((1, 2, 2, 4))
@@ -317,6 +320,7 @@ def test_static_gather_permutation_is_followed(mode):
         (("params", "a", "kernel"), 3, "out"): [[0], [1], [2], [3]],
         (("params", "b", "kernel"), 2, "in"): [[1], [3], [0], [2]],
     }
+    assert [op.kind for op in g.ops] == ["conv", "conv"]  # a one-hot selection costs no MACs
 
 
 def test_data_dependent_gather_makes_channels_unprunable():
