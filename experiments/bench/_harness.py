@@ -13,17 +13,25 @@
   compilation: the persistent cache is not used by the scripts).
 - `append_report(path, text, argv)`: appends a table, the exact command and the machine to
   BENCHMARKS.md (never rewrites the file).
+- `profile_categories(fn, lower)`: where a compiled program spends its time, per category of
+  HLO instruction (convolutions, gathers, pads/slices, copies, ...), from a ``jax.profiler``
+  trace.
 """
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -271,3 +279,112 @@ def _wait(r: Any) -> None:
             jax.block_until_ready(r)
         except Exception:
             pass
+
+
+# ----------------------------------------------------------------------------- profiling
+
+
+def _conv_kind(line: str) -> str | None:
+    if " convolution(" not in line:
+        return None
+    m = re.search(r"window=\{size=(\d+)x(\d+)", line)
+    if m and int(m.group(1)) > 3:  # the window spans the feature map: kernel gradient
+        return "conv kernel-grad"
+    if "transpose(jvp" in line:
+        return "conv input-grad"
+    return "conv forward"
+
+
+def hlo_categories(hlo: str) -> dict[str, str]:
+    """Instruction name -> category, from an optimized HLO module's text (``compiled.as_text()``).
+
+    A fusion takes the category of what it fuses, in this order: a convolution (forward,
+    input-gradient, kernel-gradient), a ``dot``, a ``gather`` or ``scatter`` (compaction's
+    reindexing of channels), a ``reduce``, a ``transpose``/``copy`` (layout), a ``pad``,
+    ``slice`` or ``concatenate`` (the option-A shortcut, zero channels), else elementwise. A
+    convolution fused with a gather is ``'conv forward + gather'``. Prefixed ``'YNN '`` or
+    ``'oneDNN '`` when XLA:CPU hands the instruction to that library.
+    """
+    comps: dict[str, list[str]] = {}
+    cur = None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if m:
+            cur = m.group(1)
+            comps[cur] = []
+        elif cur is not None:
+            comps[cur].append(line)
+
+    def body_ops(line: str) -> str:
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        return "\n".join(comps.get(called.group(1), [])) if called else ""
+
+    cats: dict[str, str] = {}
+    for lines in comps.values():
+        for line in lines:
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = .*? ([\w-]+)\(", line)
+            if not m:
+                continue
+            inst, op = m.groups()
+            kind = _conv_kind(line)
+            lib = "YNN " if "__ynn_fusion" in line else ("oneDNN " if "onednn" in line.lower() else "")
+            if kind is None and op == "fusion":
+                text = body_ops(line)
+                inner = [k for k in map(_conv_kind, text.splitlines()) if k]
+                moves = " gather(" in text or " scatter(" in text
+                if inner:
+                    kind = inner[0] + (" + gather" if moves else "")
+                elif " dot(" in text:
+                    kind = "dot"
+                elif moves:
+                    kind = "gather/scatter"
+                elif " reduce(" in text:
+                    kind = "reduction"
+                elif "transpose" in inst or " transpose(" in text or "copy" in inst:
+                    kind = "transpose/copy"
+                elif any(f" {o}(" in text for o in ("pad", "slice", "concatenate")):
+                    kind = "pad/slice/concat"
+                else:
+                    kind = "elementwise"
+            elif kind is None:
+                kind = {"copy": "transpose/copy", "transpose": "transpose/copy", "gather": "gather/scatter",
+                        "scatter": "gather/scatter", "pad": "pad/slice/concat", "slice": "pad/slice/concat",
+                        "concatenate": "pad/slice/concat"}.get(op, op)
+            cats[inst] = lib + kind
+    return cats
+
+
+def profile_categories(fn: Callable[[], Any], lower: Callable[[], Any], calls: int = 2) -> dict:
+    """Per-category seconds per call of ``fn`` from a ``jax.profiler`` trace of ``calls`` calls.
+
+    ``lower()`` returns the ``jax.stages.Lowered`` of the program ``fn`` runs (its compiled HLO
+    names the instructions that the trace's events carry). Returns ``{'wall_s': seconds per call
+    under the profiler, 'seconds': {category: seconds per call}, 'ops': {category: instructions
+    executed per call}}``.
+    """
+    import jax
+
+    cats = hlo_categories(lower().compile().as_text())
+    d = tempfile.mkdtemp(prefix="jaxprof_")
+    try:
+        block(fn())
+        t0 = time.perf_counter()
+        with jax.profiler.trace(d):
+            r = None
+            for _ in range(calls):
+                r = fn()
+            block(r)
+        wall = (time.perf_counter() - t0) / calls
+        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
+        data = jax.profiler.ProfileData.from_file(files[0])
+        agg: collections.Counter = collections.Counter()
+        count: collections.Counter = collections.Counter()
+        for plane in data.planes:
+            for line in plane.lines:
+                for ev in line.events:
+                    if ev.name in cats:
+                        agg[cats[ev.name]] += ev.duration_ns / 1e9 / calls
+                        count[cats[ev.name]] += 1
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    return {"wall_s": wall, "seconds": dict(agg), "ops": {k: v // calls for k, v in count.items()}}

@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxprune import criteria, flops, selection
 from jaxprune.compaction import compact

@@ -102,8 +102,10 @@ def exported_inference(model, variables, x):
     return S.inference_fn(jax.jit(jax.export.deserialize(art).call), variables, x)
 
 
-def bench_setting(label, name, method_name, kwargs, residual, batches, repeats, inner):
-    """``{batch: {variant: (seconds per call, conv MACs, rel. err vs masked)}}``, dense MACs."""
+def build_variants(name, method_name, kwargs, residual):
+    """The setting's dense `_setup.Setup` and its compact models: ``{variant: (compaction result,
+    conv MACs, rel. err of the compact vs the masked model's logits)}``, ``'compact, exact
+    widths'`` and ``'compact, widths x8'`` (the method's own final selection with ``width=8``)."""
     import jax.numpy as jnp
 
     import _setup as S
@@ -122,11 +124,21 @@ def bench_setting(label, name, method_name, kwargs, residual, batches, repeats, 
         out = res.model.apply(res.variables, x8, train=False)
         err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
         built[variant] = (res, flops.count(s.graph, res.kept).macs, err)
+    s.variables = dense_vars
+    return s, built
+
+
+def bench_setting(label, name, method_name, kwargs, residual, batches, repeats, inner):
+    """``{batch: {variant: (seconds per call, conv MACs, rel. err vs masked)}}``, dense MACs."""
+    import _setup as S
+    from jaxprune import flops
+
+    s, built = build_variants(name, method_name, kwargs, residual)
     dense_macs = flops.count(s.graph).macs
     out = {}
     for b in batches:
         x, _ = S.batch(b)
-        runs = {"dense": (S.inference(s.model, dense_vars, x), dense_macs, None)}
+        runs = {"dense": (S.inference(s.model, s.variables, x), dense_macs, None)}
         for variant, (res, macs, err) in built.items():
             runs[variant] = (S.inference(res.model, res.variables, x), macs, err)
         res, macs, err = built["compact, widths x8"]

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import sys
 
 import _harness as H  # noqa: F401  (puts the repository on sys.path)
 

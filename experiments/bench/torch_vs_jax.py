@@ -37,10 +37,8 @@ torch rows are skipped with a note when it is missing.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -309,8 +307,6 @@ def _conv_im2col(x, w, stride):
 
 def jax_workload(spec: dict):
     """A warm (compiled) JAX workload ``fn() -> array`` of ``spec`` and its info dict."""
-    import functools
-
     import jax
     import jax.numpy as jnp
     import optax
@@ -410,92 +406,6 @@ def jax_workload(spec: dict):
     return fn, info, lambda: jitted.lower(*box[0])
 
 
-# ------------------------------------------------------------------------------- profiling
-
-
-def _hlo_categories(hlo: str) -> dict[str, str]:
-    """Instruction name -> category, from an optimized HLO module's text."""
-    comps: dict[str, list[str]] = {}
-    cur = None
-    for line in hlo.splitlines():
-        m = re.match(r"^(?:ENTRY )?%(\S+) ", line)
-        if m:
-            cur = m.group(1)
-            comps[cur] = []
-        elif cur is not None:
-            comps[cur].append(line)
-
-    def conv_kind(line: str) -> str | None:
-        if " convolution(" not in line:
-            return None
-        m = re.search(r"window=\{size=(\d+)x(\d+)", line)
-        if m and int(m.group(1)) > 3:  # the window spans the feature map: kernel gradient
-            return "conv kernel-grad"
-        if "transpose(jvp" in line:
-            return "conv input-grad"
-        return "conv forward"
-
-    cats: dict[str, str] = {}
-    for lines in comps.values():
-        for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", line)
-            if not m:
-                continue
-            inst, op = m.groups()
-            kind = conv_kind(line)
-            lib = "YNN " if "__ynn_fusion" in line else ("oneDNN " if "onednn" in line.lower() else "")
-            if kind is None and op == "fusion":
-                called = re.search(r"calls=%([\w.\-]+)", line)
-                body = comps.get(called.group(1), []) if called else []
-                inner = [k for k in map(conv_kind, body) if k]
-                text = "\n".join(body)
-                if inner:
-                    kind = inner[0]
-                elif " dot(" in text:
-                    kind = "dot"
-                elif " reduce(" in text:
-                    kind = "reduction"
-                elif "transpose" in inst or " transpose(" in text or "copy" in inst:
-                    kind = "transpose/copy"
-                else:
-                    kind = "elementwise"
-            elif kind is None:
-                kind = {"copy": "transpose/copy", "transpose": "transpose/copy"}.get(op, op)
-            cats[inst] = lib + kind
-    return cats
-
-
-def profile_categories(fn, lower, calls: int = 2) -> dict:
-    """Per-category seconds per call of ``fn`` from a jax.profiler trace of ``calls`` calls."""
-    import collections
-
-    import jax
-
-    cats = _hlo_categories(lower().compile().as_text())
-    d = tempfile.mkdtemp(prefix="jaxprof_")
-    try:
-        H.block(fn())
-        t0 = time.perf_counter()
-        with jax.profiler.trace(d):
-            for _ in range(calls):
-                r = fn()
-            H.block(r)
-        wall = (time.perf_counter() - t0) / calls
-        files = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
-        data = jax.profiler.ProfileData.from_file(files[0])
-        agg: collections.Counter = collections.Counter()
-        count: collections.Counter = collections.Counter()
-        for plane in data.planes:
-            for line in plane.lines:
-                for ev in line.events:
-                    if ev.name in cats:
-                        agg[cats[ev.name]] += ev.duration_ns / 1e9 / calls
-                        count[cats[ev.name]] += 1
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-    return {"wall_s": wall, "seconds": dict(agg), "ops": {k: v // calls for k, v in count.items()}}
-
-
 # ------------------------------------------------------------------------------- workers
 
 
@@ -510,7 +420,7 @@ def worker_main(spec: dict) -> None:
         H.serve(fn, info)
         return
     fn, info, lower = jax_workload(spec)
-    handlers = {"profile": lambda calls="2": profile_categories(fn, lower, int(calls))}
+    handlers = {"profile": lambda calls="2": H.profile_categories(fn, lower, int(calls))}
     if hasattr(fn, "dump"):
         handlers["dump"] = fn.dump
     H.serve(fn, info, handlers=handlers)
