@@ -228,7 +228,7 @@ def _const_value(aval, c) -> np.ndarray | None:
     if _is_index_dtype(dtype):
         return np.asarray(c)
     if (dtype is not None and jnp.issubdtype(dtype, jnp.floating) and len(aval.shape) == 2
-            and int(np.prod(aval.shape)) <= _FOLD_MAX_SIZE):
+            and int(np.prod(aval.shape)) <= _SELECTION_MAX_SIZE):
         v = np.asarray(c, np.float32)
         if np.isin(v, (0.0, 1.0)).all():
             return v
@@ -294,6 +294,7 @@ _FOLD: dict[str, Callable[..., Any]] = {
     "iota": _fold_iota,
 }
 _FOLD_MAX_SIZE = 1 << 20
+_SELECTION_MAX_SIZE = 1 << 24  # one-hot channel moves: [kept, width], width up to 2048+ in ImageNet ResNets
 
 
 @dataclasses.dataclass(eq=False)
