@@ -22,6 +22,7 @@ Usage::
 
     taskset -c 1 python experiments/bench/compact_profile.py --batch 256 --append BENCHMARKS.md
     python experiments/bench/compact_profile.py --only "SFP 30% resnet20" --batch 8 --repeats 2
+    python experiments/bench/compact_profile.py --only "SFP 30% resnet20,SFP 40% resnet56" --gathers
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ def bucket(category: str) -> str:
     if c.startswith("conv"):
         return "conv"
     return c if c in CATEGORIES else "other"
+
+
+@contextlib.contextmanager
+def moves_as_gathers():
+    """Inside: `jaxprune.models.common.gather_channels` is a ``jnp.take`` from ``x`` with a zero
+    channel appended - how compact models moved channels before the one-hot matmul (same values)."""
+    import jax.numpy as jnp
+
+    from jaxprune.models import common
+
+    real = common.gather_channels
+
+    def take(x, index, axis=-1):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, 1)
+        return jnp.take(jnp.pad(x, pad), jnp.asarray(index, jnp.int32), axis=axis)
+
+    common.gather_channels = take
+    try:
+        yield
+    finally:
+        common.gather_channels = real
 
 
 @contextlib.contextmanager
@@ -70,8 +93,9 @@ def reindex_as_pad():
         common.reindex = real
 
 
-def profile_setting(label, name, method_name, kwargs, residual, b, repeats, calls):
-    """Rows ``(variant, MACs, profile dict)`` and the reindex-as-pad timing of each compact variant."""
+def profile_setting(label, name, method_name, kwargs, residual, b, repeats, calls, gathers=False):
+    """Rows ``(variant, MACs, profile dict)`` and the reindex-as-pad timing of each compact variant
+    (with ``gathers``: also each compact variant with its channel moves as gathers)."""
     import jax
 
     import _setup as S
@@ -81,13 +105,20 @@ def profile_setting(label, name, method_name, kwargs, residual, b, repeats, call
     x, _ = S.batch(b)
     models = {"dense": (s.model, s.variables, flops.count(s.graph).macs)}
     models.update({k: (res.model, res.variables, macs) for k, (res, macs, _) in built.items()})
+    variants = [(k, contextlib.nullcontext) for k in models]
+    if gathers:
+        variants += [(k, moves_as_gathers) for k in models if k != "dense"]
     rows, ablation = [], {}
-    for variant, (model, variables, macs) in models.items():
-        jitted = jax.jit(lambda v, a, model=model: model.apply(v, a, train=False))
-        comp = S.inference_fn(jitted, variables, x)
-        prof = H.profile_categories(comp.fn, lambda j=jitted, v=variables: j.lower(v, x), calls)
+    for variant, moves in variants:
+        model, variables, macs = models[variant]
+        with moves():
+            jitted = jax.jit(lambda v, a, model=model: model.apply(v, a, train=False))
+            comp = S.inference_fn(jitted, variables, x)
+            prof = H.profile_categories(comp.fn, lambda j=jitted, v=variables: j.lower(v, x), calls)
+        if moves is moves_as_gathers:
+            variant += ", moves as gathers"
         rows.append((variant, macs, prof))
-        if variant != "dense":
+        if variant in built:
             with reindex_as_pad():
                 fake = S.inference_fn(jax.jit(lambda v, a, model=model: model.apply(v, a, train=False)),
                                       variables, x)
@@ -103,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="round-robin repeats of the reindex-as-pad timing")
     p.add_argument("--calls", type=int, default=3, help="calls inside each profiler trace")
     p.add_argument("--only", default="", help="comma-separated substrings of 'label model'")
+    p.add_argument("--gathers", action="store_true",
+                   help="also profile each compact model with its channel moves as gathers (the old way)")
     p.add_argument("--append", default="")
     a = p.parse_args(argv)
     load = H.load_average()
@@ -124,7 +157,8 @@ def main(argv=None) -> int:
              "|---|---|---|---:|" + "---:|" * (len(head) + 2)]
     for label, name, mname, kwargs, residual in settings:
         print(f"[{label} {name}] ...", file=sys.stderr, flush=True)
-        rows, ablation = profile_setting(label, name, mname, kwargs, residual, a.batch, a.repeats, a.calls)
+        rows, ablation = profile_setting(label, name, mname, kwargs, residual, a.batch, a.repeats, a.calls,
+                                         a.gathers)
         dense_macs, dense_prof = rows[0][1], rows[0][2]
         dense_conv = sum(v for k, v in dense_prof["seconds"].items() if bucket(k) == "conv")
         for variant, macs, prof in rows:

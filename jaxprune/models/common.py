@@ -109,10 +109,9 @@ def gather_channels(x: jnp.ndarray, index: Sequence[int] | np.ndarray, axis: int
 
     For floating ``x`` this is a matmul with a one-hot matrix at ``Precision.HIGHEST`` (each
     output is one input times 1 plus zeros: exact, for finite ``x``) instead of a gather: a
-    gather along the channel axis makes XLA:CPU transpose the activation and back (measured in
-    `experiments/bench/compact_profile.py`: ResNet-56 SFP 40% compact, batch 256, 2 threads, 1.57x
-    slower than with the matmul), and a one-hot matmul is what TPUs do best. Other dtypes
-    use ``jnp.take``.
+    gather along the channel axis makes XLA:CPU transpose the activation and back
+    (`experiments/bench/compact_profile.py --gathers`; BENCHMARKS.md, issue 10), and a one-hot
+    matmul is what TPUs do best. Other dtypes use ``jnp.take``.
     """
     axis = axis % x.ndim
     n = x.shape[axis]
