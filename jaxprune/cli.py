@@ -151,8 +151,8 @@ def cmd_report(args, overrides) -> int:
     return 0
 
 
-_FLAGS_HELP = ("leave XLA_FLAGS as they are (default: add jaxprune.perf.RECOMMENDED_CPU_FLAGS, an "
-               "XLA:CPU setting that made the ResNet-56 train step 1.18x-1.66x faster here; "
+_FLAGS_HELP = ("leave XLA_FLAGS as they are (default: add jaxprune.perf.RECOMMENDED_CPU_FLAGS, "
+               "XLA:CPU settings that made the ResNet-56 train step about 2x faster here; "
                "see BENCHMARKS.md)")
 
 

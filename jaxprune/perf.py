@@ -6,9 +6,9 @@ XLA reads ``XLA_FLAGS`` once, when its CPU backend starts (the first jax computa
 
     import jaxprune.perf; jaxprune.perf.use_recommended_cpu_flags()   # before any jax work
     # or
-    export XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+    export XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=-individual_convolution --xla_disable_hlo_passes=cse_barrier_expander"
 
-What the recommended flag does (jax/jaxlib 0.10): XLA:CPU offloads single convolutions to
+What the first recommended flag does (jax/jaxlib 0.10): XLA:CPU offloads single convolutions to
 YNNPACK by default, including the kernel-gradient ("weight-gradient") convolutions of the
 backward pass, whose window spans the whole feature map (32x32 for a CIFAR ResNet's first
 stage). YNNPACK runs those several times slower than the Eigen convolution XLA falls back to
@@ -19,6 +19,18 @@ their YNNPACK fusions. Same math (float32 convolutions, only the library that ru
 changes, so only the summation order differs: after one ResNet-56 step the params differed by
 at most 5.4e-4 of the largest update). Measured speedup of the ResNet-56 train step: 1.18x on
 one quiet core, 1.66x on a loaded 2-core machine (BENCHMARKS.md; experiments/bench/README.md).
+
+``--xla_disable_hlo_passes=cse_barrier_expander`` keeps ``lax.optimization_barrier`` ops until
+fusion (XLA:CPU otherwise turns them into control dependencies first, which fusion ignores).
+The bundled residual models end every block with one (`jaxprune.models.materialize`): without
+it, XLA:CPU's fusion duplicates the residual stream's elementwise chain into every consumer
+that reads it in another layout, recomputing the stream from the start of its stage in every
+weight-gradient transpose, so the train step's cost grows quadratically with the blocks per
+stage. Barriers change no value. With the flag the train step got 2.07-2.09x faster for
+ResNet-56 and 2.38-2.50x for ResNet-110 (1.24-1.33x ResNet-20; two runs on 2 threads), and its
+CPU time per MAC stopped growing with depth (`torch_vs_jax.py --sections scaling`; BENCHMARKS.md, issue 13). The gradients are
+bitwise the same (tested). Users' own residual models get the same by wrapping each block's
+output in `jaxprune.models.materialize` (or ``jax.lax.optimization_barrier``).
 
 Nothing here is applied on import; the library never changes flags by itself.
 """
@@ -33,6 +45,7 @@ from typing import Sequence
 
 RECOMMENDED_CPU_FLAGS: tuple[str, ...] = (
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    "--xla_disable_hlo_passes=cse_barrier_expander",
 )
 
 

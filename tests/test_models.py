@@ -19,6 +19,7 @@ from jaxprune.models import (
     ImageNetResNet,
     gather_channels,
     get_model,
+    materialize,
     model_config,
     model_from_config,
     registry_name,
@@ -192,6 +193,31 @@ def test_gather_channels_is_an_exact_selection_without_a_gather():
     assert " gather(" not in hlo
     with pytest.raises(ValueError, match=r"index out of range \[0, 5\]"):
         gather_channels(jnp.asarray(x32), [6])
+
+
+def _barriers(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "optimization_barrier"
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += _barriers(sub)
+    return n
+
+
+@pytest.mark.parametrize("name, blocks, size", [("resnet20", 9, 32), ("resnet18", 8, 64),
+                                                 ("mobilenetv2_tiny", 2, 32)])
+def test_every_residual_block_output_is_materialized(name, blocks, size):
+    """One barrier per residual add (and none elsewhere), in training and inference; the
+    barrier is the identity with an identity gradient."""
+    model = get_model(name)
+    x = jnp.ones((2, size, size, 3))
+    v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+    for train in (False, True):
+        jaxpr = jax.make_jaxpr(lambda vv: model.apply(vv, x, train=train, mutable=["batch_stats"]))(v)
+        assert _barriers(jaxpr.jaxpr) == blocks, (name, train)
+    a = jnp.arange(6.0).reshape(2, 3) - 2.5
+    np.testing.assert_array_equal(materialize(a), a)
+    np.testing.assert_array_equal(jax.grad(lambda t: jnp.sum(materialize(t) ** 3))(a), 3 * a ** 2)
 
 
 # ----------------------------------------------------------------------------- VGG

@@ -73,3 +73,49 @@ def test_cli_training_commands_have_opt_out_and_skip_running_backend(monkeypatch
     # commands that do not train never touch the flags
     info = cli.build_parser().parse_args(["info", "resnet20"])
     assert not hasattr(info, "default_xla_flags")
+
+
+_FUSION_PROBE = r"""
+import re, sys
+import numpy as np, jax, jax.numpy as jnp
+from jaxprune.models import get_model
+m = get_model("resnet20")
+x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+v = m.init(jax.random.PRNGKey(0), x, train=False)
+def loss(p):
+    out, _ = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x, train=True,
+                     mutable=["batch_stats"])
+    return (out ** 2).mean()
+grad = jax.jit(jax.grad(loss))
+hlo = grad.lower(v["params"]).compile().as_text()
+worst = 0
+for line in hlo.splitlines():
+    f = re.match(r"\s*(?:ROOT )?%\S+ = \S+ fusion\((.*?)\), kind", line)
+    if f:
+        worst = max(worst, sum(o.startswith("conv") for o in re.findall(r"%([\w.\-]+)", f.group(1))))
+np.savez(sys.argv[1], *[np.asarray(g) for g in jax.tree_util.tree_leaves(grad(v["params"]))])
+print(worst, hlo.count("opt-barrier("))
+"""
+
+
+def test_recommended_flags_stop_the_residual_stream_being_recomputed(tmp_path):
+    """With `RECOMMENDED_CPU_FLAGS` the block barriers survive to fusion, so no fusion of the
+    ResNet-20 gradient reads more than the two conv outputs of one residual add (without them,
+    XLA:CPU fuses the whole stage's stream into the weight-gradient transposes); the gradients
+    are bitwise those compiled with the barriers expanded."""
+    import numpy as np
+
+    results = {}
+    for name, flags in (("recommended", perf.RECOMMENDED_CPU_FLAGS),
+                        ("expanded", perf.RECOMMENDED_CPU_FLAGS[:1])):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+        out = subprocess.run([sys.executable, "-c", _FUSION_PROBE, str(tmp_path / f"{name}.npz")],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[name] = [int(w) for w in out.stdout.split()[-2:]]
+    worst, barriers = results["recommended"]
+    assert barriers > 0 and worst <= 2, results
+    assert results["expanded"][1] == 0, results
+    a, b = np.load(tmp_path / "recommended.npz"), np.load(tmp_path / "expanded.npz")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])

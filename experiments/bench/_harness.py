@@ -15,7 +15,7 @@
   BENCHMARKS.md (never rewrites the file).
 - `profile_categories(fn, lower)`: where a compiled program spends its time, per category of
   HLO instruction (convolutions, gathers, pads/slices, copies, ...), from a ``jax.profiler``
-  trace.
+  trace; `fusion_operands(hlo)`: how many convolution outputs each fusion reads.
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ def profile_categories(fn: Callable[[], Any], lower: Callable[[], Any], calls: i
     ``lower()`` returns the ``jax.stages.Lowered`` of the program ``fn`` runs (its compiled HLO
     names the instructions that the trace's events carry). Returns ``{'wall_s': seconds per call
     under the profiler, 'seconds': {category: seconds per call}, 'ops': {category: instructions
-    executed per call}}``.
+    executed per call}, 'instructions': {instruction: [category, seconds per call]}}``.
     """
     import jax
 
@@ -379,12 +379,29 @@ def profile_categories(fn: Callable[[], Any], lower: Callable[[], Any], calls: i
         data = jax.profiler.ProfileData.from_file(files[0])
         agg: collections.Counter = collections.Counter()
         count: collections.Counter = collections.Counter()
+        per_inst: collections.Counter = collections.Counter()
         for plane in data.planes:
             for line in plane.lines:
                 for ev in line.events:
                     if ev.name in cats:
                         agg[cats[ev.name]] += ev.duration_ns / 1e9 / calls
                         count[cats[ev.name]] += 1
+                        per_inst[ev.name] += ev.duration_ns / 1e9 / calls
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    return {"wall_s": wall, "seconds": dict(agg), "ops": {k: v // calls for k, v in count.items()}}
+    return {"wall_s": wall, "seconds": dict(agg), "ops": {k: v // calls for k, v in count.items()},
+            "instructions": {k: [cats[k], v] for k, v in per_inst.items()}}
+
+
+def fusion_operands(hlo: str) -> dict[str, dict]:
+    """Fusion name -> ``{'shape': output shape, 'convs': how many convolution outputs it reads}``,
+    from an optimized HLO module's text: a fusion that reads many is recomputing what those
+    convolutions fed (issue 13's residual-stream chains)."""
+    out = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) fusion\((.*?)\), kind", line)
+        if m:
+            ops = re.findall(r"%([\w.\-]+)", m.group(3))
+            out[m.group(1)] = {"shape": m.group(2).split("{")[0],
+                               "convs": sum(o.startswith("conv") for o in ops)}
+    return out

@@ -14,6 +14,12 @@ workload is pinned to the same ``--threads`` cores with ``sched_setaffinity`` an
              (thunk events of the XLA:CPU runtime) grouped by HLO op category (forward /
              input-grad / weight-grad convolutions, transposes, elementwise, reductions),
              default vs recommended flags.
+``scaling``  how the JAX train step's time grows with depth (``--depths``, default 20,56),
+             with the models' block barriers expanded (XLA:CPU's default) and kept
+             (recommended flags): interleaved ms/step, conv MACs, time per MAC, the
+             compiled program's temporary memory, page faults and system time per step
+             (``getrusage``), and the per-category profile with each category's growth
+             next to the MAC ratio (issue 13's superlinearity).
 ``variants`` code-level variants of the JAX step under one flag set, in one process:
              forward only / gradient only / full step, a functional re-implementation (same
              params, same numerics) in NHWC or NCHW, two-pass BN statistics, no BN, weight
@@ -420,10 +426,50 @@ def worker_main(spec: dict) -> None:
         H.serve(fn, info)
         return
     fn, info, lower = jax_workload(spec)
-    handlers = {"profile": lambda calls="2": H.profile_categories(fn, lower, int(calls))}
+    handlers = {"profile": lambda calls="2": H.profile_categories(fn, lower, int(calls)),
+                "rusage": lambda calls="3": rusage_per_call(fn, int(calls)),
+                "memory": lambda: program_facts(spec, lower),
+                "fusions": lambda: H.fusion_operands(lower().compile().as_text())}
     if hasattr(fn, "dump"):
         handlers["dump"] = fn.dump
     H.serve(fn, info, handlers=handlers)
+
+
+def rusage_per_call(fn, calls: int) -> dict:
+    """Wall, user and system seconds and page faults per call of ``fn`` (``getrusage``)."""
+    import resource
+
+    H.block(fn())
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    r = None
+    for _ in range(calls):
+        r = fn()
+    H.block(r)
+    r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    return {"wall_s": wall / calls, "user_s": (r1.ru_utime - r0.ru_utime) / calls,
+            "sys_s": (r1.ru_stime - r0.ru_stime) / calls,
+            "minflt": (r1.ru_minflt - r0.ru_minflt) / calls,
+            "majflt": (r1.ru_majflt - r0.ru_majflt) / calls,
+            "maxrss_mb": r1.ru_maxrss / 1024}
+
+
+def program_facts(spec: dict, lower) -> dict:
+    """Conv MACs per image of the model and the compiled step's memory (bytes)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxprune import flops, graph
+    from jaxprune.models import get_model
+
+    model = get_model(f"resnet{spec['depth']}")
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    macs = flops.count(graph.trace_linen(model, variables, x)).macs
+    mem = lower().compile().memory_analysis()
+    out = {"macs": int(macs)}
+    for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"):
+        out[k] = int(getattr(mem, k, 0) or 0)
+    return out
 
 
 def worker_argv(spec: dict) -> list[str]:
@@ -566,6 +612,86 @@ def section_profile(a, base: dict) -> list[str]:
     return lines
 
 
+SCALING_FLAGS = {
+    # the block barriers expanded to control dependencies (XLA:CPU's default), as before
+    "barriers expanded": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
+    "recommended": None,  # jaxprune.perf.RECOMMENDED_CPU_FLAGS: barriers kept until fusion
+}
+
+
+def section_scaling(a, base: dict) -> list[str]:
+    depths = [int(d) for d in a.depths.split(",")]
+    flags = {k: (v if v is not None else recommended_flags()) for k, v in SCALING_FLAGS.items()}
+    runs = {(f, d): f"ResNet-{d}, {f}" for f in flags for d in depths}
+    specs = {n: (worker_argv({**base, "depth": d, "fw": "jax", "mode": "step"}),
+                 {"XLA_FLAGS": flags[f]}) for (f, d), n in runs.items()}
+    with H.Workers(specs) as w:
+        t = w.interleave(a.repeats, a.inner)
+        facts = {n: w.ask(n, "memory") for n in specs}
+        usage = {n: w.ask(n, f"rusage {max(a.inner, 2)}") for n in specs}
+        prof = {n: w.ask(n, f"profile {a.profile_calls}") for n in specs}
+        fusions = {n: w.ask(n, "fusions") for (f, d), n in runs.items() if d == depths[-1]}
+    b = base["batch"]
+    step = {n: H.median(v) for n, v in t.items()}
+    per_mac = {n: step[n] / (facts[n]["macs"] * b) for n in specs}
+    ref = runs[("barriers expanded", depths[0])]
+    lines = [f"#### How the JAX train step grows with depth (batch {b}, {base['threads']} "
+             "thread(s))", "",
+             f"Median of {a.repeats} round-robin repeats x {a.inner} call(s), one worker process "
+             "per row; `barriers expanded` = XLA_FLAGS "
+             f"`{flags['barriers expanded']}` (XLA:CPU turns the models' block barriers into "
+             "control dependencies before fusion), `recommended` = "
+             f"`{flags['recommended']}`. MACs are the forward convolutions per image; temp = "
+             "the compiled step's temporary buffers (`memory_analysis`); faults and system "
+             "time per step from `getrusage` over the worker (all threads).", "",
+             "| model, XLA flags | conv MACs/image | ms/step | images/s | time per MAC (vs "
+             f"{ref}) | speedup from the flags | temp MB | user s/step | sys s/step "
+             "| minor faults/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (f, d), n in runs.items():
+        u = usage[n]
+        gain = step[runs[("barriers expanded", d)]] / step[n]
+        lines.append(f"| {n} | {facts[n]['macs']:,} | {_fmt_ms(step[n])} ({H.spread(t[n])}) | "
+                     f"{b / step[n]:.1f} | {per_mac[n] / per_mac[ref]:.2f} | {gain:.2f}x | "
+                     f"{facts[n]['temp_size_in_bytes'] / 2**20:,.0f} | {u['user_s']:.2f} | "
+                     f"{u['sys_s']:.2f} | {u['minflt']:,.0f} |")
+    first, last = depths[0], depths[-1]
+    mac_ratio = facts[runs[(next(iter(flags)), last)]]["macs"] / facts[runs[(next(iter(flags)), first)]]["macs"]
+    cats = sorted({c for p in prof.values() for c in p["seconds"]},
+                  key=lambda c: -prof[runs[("barriers expanded", last)]]["seconds"].get(c, 0.0))
+    head, rule = ["op category"], ["---"]
+    for f in flags:
+        head += [f"{f}: ResNet-{first} s/step", f"ResNet-{last} s/step", "ops", "growth / MAC ratio"]
+        rule += ["---:"] * 4
+    caveat = ("; at more than one thread XLA:CPU's convolutions run asynchronously and their "
+              "time shows up in the op that waits for them" if base["threads"] > 1 else "")
+    lines += ["", f"Per-category profile ({a.profile_calls} profiled steps per row, one after the "
+              f"other{caveat}). Growth = ResNet-{last} / ResNet-{first} time; the MAC ratio is "
+              f"{mac_ratio:.2f}x:", "",
+              "| " + " | ".join(head) + " |", "|" + "|".join(rule) + "|"]
+    for c in cats + ["**sum of ops**"]:
+        row = [c]
+        for f in flags:
+            v = [sum(prof[runs[(f, d)]]["seconds"].values()) if c.startswith("**")
+                 else prof[runs[(f, d)]]["seconds"].get(c, 0.0) for d in (first, last)]
+            g = v[1] / v[0] if v[0] > 0 else float("nan")
+            ops = "" if c.startswith("**") else str(prof[runs[(f, last)]]["ops"].get(c, 0))
+            row += [f"{v[0]:.3f}", f"{v[1]:.3f}", ops, f"{g / mac_ratio:.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"The slowest instructions of the ResNet-{last} step, and how many convolution "
+              "outputs each reads (a fusion that reads many recomputes what they fed):", "",
+              "| XLA flags | instruction | category | output shape | conv outputs read | ms/step |",
+              "|---|---|---|---|---:|---:|"]
+    for f in flags:
+        n = runs[(f, last)]
+        top = sorted(prof[n]["instructions"].items(), key=lambda kv: -kv[1][1])[:a.top]
+        for inst, (cat, sec) in top:
+            info = fusions[n].get(inst)
+            shape, convs = (f"`{info['shape']}`", info["convs"]) if info else ("(not a fusion)", "")
+            lines.append(f"| {f} | `{inst}` | {cat} | {shape} | {convs} | {1e3 * sec:.1f} |")
+    return lines
+
+
 def torch_profile_lines(base: dict) -> list[str]:
     """Top ops of the PyTorch step (torch.profiler), for comparison (runs in this process)."""
     import subprocess
@@ -671,6 +797,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="", help="';'-separated substrings of VARIANTS names")
     p.add_argument("--variant-flags", choices=("recommended", "default"), default="recommended")
     p.add_argument("--profile-calls", type=int, default=2)
+    p.add_argument("--depths", default="20,56", help="comma-separated depths for --sections scaling")
+    p.add_argument("--top", type=int, default=8, help="slowest instructions listed by --sections scaling")
     p.add_argument("--quick", action="store_true", help="ResNet-20, 3 repeats, fewer flag sets")
     p.add_argument("--append", default="")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -689,11 +817,13 @@ def main(argv=None) -> int:
             a.flag_sets = "no YNN convs;no YNN convs, no YNN reductions"
     threads = a.threads or H.cpu_count()
     base = {"depth": a.depth, "batch": a.batch, "threads": threads}
-    out = [f"### PyTorch vs JAX CPU train step, ResNet-{a.depth} (batch {a.batch}, "
-           f"{threads} thread(s))", ""]
+    title = (f"JAX CPU train step vs depth (batch {a.batch}, {threads} thread(s))"
+             if a.sections.strip() == "scaling" else
+             f"PyTorch vs JAX CPU train step, ResNet-{a.depth} (batch {a.batch}, {threads} thread(s))")
+    out = [f"### {title}", ""]
     for sec in a.sections.split(","):
         fn = {"compare": section_compare, "flags": section_flags, "profile": section_profile,
-              "variants": section_variants}[sec.strip()]
+              "scaling": section_scaling, "variants": section_variants}[sec.strip()]
         print(f"[{sec}] ...", file=sys.stderr, flush=True)
         out += fn(a, base) + [""]
         print("\n".join(out), flush=True)

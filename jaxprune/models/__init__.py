@@ -14,8 +14,8 @@ from typing import Any
 import flax.linen as nn
 
 from jaxprune.models.cifar_resnet import CifarBasicBlock, CifarResNet
-from jaxprune.models.common import (dtype_from_name, dtype_name, freeze_keep, gather_channels, positions,
-                                    reindex, width)
+from jaxprune.models.common import (dtype_from_name, dtype_name, freeze_keep, gather_channels, materialize,
+                                    positions, reindex, width)
 from jaxprune.models.densenet import DenseNetTiny
 from jaxprune.models.imagenet_resnet import ImageNetResNet, ResNetBlock
 from jaxprune.models.mobilenet import InvertedResidual, MobileNetV2Tiny
@@ -151,6 +151,7 @@ __all__ = [
     "registry_name",
     "reindex",
     "gather_channels",
+    "materialize",
     "width",
     "positions",
     "CifarResNet",

@@ -32,6 +32,7 @@ from jaxprune.models.common import (
     carried,
     carried_reindex,
     conv_init,
+    materialize,
     positions,
     sub_keep,
     width,
@@ -82,7 +83,7 @@ class CifarBasicBlock(KeepMixin, nn.Module):
                                        tuple(lo + p for p in in_pos), out_pos)
         else:
             shortcut = carried_reindex(self, "shortcut", x, in_pos, out_pos)
-        return nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos))
+        return materialize(nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos)))
 
 
 class CifarResNet(KeepMixin, nn.Module):

@@ -131,6 +131,22 @@ def gather_channels(x: jnp.ndarray, index: Sequence[int] | np.ndarray, axis: int
     return jnp.moveaxis(y, -1, axis)
 
 
+def materialize(x: Any) -> Any:
+    """``x`` unchanged, kept as one buffer by the compiler: the output of a residual block.
+
+    An ``lax.optimization_barrier``, so XLA cannot fuse the elementwise chain that produced
+    ``x`` into ``x``'s consumers. A residual stream is such a chain (add, BN, ReLU from block
+    to block), and XLA:CPU's fusion duplicates it into every consumer that wants another
+    layout: each weight-gradient transpose recomputed the stream from the start of its stage,
+    so a ResNet-56 train step cost 1.5-1.8x more per MAC than a ResNet-20's
+    (``experiments/bench/torch_vs_jax.py --sections scaling``; BENCHMARKS.md, issue 13).
+    XLA:CPU turns barriers into control dependencies before fusion unless its
+    ``cse_barrier_expander`` pass is disabled, which `jaxprune.perf.RECOMMENDED_CPU_FLAGS` does;
+    without that flag (or on other backends) this costs nothing and changes no value.
+    """
+    return lax.optimization_barrier(x)
+
+
 def reindex(x: jnp.ndarray, src: Sequence[int], dst: Sequence[int]) -> jnp.ndarray:
     """Move the channels (last axis) of ``x`` from original positions ``src`` to positions ``dst``.
 

@@ -30,6 +30,7 @@ from jaxprune.models.common import (
     carried,
     carried_reindex,
     conv_init,
+    materialize,
     positions,
     sub_keep,
     width,
@@ -113,7 +114,7 @@ class ResNetBlock(KeepMixin, nn.Module):
             shortcut = carried_reindex(self, "shortcut", s, positions(ko, "downsample", c_out), out_pos)
         else:
             shortcut = carried_reindex(self, "shortcut", x, in_pos, out_pos)
-        return nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos))
+        return materialize(nn.relu(shortcut + carried_reindex(self, "branch", y, branch_pos, out_pos)))
 
 
 class ImageNetResNet(KeepMixin, nn.Module):

@@ -35,6 +35,7 @@ from jaxprune.models.common import (
     EMPTY,
     KeepMixin,
     conv_init,
+    materialize,
     positions,
     reindex,
     sub_keep,
@@ -85,7 +86,7 @@ class InvertedResidual(KeepMixin, nn.Module):
         y = _bn("project_bn", train, self.dtype)(y)
         y = reindex(y, positions(ko, "project", self.out_planes), out_pos)
         if self.residual:
-            y = reindex(x, positions(self.keep_in, "expand", self.in_planes), out_pos) + y
+            y = materialize(reindex(x, positions(self.keep_in, "expand", self.in_planes), out_pos) + y)
         return y
 
 
