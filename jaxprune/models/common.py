@@ -138,11 +138,12 @@ def materialize(x: Any) -> Any:
     ``x`` into ``x``'s consumers. A residual stream is such a chain (add, BN, ReLU from block
     to block), and XLA:CPU's fusion duplicates it into every consumer that wants another
     layout: each weight-gradient transpose recomputed the stream from the start of its stage,
-    so a ResNet-56 train step cost 1.5-1.8x more per MAC than a ResNet-20's
+    so a ResNet-56 train step cost 1.3-1.7x more per MAC than a ResNet-20's
     (``experiments/bench/torch_vs_jax.py --sections scaling``; BENCHMARKS.md, issue 13).
     XLA:CPU turns barriers into control dependencies before fusion unless its
     ``cse_barrier_expander`` pass is disabled, which `jaxprune.perf.RECOMMENDED_CPU_FLAGS` does;
-    without that flag (or on other backends) this costs nothing and changes no value.
+    without that flag the barrier had no measurable cost. It never changes a value (the
+    gradients are bitwise equal either way, tested); on GPU/TPU it is not measured yet.
     """
     return lax.optimization_barrier(x)
 
