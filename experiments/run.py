@@ -39,8 +39,9 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   the keys ``data_dir``, ``eval_batch_size``, ``keep_checkpoints`` and ``steps_per_call`` also apply to
   their dependencies.
 
-- **XLA flags.** On CPU the runner adds `jaxprune.perf.RECOMMENDED_CPU_FLAGS` to ``XLA_FLAGS``
-  before jax starts, as the CLI's training commands do (``--default-xla-flags`` opts out).
+- **XLA flags.** The runner adds `jaxprune.perf.RECOMMENDED_CPU_FLAGS` to ``XLA_FLAGS`` before
+  jax starts (only their ``--xla_cpu_*`` flags where a GPU/TPU is expected), as the CLI's
+  training commands do (``--default-xla-flags`` opts out).
 
 Exit status: 0 when every requested run finished (or was skipped as finished / ImageNet in
 --tiny), 1 when any failed (the others still run; rows depending on a failed one are skipped),

@@ -32,6 +32,10 @@ CPU time per MAC stopped growing with depth (`torch_vs_jax.py --sections scaling
 BENCHMARKS.md, issue 13). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
 output in `jaxprune.models.materialize` (or ``jax.lax.optimization_barrier``).
 
+``--xla_disable_hlo_passes`` is not CPU-only: where jax will run on a GPU or TPU
+(`accelerator_expected`), `use_recommended_cpu_flags` adds only the ``--xla_cpu_*`` flags
+(`cpu_flags_for_this_process`); GPU compilers already keep barriers through fusion.
+
 Nothing here is applied on import; the library never changes flags by itself.
 """
 
@@ -86,8 +90,33 @@ def flags_supported(flags: Sequence[str], timeout: float = 120.0) -> bool:
     return r.returncode == 0
 
 
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+
+
+def accelerator_expected() -> bool:
+    """Whether jax will run on a GPU/TPU here, decided without starting jax: ``JAX_PLATFORMS``
+    if set (its first platform), else whether a GPU or TPU plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() != "cpu"
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in _ACCELERATOR_PLUGINS)
+
+
+def cpu_flags_for_this_process() -> tuple[str, ...]:
+    """`RECOMMENDED_CPU_FLAGS`, less the flags that are not CPU-only by name (``--xla_cpu_*``)
+    when an accelerator is expected: ``--xla_disable_hlo_passes`` applies to every backend, and
+    GPU compilers expand barriers themselves after fusion."""
+    if accelerator_expected():
+        return tuple(f for f in RECOMMENDED_CPU_FLAGS if f.startswith("--xla_cpu_"))
+    return RECOMMENDED_CPU_FLAGS
+
+
 def use_recommended_cpu_flags(check: bool = True) -> str:
-    """Adds `RECOMMENDED_CPU_FLAGS` to ``os.environ['XLA_FLAGS']`` and returns the new value.
+    """Adds `cpu_flags_for_this_process` (`RECOMMENDED_CPU_FLAGS` on a CPU-only machine) to
+    ``os.environ['XLA_FLAGS']`` and returns the new value.
 
     Call it before jax starts its backend. With ``check`` the flags are first tried in a
     subprocess (about a second) and skipped with a warning if this jaxlib does not know them,
@@ -97,18 +126,21 @@ def use_recommended_cpu_flags(check: bool = True) -> str:
     if backend_started():
         warnings.warn("jax's backend is already running: XLA_FLAGS set now take effect only in "
                       "new processes", RuntimeWarning, stacklevel=2)
-    if check and not flags_supported(RECOMMENDED_CPU_FLAGS):
-        warnings.warn(f"this jaxlib does not accept {RECOMMENDED_CPU_FLAGS}; XLA_FLAGS unchanged",
+    flags = cpu_flags_for_this_process()
+    if check and not flags_supported(flags):
+        warnings.warn(f"this jaxlib does not accept {flags}; XLA_FLAGS unchanged",
                       RuntimeWarning, stacklevel=2)
         return current
-    merged = merge_xla_flags(current, RECOMMENDED_CPU_FLAGS)
+    merged = merge_xla_flags(current, flags)
     os.environ["XLA_FLAGS"] = merged
     return merged
 
 
 __all__ = [
     "RECOMMENDED_CPU_FLAGS",
+    "accelerator_expected",
     "backend_started",
+    "cpu_flags_for_this_process",
     "flags_supported",
     "merge_xla_flags",
     "use_recommended_cpu_flags",

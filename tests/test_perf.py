@@ -49,6 +49,35 @@ def test_use_recommended_cpu_flags_in_fresh_process():
         assert f in flags
 
 
+def test_pass_flag_is_left_out_where_an_accelerator_is_expected(monkeypatch):
+    import jax
+
+    jax.devices()
+    cpu_only = tuple(f for f in perf.RECOMMENDED_CPU_FLAGS if f.startswith("--xla_cpu_"))
+    assert cpu_only and len(cpu_only) < len(perf.RECOMMENDED_CPU_FLAGS)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert perf.accelerator_expected()
+    assert perf.cpu_flags_for_this_process() == cpu_only
+    monkeypatch.setenv("XLA_FLAGS", "--keep=1")
+    with pytest.warns(RuntimeWarning, match="already running"):  # this test process runs jax
+        merged = perf.use_recommended_cpu_flags(check=False)
+    assert merged.split() == ["--keep=1", *cpu_only]
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not perf.accelerator_expected()
+    assert perf.cpu_flags_for_this_process() == perf.RECOMMENDED_CPU_FLAGS
+    # JAX_PLATFORMS unset: an installed GPU/TPU plugin decides
+    monkeypatch.delenv("JAX_PLATFORMS")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "jax_cuda12_plugin" else real(name, *a))
+    assert perf.accelerator_expected()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in perf._ACCELERATOR_PLUGINS else real(name, *a))
+    assert not perf.accelerator_expected()
+
+
 def test_use_recommended_cpu_flags_warns_once_backend_runs(monkeypatch):
     import jax
 
