@@ -43,6 +43,7 @@ torch rows are skipped with a note when it is missing.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -426,10 +427,11 @@ def worker_main(spec: dict) -> None:
         H.serve(fn, info)
         return
     fn, info, lower = jax_workload(spec)
+    compiled = functools.cache(lambda: lower().compile())  # one compile for both handlers
     handlers = {"profile": lambda calls="2": H.profile_categories(fn, lower, int(calls)),
                 "rusage": lambda calls="3": rusage_per_call(fn, int(calls)),
-                "memory": lambda: program_facts(spec, lower),
-                "fusions": lambda: H.fusion_operands(lower().compile().as_text())}
+                "memory": lambda: program_facts(spec, compiled()),
+                "fusions": lambda: H.fusion_operands(compiled().as_text())}
     if hasattr(fn, "dump"):
         handlers["dump"] = fn.dump
     H.serve(fn, info, handlers=handlers)
@@ -453,8 +455,8 @@ def rusage_per_call(fn, calls: int) -> dict:
             "maxrss_mb": r1.ru_maxrss / 1024}
 
 
-def program_facts(spec: dict, lower) -> dict:
-    """Conv MACs per image of the model and the compiled step's memory (bytes)."""
+def program_facts(spec: dict, compiled) -> dict:
+    """Conv MACs per image of the model and the ``compiled`` step's memory (bytes)."""
     import jax
     import jax.numpy as jnp
 
@@ -465,7 +467,7 @@ def program_facts(spec: dict, lower) -> dict:
     x = jnp.zeros((1, 32, 32, 3))
     variables = model.init(jax.random.PRNGKey(0), x, train=False)
     macs = flops.count(graph.trace_linen(model, variables, x)).macs
-    mem = lower().compile().memory_analysis()
+    mem = compiled.memory_analysis()
     out = {"macs": int(macs)}
     for k in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"):
         out[k] = int(getattr(mem, k, 0) or 0)
@@ -612,16 +614,17 @@ def section_profile(a, base: dict) -> list[str]:
     return lines
 
 
-SCALING_FLAGS = {
-    # the block barriers expanded to control dependencies (XLA:CPU's default), as before
-    "barriers expanded": "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-    "recommended": None,  # jaxprune.perf.RECOMMENDED_CPU_FLAGS: barriers kept until fusion
-}
+def scaling_flags() -> dict[str, str]:
+    """``--sections scaling``'s two flag sets: the recommended flags without / with the one that
+    keeps the block barriers until fusion (without it XLA:CPU expands them first)."""
+    rec = recommended_flags().split()
+    return {"barriers expanded": " ".join(f for f in rec if "cse_barrier_expander" not in f),
+            "recommended": " ".join(rec)}
 
 
 def section_scaling(a, base: dict) -> list[str]:
     depths = [int(d) for d in a.depths.split(",")]
-    flags = {k: (v if v is not None else recommended_flags()) for k, v in SCALING_FLAGS.items()}
+    flags = scaling_flags()
     runs = {(f, d): f"ResNet-{d}, {f}" for f in flags for d in depths}
     specs = {n: (worker_argv({**base, "depth": d, "fw": "jax", "mode": "step"}),
                  {"XLA_FLAGS": flags[f]}) for (f, d), n in runs.items()}

@@ -141,8 +141,8 @@ def materialize(x: Any) -> Any:
     so a ResNet-56 train step cost 1.3-1.7x more per MAC than a ResNet-20's
     (``experiments/bench/torch_vs_jax.py --sections scaling``; BENCHMARKS.md, issue 13).
     XLA:CPU turns barriers into control dependencies before fusion unless its
-    ``cse_barrier_expander`` pass is disabled, which `jaxprune.perf.RECOMMENDED_CPU_FLAGS` does;
-    without that flag the barrier had no measurable cost. It never changes a value (the
+    ``cse_barrier_expander`` pass is disabled, which `jaxprune.perf.RECOMMENDED_CPU_FLAGS` does
+    (without the flag the barrier is gone before fusion). It never changes a value (the
     gradients are bitwise equal either way, tested); on GPU/TPU it is not measured yet.
     """
     return lax.optimization_barrier(x)
