@@ -2,7 +2,10 @@
 
 Starts SFP (30%, the ResNet-20 recipe shortened to 6 epochs, as the recorded run
 ``pretrained_records/sfp_resnet20_from_trained``) from the imported weights, trains one epoch
-of steps, and evaluates the model four ways on the first ``--test-images`` test images:
+of steps at the peak learning rate ``--lr`` (after a 0.03-epoch warm-up at a tenth of it: 0.1 is
+the from-scratch recipe's peak, 0.01 the from-trained recipe's, one tenth of it, as the SFP/FPGM
+authors prune a trained model), and evaluates the model four ways on the first
+``--test-images`` test images:
 
 - ``soft``: the trained weights with the pruned filters regrown (what training sees), running
   BN statistics;
@@ -14,8 +17,10 @@ of steps, and evaluates the model four ways on the first ``--test-images`` test 
 It also counts how many of the channels pruned at the start are no longer pruned after one
 re-selection (churn). Writes ``record.json`` into ``--out``::
 
-    python experiments/diagnose_sfp_from_trained.py /work/runs/import_resnet20 \\
+    python experiments/diagnose_sfp_from_trained.py /work/runs/import_resnet20 --lr 0.1 \\
         --out experiments/pretrained_records/sfp_bn_diagnosis
+    python experiments/diagnose_sfp_from_trained.py /work/runs/import_resnet20 --lr 0.01 \\
+        --out experiments/pretrained_records/sfp_bn_diagnosis_lr0.01
 """
 
 from __future__ import annotations
@@ -37,13 +42,14 @@ from jaxprune.models.common import BN_MOMENTUM
 CONFIG = Path(__file__).resolve().parent / "configs" / "sfp_resnet20_cifar10.py"
 
 
-def _config(pretrained: str, test_images: int):
+def _config(pretrained: str, test_images: int, lr: float):
     spec = importlib.util.spec_from_file_location("sfp_resnet20_cifar10", CONFIG)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     c = mod.get_config()
     c.pretrained, c.epochs, c.test_subset = pretrained, 6, test_images
     c.optimizer.boundaries, c.optimizer.warmup_epochs = (1.8, 3.6, 4.8), 0.03
+    c.optimizer.base_lr, c.optimizer.warmup_lr = lr, lr / 10
     return experiment.with_pretrained_normalization(c)
 
 
@@ -69,9 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=390, help="SFP training steps (390 = one epoch)")
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--recal-batches", type=int, default=20)
+    ap.add_argument("--lr", type=float, required=True,
+                    help="peak learning rate of the epoch (0.1: from-scratch recipe; 0.01: from-trained)")
     args = ap.parse_args(argv)
 
-    s = experiment.setup(_config(args.pretrained, args.test_images))
+    s = experiment.setup(_config(args.pretrained, args.test_images, args.lr))
     ds = s.dataset
     x0 = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     fresh = lambda: experiment._initial_params(s, train_step.create_train_state(  # noqa: E731
@@ -89,7 +97,8 @@ def main(argv=None) -> int:
                 "recalibrated": acc(recalibrated(s.model, v, train_x, pre, rng, args.recal_batches))}
 
     state = fresh()
-    rec = {"test_images": int(ds.num_test), "steps": args.steps, "pretrained": acc(state.variables)}
+    rec = {"test_images": int(ds.num_test), "steps": args.steps, "peak_lr": args.lr,
+           "pretrained": acc(state.variables)}
     state = s.method.init(state, s.ctx)
     start_masks = state.masks
     rec["after_init"] = both(state.variables)

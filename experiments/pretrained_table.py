@@ -25,6 +25,9 @@ SENS_FILES = ("sensitivity.csv", "sensitivity.partial.csv", "sensitivity.partial
               "sensitivity.png")
 # epochs of each paper's schedule from a trained model (PFEC retraining; SFP's whole recipe)
 PAPER_EPOCHS = {"pfec": 40, "sfp": 200}
+# the papers' rows that start from a trained CIFAR-10 model: (method, model) -> peak LR
+PAPER_FROM_TRAINED = {("pfec", "resnet56"): 0.001, ("pfec", "resnet110"): 0.001,
+                      ("sfp", "resnet56"): 0.01, ("sfp", "resnet110"): 0.01}
 
 
 def collect(runs_dir: Path, out: Path = RECORDS) -> list[str]:
@@ -58,6 +61,19 @@ def _epochs_done(done: int, planned: int, paper: int) -> str:
     if planned == paper:
         return f"{done} / {paper}"
     return f"{done} / {planned} (the paper's {paper} shortened to {planned})"
+
+
+def recipe_note(cfg: dict) -> str:
+    """``''`` for a run on a paper row's recipe, else why it is not one: a (method, model) the
+    papers do not start from a trained model, or another peak learning rate (SFP from a trained
+    model runs at one tenth of the from-scratch LR: 0.01)."""
+    method, model = cfg["method"]["name"], cfg["model"]
+    lr = PAPER_FROM_TRAINED.get((method, model))
+    if lr is None:
+        return f"not a paper row: {method} from a trained {model}"
+    if cfg["optimizer"]["base_lr"] != lr:
+        return f"peak LR {cfg['optimizer']['base_lr']:g}, not the paper's {lr:g}"
+    return ""
 
 
 def _trained_as(cfg: dict) -> str:
@@ -96,8 +112,10 @@ def runs_table(records: Path = RECORDS) -> str:
             return f"{dense[key]:,} -> {pruned[key]:,} (-{100 * (1 - pruned[key] / dense[key]):.1f}%)"
 
         final = _final(res, cfg.get("dtype", "float32")) if res else "not finished"
+        note = recipe_note(cfg)
+        label = f"{method} {cfg['method'].get('kwargs', {}).get('config', '')}".strip()
         lines.append(
-            f"| `{d.name}` | {method} {cfg['method'].get('kwargs', {}).get('config', '')} | "
+            f"| `{d.name}` | {label}{f' ({note})' if note else ''} | "
             f"{_trained_as(cfg)} | {_epochs_done(len(curve), cfg['epochs'], paper)} | {100 * start['pretrained_accuracy']:.2f} | "
             f"{100 * start['after_init_accuracy']:.2f} | {', '.join(f'{100 * a:.2f}' for a in curve) or '-'} | "
             f"{final} | {red('macs_conv')} | {red('macs_conv_fc')} | {red('params')} |")

@@ -493,7 +493,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     else:
         augment_flag = config.dataset in ("cifar10", "cifar100")
         augment = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std,
-                                    flip=augment_flag, pad=4 if augment_flag else 0)
+                                    flip=augment_flag, pad=4 if augment_flag else 0,
+                                    cutout_length=config.cutout)
     state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
                                 seed=config.seed, ckpt_dir=workdir / "checkpoints",
                                 writer=_MetricsWriter(workdir), augment=augment,

@@ -56,31 +56,59 @@ def constant_rate(rate: float) -> Schedule:
     return schedule
 
 
-def asfp_rate(rate: float, total_epochs: int, full_from: float | None = 0.95) -> Schedule:
-    """ASFP's growing rate ``P_t = P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``, after ``t``
-    completed epochs.
+ASFP_SHAPES = ("exp", "cubic")
+# The GHFP author's code divides by T + 1e-7 in its cubic rate (asfp_rate, shape='cubic')
+CUBIC_EPS = 1e-7
 
-    ``P_0 = 0``, ``P_{T/8} = 0.75 P`` and ``P_t -> P`` (methods.md section 3). As in the public
-    ASFP / GHFP code (methods.md section 7), the full rate ``P`` is forced once the epoch just
-    finished, ``e = t - 1``, reaches ``full_from * T`` (default 0.95; None: never), so the last
-    selections prune ``int(N P)`` even where ``int(N P_t)`` would stay one short. Negative epochs
-    are treated as 0.
+
+def asfp_rate(rate: float, total_epochs: int, full_from: float | None = 0.95,
+              shape: str = "exp") -> Schedule:
+    """ASFP's growing rate ``P_t`` after ``t`` completed epochs.
+
+    ``shape='exp'``: ``P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``, so ``P_0 = 0``,
+    ``P_{T/8} = 0.75 P`` and ``P_t -> P`` (methods.md section 3).
+    ``shape='cubic'``: ``P (1 - (1 - u)^3)`` with ``u = max(t, 1) / (T + 1e-7)``, the default of
+    the GHFP first author's public code, which writes it ``P (1 - (1 - (e + 1) / (T + 1e-7))^3)``
+    for the epoch ``e`` just finished (``e + 1 = t``) and uses the epoch-0 value for the selection
+    before training (``t = 0``). The ``1e-7`` is the author's; it decides ``int(N P_t)`` where
+    ``N P_t`` would otherwise be a whole number.
+
+    As in the public ASFP / GHFP code (methods.md section 7), the full rate ``P`` is forced once
+    the epoch just finished, ``e = t - 1``, reaches ``full_from * T`` (default 0.95; None: never),
+    so the last selections prune ``int(N P)`` even where ``int(N P_t)`` would stay one short.
+    Negative epochs are treated as 0.
     """
     rate = _check_rate(rate)
     total_epochs = _check_epochs(total_epochs)
+    if shape not in ASFP_SHAPES:
+        raise ValueError(f"unknown ASFP rate shape {shape!r}; allowed: {', '.join(ASFP_SHAPES)}")
     k = math.log(4.0) / (total_epochs / 8.0)
     if full_from is not None and not (isinstance(full_from, numbers.Real) and 0 < full_from <= 1):
         raise ValueError(f"full_from must be a fraction of training in (0, 1] or None, got {full_from!r}")
     force_at = math.inf if full_from is None else float(full_from) * total_epochs + 1.0
 
+    def grow(t, xp):
+        if shape == "exp":
+            return 1.0 - xp.exp(-k * t)
+        u = xp.minimum(xp.maximum(t, 1.0), float(total_epochs)) / (total_epochs + CUBIC_EPS)
+        return 1.0 - (1.0 - u) ** 3
+
     def schedule(epoch: Epoch):
         if _is_traced(epoch):
             t = jnp.maximum(jnp.asarray(epoch, jnp.float32), 0.0)
-            return jnp.where(t >= force_at, jnp.float32(rate), rate * (1.0 - jnp.exp(-k * t)))
+            return jnp.where(t >= force_at, jnp.float32(rate), rate * grow(t, jnp))
         t = max(float(epoch), 0.0)
-        return rate if t >= force_at else rate * (1.0 - math.exp(-k * t))
+        return rate if t >= force_at else rate * grow(t, _HostMath)
 
     return schedule
+
+
+class _HostMath:
+    """The few ``math`` functions `asfp_rate` needs, under numpy's names (host floats)."""
+
+    exp = staticmethod(math.exp)
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
 
 
 def ghfp_hard_fraction(
@@ -147,5 +175,37 @@ def srfp_decay(
             return jnp.where(t >= zero_from, 0.0, alpha0 * jnp.exp(-c * t))
         t = max(float(epoch), 0.0)
         return 0.0 if t >= zero_from else alpha0 * math.exp(-c * t)
+
+    return schedule
+
+
+def srfp_decay_author(
+    alpha0: float, total_epochs: int, sigma: float = 1e-5, zero_from: float = 0.9
+) -> Schedule:
+    """The SRFP decay of the GHFP first author's public code (methods.md section 7).
+
+    After ``t`` completed epochs (``e = max(t - 1, 0)`` the epoch just finished; the selection
+    before training uses ``e = 0``): ``alpha = alpha0 exp(-c e)`` with
+    ``c = ln((alpha0 + 0.01 sigma) / sigma) / T`` (so ``alpha`` would reach about ``sigma`` at
+    ``e = T``), and ``alpha = 0`` once ``e >= zero_from * T``.
+    """
+    total_epochs = _check_epochs(total_epochs)
+    if isinstance(alpha0, bool) or not isinstance(alpha0, numbers.Real) or not 0.0 <= alpha0 <= 1.0:
+        raise ValueError(f"alpha0 must be in [0, 1], got {alpha0!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0.0:
+        raise ValueError(f"sigma must be > 0, got {sigma!r}")
+    if (isinstance(zero_from, bool) or not isinstance(zero_from, numbers.Real)
+            or not 0.0 < zero_from <= 1.0):
+        raise ValueError(f"zero_from must be a fraction of training in (0, 1], got {zero_from!r}")
+    alpha0, sigma = float(alpha0), float(sigma)
+    c = math.log((alpha0 + 0.01 * sigma) / sigma) / total_epochs
+    zero_at = float(zero_from) * total_epochs
+
+    def schedule(epoch: Epoch):
+        if _is_traced(epoch):
+            e = jnp.maximum(jnp.asarray(epoch, jnp.float32) - 1.0, 0.0)
+            return jnp.where(e >= zero_at, 0.0, alpha0 * jnp.exp(-c * e))
+        e = max(float(epoch) - 1.0, 0.0)
+        return 0.0 if e >= zero_at else alpha0 * math.exp(-c * e)
 
     return schedule

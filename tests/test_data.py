@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -351,6 +352,50 @@ def test_padding_is_zero_before_normalisation():
                                atol=1e-5)
     np.testing.assert_allclose(out[~pad_mask], np.broadcast_to((1 - mean) / std, out[~pad_mask].shape),
                                atol=1e-5)
+
+
+def _cutout_reference(x, centres, length):
+    """The reference Cutout (DeVries & Taylor's code, one hole) in numpy, image by image."""
+    out = np.array(x, np.float64)
+    _, h, w, _ = x.shape
+    for i, (y, c) in enumerate(centres):
+        mask = np.ones((h, w))
+        y1, y2 = np.clip(y - length // 2, 0, h), np.clip(y + length // 2, 0, h)
+        x1, x2 = np.clip(c - length // 2, 0, w), np.clip(c + length // 2, 0, w)
+        mask[y1:y2, x1:x2] = 0.0
+        out[i] *= mask[:, :, None]
+    return out
+
+
+def test_cutout_by_hand_and_against_the_reference():
+    x = np.ones((1, 8, 8, 2), np.float32)
+    got = np.asarray(augment.cutout(jnp.asarray(x), jnp.asarray([[0, 5]], jnp.int32), 4))
+    want = np.ones((8, 8))
+    want[0:2, 3:7] = 0  # rows [-2, 2) and columns [3, 7), clipped to the image
+    np.testing.assert_array_equal(got[0, :, :, 0], want)
+    np.testing.assert_array_equal(got[0, :, :, 1], want)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
+    centres = rng.integers(0, 32, (16, 2))
+    for length in (12, 6, 5):
+        np.testing.assert_array_equal(
+            np.asarray(augment.cutout(jnp.asarray(x), jnp.asarray(centres, jnp.int32), length)),
+            _cutout_reference(x, centres, length).astype(np.float32))
+
+
+def test_augment_batch_with_cutout_keeps_the_crop_and_flip_draws():
+    x = np.random.default_rng(1).integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    key = jax.random.PRNGKey(5)
+    plain = np.asarray(augment.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD))
+    cut = np.asarray(augment.augment_batch(key, x, data.CIFAR10_MEAN, data.CIFAR10_STD,
+                                           cutout_length=12))
+    centres = np.asarray(augment.cutout_centres(key, 256, 32, 32))
+    assert centres.min() == 0 and centres.max() == 31  # uniform over the whole image
+    want = _cutout_reference(plain, centres, 12)
+    np.testing.assert_array_equal(cut == 0, want == 0)  # the holes, exactly
+    np.testing.assert_allclose(cut, want, atol=1e-6)  # elsewhere the same crop and flip
+    holes = np.all(cut == 0, axis=-1) & ~np.all(plain == 0, axis=-1)
+    assert 0 < holes.sum(axis=(1, 2)).max() <= 144  # at most a 12 x 12 square per image
 
 
 def test_augment_without_pad_or_flip_is_normalize():

@@ -28,7 +28,7 @@ CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 EXPECTED_ROWS = {
     # SFP (CIFAR-10 from scratch, pretrained, ImageNet)
     "sfp_resnet20_cifar10", "sfp_resnet32_cifar10", "sfp_resnet56_cifar10", "sfp_resnet110_cifar10",
-    "sfp_resnet56_cifar10_pretrained", "sfp_resnet18_imagenet", "sfp_resnet34_imagenet",
+    "sfp_resnet56_cifar10_pretrained", "sfp_resnet110_cifar10_pretrained", "sfp_resnet18_imagenet", "sfp_resnet34_imagenet",
     "sfp_resnet50_imagenet",
     # dense baselines
     "dense_resnet20_cifar10", "dense_resnet32_cifar10", "dense_resnet56_cifar10",
@@ -129,7 +129,7 @@ def test_sfp_rows_flops_claims_match_the_sfp_formula():
         if cfg.paper.macs_reduction >= 0:
             assert abs(formula - cfg.paper.macs_reduction) <= 0.05 + 1e-9, (name, formula)
             checked += 1
-    assert checked == 5  # ResNet-20/32/56/110 from scratch and ResNet-56 from a pretrained model
+    assert checked == 6  # ResNet-20/32/56/110 from scratch, ResNet-56/110 from a trained model
 
 
 def test_sfp_rows_use_the_papers_rates_and_recipe():
@@ -146,11 +146,37 @@ def test_sfp_rows_use_the_papers_rates_and_recipe():
                 assert cfg.epochs == 100 and tuple(cfg.optimizer.boundaries) == (30, 60, 90)
                 assert tuple(cfg.method.exclude) == ("*/downsample",)
         elif cfg.method.name != "pfec":
-            assert cfg.epochs == 200 and tuple(cfg.optimizer.boundaries) == (60, 120, 160)
-            assert (cfg.optimizer.warmup_lr, cfg.optimizer.factor, cfg.optimizer.weight_decay) == (0.01, 0.2, 5e-4)
+            o = cfg.optimizer
+            assert cfg.epochs == 200 and tuple(o.boundaries) == (60, 120, 160)
+            assert (o.schedule, o.factor, o.weight_decay, o.nesterov) == ("sfp_cifar", 0.2, 5e-4, True)
+            if cfg.method.name in ("ghfp", "asfp"):  # the GHFP author's recipe: no warm-up, Cutout
+                assert (o.warmup_lr, o.base_lr) == (0.1, 0.1), name
+                assert cfg.cutout == {"cifar10": 12, "cifar100": 6}[cfg.dataset], name
+            elif cfg.pretrained:  # SFP from a trained model: one tenth of the LR (FPGM 4.1)
+                assert (o.warmup_lr, o.base_lr, cfg.cutout) == (0.001, 0.01, 0), name
+            else:  # the SFP paper recipe
+                assert (o.warmup_lr, o.base_lr, cfg.cutout) == (0.01, 0.1, 0), name
         if cfg.method.name == "pfec":
             assert cfg.optimizer.schedule == "constant" and cfg.optimizer.base_lr == 0.001
             assert cfg.epochs == (20 if cfg.dataset == "imagenet2012" else 40)
+
+
+def test_ghfp_rows_run_the_authors_variant_and_controls_its_soft_part():
+    from jaxprune.experiment import make_method
+    from jaxprune.methods import GHFP
+
+    seen = 0
+    for name in ROWS:
+        cfg = config_lib.load_config(CONFIGS / f"{name}.py")
+        if cfg.method.name == "ghfp":
+            assert make_method(cfg) == GHFP.author(cfg.method.rate), name
+            for control in cfg.paper.controls:
+                ctrl = config_lib.load_config(CONFIGS / f"{control}.py")
+                if ctrl.method.name == "asfp":  # the same soft part on the same recipe
+                    assert make_method(ctrl) == GHFP.author(cfg.method.rate).soft, control
+                    assert (ctrl.cutout, ctrl.optimizer.to_dict()) == (cfg.cutout, cfg.optimizer.to_dict())
+                    seen += 1
+    assert seen == 4
 
 
 def test_pretrained_rows_depend_on_their_dense_baseline():
@@ -166,7 +192,8 @@ def test_pretrained_rows_depend_on_their_dense_baseline():
             # the baseline's checkpoint (per-group masks) must fit this row's graph
             assert base.method.residual == cfg.method.residual, name
             deps[name] = dep[0]
-    assert set(deps) == {n for n in EXPECTED_ROWS if n.startswith("pfec_")} | {"sfp_resnet56_cifar10_pretrained"}
+    assert set(deps) == {n for n in EXPECTED_ROWS if n.startswith("pfec_")} | {
+        "sfp_resnet56_cifar10_pretrained", "sfp_resnet110_cifar10_pretrained"}
 
 
 # ----------------------------------------------------------------------------- runner
@@ -572,14 +599,18 @@ def test_sanity_table_formats_records_dense_first(tmp_path):
 def test_pretrained_table_labels_epochs_against_the_papers_schedule(tmp_path):
     """A PFEC run counts its epochs against PFEC's 40; an SFP run planned shorter than SFP's 200
     says it is a shortened recipe, so a short row never reads as the paper's; each row says
-    whether it retrained the compact or the masked model, and in which compute dtype."""
+    whether it retrained the compact or the masked model, and in which compute dtype; a run that
+    is not on a paper row's recipe (another peak LR, a model the papers do not start from a
+    trained one) says so."""
     spec = importlib.util.spec_from_file_location("jaxprune_pretrained_table",
                                                   REPO / "experiments" / "pretrained_table.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     cost = {"macs_conv": 1000, "macs_conv_fc": 1010, "params": 100}
     small = {"macs_conv": 600, "macs_conv_fc": 610, "params": 70}
-    extra = {"pfec_run": {"compact_before_retraining": True, "dtype": "bfloat16"}, "sfp_run": {}}
+    extra = {"pfec_run": {"compact_before_retraining": True, "dtype": "bfloat16", "model": "resnet56",
+                          "optimizer": {"base_lr": 0.001}},
+             "sfp_run": {"model": "resnet56", "optimizer": {"base_lr": 0.1}}}
     for name, method, epochs, done in (("pfec_run", "pfec", 40, 1), ("sfp_run", "sfp", 6, 2)):
         d = tmp_path / name
         d.mkdir()
@@ -595,10 +626,13 @@ def test_pretrained_table_labels_epochs_against_the_papers_schedule(tmp_path):
     (tmp_path / "sfp_run" / "config.json").write_text(json.dumps({"epochs": 6, "method": {"name": "sfp"},
                                                                   **extra["sfp_run"]}))
     rows = mod.runs_table(tmp_path).splitlines()[2:]
-    assert rows[0].startswith("| `pfec_run` | pfec  | compact, bfloat16 | 1 / 40 | 90.00 | 50.00 | 80.00 "
+    assert rows[0].startswith("| `pfec_run` | pfec | compact, bfloat16 | 1 / 40 | 90.00 | 50.00 | 80.00 "
                               "| not finished |")
-    assert rows[1].startswith("| `sfp_run` | sfp  | masked, bfloat16 | 2 / 6 (the paper's 200 shortened "
-                              "to 6) | 90.00 |")
+    assert rows[1].startswith("| `sfp_run` | sfp (peak LR 0.1, not the paper's 0.01) | masked, bfloat16 "
+                              "| 2 / 6 (the paper's 200 shortened to 6) | 90.00 |")
+    assert mod.recipe_note({"method": {"name": "sfp"}, "model": "resnet56", "optimizer": {"base_lr": 0.01}}) == ""
+    assert (mod.recipe_note({"method": {"name": "sfp"}, "model": "resnet20", "optimizer": {"base_lr": 0.01}})
+            == "not a paper row: sfp from a trained resnet20")
     # a bfloat16 run's final accuracies may differ by an image; the float32 check must be equal
     assert "| 43.01, 43.00 (bfloat16); float32: 42.66 = 42.66 |" in rows[1]
     assert "1,000 -> 600 (-40.0%)" in rows[1] and "100 -> 70 (-30.0%)" in rows[1]

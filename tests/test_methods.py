@@ -509,6 +509,109 @@ def test_ghfp_with_srfp_soft_part(tiny):
     np.testing.assert_allclose(m[sorted(soft)], 0.5 * math.exp(-0.2), rtol=1e-6)
 
 
+def _author_counts(n, rate, total, epoch):
+    """The GHFP first author's per-layer (pruned, hard) counts after epoch ``epoch``, written out
+    from pruning_resnet_soft_hard.py (its ``--rate`` is the keep ratio; the selection before
+    training uses the epoch-0 values; the full rate from epoch 19/20 T on)."""
+    keep = 1.0 - rate
+    lam = 1.0 - (1.0 - (epoch + 1.0) / (total + 1e-7)) ** 3
+    comp = 1.0 - (1 - keep) * (1.0 - (1.0 - (epoch + 1.0) / (total + 1e-7)) ** 3)
+    if epoch >= total * 19 / 20:
+        comp = keep
+    return int(n * (1 - comp)), int(n * (1 - comp) * lam)
+
+
+def test_asfp_cubic_rate_hand_values():
+    from jaxprune import schedules
+
+    cubic = schedules.asfp_rate(0.4, 200, shape="cubic")
+    exp = schedules.asfp_rate(0.4, 200)
+    # after epoch 49 of 200 (t = 50) in a 64-filter layer: 14 filters (cubic) vs 24 (exp)
+    assert cubic(50) == pytest.approx(0.4 * (1 - 0.75 ** 3)) and int(64 * cubic(50)) == 14
+    assert int(64 * exp(50)) == 24
+    assert cubic(0) == cubic(1) == pytest.approx(0.4 * (1 - 0.995 ** 3))  # before training: epoch 0
+    assert cubic(191) == 0.4 and cubic(190) < 0.4  # the full rate from epoch 0.95 T on
+    traced = jax.jit(cubic)
+    for t in (0, 1, 50, 120, 190, 191):
+        assert float(traced(jnp.float32(t))) == pytest.approx(cubic(t), rel=1e-6)
+    with pytest.raises(ValueError, match="ASFP rate shape 'square'"):
+        schedules.asfp_rate(0.4, 200, shape="square")
+
+
+def test_srfp_author_decay_hand_values():
+    from jaxprune import schedules
+
+    total, alpha0, sigma = 200, 0.8, 1e-5
+    c = -math.log(sigma / (alpha0 + 0.01 * sigma)) / total  # the author's alpha_decay
+    s = schedules.srfp_decay_author(alpha0, total)
+    assert s(0) == s(1) == alpha0  # before training and after epoch 0: exp(0)
+    assert s(11) == pytest.approx(alpha0 * math.exp(-c * 10))  # after epoch 10
+    assert s(180) == pytest.approx(alpha0 * math.exp(-c * 179)) and s(180) > 0
+    assert s(181) == 0.0  # epoch 180 >= 0.9 T
+    assert float(jax.jit(s)(jnp.float32(11))) == pytest.approx(s(11), rel=1e-6)
+    method = SFP(rate=0.3, decay=True, alpha0=alpha0, decay_form="author")
+    assert method.alpha_at(11, total) == s(11)
+
+
+@pytest.mark.parametrize("rate, total", [(0.4, 200), (0.3, 200), (0.4, 16), (0.5, 4)])
+def test_ghfp_author_counts_match_the_authors_formulas(resnet20_scatter, rate, total):
+    _, _, graph = resnet20_scatter
+    method = GHFP.author(rate)
+    assert method.soft.name == "asfp" and method.end == 1.0 and method.hard_count == "layer"
+    checked = set()
+    for t in range(total + 1):  # t = 0: the selection before training (the author's epoch 0)
+        pruned, hard = method.counts_at(graph, t, total)
+        for name, count in pruned.items():
+            n = graph.groups[name].size
+            assert (count, hard[name]) == _author_counts(n, rate, total, max(t - 1, 0)), (t, name)
+            checked.add(n)
+    assert checked == {16, 32, 64}
+    # the methods.md reading differs: hard = floor(h * int(N P_t)), nothing hard before training
+    reading = GHFP(soft=SFP(rate=rate, asymptotic=True, rate_shape="cubic"), end=1.0)
+    assert all(v == 0 for v in reading.counts_at(graph, 0, total)[1].values())
+    if total == 4:  # harden_at_init is visible: 64 filters, u = 1/4: P_0 = 0.5 g, h_0 = g
+        g = 1 - 0.75 ** 3
+        assert method.counts_at(graph, 0, total)[1]["layer3_0/conv1"] == int(64 * 0.5 * g * g) == 10
+
+
+def test_ghfp_author_variant_selects_and_hardens_by_its_counts(tiny):
+    _, variables, graph = tiny
+    total, rate = 10, 0.5
+    ctx = MethodContext(graph, total_epochs=total)
+    method = get_method("ghfp", rate=rate, soft="asfp", rate_shape="cubic", end=1.0,
+                        hard_count="layer", harden_at_init=True)
+    assert method == GHFP.author(rate)
+    state = method.init(make_state(variables, graph), ctx)
+    prev_hard = {name: zeros_of(state.hard[name]) for name in SIZES}
+    for name, n in SIZES.items():
+        assert (len(zeros_of(state.masks[name])), len(prev_hard[name])) == _author_counts(n, rate, total, 0)
+    for epoch in range(total):
+        before = {name: l2(perturb(state, epoch), name) for name in SIZES}
+        state = method.end_of_epoch(perturb(state, epoch), epoch, ctx)
+        for name, n in SIZES.items():
+            n_pruned, n_hard = _author_counts(n, rate, total, epoch)
+            hard, pruned = zeros_of(state.hard[name]), zeros_of(state.masks[name])
+            assert len(pruned) == max(n_pruned, len(prev_hard[name]))
+            assert len(hard) == max(n_hard, len(prev_hard[name]))
+            assert prev_hard[name] <= hard <= pruned
+            free = [c for c in range(n) if c not in prev_hard[name]]
+            order = sorted(free, key=lambda c: (before[name][c], c))
+            assert hard == prev_hard[name] | set(order[:len(hard) - len(prev_hard[name])])
+            prev_hard[name] = hard
+    assert all(len(prev_hard[name]) == int(n * rate) for name, n in SIZES.items())
+
+
+def test_ghfp_and_soft_options_are_validated():
+    with pytest.raises(ValueError, match="hard_count must be one of selected, layer, got 'all'"):
+        GHFP(hard_count="all")
+    with pytest.raises(ValueError, match="rate_shape='cubic' needs a growing rate"):
+        SFP(rate=0.3, rate_shape="cubic")
+    with pytest.raises(ValueError, match="decay_form='author' needs decayed filters"):
+        SFP(rate=0.3, decay_form="author")
+    with pytest.raises(ValueError, match="rate_shape must be one of exp, cubic, got 'x'"):
+        SFP(rate=0.3, asymptotic=True, rate_shape="x")
+
+
 # ----------------------------------------------------------------------------- HFP
 
 

@@ -3,8 +3,9 @@
 Paper row: "ASFP control, CIFAR-10, ResNet-110, 30%" (control of ghfp_resnet110_cifar10).
 ASFP's own paper was not available (methods.md section 3): no published figures (-1).
 
-Recipe: as ghfp_resnet110_cifar10 (SFP CIFAR recipe, 200 epochs, L2, every conv, residual
-'scatter') with ASFP's rate schedule P_t = P (1 - exp(-k t)), k = ln 4 / (T/8). 3 seeds.
+Recipe: the soft part of ghfp_resnet110_cifar10 alone, on the same recipe (the GHFP first
+author's code: LR 0.1 from the first epoch, Cutout; `common.asfp_control`): ASFP with the cubic
+rate P_t = P (1 - (1 - t/T)^3) (full P from 0.95 T), L2, every conv, residual 'scatter'. 3 seeds.
 """
 
 import sys
@@ -18,7 +19,7 @@ import common  # noqa: E402  (experiments/configs/common.py)
 
 def get_config():
     c = common.cifar("asfp_resnet110_cifar10", "resnet110", "cifar10")
-    common.soft(c, "asfp", 0.3)
+    common.asfp_control(c, 0.3)
     common.paper(c, table="GHFP", source="ASFP (He et al.), control of " + common.GHFP_SOURCE,
                  row="ASFP control, CIFAR-10, ResNet-110, 30%",
                  note="control of ghfp_resnet110_cifar10; no published figures in the reference")

@@ -88,6 +88,29 @@ def cifar(name: str, model: str, dataset: str = "cifar10") -> ml_collections.Con
     return c
 
 
+def from_trained(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """SFP from a trained model (methods.md 2): the CIFAR recipe at one tenth of the learning
+    rate for the same 200 epochs, as the reference reimplementation runs it (rethinking-network-
+    pruning: ``--learning_rate 0.001 --schedule 1 60 120 160 --gammas 10 0.2 0.2 0.2``): LR 0.001
+    for the first epoch, then 0.01, x0.2 at epochs 60, 120 and 160."""
+    c.optimizer.warmup_lr = 0.001
+    c.optimizer.base_lr = 0.01
+    return c
+
+
+# Cutout side per data set in the GHFP first author's code (pruning_resnet_soft_hard.py)
+GHFP_AUTHOR_CUTOUT = {"cifar10": 12, "cifar100": 6}
+
+
+def ghfp_author_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The training recipe of the GHFP first author's public code (methods.md 4 and 7): the SFP
+    CIFAR recipe with Cutout always on (12 px on CIFAR-10, 6 px on CIFAR-100) and LR 0.1 from
+    the first epoch (no warm-up epoch)."""
+    c.cutout = GHFP_AUTHOR_CUTOUT[c.dataset]
+    c.optimizer.warmup_lr = c.optimizer.base_lr
+    return c
+
+
 def imagenet(name: str, model: str, epochs: int = 100, *,
              nesterov: bool = False) -> ml_collections.ConfigDict:
     """The ImageNet recipe (methods.md 2): ``epochs`` epochs (100), batch 256, LR 0.1 x0.1 every
@@ -142,13 +165,34 @@ def soft(c: ml_collections.ConfigDict, method: str, rate: float,
 IMAGENET_EXCLUDE = ("*/downsample",)
 
 
-def ghfp(c: ml_collections.ConfigDict, rate: float) -> ml_collections.ConfigDict:
-    """GHFP on top of SFP (methods.md 4): cubic hard-fraction ramp reaching 1 at 0.9 T."""
+def ghfp(c: ml_collections.ConfigDict, rate: float, variant: str = "author") -> ml_collections.ConfigDict:
+    """GHFP at ``rate`` (methods.md 4 and 7).
+
+    ``variant='author'`` (the rows): as the first author's public code runs it, the only
+    evidence of what the paper's experiments ran: ASFP with the cubic rate as the soft part, the
+    cubic hard-fraction ramp reaching 1 at T, ``int(N * P_t * h)`` hard filters per layer, the
+    epoch-0 hard fraction already at the first selection, and `ghfp_author_recipe` (Cutout, no
+    warm-up epoch). ``variant='reading'``: methods.md section 4's reading: SFP as the soft part,
+    the ramp reaching 1 at 0.9 T, ``floor(h * int(N * P_t))`` hard filters, the SFP recipe."""
     soft(c, "ghfp", rate)
-    c.method.kwargs.soft = "sfp"
-    c.method.kwargs.shape = "cubic"
-    c.method.kwargs.end = 0.9
+    k = c.method.kwargs
+    if variant == "author":
+        k.soft, k.rate_shape, k.shape, k.end = "asfp", "cubic", "cubic", 1.0
+        k.hard_count, k.harden_at_init = "layer", True
+        ghfp_author_recipe(c)
+    elif variant == "reading":
+        k.soft, k.shape, k.end = "sfp", "cubic", 0.9
+    else:
+        raise ValueError(f"variant={variant!r}: expected 'author' or 'reading'")
     return c
+
+
+def asfp_control(c: ml_collections.ConfigDict, rate: float) -> ml_collections.ConfigDict:
+    """The ASFP control of a GHFP row: GHFP's soft part alone (ASFP with the cubic rate) on the
+    same recipe (`ghfp_author_recipe`), so the comparison isolates the hard part."""
+    soft(c, "asfp", rate)
+    c.method.kwargs.rate_shape = "cubic"
+    return ghfp_author_recipe(c)
 
 
 def pfec(c: ml_collections.ConfigDict, pfec_config: str, baseline_row: str,

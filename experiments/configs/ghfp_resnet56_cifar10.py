@@ -6,10 +6,15 @@ section 4): the claim checked is GHFP > SFP and ASFP in accuracy at the same rat
 and faster convergence (test accuracy reached by epoch T/2, recorded by the runner). Controls
 at the same rate and schedule: sfp_resnet56_cifar10 (SFP) and asfp_resnet56_cifar10 (ASFP).
 
-Recipe: the SFP CIFAR recipe (methods.md section 2; 200 epochs, batch 128, SGD Nesterov 0.9, wd
-5e-4, LR 0.01 then 0.1, x0.2 at 60/120/160), L2 criterion, every conv pruned, residual
-'scatter'; GHFP on top of SFP (soft part 'sfp'), hard fraction h_t = 1 - (1 - min(1, (t+1) /
-(0.9 T)))^3 (cubic, every pruned channel hard from 0.9 T). 3 seeds.
+Variant: the GHFP first author's public code (cailinhang/PGMPF `pruning_resnet_soft_hard.py`,
+methods.md sections 4 and 7), the only evidence of what the paper's experiments ran;
+`common.ghfp(c, rate, variant='reading')` gives methods.md section 4's reading instead.
+Recipe: 200 epochs, batch 128, SGD Nesterov 0.9, wd 5e-4, LR 0.1 from the first epoch (no warm-up
+epoch), x0.2 at 60/120/160; flip + pad + crop and Cutout 12 px (CIFAR-10); L2 criterion, every
+conv pruned, residual 'scatter'. Soft part: ASFP with the cubic rate P_t = P (1 - (1 - t/T)^3)
+(full P from 0.95 T); hard fraction h = 1 - (1 - (e+1)/T)^3 (every pruned filter hard at the
+end); int(N P_t h) hard filters per layer; the first selection already uses the epoch-0
+values. The SFP control keeps the SFP paper recipe (no Cutout, one warm-up epoch). 3 seeds.
 """
 
 import sys

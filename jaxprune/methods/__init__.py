@@ -5,11 +5,13 @@
 =========  ==============================================================================
 'dense'    no pruning (masks and hard stay all ones)
 'sfp'      Soft Filter Pruning (`sfp.SFP`): rate, criterion, exclude, mask_bn
-'asfp'     SFP with the asymptotic rate schedule
-'srfp'     SFP with decayed instead of zeroed filters (alpha0, decay_rate, zero_fraction)
+'asfp'     SFP with the asymptotic rate schedule (rate_shape='exp'|'cubic')
+'srfp'     SFP with decayed instead of zeroed filters (alpha0, decay_rate, zero_fraction,
+           decay_form='sfp'|'author')
 'asrfp'    both
 'ghfp'     Gradually Hard Filter Pruning (`ghfp.GHFP`); soft='sfp'|'asfp'|'srfp'|'asrfp',
-           shape='cubic'|'linear'|'exp', end=0.9, plus the soft variant's options
+           shape='cubic'|'linear'|'exp', end=0.9, hard_count='selected'|'layer',
+           harden_at_init, plus the soft variant's options
 'hfp'      Holistic Filter Pruning (`hfp.HFP`): macs_reduction / params_reduction or
            target_macs / target_params, lam, temperature, convention, exclude, balance
 'pfec'     PFEC one-shot L1 pruning (`pfec.PFEC`): config (a ``pfec.PFEC_CONFIGS`` name),
@@ -62,7 +64,7 @@ class FixedMasks(MasksSetAtInit):
 
 
 _SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction",
-              "width")
+              "width", "rate_shape", "decay_form")
 
 
 def _split(kwargs: dict, keys) -> tuple[dict, dict]:
@@ -115,7 +117,7 @@ def _dense(**kwargs: Any) -> Dense:
 
 def _ghfp(**kwargs: Any) -> GHFP:
     """GHFP; ``soft`` names the soft variant, the other soft keys configure it."""
-    allowed = _SOFT_KEYS + ("soft", "shape", "end")
+    allowed = _SOFT_KEYS + ("soft", "shape", "end", "hard_count", "harden_at_init")
     _check_keys("ghfp", kwargs, allowed)
     soft_kwargs, rest = _split(kwargs, _SOFT_KEYS)
     if "rate" in soft_kwargs:

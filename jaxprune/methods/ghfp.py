@@ -12,9 +12,14 @@ follows the public code of the same first author:
   is extended to hold all of it).
 - The hard fraction ``h`` is ``schedules.ghfp_hard_fraction(T, end, shape)(e)`` at the end of
   epoch ``e`` (cubic by default: ``1 - (1 - min(1, (e + 1) / (end T)))^3``; also 'linear',
-  'exp'); it is 0 at ``init``. The ``floor(h * int(N * P_t))`` lowest members of ``S_t``
-  (already-hard ones first, then by score, ties to the lower index) are hard afterwards; the
-  hard set only grows (``max(floor(h |S_t|), |hard|)`` channels).
+  'exp'); it is 0 at ``init`` (``harden_at_init=True``: the epoch-0 value, as the author's
+  code). The hard count per group is ``floor(h * int(N * P_t))`` (``hard_count='selected'``,
+  methods.md section 4) or ``int(N * P_t * h)`` (``hard_count='layer'``, the author's code);
+  that many lowest members of ``S_t`` (already-hard ones first, then by score, ties to the lower
+  index) are hard afterwards; the hard set only grows (``max(count, |hard|)`` channels).
+- The author's variant (`GHFP.author`): the soft part is ASFP with the cubic rate, the ramp
+  ends at T (``end=1``), ``hard_count='layer'`` and ``harden_at_init=True`` (methods.md
+  section 7). Its recipe differs too (Cutout, no warm-up epoch): see the GHFP configs.
 - Hard channels get 0 in ``state.masks`` and ``state.hard``; every member slice of them (filters,
   BN parameters, consumers' inputs) and their optimizer moments are zeroed, and the trainer
   masks their gradients from then on. The soft rest of ``S_t`` is treated as the soft variant
@@ -43,6 +48,8 @@ from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.base import MethodContext, no_penalty
 from jaxprune.methods.sfp import SFP, _as_counts, harden, is_traced, ranks
 
+HARD_COUNTS = ("selected", "layer")
+
 
 @dataclasses.dataclass(frozen=True)
 class GHFP:
@@ -52,13 +59,27 @@ class GHFP:
       soft: the soft part, an `SFP` (its rate, criterion, exclude, ASFP/SRFP options).
       shape: the hard-fraction ramp, 'cubic', 'linear' or 'exp'.
       end: the fraction of training at which every pruned channel is hard (0.9).
+      hard_count: 'selected' (``floor(h * int(N * P_t))``, methods.md) or 'layer'
+        (``int(N * P_t * h)``, the author's code).
+      harden_at_init: the selection before training already hardens ``h`` at epoch 0 (the
+        author's code); False: nothing is hard before the first epoch.
       name: 'ghfp'.
     """
 
     soft: SFP = SFP()
     shape: str = "cubic"
     end: float = 0.9
+    hard_count: str = "selected"
+    harden_at_init: bool = False
     name: str = "ghfp"
+
+    @classmethod
+    def author(cls, rate: float, **soft_options: Any) -> "GHFP":
+        """GHFP as its first author's public code runs it (methods.md section 7): ASFP with the
+        cubic rate as the soft part, the cubic ramp reaching 1 at T, ``int(N * P_t * h)`` hard
+        channels per layer, the epoch-0 hard fraction already at the first selection."""
+        soft = SFP(rate=rate, asymptotic=True, rate_shape="cubic", **soft_options)
+        return cls(soft=soft, shape="cubic", end=1.0, hard_count="layer", harden_at_init=True)
 
     def __post_init__(self):
         if not isinstance(self.soft, SFP):
@@ -69,6 +90,11 @@ class GHFP:
         if (isinstance(self.end, bool) or not isinstance(self.end, numbers.Real)
                 or not 0.0 < self.end <= 1.0):
             raise ValueError(f"end must be a fraction of training in (0, 1], got {self.end!r}")
+        if self.hard_count not in HARD_COUNTS:
+            raise ValueError(f"hard_count must be one of {', '.join(HARD_COUNTS)}, "
+                             f"got {self.hard_count!r}")
+        if not isinstance(self.harden_at_init, bool):
+            raise ValueError(f"harden_at_init must be True or False, got {self.harden_at_init!r}")
 
     def hard_fraction(self, epoch: Any, total_epochs: int) -> Any:
         """``h`` after the end of epoch ``epoch`` (0-based); a Python float for a Python epoch."""
@@ -79,10 +105,10 @@ class GHFP:
         self.soft.check(ctx)
         ones = init_masks(ctx.graph)
         state = state.replace(masks=ones, hard=dict(ones), method_state={})
-        return self._select(state, 0, 0.0, ctx)
+        return self._select(state, 0, ctx)
 
     def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        return self._select(state, epoch + 1, self.hard_fraction(epoch, ctx.total_epochs), ctx)
+        return self._select(state, epoch + 1, ctx)
 
     def penalty(self, params, batch_stats, method_state, ctx):
         return no_penalty(params, batch_stats, method_state, ctx)
@@ -93,20 +119,37 @@ class GHFP:
         return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(counts),
                             jnp.float32(0.0))
 
-    def _select(self, state: Any, t: Any, h: Any, ctx: MethodContext) -> Any:
-        names = self.soft.pruned_groups(ctx.graph)
-        counts = self.soft.counts_at(ctx.graph, names, t, ctx.total_epochs)
-        alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
+    def counts_at(self, graph: Any, t: Any, total_epochs: int) -> tuple[dict, dict]:
+        """``(pruned, hard)``: per pruned group, the size of ``S_t`` and the hard count of the
+        selection after ``t`` completed epochs (``t = 0``: the one before training). Python ints
+        for a Python ``t``; the hard set may still be larger (hard stays hard)."""
+        names = self.soft.pruned_groups(graph)
+        counts = self.soft.counts_at(graph, names, t, total_epochs)
+        if is_traced(t):
+            h = jnp.where(t > 0, self.hard_fraction(t - 1, total_epochs),
+                          self.hard_fraction(0, total_epochs) if self.harden_at_init else 0.0)
+        elif t > 0:
+            h = self.hard_fraction(t - 1, total_epochs)
+        else:
+            h = self.hard_fraction(0, total_epochs) if self.harden_at_init else 0.0
         # never more hard channels than the final selection prunes (its width policy may keep
         # more than int(N P)): hard stays hard, so the cap must hold from the start
-        final = self.soft.final_counts(ctx.graph)
+        final = self.soft.final_counts(graph)
+        rate = self.soft.rate_at(t, total_epochs)
         hard_counts = {}
-        for n, size in counts.items():  # floor(h * |S_t|), on the host when both are static
-            if is_traced(size) or is_traced(h):
-                hard = jnp.floor(jnp.asarray(h, jnp.float32) * size).astype(jnp.int32)
+        for n, size in counts.items():  # on the host when everything is static
+            # 'selected': floor(h * |S_t|); 'layer': int(N * P_t * h), the author's order
+            base = size if self.hard_count == "selected" else graph.groups[n].size * rate
+            if is_traced(base) or is_traced(h):
+                hard = jnp.floor(jnp.asarray(base, jnp.float32) * h).astype(jnp.int32)
                 hard_counts[n] = jnp.minimum(hard, final[n])
             else:
-                hard_counts[n] = min(math.floor(h * size), final[n])
+                hard_counts[n] = min(math.floor(base * h), final[n])
+        return counts, hard_counts
+
+    def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
+        counts, hard_counts = self.counts_at(ctx.graph, t, ctx.total_epochs)
+        alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
         return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(hard_counts), alpha)
 
 

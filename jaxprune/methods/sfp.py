@@ -70,6 +70,9 @@ Exclude = Union[Sequence[str], Callable[[str], bool]]
 
 SOFT_VARIANTS = ("sfp", "asfp", "srfp", "asrfp")
 FINAL_BN = ("keep", "zero")
+# SRFP's decay: 'sfp' = schedules.srfp_decay (alpha0 exp(-c t), zero for the last
+# round(zero_fraction T) epochs); 'author' = schedules.srfp_decay_author (the GHFP author's code)
+DECAY_FORMS = ("sfp", "author")
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -183,10 +186,14 @@ class SFP:
     Attributes:
       rate: the pruning rate P of every pruned group, in [0, 1).
       criterion: a ``jaxprune.criteria`` name ('l2' as SFP, 'l1', 'fpgm', 'bn_scale').
-      asymptotic: ASFP: the rate grows as ``P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``.
+      asymptotic: ASFP: the rate grows from 0 to P (``schedules.asfp_rate``).
+      rate_shape: ASFP's growth, 'exp' (``P (1 - exp(-k t))``, ``k = ln 4 / (T / 8)``) or
+        'cubic' (``P (1 - (1 - t / T)^3)``, the GHFP author's default).
       decay: SRFP: selected filters are multiplied by ``alpha_t`` instead of zeroed.
       alpha0, decay_rate, zero_fraction: SRFP's ``alpha_t = alpha0 exp(-c t)``, 0 for the last
         ``round(zero_fraction T)`` epochs; ``decay_rate=None`` picks ``c = 3 / t_zero``.
+      decay_form: 'sfp' (the line above) or 'author': ``schedules.srfp_decay_author`` (the GHFP
+        author's constant and zero point; ``decay_rate`` and ``zero_fraction`` unused).
       mask_bn: also multiply the BN scale/bias (and conv bias) of the selected channels.
       final_bn: 'keep' (official): the final model zeroes what a soft selection zeroes and keeps
         the BN constants of the pruned channels; 'zero': it zeroes every slice of them.
@@ -199,10 +206,12 @@ class SFP:
     rate: float = 0.3
     criterion: str = "l2"
     asymptotic: bool = False
+    rate_shape: str = "exp"
     decay: bool = False
     alpha0: float = 0.5
     decay_rate: float | None = None
     zero_fraction: float = 0.15
+    decay_form: str = "sfp"
     mask_bn: bool = False
     final_bn: str = "keep"
     exclude: Any = ()
@@ -216,6 +225,18 @@ class SFP:
         object.__setattr__(self, "width", selection.as_width_policy(self.width))
         criteria.get_criterion(self.criterion)
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
+        if self.rate_shape not in schedules.ASFP_SHAPES:
+            raise ValueError(f"rate_shape must be one of {', '.join(schedules.ASFP_SHAPES)}, "
+                             f"got {self.rate_shape!r}")
+        if self.decay_form not in DECAY_FORMS:
+            raise ValueError(f"decay_form must be one of {', '.join(DECAY_FORMS)}, "
+                             f"got {self.decay_form!r}")
+        if self.rate_shape != "exp" and not self.asymptotic:
+            raise ValueError(f"rate_shape={self.rate_shape!r} needs a growing rate: use 'asfp' or "
+                             "'asrfp' (SFP's rate is constant)")
+        if self.decay_form != "sfp" and not self.decay:
+            raise ValueError(f"decay_form={self.decay_form!r} needs decayed filters: use 'srfp' or "
+                             "'asrfp'")
         if self.decay:
             if (isinstance(self.alpha0, bool) or not isinstance(self.alpha0, numbers.Real)
                     or not 0.0 <= self.alpha0 <= 1.0):
@@ -251,13 +272,15 @@ class SFP:
     def rate_at(self, t: Any, total_epochs: int) -> Any:
         """Pruning rate after ``t`` completed epochs (a Python float for a Python ``t``)."""
         if self.asymptotic:
-            return schedules.asfp_rate(self.rate, total_epochs)(t)
+            return schedules.asfp_rate(self.rate, total_epochs, shape=self.rate_shape)(t)
         return self.rate
 
     def alpha_at(self, t: Any, total_epochs: int) -> Any:
         """Mask value of the selected channels after ``t`` completed epochs (0 unless SRFP)."""
         if not self.decay:
             return 0.0
+        if self.decay_form == "author":
+            return schedules.srfp_decay_author(self.alpha0, total_epochs)(t)
         zero_from = total_epochs - math.floor(self.zero_fraction * total_epochs + 0.5)
         c = self.decay_rate if self.decay_rate is not None else 3.0 / max(zero_from, 1)
         return schedules.srfp_decay(self.alpha0, c, total_epochs, self.zero_fraction)(t)
