@@ -9,15 +9,20 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
   statistics, cross-entropy, ``optax`` update), the batch gathered on the device from the
   resident data, one Python dispatch per step: the loop a Flax user writes.
 - **jaxprune chunk (K steps/call)**: `jaxprune.train_step.make_train_chunk` with K steps per
-  call (``--chunk``; default `jaxprune.training.auto_steps_per_call()`: what `fit` runs, 1 on
-  CPU, 50 elsewhere; 0 = the whole epoch in one call), with the hard masking of SFP's masks
-  (all ones), float32. The batch order and position stay on the device.
+  call (``--chunk``, one K or several comma-separated; default `jaxprune.training.auto_steps_per_call()`:
+  what `fit` runs, 1 on CPU, 50 elsewhere; 0 = the whole epoch in one call), with the hard
+  masking of SFP's masks (all ones), float32. The batch order and position stay on the device.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
   one host-to-device copy of the images per step: the engine before issue 13.
 - **jaxprune chunk, R runs together**: ``make_train_chunk(..., runs=R)``, R seeds vectorised
-  over a run axis in one call (``--runs``, default 4; 0 leaves it out); images/s counts the
-  images of all R runs.
+  over a run axis in one call (``--runs``, default 4; 0 leaves it out), at the last K of
+  ``--chunk``; images/s counts the images of all R runs. **... bf16, R runs together**: the
+  same with ``dtype=bfloat16``.
+
+``--variants`` picks the contestants (default ``plain,chunk,chunk_bf16,host,runs``; also
+``runs_bf16``): e.g. ``--variants plain,chunk_bf16,runs_bf16 --chunk 1,0`` is the bfloat16 table
+of one step vs a whole epoch per call and of 1 vs R runs together.
 
 XLA_FLAGS: `jaxprune.perf.RECOMMENDED_CPU_FLAGS` on CPU, as the training commands use.
 Dispatches per epoch are counted by wrapping the jitted callables; host copies of images per
@@ -28,6 +33,8 @@ Usage::
 
     python experiments/bench/engine.py --models resnet20 --steps 20 --repeats 3
     python experiments/bench/engine.py --runs 0      # on CPU: vmapped runs are grouped convs
+    python experiments/bench/engine.py --models resnet56 --steps 390 --chunk 1,0 \
+        --variants plain,chunk_bf16,runs_bf16     # GPU: 1 step vs a whole epoch per call, 1 vs 4 runs
     python experiments/bench/engine.py --append BENCHMARKS.md
 """
 
@@ -36,11 +43,20 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 
 import _harness as H
 
 
-def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool, chunk_steps: int):
+VARIANTS = ("plain", "chunk", "chunk_bf16", "host", "runs", "runs_bf16")
+DEFAULT_VARIANTS = "plain,chunk,chunk_bf16,host,runs"
+
+
+def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[str, ...],
+                chunks: tuple[int, ...]):
+    """``(label -> callable running one timed epoch, label -> dispatches per epoch)`` of the
+    ``variants`` (keys of `VARIANTS`); the chunk variants run for every K of ``chunks``, the
+    runs-together ones at the last K."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -95,13 +111,15 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool, chunk_
         plain[0] = c
         return loss
 
-    out["plain flax"], counts["plain flax"] = run_plain, steps
+    if "plain" in variants:
+        out["plain flax"], counts["plain flax"] = run_plain, steps
 
     # -- jaxprune: K steps per call, f32 and bf16
-    k = train_step.chunk_steps(steps, chunk_steps)
-    dtypes = ((f"jaxprune chunk ({k} steps/call)", jnp.float32),) + (
-        ((f"jaxprune chunk bf16 ({k} steps/call)", jnp.bfloat16),) if bf16 else ())
-    for label, dtype in dtypes:
+    ks = [train_step.chunk_steps(steps, c) for c in chunks]
+    dtypes = [(f"jaxprune chunk{tag} ({k} steps/call)", dtype, k)
+              for key, tag, dtype in (("chunk", "", jnp.float32), ("chunk_bf16", " bf16", jnp.bfloat16))
+              if key in variants for k in ks]
+    for label, dtype, k in dtypes:
         m = get_model(name, dtype=dtype)
         graph = trace_linen(m, variables, x1)
         method = methods.get_method("sfp", rate=0.0)
@@ -126,39 +144,48 @@ def contestants(name: str, steps: int, batch: int, runs: int, bf16: bool, chunk_
     graph = trace_linen(model, variables, x1)
     method = methods.get_method("sfp", rate=0.0)
     ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
-    st = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
-    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
-                                    donate=True)
-    box = [parallel.replicate(mesh, method.init(st, ctx))]
+    if "host" in variants:
+        st = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
+        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
+                                        donate=True)
+        box = [parallel.replicate(mesh, method.init(st, ctx))]
 
-    def run_host():
-        s, m = box[0], None
-        for idx in order_host:
-            s, m = step(s, x_host[idx], y_host[idx])
-        box[0] = s
-        return m["loss"]
+        def run_host():
+            s, m = box[0], None
+            for idx in order_host:
+                s, m = step(s, x_host[idx], y_host[idx])
+            box[0] = s
+            return m["loss"]
 
-    out["jaxprune per-step (host batches)"], counts["jaxprune per-step (host batches)"] = run_host, steps
+        out["jaxprune per-step (host batches)"] = run_host
+        counts["jaxprune per-step (host batches)"] = steps
 
-    # -- R runs together (the seeds of a row), vectorised over a run axis
-    if runs:
-        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=k, mesh=mesh,
+    # -- R runs together (the seeds of a row), vectorised over a run axis, at the last K
+    k = ks[-1]
+    for key, tag, dtype in (("runs", "", jnp.float32), ("runs_bf16", " bf16", jnp.bfloat16)):
+        if not runs or key not in variants:
+            continue
+        m = get_model(name, dtype=dtype)
+        g = trace_linen(m, variables, x1)
+        method = methods.get_method("sfp", rate=0.0)
+        ctx = MethodContext(g, total_epochs=1, steps_per_epoch=steps)
+        chunk = train_step.make_train_chunk(m, g, opt, method, ctx, steps=k, mesh=mesh,
                                           augment=augment, donate=True, runs=runs)
-        sts = [method.init(train_step.create_train_state(model, graph, jax.random.PRNGKey(r), x1, opt), ctx)
+        sts = [method.init(train_step.create_train_state(m, g, jax.random.PRNGKey(r), x1, opt), ctx)
                for r in range(runs)]
         orders = np.stack([batching.epoch_batches(n, batch, seed=r, epoch=0) for r in range(runs)])
         od = parallel.replicate(mesh, orders.astype(np.int32))
         many = [parallel.replicate(mesh, train_step.stack_runs(sts))]
 
-        def run_many():
+        def run_many(chunk=chunk, many=many, od=od):
             s, pos, metrics = many[0], parallel.replicate(mesh, np.int32(0)), None
             for _ in range(steps // k):
                 s, metrics, pos = chunk(s, xd, yd, od, pos)
             many[0] = s
             return metrics["loss"]
 
-        out[f"jaxprune chunk, {runs} runs together"] = run_many
-        counts[f"jaxprune chunk, {runs} runs together"] = steps // k
+        label = f"jaxprune chunk{tag}, {runs} runs together ({k} steps/call)"
+        out[label], counts[label] = run_many, steps // k
     return out, counts
 
 
@@ -169,14 +196,25 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--runs", type=int, default=4, help="runs trained together (0: leave out)")
-    p.add_argument("--no-bf16", action="store_true", help="leave out the bf16 variant")
-    p.add_argument("--chunk", type=int, default=-1,
-                   help="steps per call of the chunk variants (-1: fit's default for the device)")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help=f"comma-separated contestants, of {','.join(VARIANTS)}")
+    p.add_argument("--chunk", default="-1",
+                   help="steps per call of the chunk variants, one or several comma-separated "
+                        "(-1: fit's default for the device; 0: the whole epoch)")
     p.add_argument("--append", default="", help="append the table to this markdown file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.repeats < 1:
         raise SystemExit(f"--steps {args.steps}, --batch {args.batch}, --repeats {args.repeats}: "
                          "expected positive integers")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants {args.variants}: expected a comma-separated subset of {','.join(VARIANTS)}")
+    try:
+        chunks = tuple(int(c) for c in args.chunk.split(","))
+    except ValueError:
+        chunks = ()
+    if not chunks or any(c < -1 for c in chunks):
+        raise SystemExit(f"--chunk {args.chunk}: expected comma-separated integers >= -1")
     load = H.load_average()
     from jaxprune import perf
 
@@ -186,20 +224,24 @@ def main(argv=None) -> int:
 
     rows = []
     for name in args.models.split(","):
-        fns, counts = contestants(name, args.steps, args.batch, args.runs, not args.no_bf16,
-                                  auto_steps_per_call() if args.chunk == -1 else args.chunk)
+        ks = tuple(auto_steps_per_call() if c == -1 else c for c in chunks)
+        fns, counts = contestants(name, args.steps, args.batch, args.runs, variants, ks)
         times = H.interleave(fns, repeats=args.repeats)
-        base = H.median(times["plain flax"])
+        ref = next(iter(times))  # the ratios' reference: plain flax when it runs, else the first
+        base = H.median(times[ref])
         for label, ts in times.items():
             med = H.median(ts)
             images = args.batch * args.steps * (args.runs if "together" in label else 1)
+            ref_images = args.batch * args.steps * (args.runs if "together" in ref else 1)
             rows.append(f"| {name} | {label} | {images / med:.0f} | "
-                        f"{base * images / (med * args.batch * args.steps):.2f} | {counts[label]} | "
+                        f"{base * images / (med * ref_images):.2f} | {counts[label]} | "
                         f"{H.spread(ts)} |")
+        print(rows[-1], file=sys.stderr, flush=True)
     text = "\n".join([
         f"### Training engine vs a hand-written Flax loop ({args.steps}-step epochs, batch "
         f"{args.batch}, median of {args.repeats} interleaved repeats)", "",
-        "| model | variant | images/s | images/s vs plain flax | dispatches / epoch | spread |",
+        f"| model | variant | images/s | images/s vs {'plain flax' if 'plain' in variants else 'the first variant'} "
+        "| dispatches / epoch | spread |",
         "|---|---|---|---|---|---|", *rows])
     H.report(text, argv, args.append, load)
     return 0
