@@ -425,7 +425,7 @@ def run_until(cmd: list[str], env: dict, stop_at: float, grace: float, log: Log)
     while proc.poll() is None:
         now = time.time()
         if not stopped and now >= stop_at:
-            log("deadline: SIGTERM (the run saves its checkpoint and stops)")
+            log("deadline: SIGTERM (a training run stops at a step boundary and saves its checkpoint)")
             proc.send_signal(signal.SIGTERM)
             stopped = True
         elif stopped and not killed and now >= stop_at + grace:
@@ -452,7 +452,7 @@ def epochs_done(run: Path) -> tuple[int, int, float | None]:
     if (run / "config.json").is_file():
         planned = int(json.loads((run / "config.json").read_text()).get("epochs", 0))
     times.sort()
-    return n, planned, (times[len(times) // 2] if times else None)
+    return n, planned, (round(times[len(times) // 2], 2) if times else None)
 
 
 def job_env(home: Path) -> dict:
@@ -506,7 +506,7 @@ def main() -> int:
     want_bench = os.environ.get("KIT_BENCH", "")
     if want_bench == "1" or (want_bench != "0" and not have):
         bench_file.parent.mkdir(parents=True, exist_ok=True)
-        bench_end = min(end - lead, time.time() + float(os.environ.get("KIT_BENCH_BUDGET", "300" if not smoke else "150")))
+        bench_end = min(end - lead, time.time() + float(os.environ.get("KIT_BENCH_BUDGET", "300" if not smoke else "200")))
         for cmd in bench_commands(st, bench_file, python):
             if bench_end - time.time() < (45 if not smoke else 20):
                 status["bench"].append({"cmd": cmd[2:], "status": "not started (bench budget spent)"})
@@ -541,7 +541,8 @@ def main() -> int:
         state = "finished" if finished else ("stopped at the deadline (resumes next window)" if stopped else f"failed (exit {rc})")
         status["jobs"].append({"name": job.name, "status": state, "rc": rc, "seconds": round(time.time() - t),
                                "epochs": f"{done}/{planned}", "median_epoch_s": epoch_s})
-        log(f"{job.name}: {state}; epochs {done}/{planned}; median epoch {epoch_s} s")
+        log(f"{job.name}: {state}; epochs {done}/{planned}; median epoch "
+            + (f"{epoch_s:.1f} s" if epoch_s is not None else "-"))
 
     # 3. pack
     runs_pre = home / "runs" / "pretrained"

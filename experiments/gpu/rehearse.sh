@@ -34,8 +34,9 @@ for budget in "${budgets[@]}"; do
         mkdir -p "$R/device"
         (cd "$R/repo" && git ls-files -z -co --exclude-standard | xargs -0 cp --parents -t "$R/device")
         mkdir -p "$R/device/$(dirname "$carry")"; rm -rf "${R:?}/device/$carry"; cp -a "$R/repo/$carry" "$R/device/$carry"
-        size=$(du -sb --apparent-size "$R/device" | cut -f1)
-        echo "--- call $k: carry $carry, tree + carry $((size / 1048576)) MiB (limit 64), command: $cmd"
+        size=$( (cd "$R/repo" && { git ls-files -z -co --exclude-standard; find "$carry" -type f -print0; } \
+            | xargs -0 stat -c %s) | awk '{s += $1} END {print s}')
+        echo "--- call $k: carry $carry, tree + carry $(awk -v s="$size" 'BEGIN {printf "%.1f", s / 1048576}') MiB (limit 64), command: $cmd"
         out="$R/w$w/out$k"; mkdir -p "$out"
         t=$(date +%s)
         (cd "$R/device" && env -i PATH="$VENV/bin:/usr/bin:/bin" HOME="$R/userhome" OUT="$out" \
