@@ -199,3 +199,5 @@ def test_record_destination_keeps_another_devices_record(tmp_path):
     assert unpack.record_destination(tmp_path, "seed0.json", gpu) == tmp_path / "seed0.gpu.json"
     (tmp_path / "seed0.json").write_text(json.dumps(gpu))
     assert unpack.record_destination(tmp_path, "seed0.json", gpu) == tmp_path / "seed0.json"
+    (tmp_path / "seed0.json").write_text(json.dumps(dict(gpu, schedule="short (3 epochs)")))
+    assert unpack.record_destination(tmp_path, "seed0.json", dict(gpu, schedule="paper")) == tmp_path / "seed0.gpu.json"

@@ -226,6 +226,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         ks = tuple(auto_steps_per_call() if c == -1 else c for c in chunks)
         fns, counts = contestants(name, args.steps, args.batch, args.runs, variants, ks)
+        first = len(rows)
         times = H.interleave(fns, repeats=args.repeats)
         ref = next(iter(times))  # the ratios' reference: plain flax when it runs, else the first
         base = H.median(times[ref])
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
             rows.append(f"| {name} | {label} | {images / med:.0f} | "
                         f"{base * images / (med * ref_images):.2f} | {counts[label]} | "
                         f"{H.spread(ts)} |")
-        print(rows[-1], file=sys.stderr, flush=True)
+        print("\n".join(rows[first:]), file=sys.stderr, flush=True)  # progress, model by model
     text = "\n".join([
         f"### Training engine vs a hand-written Flax loop ({args.steps}-step epochs, batch "
         f"{args.batch}, median of {args.repeats} interleaved repeats)", "",

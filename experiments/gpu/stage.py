@@ -120,11 +120,12 @@ def calls_text(parts: list[str], sizes: dict[str, int], tree: int, budget: int) 
     for i, part in enumerate(parts, 1):
         last = i == n
         cmd = f"TIME_BUDGET={budget} bash experiments/gpu/kit.sh"
-        lines.append(f"{i}. run(carry=[\".stage/{part}\"], timeout_s={600 if last else 180}, command=\"{cmd}\")")
+        lines.append(f"{i}. run(carry=[\".stage/{part}\"], timeout_s=600, command=\"{cmd}\")")
         lines.append(f"   carries {sizes[part] / MIB:.1f} MiB + the {tree / MIB:.1f} MiB tree; "
                      + ("runs the kit: about TIME_BUDGET seconds plus transfers" if last else
                         "receives and unpacks its part: about 10-20 s plus the transfer"))
-    lines += ["", "Then give_back at once (idle time counts). Here: python experiments/gpu/unpack.py FILES_AT "
+    lines += ["", "Every call gets timeout_s=600: whichever call completes the parts (the last, unless one had to be "
+              "repeated) runs the kit.", "Then give_back at once (idle time counts). Here: python experiments/gpu/unpack.py FILES_AT "
               "(the folder the last call's files landed in), commit the records, and stage again for the next window."]
     return "\n".join(lines)
 
@@ -199,8 +200,8 @@ def main(argv=None) -> int:
     text = calls_text(names, part_sizes, tree, a.budget)
     (stage / "CALLS.md").write_text(text + "\n")
     (stage / "calls.json").write_text(json.dumps(
-        [{"carry": [f".stage/{n}"], "timeout_s": 600 if i == len(names) else 180,
-          "command": f"TIME_BUDGET={a.budget} bash experiments/gpu/kit.sh"} for i, n in enumerate(names, 1)], indent=1))
+        [{"carry": [f".stage/{n}"], "timeout_s": 600, "command": f"TIME_BUDGET={a.budget} bash experiments/gpu/kit.sh"}
+         for n in names], indent=1))
     for name, call in zip(names, calls):
         print(f"{name}: {', '.join(sorted(call))}")
     print(f"stage {stage_id}: {len(chunks)} resume chunk(s){'' if chunks else ' (no .stage/resume/resume.tgz: runs start fresh)'}\n")

@@ -7,7 +7,8 @@
 
 - ``records/pretrained_records/<run>/`` -> ``experiments/pretrained_records/<run>/`` (replaced);
 - ``records/results/<row>/seed<k>.json`` -> ``experiments/results/<row>/`` (`record_destination`:
-  a record from another device already there is kept, the GPU one goes beside it);
+  a record of another device or schedule already there is kept, the GPU one goes beside it;
+  smoke records go to ``experiments/results-tiny/``, as run.py's ``--tiny`` ones);
 - ``records/bench/engine_gpu.md`` -> ``experiments/bench/records/`` (a new name if one is there);
 - ``records/kit.log`` and ``status.json`` -> ``experiments/gpu/logs/<stage>_<end time>.{log,json}``;
 - the resume chunks -> ``.stage/resume/resume.tgz`` (git-ignored), which ``stage.py`` sends with
@@ -32,14 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def record_destination(row_dir: Path, name: str, record: dict) -> Path:
     """Where a returned run.py record ``name`` (``seed<k>.json``) goes in ``row_dir``: its own name
-    unless that file holds a record from another device, then ``seed<k>.gpu.json``."""
+    unless that file holds a record of another device or schedule, then ``seed<k>.gpu.json``."""
     dst = row_dir / name
     if dst.is_file():
         try:
             old = json.loads(dst.read_text())
         except (OSError, json.JSONDecodeError):
             old = {}
-        if str(old.get("device", "")) != str(record.get("device", "")):
+        if any(str(old.get(k, "")) != str(record.get(k, "")) for k in ("device", "schedule")):
             return row_dir / name.replace(".json", ".gpu.json")
     return dst
 
@@ -84,7 +85,8 @@ def unpack(files_dir: Path, repo: Path, allow_smoke: bool = False) -> dict:
             placed.append(str(dst.relative_to(repo)))
         for f in sorted((rec / "results").glob("*/*.json")) if (rec / "results").is_dir() else []:
             record = json.loads(f.read_text())
-            dst = record_destination(repo / "experiments" / "results" / f.parent.name, f.name, record)
+            folder = "results-tiny" if status.get("mode") == "smoke" else "results"  # as run.py --tiny
+            dst = record_destination(repo / "experiments" / folder / f.parent.name, f.name, record)
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dst)
             placed.append(str(dst.relative_to(repo)))
