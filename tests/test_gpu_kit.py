@@ -201,3 +201,17 @@ def test_record_destination_keeps_another_devices_record(tmp_path):
     assert unpack.record_destination(tmp_path, "seed0.json", gpu) == tmp_path / "seed0.json"
     (tmp_path / "seed0.json").write_text(json.dumps(dict(gpu, schedule="short (3 epochs)")))
     assert unpack.record_destination(tmp_path, "seed0.json", dict(gpu, schedule="paper")) == tmp_path / "seed0.gpu.json"
+
+
+def test_wheels_are_unzipped_when_pip_fails(tmp_path):
+    import zipfile
+
+    recv, home = tmp_path / "recv", tmp_path / "home"
+    (recv / "whl").mkdir(parents=True)
+    with zipfile.ZipFile(recv / "whl" / "tiny-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("tiny/__init__.py", "VALUE = 7\n")
+    lines = []
+    kit.process_part({"whl/tiny-1.0-py3-none-any.whl": {}}, recv, home, {"cifar10": {"shards": {}}},
+                     "/bin/false", lines.append)  # an interpreter without pip
+    assert (home / "site" / "tiny" / "__init__.py").read_text() == "VALUE = 7\n"
+    assert lines[0].startswith("pip install failed") and lines[-1].startswith("installed 1 wheel")
