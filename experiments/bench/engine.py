@@ -14,7 +14,7 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
   (all ones), float32. The batch order and position stay on the device.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
-  one host-to-device copy of the images per step: the engine before issue 13.
+  one host-to-device copy of the images per step: the engine before the data stayed on the device.
 - **jaxprune chunk, R runs together**: ``make_train_chunk(..., runs=R)``, R seeds vectorised
   over a run axis in one call (``--runs``, default 4; 0 leaves it out); images/s counts the
   images of all R runs.
@@ -28,7 +28,7 @@ Usage::
 
     python experiments/bench/engine.py --models resnet20 --steps 20 --repeats 3
     python experiments/bench/engine.py --runs 0      # on CPU: vmapped runs are grouped convs
-    python experiments/bench/engine.py --append BENCHMARKS.md
+    python experiments/bench/engine.py --append experiments/bench/records/engine.md
 """
 
 from __future__ import annotations
