@@ -9,14 +9,18 @@ from types import ModuleType
 EXTRAS = {"imagenet": "tensorflow-datasets, pillow", "plots": "matplotlib", "tensorboard": "tensorboardX"}
 
 
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
 def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """``importlib.import_module(module)``; if it is not installed, an ``ImportError`` saying that
-    ``purpose`` needs it and that ``pip install 'jaxprune[<extra>]'`` installs it."""
+    """``importlib.import_module(module)``; if it is not installed, a `MissingExtraError` saying
+    that ``purpose`` needs it and that ``pip install 'jaxprune[<extra>]'`` installs it."""
     if extra not in EXTRAS:
         raise ValueError(f"unknown extra {extra!r}; expected one of {sorted(EXTRAS)}")
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             f"{purpose} needs {module.split('.')[0]} ({EXTRAS[extra]}), which is not installed: "
             f"pip install 'jaxprune[{extra}]'") from None

@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
+    from jaxprune._optional import MissingExtraError
     from jaxprune.training import DivergenceError, Preempted
 
     try:
@@ -320,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
               "written from the diverged state", file=sys.stderr)
         return EXIT_DIVERGED
+    except MissingExtraError as e:
+        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(msg):

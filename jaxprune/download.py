@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import io
 import os
 import pickle
@@ -86,6 +87,10 @@ class DownloadError(OSError):
     """A download that did not complete or did not verify (one-line message)."""
 
 
+class _ConnectionLost(DownloadError):
+    """The connection ended early; the bytes so far are in the ``.part`` file (resumable)."""
+
+
 def default_data_dir() -> Path:
     """``$JAXPRUNE_DATA_DIR`` if set, else the per-user cache ``$XDG_CACHE_HOME/jaxprune``
     (``~/.cache/jaxprune``): where ``jaxprune data`` writes and `jaxprune.data.load_cifar` looks."""
@@ -140,8 +145,9 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool | None) -> 
                 while True:
                     try:
                         chunk = resp.read(_CHUNK)
-                    except (OSError, ValueError) as e:  # reset, timeout, IncompleteRead
-                        raise DownloadError(f"{url}: connection lost after {got:,} bytes ({e})") from None
+                    except (OSError, ValueError, http.client.HTTPException) as e:  # reset, timeout..
+                        raise _ConnectionLost(f"{url}: connection lost after {got:,} bytes "
+                                              f"({type(e).__name__})") from None
                     if not chunk:
                         break
                     f.write(chunk)
@@ -152,7 +158,7 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool | None) -> 
             if bar is not None:
                 bar.close()
     if total is not None and got < total:
-        raise DownloadError(f"{url}: connection lost after {got:,} of {total:,} bytes")
+        raise _ConnectionLost(f"{url}: connection lost after {got:,} of {total:,} bytes")
 
 
 def download_file(
@@ -182,7 +188,7 @@ def download_file(
             _fetch_into(url, part, timeout, progress)
             break
         except DownloadError as e:
-            if attempt == retries or "connection lost" not in str(e):
+            if attempt == retries or not isinstance(e, _ConnectionLost):
                 have = part.stat().st_size if part.exists() else 0
                 hint = f"; {have:,} bytes kept in {part}, run again to resume" if have else ""
                 raise DownloadError(f"{e}{hint}") from None

@@ -71,9 +71,22 @@ def test_license_and_type_marker_ship():
 
 def test_require_names_the_extra_when_missing():
     assert _optional.require("json", "plots", "x").dumps([1]) == "[1]"
-    with pytest.raises(ImportError) as e:
+    with pytest.raises(_optional.MissingExtraError) as e:
         _optional.require("no_such_module_xyz.sub", "plots", "plotting results")
     assert str(e.value) == ("plotting results needs no_such_module_xyz (matplotlib), which is not "
                             "installed: pip install 'jaxprune[plots]'")
     with pytest.raises(ValueError, match="unknown extra 'gpu'"):
         _optional.require("json", "gpu", "x")
+
+
+def test_cli_reports_a_missing_extra_in_one_line(monkeypatch, tmp_path, capsys):
+    import jaxprune.report
+
+    def needs_plots(*a, **k):
+        _optional.require("no_such_module_xyz", "plots", "plotting results")
+
+    monkeypatch.setattr(jaxprune.report, "write_report", needs_plots)
+    assert cli.main(["report", "--records", str(tmp_path), "--out", str(tmp_path / "R.md")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("jaxprune report: error: plotting results needs no_such_module_xyz (matplotlib), "
+                   "which is not installed: pip install 'jaxprune[plots]'")
