@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.export  # noqa: F401  (jax < 0.8 does not import the submodule by itself)
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp

@@ -1,6 +1,9 @@
 """The ``jaxprune`` command line (flags only; the work is in `jaxprune.experiment`).
 
+    jaxprune --version
     jaxprune quickstart [--workdir DIR]
+    jaxprune data cifar10|cifar100 [--dir DIR] [--from ARCHIVE] [--force]
+    jaxprune data imagenet2012          (prints how to prepare it with TFDS)
     jaxprune train --config FILE --workdir DIR [--config.key=value ...]
     jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
     jaxprune import MODEL STATE_DICT.npz --workdir DIR [--mean M M M --std S S S]
@@ -133,6 +136,38 @@ def cmd_quickstart(args, overrides) -> int:
     return 0
 
 
+IMAGENET_HOWTO = (
+    "ImageNet cannot be downloaded automatically (its licence needs a sign-in at image-net.org). "
+    "Prepare it once with TFDS in the array_record format (preparing needs TensorFlow, reading "
+    "does not): pip install 'jaxprune[imagenet]' tensorflow-cpu; put ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar in <dir>/downloads/manual/; run `tfds build imagenet2012 "
+    "--data_dir=<dir> --file_format=array_record`; then pass --data_dir <dir> or set "
+    "JAXPRUNE_DATA_DIR=<dir>."
+)
+
+
+def cmd_data(args, overrides) -> int:
+    if args.dataset == "imagenet2012":
+        print(IMAGENET_HOWTO)
+        return 0
+    from jaxprune.download import prepare_cifar
+
+    prepare_cifar(args.dataset, args.dir, archive=args.archive, force=args.force,
+                  keep_archive=args.keep_archive)
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxprune")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        import jaxprune
+
+        return jaxprune.__version__
+
+
 def cmd_sensitivity(args, overrides) -> int:
     from jaxprune.experiment import sensitivity_run
 
@@ -168,6 +203,7 @@ def _use_fast_cpu_flags(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.")
+    p.add_argument("--version", action="version", version=f"jaxprune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="offline demo: train, SFP-prune, compact, save, load (minutes on CPU)")
@@ -177,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     q.set_defaults(func=cmd_quickstart)
 
+    d = sub.add_parser("data", help="download a data set into the local layout jaxprune reads")
+    d.add_argument("dataset", choices=("cifar10", "cifar100", "imagenet2012"))
+    d.add_argument("--dir", default=None, help="data folder (default: $JAXPRUNE_DATA_DIR, else "
+                   "~/.cache/jaxprune); the data set goes to DIR/<dataset>/")
+    d.add_argument("--from", dest="archive", default=None, metavar="ARCHIVE",
+                   help="convert this official archive (e.g. cifar-10-python.tar.gz) instead of downloading")
+    d.add_argument("--force", action="store_true", help="write the data set again even if present")
+    d.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive")
+    d.set_defaults(func=cmd_data)
+
     for name, helptext in (("train", "train a dense model or prune with a method, then compact"),
                            ("prune", "one-shot prune a trained checkpoint (e.g. PFEC), retrain, compact")):
         t = sub.add_parser(name, help=helptext)
@@ -184,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("checkpoint", help="run directory or checkpoint directory of the trained model")
         t.add_argument("--config", required=True, help="config file (experiments/configs/*.py)")
         t.add_argument("--workdir", required=True)
-        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ../shared/data)")
+        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ~/.cache/jaxprune; "
+                       "fetch it with `jaxprune data cifar10`)")
         t.add_argument("--no-progress", action="store_true")
         t.add_argument("--allow-schedule-change", action="store_true",
                        help="resume a run in --workdir with changed epochs / batch / optimizer "
@@ -258,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
+    from jaxprune._optional import MissingExtraError
     from jaxprune.training import DivergenceError, Preempted
 
     try:
@@ -273,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
               "written from the diverged state", file=sys.stderr)
         return EXIT_DIVERGED
+    except MissingExtraError as e:
+        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(msg):

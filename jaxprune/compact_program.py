@@ -34,6 +34,7 @@ import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.export  # noqa: F401  (jax < 0.8 does not import the submodule by itself)
 import jax.numpy as jnp
 import numpy as np
 

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "run"
     c.model = "resnet20"
     c.dataset = "cifar10"
-    c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ../shared/data
+    c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ~/.cache/jaxprune (jaxprune data)
     c.image_size = 0  # 0 = the data set's own size
     c.epochs = 200
     c.batch_size = 128

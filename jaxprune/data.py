@@ -8,10 +8,12 @@ device, and `jaxprune.batching` gives the batch orders.
 
 Where the data comes from (details in :func:`load_cifar` / `jaxprune.imagenet.imagenet_pipeline`):
 
-* CIFAR-10/100: an offline copy in the ``.npz`` shard layout (:func:`write_npz_shards`) found
-  through the ``data_dir`` argument, the ``JAXPRUNE_DATA_DIR`` environment variable, or
-  automatically in ``../shared/data/<name>`` (beside the project or the current directory) or
-  ``~/.cache/jaxprune/<name>``; else TFDS (a prepared copy, or ``download=True`` with internet).
+* CIFAR-10/100: an offline copy in the ``.npz`` shard layout (:func:`write_npz_shards`), made
+  by ``jaxprune data cifar10`` (`jaxprune.download`: the official archive, no TensorFlow) and found
+  through the ``data_dir`` argument, the ``JAXPRUNE_DATA_DIR`` environment variable or the user
+  cache ``~/.cache/jaxprune/<name>``; in a source checkout of this repository also its data
+  folder ``../shared/data/<name>`` beside the checkout; else TFDS (a prepared copy, or
+  ``download=True``, when tensorflow-datasets is installed).
 * ImageNet: TFDS ``imagenet2012`` prepared as ``array_record`` (in ``data_dir``,
   ``$JAXPRUNE_DATA_DIR`` or TFDS's data dir), read through ``tfds.data_source`` and streamed with
   grain when it is installed, else a thread pool; the standard ResNet preprocessing is done with
@@ -155,16 +157,24 @@ def _cache_root() -> Path:
     return Path(base) / "jaxprune"
 
 
+def _checkout_data_root() -> Path | None:
+    """``../shared/data`` beside the repository when jaxprune runs from a source checkout (a
+    ``pyproject.toml`` next to the package): the data folder of this repository's own experiments
+    and tests. None for an installed package."""
+    if not (_REPO_ROOT / "pyproject.toml").is_file():
+        return None
+    return (_REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
 def _default_offline_roots() -> list[Path]:
-    """Folders whose ``<name>/`` subfolder may hold the offline shards, in search order: the shared
-    copy ``../shared/data`` seen from the current directory and from the repository root, then the
-    user cache (:func:`_cache_root`)."""
-    roots: list[Path] = []
-    for r in ((Path.cwd() / ".." / "shared" / "data"), (_REPO_ROOT / ".." / "shared" / "data"),
-              _cache_root()):
-        r = r.resolve()
-        if r not in roots:
-            roots.append(r)
+    """Folders whose ``<name>/`` subfolder may hold the offline shards when neither ``data_dir``
+    nor ``$JAXPRUNE_DATA_DIR`` has them, in search order: the user cache (:func:`_cache_root`,
+    where ``jaxprune data`` writes by default), then, in a source checkout only,
+    :func:`_checkout_data_root`."""
+    roots = [_cache_root().resolve()]
+    checkout = _checkout_data_root()
+    if checkout is not None and checkout not in roots:
+        roots.append(checkout)
     return roots
 
 
@@ -285,7 +295,7 @@ def write_npz_shards(
 def _tfds_module():
     try:
         import tensorflow_datasets as tfds  # noqa: PLC0415
-    except Exception:  # pragma: no cover - tfds is a dependency, but stay robust
+    except Exception:  # optional: pip install 'jaxprune[imagenet]'
         return None
     return tfds
 
@@ -311,7 +321,7 @@ def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bo
     cannot *prepare* CIFAR at all (its CIFAR builder reads the archive with ``tf.io.gfile``)."""
     tfds = _tfds_module()
     if tfds is None:
-        return None, "tensorflow_datasets is not importable"
+        return None, "TFDS: tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"
     where = _tfds_where(data_dir)
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
@@ -357,21 +367,21 @@ def load_cifar(
        ``data_dir`` is authoritative: nothing else is tried.
     2. ``$JAXPRUNE_DATA_DIR`` (:data:`ENV_DATA_DIR`): the shards in ``<dir>/<name>/`` or in
        ``<dir>`` itself.
-    3. The shared offline copy ``../shared/data/<name>`` relative to the current directory and to
-       the repository root, then the user cache ``~/.cache/jaxprune/<name>``
-       (``$XDG_CACHE_HOME/jaxprune/<name>``).
+    3. The user cache ``~/.cache/jaxprune/<name>`` (``$XDG_CACHE_HOME/jaxprune/<name>``), where
+       ``jaxprune data <name>`` writes by default; then, only when jaxprune runs from a source
+       checkout of this repository, ``../shared/data/<name>`` beside the checkout.
     4. TFDS: a prepared copy in ``$JAXPRUNE_DATA_DIR`` or TFDS's default data dir
-       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).  With ``download=True`` TFDS downloads
-       and prepares it (needs internet, and TensorFlow to prepare; reading an ``array_record``
-       copy afterwards does not need TensorFlow).
+       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), when tensorflow-datasets is installed.
+       With ``download=True`` TFDS downloads and prepares it (needs internet, and TensorFlow to
+       prepare); ``jaxprune data <name>`` is the simpler way (`jaxprune.download`).
 
     The offline layout (see :func:`write_npz_shards`) is ``train_0.npz .. train_{k-1}.npz`` +
     ``test.npz``, each with ``x`` ``uint8 [N,32,32,3]`` and ``y`` labels, optionally
     ``classes.txt`` (one class name a line; a folder whose list has the wrong length is skipped)
     and ``SHA256SUMS``, which ``verify=True`` checks (``ValueError`` on mismatch).
 
-    Raises ``FileNotFoundError`` listing every place looked at, and how to provide the data,
-    when it is found nowhere.
+    Raises ``FileNotFoundError`` listing every place looked at, and the command that fetches the
+    data (``jaxprune data <name>``), when it is found nowhere.
     """
     if name not in CIFAR_CONSTANTS:
         raise ValueError(f"unknown data set {name!r}; expected one of {sorted(CIFAR_CONSTANTS)}")
@@ -427,17 +437,22 @@ def load_cifar(
                 looked.append(reason)
     if arrays is None:
         where = "\n  - ".join(looked)
+        from jaxprune.download import CIFAR_ARCHIVES  # noqa: PLC0415
+
+        target = Path(data_dir).expanduser() if data_dir is not None else None
+        fetch = f"jaxprune data {name}" + (f" --dir {target}" if target is not None else "")
         raise FileNotFoundError(
-            f"{name} data not found. Looked in:\n  - {where}\n"
-            f"Provide it in one of these ways:\n"
+            f"{name} data not found; run `{fetch}` to download it (or `{fetch} --from "
+            f"{CIFAR_ARCHIVES[name].filename}` to convert an archive you have). Looked in:\n"
+            f"  - {where}\n"
+            f"Other ways to provide it:\n"
             f"  * pass data_dir=<folder> (CLI: --data_dir) holding {name}/train_0.npz .. "
             f"train_4.npz + test.npz, or those files directly;\n"
             f"  * set the environment variable {ENV_DATA_DIR}=<folder>, same layout;\n"
-            f"  * put the files in ../shared/data/{name}/ (beside the project) or in "
-            f"{_cache_root() / name}/;\n"
+            f"  * put the files in {_cache_root() / name}/;\n"
             f"  * or let TFDS fetch it: load_cifar({name!r}, download=True) on a machine with "
-            f"internet access and TensorFlow installed (TFDS cannot download without internet); "
-            f"write_npz_shards() then makes the offline layout for machines without them."
+            f"internet access, tensorflow-datasets and TensorFlow installed; write_npz_shards() "
+            f"then makes the offline layout for machines without them."
         )
     x_train, y_train, x_test, y_test = arrays
     return Dataset(
