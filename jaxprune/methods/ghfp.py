@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jaxprune import schedules
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.base import MethodContext, no_penalty
-from jaxprune.methods.sfp import SFP, _as_counts, harden, is_traced, ranks
+from jaxprune.methods.sfp import SFP, as_counts, harden, is_traced, ranks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ class GHFP:
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
         counts = self.soft.final_counts(ctx.graph)  # int(N P), then the width policy
         # Everything selected becomes hard: the hard count equals the pruned count.
-        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(counts),
+        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(counts),
                             jnp.float32(0.0))
 
     def _select(self, state: Any, t: Any, h: Any, ctx: MethodContext) -> Any:
@@ -107,7 +107,7 @@ class GHFP:
                 hard_counts[n] = jnp.minimum(hard, final[n])
             else:
                 hard_counts[n] = min(math.floor(h * size), final[n])
-        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(hard_counts), alpha)
+        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(hard_counts), alpha)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
