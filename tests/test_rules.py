@@ -200,6 +200,17 @@ def test_removing_a_registered_rule_restores_the_builtin():
     register_rule("jaxprune_test_scale2", "elementwise")
     register_rule("jaxprune_test_scale2", None)
     assert rule_for("jaxprune_test_scale2") is None
+    # re-registering a built-in elementwise primitive keeps what it was (a kernel's dtype copy
+    # is still that kernel, a placement still checks its sharding)
+    for name, link, narrow_rule in (("convert_element_type", links.copy, narrow.elementwise),
+                                    ("device_put", links.copy, narrow.sharded)):
+        register_rule(name, "elementwise")
+        try:
+            rule = rule_for(name)
+            assert rule.registered and (rule.link, rule.narrow) == (link, narrow_rule)
+        finally:
+            register_rule(name, None)
+        assert not rule_for(name).registered
 
 
 @pytest.mark.parametrize("bad", [("", "elementwise"), ("x", "linear"), (3, "elementwise")])

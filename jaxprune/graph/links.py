@@ -18,40 +18,36 @@ from jaxprune.graph.costs import real_taps
 
 
 def axis_pairs(rule: Callable[[Any], Sequence[tuple[int, int, int, int]]]) -> Callable:
-    """The link function of a `register_rule` rule returning axis pairs."""
+    """The link function of a `register_rule` rule returning ``(operand, axis, result, axis)``
+    pairs: it links those pairs; every other axis of the primitive's operands and results is
+    lost to pruning (never guessed)."""
 
     def link(t, eqn, ins, outs) -> None:
-        _linked_pairs(t, eqn, rule, ins, outs)
+        linked: set[tuple[str, int, int]] = set()
+        for i, ia, o, oa in rule(eqn):
+            a, b = ins[i], outs[o]
+            if a is None:
+                continue
+            if len(a[ia]) != len(b[oa]):
+                raise ValueError(f"register_rule for {eqn.primitive.name!r}: input {i} axis {ia} "
+                                 f"(size {len(a[ia])}) and output {o} axis {oa} (size {len(b[oa])}) "
+                                 "differ in size; only axes that carry the same channels may be linked")
+            t.link(a[ia], b[oa])
+            linked.update({("in", i, ia), ("out", o, oa)})
+        where = t.where(eqn)
+        for kind, ids_list in (("in", ins), ("out", outs)):
+            for k, ids in enumerate(ids_list):
+                for ax, a in enumerate(ids or ()):
+                    if (kind, k, ax) not in linked:
+                        t.lose(a, f"axis {ax} of primitive '{eqn.primitive.name}' "
+                                  f"(not linked by its rule; {where})")
 
     return link
 
 
-def _linked_pairs(t, eqn, rule, ins, outs) -> None:
-    """A `register_rule` rule: link the axis pairs it returns; every other axis of the
-    primitive's operands and results is lost to pruning (never guessed)."""
-    linked: set[tuple[str, int, int]] = set()
-    for i, ia, o, oa in rule(eqn):
-        a, b = ins[i], outs[o]
-        if a is None:
-            continue
-        if len(a[ia]) != len(b[oa]):
-            raise ValueError(f"register_rule for {eqn.primitive.name!r}: input {i} axis {ia} "
-                             f"(size {len(a[ia])}) and output {o} axis {oa} (size {len(b[oa])}) "
-                             "differ in size; only axes that carry the same channels may be linked")
-        t.link(a[ia], b[oa])
-        linked.update({("in", i, ia), ("out", o, oa)})
-    where = t.where(eqn)
-    for kind, ids_list in (("in", ins), ("out", outs)):
-        for k, ids in enumerate(ids_list):
-            for ax, a in enumerate(ids or ()):
-                if (kind, k, ax) not in linked:
-                    t.lose(a, f"axis {ax} of primitive '{eqn.primitive.name}' "
-                              f"(not linked by its rule; {where})")
-
-
 def elementwise(t, eqn, ins, outs) -> None:
-    """Every result axis carries the channels of the same-size axes of the operands of its rank
-    (broadcast axes of size 1 carry none)."""
+    """Each result axis carries the channels of the same axis of every operand of the result's
+    rank, where the sizes match (a broadcast size-1 axis carries none)."""
     _elementwise(t, eqn, ins, outs, keeps_origin=False)
 
 

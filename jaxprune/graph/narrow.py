@@ -36,6 +36,7 @@ class PlanBody:
 
 
 def narrowed(keep: Keep | None) -> bool:
+    """Whether ``keep`` drops a position of some axis."""
     return keep is not None and any(a is not None for a in keep)
 
 
@@ -77,6 +78,7 @@ def expand(x: Any, keep: Keep | None, shape: Sequence[int]) -> Any:
 
 
 def narrow_shape(aval: Any, keep: Keep | None) -> tuple:
+    """The shape of ``aval`` with each narrowed axis at its kept count."""
     shape = tuple(aval.shape)
     if keep is None:
         return shape
@@ -84,11 +86,13 @@ def narrow_shape(aval: Any, keep: Keep | None) -> tuple:
 
 
 def bind(eqn, vals, params) -> list:
+    """``eqn``'s primitive applied to ``vals`` with ``params``; always a list of results."""
     out = eqn.primitive.bind(*vals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def move_all(x, src: Keep | None, dst: Keep | None, shape) -> Any:
+    """``x`` moved from kept positions ``src`` to ``dst`` on every axis (`move`)."""
     if not (narrowed(src) or narrowed(dst)):
         return x
     src = src or (None,) * len(shape)

@@ -131,8 +131,9 @@ def register_rule(primitive: str, rule: Callable[[Any], Sequence[tuple[int, int,
         raise ValueError(f"rule must be 'elementwise', a function of the equation or None, got {rule!r}")
     if rule == "elementwise":
         builtin = _BUILTIN.get(primitive)
-        keeps_leaf = builtin is not None and builtin.link is links.copy
-        RULES[primitive] = Rule(links.copy if keeps_leaf else links.elementwise, narrow.elementwise,
-                                registered=True)
+        if builtin is not None and builtin.link in (links.elementwise, links.copy):
+            RULES[primitive] = dataclasses.replace(builtin, registered=True)  # what it was
+        else:
+            RULES[primitive] = Rule(links.elementwise, narrow.elementwise, registered=True)
     else:
         RULES[primitive] = Rule(links.axis_pairs(rule), registered=True)
