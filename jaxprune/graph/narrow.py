@@ -172,24 +172,25 @@ def transpose(eqn, vals, kin, kout):
 
 def squeeze(eqn, vals, kin, kout):
     """The kept axes moved to the result's kept positions."""
-    x, k = vals[0], kin[0]
     shp = eqn.invars[0].aval.shape
-    dims = {d % len(shp) for d in eqn.params["dimensions"]}
-    ko = kout[0] or (None,) * (len(shp) - len(dims))
-    for j, i in enumerate([i for i in range(len(shp)) if i not in dims]):
-        x = move(x, i, k[i], ko[j], shp[i])
-    return bind(eqn, [x], eqn.params)
+    return _drop_axes(eqn, vals, kin, kout, {d % len(shp) for d in eqn.params["dimensions"]})
 
 
 def reduce(eqn, vals, kin, kout):
     """A reduction over axes that kept every position."""
-    x, k = vals[0], kin[0]
-    axes = {a % len(k) for a in eqn.params["axes"]}
-    if any(k[a] is not None for a in axes):
+    axes = {a % len(kin[0]) for a in eqn.params["axes"]}
+    if any(kin[0][a] is not None for a in axes):
         return None
+    return _drop_axes(eqn, vals, kin, kout, axes)
+
+
+def _drop_axes(eqn, vals, kin, kout, dropped: set[int]):
+    """An op that removes the axes ``dropped`` (squeeze, reduce): the other axes of the operand
+    moved to the result's kept positions."""
+    x, k = vals[0], kin[0]
     shp = eqn.invars[0].aval.shape
-    ko = kout[0] or (None,) * (len(shp) - len(axes))
-    for j, i in enumerate([i for i in range(len(shp)) if i not in axes]):
+    ko = kout[0] or (None,) * (len(shp) - len(dropped))
+    for j, i in enumerate([i for i in range(len(shp)) if i not in dropped]):
         x = move(x, i, k[i], ko[j], shp[i])
     return bind(eqn, [x], eqn.params)
 
