@@ -365,7 +365,7 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
     as its ``jax.export`` artifact at ``batch_size`` (serialized into the JSON document), so
     that `load` restores it without the model's Python code (as an ``ExportedModel``).
     """
-    from jaxprune.compact_program import ProgramModel
+    from jaxprune.compaction import ProgramModel
     from jaxprune.models import model_config
 
     path = Path(path).absolute()
@@ -458,7 +458,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if doc["model"].get("class") == EXPORTED_CLASS:
         import base64
 
-        from jaxprune.compact_program import ExportedModel
+        from jaxprune.compaction import ExportedModel
 
         model = ExportedModel(jax.export.deserialize(base64.b64decode(doc["model"]["exported"])),
                               int(doc["model"]["batch_size"]))

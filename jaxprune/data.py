@@ -292,7 +292,8 @@ def write_npz_shards(
     return folder
 
 
-def _tfds_module():
+def tfds_module():
+    """The ``tensorflow_datasets`` module, or None where it cannot be imported."""
     try:
         import tensorflow_datasets as tfds  # noqa: PLC0415
     except Exception:  # optional: pip install 'jaxprune[imagenet]'
@@ -308,7 +309,8 @@ def _have_tensorflow() -> bool:
     return True
 
 
-def _tfds_where(data_dir) -> str:
+def tfds_where(data_dir) -> str:
+    """Where TFDS reads from, for messages: ``data_dir`` or the default location."""
     if data_dir is not None:
         return str(data_dir)
     return "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
@@ -319,10 +321,15 @@ def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bo
 
     Without TensorFlow only an ``array_record`` copy can be read (``tfds.data_source``), and TFDS
     cannot *prepare* CIFAR at all (its CIFAR builder reads the archive with ``tf.io.gfile``)."""
-    tfds = _tfds_module()
+    tfds = tfds_module()
     if tfds is None:
+<<<<<<< HEAD
         return None, "TFDS: tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"
     where = _tfds_where(data_dir)
+=======
+        return None, "tensorflow_datasets is not importable"
+    where = tfds_where(data_dir)
+>>>>>>> registry
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
         has_tf = _have_tensorflow()

@@ -27,7 +27,7 @@ import numpy as np
 from jaxprune._optional import require
 
 from jaxprune.batching import epoch_batches, eval_batches
-from jaxprune.data import ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, _tfds_module, _tfds_where
+from jaxprune.data import ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, tfds_module, tfds_where
 
 def random_resized_crop_box(
     rng: np.random.Generator,
@@ -135,7 +135,7 @@ def _imagenet_not_found(name: str, split: str, looked: Sequence[str]) -> FileNot
 def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, Any]]:
     """The random-access TFDS source of ``name``/``split``: in ``data_dir`` if given, else in
     ``$JAXPRUNE_DATA_DIR`` and then TFDS's default data dir (first prepared copy wins)."""
-    tfds = _tfds_module()
+    tfds = tfds_module()
     if tfds is None:
         raise _imagenet_not_found(name, split, [
             "tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"])
@@ -146,7 +146,7 @@ def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, 
         candidates = ([os.fspath(Path(env).expanduser())] if env else []) + [None]
     looked = []
     for dd in candidates:
-        where = _tfds_where(dd)
+        where = tfds_where(dd)
         try:
             builder = tfds.builder(name, data_dir=dd)
         except Exception as e:

@@ -20,8 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import train_step as _ts
-from jaxprune.evaluation import Preprocess, _is_stream, evaluate, make_eval_fn, put_eval_data
-from jaxprune.parallel import (_check_batch, _process_rows, make_mesh, put_replicated, replicate,
+from jaxprune.evaluation import Preprocess, is_stream, evaluate, make_eval_fn, put_eval_data
+from jaxprune.parallel import (check_batch, process_rows, make_mesh, put_replicated, replicate,
                                shard_batch)
 from jaxprune.train_step import Augment, TrainState, chunk_steps
 
@@ -198,7 +198,7 @@ def fit(
     if getattr(ctx, "total_epochs", epochs) != epochs:
         raise ValueError(f"ctx.total_epochs={ctx.total_epochs} but fit was asked for epochs={epochs}; "
                          "the method's schedules would not line up")
-    streamed = _is_stream(train_data)
+    streamed = is_stream(train_data)
     if streamed:
         if train_data.batch_size != batch_size:
             raise ValueError(f"the training stream yields batches of {train_data.batch_size}, "
@@ -211,8 +211,8 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
     mesh = make_mesh() if mesh is None else mesh
-    _check_batch(mesh, batch_size // jax.process_count())
-    _process_rows(batch_size)  # the global batch splits over the processes
+    check_batch(mesh, batch_size // jax.process_count())
+    process_rows(batch_size)  # the global batch splits over the processes
     main_process = jax.process_index() == 0
     method_name = getattr(method, "name", type(method).__name__)
     k = chunk_steps(steps_per_epoch, auto_steps_per_call() if steps_per_call is None else steps_per_call)
@@ -227,7 +227,7 @@ def fit(
     eval_fn = eval_data = None
     if test_data is not None:
         eval_fn = make_eval_fn(model, mesh, preprocess)
-        eval_data = test_data if _is_stream(test_data) else put_eval_data(
+        eval_data = test_data if is_stream(test_data) else put_eval_data(
             mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
     if run_init:
@@ -333,7 +333,7 @@ def _run_stream(step: Callable, stream: Any, i: int, state: TrainState, step_met
     """Runs an epoch of a batch stream from batch ``i``, one `make_train_step` call per batch
     (this process's rows of it, placed on the mesh); returns early when a stop signal arrived.
     Returns the state and the next step."""
-    rows = _process_rows(stream.batch_size)
+    rows = process_rows(stream.batch_size)
     for b in stream.iter_from(i):
         images, labels = shard_batch(step.mesh, b["image"][rows], b["label"][rows])
         state, m = step(state, images, labels)

@@ -322,13 +322,13 @@ class SFP:
         return self.width.pruned_counts(counts, {n: graph.groups[n].size for n in names})
 
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        return _sfp_finalize(self, ctx, state, _as_counts(self.final_counts(ctx.graph)))
+        return _sfp_finalize(self, ctx, state, as_counts(self.final_counts(ctx.graph)))
 
     def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
         names = self.pruned_groups(ctx.graph)
         counts = self.counts_at(ctx.graph, names, t, ctx.total_epochs)
         alpha = jnp.asarray(self.alpha_at(t, ctx.total_epochs), jnp.float32)
-        return _sfp_select(self, ctx, state, _as_counts(counts), alpha)
+        return _sfp_select(self, ctx, state, as_counts(counts), alpha)
 
     def selection_masks(self, state: Any, graph: PruningGraph, counts: Mapping[str, Any],
                         alpha: Any) -> dict[str, jax.Array]:
@@ -341,7 +341,8 @@ class SFP:
         return masks
 
 
-def _as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
+def as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Per-group kept counts as int32 arrays (traceable inside ``jit``)."""
     return {n: jnp.asarray(c, jnp.int32) for n, c in counts.items()}
 
 
