@@ -361,7 +361,7 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
     raises FileExistsError unless ``overwrite``. Single-process (call it from one process).
     Returns the absolute path.
 
-    A `jaxprune.compact_program.ProgramModel` (a compacted model of the user's own) is saved
+    A `jaxprune.compaction.ProgramModel` (a compacted model of the user's own) is saved
     as its ``jax.export`` artifact at ``batch_size`` (serialized into the JSON document), so
     that `load` restores it without the model's Python code (as an ``ExportedModel``).
     """
@@ -434,7 +434,7 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
 
 def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """Loads a `save_compact` directory: ``(model, variables, meta)`` (``model`` is an
-    ``ExportedModel`` for a saved `~jaxprune.compact_program.ProgramModel`).
+    ``ExportedModel`` for a saved `~jaxprune.compaction.ProgramModel`).
 
     The model is rebuilt from the stored config (``jaxprune.models.model_from_config``), the
     expected variable shapes come from ``jax.eval_shape(model.init, ...)`` and the stored arrays
