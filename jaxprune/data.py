@@ -32,6 +32,9 @@ from typing import Sequence
 
 import numpy as np
 
+# The file names of the data sets' official archives (`jaxprune.download` fetches and converts them)
+OFFICIAL_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
+
 __all__ = [
     "CIFAR10_MEAN",
     "CIFAR10_STD",
@@ -137,7 +140,7 @@ class Dataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_files(folder: Path) -> list[Path] | None:
+def shard_files(folder: Path) -> list[Path] | None:
     """``train_0..train_{k-1}.npz`` (contiguous) if ``folder`` holds the offline layout."""
     if not (folder / "test.npz").is_file():
         return None
@@ -151,7 +154,7 @@ def _shard_files(folder: Path) -> list[Path] | None:
     return [found[i] for i in range(len(found))]
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     """``$XDG_CACHE_HOME/jaxprune`` (default ``~/.cache/jaxprune``): the per-user offline copy."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "jaxprune"
@@ -168,10 +171,10 @@ def _checkout_data_root() -> Path | None:
 
 def _default_offline_roots() -> list[Path]:
     """Folders whose ``<name>/`` subfolder may hold the offline shards when neither ``data_dir``
-    nor ``$JAXPRUNE_DATA_DIR`` has them, in search order: the user cache (:func:`_cache_root`,
+    nor ``$JAXPRUNE_DATA_DIR`` has them, in search order: the user cache (:func:`cache_root`,
     where ``jaxprune data`` writes by default), then, in a source checkout only,
     :func:`_checkout_data_root`."""
-    roots = [_cache_root().resolve()]
+    roots = [cache_root().resolve()]
     checkout = _checkout_data_root()
     if checkout is not None and checkout not in roots:
         roots.append(checkout)
@@ -185,7 +188,7 @@ def cifar_available(name: str, data_dir: str | os.PathLike | None = None) -> boo
         roots.append(Path(os.environ[ENV_DATA_DIR]))
     roots += _default_offline_roots()
     for r in roots:
-        if _shard_files(r / name) or (data_dir and _shard_files(r)):
+        if shard_files(r / name) or (data_dir and shard_files(r)):
             return True
     tfds_dirs = [os.environ.get("TFDS_DATA_DIR", ""), os.environ.get(ENV_DATA_DIR, ""),
                  str(Path.home() / "tensorflow_datasets")]
@@ -227,7 +230,7 @@ def _verify_checksums(folder: Path, files: Sequence[Path]) -> None:
             )
 
 
-def _classes_problem(folder: Path, num_classes: int) -> str | None:
+def classes_problem(folder: Path, num_classes: int) -> str | None:
     """Why ``folder`` is not this data set according to its ``classes.txt`` (None: no objection).
 
     Guards against ``JAXPRUNE_DATA_DIR`` pointing straight at a CIFAR-10 folder while CIFAR-100
@@ -323,13 +326,8 @@ def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bo
     cannot *prepare* CIFAR at all (its CIFAR builder reads the archive with ``tf.io.gfile``)."""
     tfds = tfds_module()
     if tfds is None:
-<<<<<<< HEAD
         return None, "TFDS: tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"
-    where = _tfds_where(data_dir)
-=======
-        return None, "tensorflow_datasets is not importable"
     where = tfds_where(data_dir)
->>>>>>> registry
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
         has_tf = _have_tensorflow()
@@ -397,11 +395,11 @@ def load_cifar(
 
     def try_folder(root: Path, direct: bool = True):
         for d in [root / name, root] if direct else [root / name]:
-            files = _shard_files(d)
+            files = shard_files(d)
             if files is None:
                 looked.append(f"{d} (no train_0.npz .. + test.npz)")
                 continue
-            problem = _classes_problem(d, meta["num_classes"])
+            problem = classes_problem(d, meta["num_classes"])
             if problem is not None:
                 looked.append(problem)
                 continue
@@ -444,19 +442,17 @@ def load_cifar(
                 looked.append(reason)
     if arrays is None:
         where = "\n  - ".join(looked)
-        from jaxprune.download import CIFAR_ARCHIVES  # noqa: PLC0415
-
         target = Path(data_dir).expanduser() if data_dir is not None else None
         fetch = f"jaxprune data {name}" + (f" --dir {target}" if target is not None else "")
         raise FileNotFoundError(
             f"{name} data not found; run `{fetch}` to download it (or `{fetch} --from "
-            f"{CIFAR_ARCHIVES[name].filename}` to convert an archive you have). Looked in:\n"
+            f"{OFFICIAL_ARCHIVES[name]}` to convert an archive you have). Looked in:\n"
             f"  - {where}\n"
             f"Other ways to provide it:\n"
             f"  * pass data_dir=<folder> (CLI: --data_dir) holding {name}/train_0.npz .. "
             f"train_4.npz + test.npz, or those files directly;\n"
             f"  * set the environment variable {ENV_DATA_DIR}=<folder>, same layout;\n"
-            f"  * put the files in {_cache_root() / name}/;\n"
+            f"  * put the files in {cache_root() / name}/;\n"
             f"  * or let TFDS fetch it: load_cifar({name!r}, download=True) on a machine with "
             f"internet access, tensorflow-datasets and TensorFlow installed; write_npz_shards() "
             f"then makes the offline layout for machines without them."

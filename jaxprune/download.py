@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxprune.data import ENV_DATA_DIR, _cache_root, _classes_problem, _shard_files, write_npz_shards
+from jaxprune.data import ENV_DATA_DIR, OFFICIAL_ARCHIVES, cache_root, classes_problem, shard_files, write_npz_shards
 
 __all__ = [
     "CIFAR_ARCHIVES",
@@ -72,12 +72,12 @@ class CifarArchive:
 
 CIFAR_ARCHIVES = {
     "cifar10": CifarArchive(
-        filename="cifar-10-python.tar.gz", md5="c58f30108f718f92721af3b95e74349a",
+        filename=OFFICIAL_ARCHIVES["cifar10"], md5="c58f30108f718f92721af3b95e74349a",
         folder="cifar-10-batches-py", train=tuple(f"data_batch_{i}" for i in range(1, 6)),
         test="test_batch", meta="batches.meta", label_key="labels", names_key="label_names",
         num_classes=10),
     "cifar100": CifarArchive(
-        filename="cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+        filename=OFFICIAL_ARCHIVES["cifar100"], md5="eb9058c3a382ffc7106e4002c42a8d85",
         folder="cifar-100-python", train=("train",), test="test", meta="meta",
         label_key="fine_labels", names_key="fine_label_names", num_classes=100),
 }
@@ -95,7 +95,7 @@ def default_data_dir() -> Path:
     """``$JAXPRUNE_DATA_DIR`` if set, else the per-user cache ``$XDG_CACHE_HOME/jaxprune``
     (``~/.cache/jaxprune``): where ``jaxprune data`` writes and `jaxprune.data.load_cifar` looks."""
     env = os.environ.get(ENV_DATA_DIR)
-    return Path(env).expanduser() if env else _cache_root()
+    return Path(env).expanduser() if env else cache_root()
 
 
 def _md5(path: Path) -> str:
@@ -304,7 +304,7 @@ def prepare_cifar(
     md5 = (md5 or spec.md5).lower()
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     target = root / name
-    if not force and _shard_files(target) and _classes_problem(target, spec.num_classes) is None:
+    if not force and shard_files(target) and classes_problem(target, spec.num_classes) is None:
         log(f"{name} is already in {target} (--force writes it again)")
         return target
     root.mkdir(parents=True, exist_ok=True)
