@@ -324,8 +324,9 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
             problems.append((step, e))
         else:
             for bad, e in problems:
+                then = f"resuming from step {step}" if set_aside else f"reading step {step} instead"
                 msg = (f"checkpoint step {bad} in {manager.directory} is unreadable "
-                       f"({type(e).__name__}: {_first_line(e)}); resuming from step {step}")
+                       f"({type(e).__name__}: {_first_line(e)}); {then}")
                 (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
                 if set_aside:
                     _set_aside(Path(str(manager.directory)), bad)

@@ -496,7 +496,9 @@ def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
                          f"in {ref[1]}); refusing to resume it: use another --workdir")
     sched = _changed(old, new, RESUME_SCHEDULE)
     if sched and not allow_schedule_change:
-        raise ValueError(f"{workdir} holds a run with another schedule ({', '.join(sched)} differ); "
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(sched.items())[:3])
+        raise ValueError(f"{workdir} holds a run with another schedule ({shown}; recorded in "
+                         f"{ref[1]}); "
                          "pass --allow-schedule-change to resume it with the new one (recorded in "
                          "config_changes.jsonl), or use another --workdir")
     return sched

@@ -163,7 +163,7 @@ def check_hard_masks(masks: Mapping[str, Any], what: str = "masks") -> None:
         bad = np.flatnonzero(~((arr == 0.0) | (arr == 1.0)))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"{what}: group {name!r} channel {i} has mask value {arr[i]!r} "
+            raise ValueError(f"{what}: group {name!r} channel {i} has mask value {float(arr[i])!r} "
                              f"({bad.size} non-binary value(s)); hard masks must be 0 or 1")
 
 
