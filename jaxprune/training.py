@@ -94,7 +94,8 @@ def check_finite(state: TrainState, train_metrics: Mapping[str, float], *, epoch
     loss = train_metrics.get("loss")
     if loss is not None and not np.isfinite(loss):
         raise DivergenceError(f"training diverged: the mean training loss of epoch {epoch + 1} "
-                              f"is {loss} (optimizer step {step}); lower optimizer.base_lr")
+                              f"is {loss}; stopped after epoch {epoch + 1} (optimizer step {step}); "
+                              "lower optimizer.base_lr")
     for name, tree in (("params", state.params), ("batch statistics", state.batch_stats)):
         if not bool(_all_finite(tree)):
             raise DivergenceError(f"training diverged: the {name} hold non-finite values after "
