@@ -180,7 +180,25 @@ def test_checkpoints_without_a_recorded_config_resume_with_config_json(run2, cfg
     assert rec["from_state"]["epochs_done"] == 2
 
 
-def test_resume_falls_back_past_a_step_without_array_metadata(tmp_path, capsys,):
+def test_a_prune_run_with_old_checkpoints_resumes_under_config_json(run2, cfg_file, tmp_path, capsys):
+    """``jaxprune prune`` from a trained run, checkpoints without a recorded config (as written
+    before the config became the resume reference): resumed with a longer schedule, refused
+    with another seed, both judged against config.json."""
+    work = tmp_path / "pruned"
+    prune = ["prune", str(run2), "--config", str(cfg_file), "--workdir", str(work), "--no-progress",
+             "--config.epochs=1"]
+    assert cli.main(prune) == 0
+    _drop_recorded_config(work)
+    capsys.readouterr()
+    assert cli.main(prune[:-1] + ["--config.epochs=2", "--config.seed=5"]) == cli.EXIT_USAGE
+    assert "seed: 0 there, 5 now; recorded in " + str(work / "config.json") in _one_line(capsys)
+    assert cli.main(prune[:-1] + ["--config.epochs=2", "--allow-schedule-change"]) == 0
+    (line,) = (work / "config_changes.jsonl").read_text().splitlines()
+    assert json.loads(line)["changes"] == {"epochs": [1, 2]}
+    assert json.loads((work / "result.json").read_text())["from_state"]["epochs_done"] == 2
+
+
+def test_resume_falls_back_past_a_step_without_array_metadata(tmp_path, capsys):
     ckpts = tmp_path / "ck"
     _tiny_fit(tmp_path, 2, ckpts)
     (ckpts / "2" / "state" / "_METADATA").unlink()
