@@ -563,7 +563,8 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
                                 f"'{_VARIABLES_ITEM}' items)")
     ckptr = _compact_checkpointer()
     try:
-        doc = ckptr.restore(path, args=ocp.args.Composite(**{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
+        doc = ckptr.restore(path, args=ocp.args.Composite(
+            **{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
     except Exception as e:  # noqa: BLE001 - garbage or truncated JSON
         raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
                          f"({type(e).__name__}: {_first_line(e)})") from None

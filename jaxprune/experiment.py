@@ -271,12 +271,10 @@ def _pretrained_dir(path: str | os.PathLike) -> Path:
 def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
     """``(config, variables)`` of a trained model directory: a run directory (its latest training
     checkpoint) or a directory written by ``jaxprune import`` (its dense ``compact/`` model)."""
-    from jaxprune.checkpoints import load
+    from jaxprune.checkpoints import check_weights, load
 
     p = _pretrained_dir(path)
     cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads((p / "config.json").read_text())))
-    from jaxprune.checkpoints import check_weights
-
     ckpts = p / "checkpoints"
     if ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir()):
         _, state, _ = _restore_run(p)  # its weights are checked as they are restored
@@ -568,11 +566,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float,
         lock.acquire()  # a new directory: as soon as it exists
     try:
         return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress)
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-        from jaxprune.runlock import RunDirLocked
-
-        if not isinstance(e, RunDirLocked):
-            _undo_refused_start(workdir, created, before)
+    except (ValueError, KeyError, TypeError, FileNotFoundError):
+        _undo_refused_start(workdir, created, before)
         raise
 
 
@@ -876,9 +871,7 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     """Test accuracy of a saved compact model (or a run directory's ``compact/``)."""
     import functools
 
-    from jaxprune.checkpoints import load
-
-    from jaxprune.checkpoints import check_weights
+    from jaxprune.checkpoints import check_weights, load
 
     p = Path(path)
     if (p / "compact").is_dir():
@@ -1017,7 +1010,7 @@ def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathL
     import shutil
     import uuid
 
-    from jaxprune.checkpoints import save_compact
+    from jaxprune.checkpoints import check_weights, save_compact
     from jaxprune.models.torch_import import from_torch
 
     workdir = Path(workdir)
@@ -1032,8 +1025,6 @@ def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathL
     cfg.dataset = dataset
     cfg.mean, cfg.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     config_lib.validate(cfg)
-    from jaxprune.checkpoints import check_weights
-
     model, variables = from_torch(name, source)
     check_weights(variables, what=f"the weights imported from {str(source)!r}")
     channels = 3

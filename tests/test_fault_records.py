@@ -278,7 +278,8 @@ def test_check_weights_names_the_tensor():
     ck.check_weights(good)
     nan = jax.tree.map(np.copy, good)
     nan["params"]["conv"]["kernel"][1, 0] = np.nan
-    with pytest.raises(ck.BadWeightsError, match=r"params/conv/kernel holds 1 non-finite value\(s\) \(of 4\)"):
+    with pytest.raises(ck.BadWeightsError,
+                       match=r"params/conv/kernel holds 1 non-finite value\(s\) \(of 4\)"):
         ck.check_weights(nan)
     neg = jax.tree.map(np.copy, good)
     neg["batch_stats"]["bn"]["var"][0] = -0.5
@@ -296,7 +297,8 @@ def test_a_restored_step_with_nan_weights_is_skipped_like_a_damaged_one(tmp_path
     mgr = ck.make_checkpoint_manager(tmp_path, max_to_keep=5)
     ck.save_checkpoint(mgr, small_state(1.0), epoch=0, metrics={"test_accuracy": 0.1})
     bad = small_state(2.0)
-    bad = bad.replace(params={**bad.params, "conv": {"kernel": bad.params["conv"]["kernel"].at[0, 0, 0, 1].set(jnp.nan)}})
+    kernel = bad.params["conv"]["kernel"].at[0, 0, 0, 1].set(jnp.nan)
+    bad = bad.replace(params={**bad.params, "conv": {"kernel": kernel}})
     ck.save_checkpoint(mgr, bad, epoch=1, metrics={"test_accuracy": 0.1})
     warned = []
     state, _, step = ck.restore_latest_good(mgr, small_state(), warn=warned.append)
