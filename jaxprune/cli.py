@@ -68,8 +68,14 @@ def cmd_compact(args, overrides) -> int:
     from jaxprune.experiment import compact_run
 
     rec = compact_run(args.run_dir, which=args.checkpoint)
-    print(f"compacted the {args.checkpoint} checkpoint (optimizer step {rec['from_state']['optimizer_step']})")
+    st = rec["from_state"]
+    print(f"compacted the {args.checkpoint} checkpoint (checkpoint step {st['checkpoint_step']}, "
+          f"optimizer step {st['optimizer_step']}) into {Path(args.run_dir) / rec['compact_dir']}")
     _print_record(rec)
+    if rec["compact_dir"] != "compact":
+        print(f"jaxprune compact: warning: the newest checkpoint (step {st['newest_step']}) is "
+              f"unreadable; compacted step {st['checkpoint_step']} into {rec['compact_dir']}/ and "
+              f"{rec['result_file']}; compact/ and result.json were left unchanged", file=sys.stderr)
     return 0
 
 
@@ -306,16 +312,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
     from jaxprune._optional import MissingExtraError
-    from jaxprune.training import DivergenceError, Preempted
+    from jaxprune.checkpoints import BadWeightsError
+    from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
 
     try:
         return args.func(args, overrides)
+    except BadWeightsError as e:  # eval: the model is diverged; elsewhere: unusable input
+        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED if args.command == "eval" else EXIT_USAGE
     except Preempted as e:
         print(f"jaxprune {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
+    except SecondInterrupt:
         print(f"jaxprune {args.command}: interrupted (a second Ctrl-C: no checkpoint of the "
               "current epoch; the run resumes from its last one)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"jaxprune {args.command}: interrupted by Ctrl-C (files are written atomically: "
+              "nothing half-written is kept; rerun the same command)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DivergenceError as e:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
@@ -328,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(msg):
             msg = f"{e.filename}: {e.strerror or e}"
-        print(f"jaxprune {args.command}: error: {msg}", file=sys.stderr)
+        lines = str(msg).strip().splitlines() or [type(e).__name__]
+        print(f"jaxprune {args.command}: error: {lines[0]}{' ...' if len(lines) > 1 else ''}",
+              file=sys.stderr)
         return EXIT_USAGE
 
 

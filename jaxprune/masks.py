@@ -156,6 +156,21 @@ def keep_indices(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return {n: np.flatnonzero(np.asarray(m) != 0) for n, m in masks.items()}
 
 
+def check_hard_masks(masks: Mapping[str, Any], what: str = "masks") -> None:
+    """Raises ValueError naming the group, the channel and the value unless every mask value is
+    exactly 0 or 1. For the hard masks a final model is built from (compaction's input, a
+    method's ``finalize``): a decayed (SRFP), NaN or out-of-range value there would silently
+    give a compact model that differs from the masked one. Soft masks during training are
+    not checked."""
+    for name, m in masks.items():
+        arr = np.asarray(jax.device_get(m), np.float64).reshape(-1)
+        bad = np.flatnonzero(~((arr == 0.0) | (arr == 1.0)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{what}: group {name!r} channel {i} has mask value {float(arr[i])!r} "
+                             f"({bad.size} non-binary value(s)); hard masks must be 0 or 1")
+
+
 def binarize(masks: Mapping[str, jax.Array]) -> Masks:
     """1 where a mask is nonzero, else 0 (decayed SRFP channels count as kept)."""
     return {n: (m != 0).astype(jnp.float32) for n, m in masks.items()}

@@ -8,6 +8,7 @@ from jaxprune.compaction.bundled import compact_bundled, is_bundled
 from jaxprune.compaction.plan import CompactResult
 from jaxprune.compaction.program_model import compact_traced
 from jaxprune.graph import PruningGraph
+from jaxprune.masks import check_hard_masks
 
 
 def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
@@ -26,8 +27,11 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
     ``keep_constants=True`` (bundled models, with ``sample_input``, a batch of model inputs)
     carries the BN constants of the removed channels, as SFP's official final model keeps them;
     the result is checked against the filters-only masked model on ``sample_input`` (ValueError
-    if the model has no `carried` hook where a constant flows).
+    if the model has no `carried` hook where a constant flows). Masks must be exactly 0 or 1
+    (ValueError naming the group and channel otherwise: a decayed or NaN value would give a
+    compact model that differs from the masked one).
     """
+    check_hard_masks(masks, what="compact's masks")
     build = compact_bundled if is_bundled(model) else compact_traced
     return build(model, variables, masks, graph, align, keep_constants=keep_constants,
                  sample_input=sample_input)

@@ -137,11 +137,14 @@ def subgraph(graph: PruningGraph, names: Sequence[str]) -> PruningGraph:
 def ranks(score: jax.Array) -> jax.Array:
     """int32 ``[C]``: each channel's position in a stable ascending sort of ``score``.
 
-    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index), the
-    same channels as ``selection.prune_by_count``, for a static or a traced ``n``.
+    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index; NaN
+    lowest, `selection.nan_lowest`), the same channels as ``selection.prune_by_count``, for a
+    static or a traced ``n``.
     """
+    from jaxprune.selection import nan_lowest
+
     size = score.shape[0]
-    order = jnp.argsort(jnp.asarray(score, jnp.float32), stable=True)
+    order = jnp.argsort(nan_lowest(jnp.asarray(score, jnp.float32)), stable=True)
     return jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
 
 
