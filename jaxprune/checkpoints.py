@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.export  # noqa: F401  (jax < 0.8 does not import the submodule by itself)
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -202,6 +203,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
         raise FileNotFoundError(f"no checkpoint step {step} in {manager.directory}; "
                                 f"available: {list(manager.all_steps())}")
     stored = manager.item_metadata(step)[STATE_ITEM]
+    if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
+        raise FileNotFoundError(f"checkpoint {manager.directory}/{step} has no array metadata "
+                                f"({STATE_ITEM}/_METADATA is missing or empty)")
     check_shapes(getattr(stored, "tree", stored), target,
                  what=f"checkpoint {manager.directory}/{step}")
     sharding = NamedSharding(mesh, P()) if mesh is not None else None
@@ -210,6 +214,72 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
         META_ITEM: ocp.args.JsonRestore(),
     }))
     return restored[STATE_ITEM], dict(restored[META_ITEM])
+
+
+class BadWeightsError(ValueError):
+    """Weights that must not be used: a non-finite value, a negative BatchNorm running variance
+    or a non-float parameter (the message names the tensor)."""
+
+
+def _weights_of(state: Any) -> dict:
+    """The weights of a train state (params and batch statistics), or ``state`` itself."""
+    if hasattr(state, "params"):
+        return {"params": state.params, "batch_stats": getattr(state, "batch_stats", {})}
+    return state
+
+
+def check_weights(variables: Any, what: str = "weights") -> None:
+    """Raises `BadWeightsError` naming the first tensor of ``variables`` (a variables dict, e.g.
+    ``{'params': ..., 'batch_stats': ...}``) that is not floating point, holds a NaN or an inf,
+    or, for a BatchNorm running variance (a ``batch_stats`` leaf named ``var``), a negative
+    value. Checked where weights enter: restored, imported, pretrained, evaluated."""
+    for path, leaf in zip(leaf_paths(variables), jax.tree.leaves(variables)):
+        name = "/".join(path)
+        arr = np.asarray(jax.device_get(leaf))
+        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
+            raise BadWeightsError(f"{what}: tensor {name} has dtype {arr.dtype}; weights must be "
+                                  "floating point")
+        arr = arr.astype(np.float32)
+        bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise BadWeightsError(f"{what}: tensor {name} holds {bad} non-finite value(s) "
+                                  f"(of {arr.size}); refusing to use these weights")
+        if path and path[0] == "batch_stats" and path[-1] == "var" and np.any(arr < 0):
+            raise BadWeightsError(f"{what}: tensor {name} (a BatchNorm running variance) holds "
+                                  f"negative values (min {float(arr.min()):g}); variances are >= 0")
+
+
+def read_step_meta(directory: str | os.PathLike, step: int) -> dict | None:
+    """The meta item of checkpoint ``step`` in ``directory`` read as plain JSON (no arrays,
+    no Orbax manager), or None when it is missing or unreadable."""
+    path = Path(directory) / str(step) / META_ITEM / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def recorded_config(directory: str | os.PathLike) -> tuple[dict, str] | None:
+    """``(config, where)``: the config recorded with the newest checkpoint of ``directory`` that
+    has one (the preempted one first, then the steps, newest first), or None (no checkpoint,
+    or checkpoints written without a config)."""
+    directory = Path(directory)
+    pre = directory / PREEMPT_DIR / "meta.json"
+    if pre.is_file():
+        try:
+            cfg = json.loads(pre.read_text()).get("config")
+        except (OSError, ValueError, AttributeError):
+            cfg = None
+        if isinstance(cfg, dict):
+            return cfg, str(pre)
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+        if directory.is_dir() else []
+    for step in steps:
+        meta = read_step_meta(directory, step)
+        if meta is not None and isinstance(meta.get("config"), dict):
+            return meta["config"], str(directory / str(step))
+    return None
 
 
 class CorruptCheckpointError(ValueError):
@@ -226,7 +296,8 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
                         set_aside: bool = True) -> tuple[Any, dict, int]:
     """Restores the newest step that reads back completely: ``(state, meta, step)``.
 
-    A step whose files are truncated, garbage or missing (any read error) is reported through
+    A step whose files are truncated, garbage or missing (any read error), or whose weights
+    fail `check_weights` (non-finite, negative BN variance), is reported through
     ``warn`` (default: a Python warning) with the step, its directory and the error, and the
     next older step is tried; nothing is deleted. With ``set_aside`` an unreadable step is
     renamed to ``corrupt-<step>-<n>`` beside the steps (ignored by Orbax), so that the resumed
@@ -245,6 +316,7 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
             state, meta = restore_checkpoint(manager, target, step=step, mesh=mesh)
             if not isinstance(meta, dict) or "next_epoch" not in meta:
                 raise ValueError("its meta item has no 'next_epoch'")
+            check_weights(_weights_of(state), what="its state")
         except ValueError as e:
             if "does not match" in str(e):
                 raise
@@ -253,8 +325,9 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
             problems.append((step, e))
         else:
             for bad, e in problems:
+                then = f"resuming from step {step}" if set_aside else f"reading step {step} instead"
                 msg = (f"checkpoint step {bad} in {manager.directory} is unreadable "
-                       f"({type(e).__name__}: {_first_line(e)}); resuming from step {step}")
+                       f"({type(e).__name__}: {_first_line(e)}); {then}")
                 (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
                 if set_aside:
                     _set_aside(Path(str(manager.directory)), bad)
@@ -289,19 +362,61 @@ def save_preempt(directory: str | os.PathLike, state: Any, meta: Mapping[str, An
     return target
 
 
-def load_preempt(directory: str | os.PathLike, target: Any) -> tuple[Any, dict] | None:
+def load_preempt(directory: str | os.PathLike, target: Any, *,
+                 steps_per_epoch: int | None = None) -> tuple[Any, dict] | None:
     """``(state, meta)`` of ``directory/preempt`` restored into ``target``'s structure (shapes
-    checked), or None when there is none."""
+    checked), or None when there is none (no ``preempt`` directory).
+
+    The meta is checked against the state before it is trusted: ``resume_step`` must lie inside
+    the epoch (``0 < resume_step < steps_per_epoch`` when given), equal the number of recorded
+    per-step metrics, and, when epochs precede it, equal the optimizer steps taken since the
+    last epoch's record; the weights must pass `check_weights`. Any failure (a damaged file, a
+    missing ``meta.json`` or ``_METADATA``, an edited ``resume_step``) raises."""
     path = Path(directory).absolute() / PREEMPT_DIR
-    if not (path / "meta.json").is_file():
+    if not path.exists():
         return None
     meta = json.loads((path / "meta.json").read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path / 'meta.json'} holds no JSON object")
     ckptr = ocp.StandardCheckpointer()
-    stored = ckptr.metadata(path / "state").item_metadata
-    check_shapes(getattr(stored, "tree", stored), target, what=f"preempted checkpoint {path}")
-    state = ckptr.restore(path / "state", _abstract(target))
-    ckptr.close()
+    try:
+        stored = ckptr.metadata(path / "state").item_metadata
+        if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
+            raise FileNotFoundError(f"preempted checkpoint {path} has no array metadata "
+                                    "(state/_METADATA is missing or empty)")
+        check_shapes(getattr(stored, "tree", stored), target, what=f"preempted checkpoint {path}")
+        state = ckptr.restore(path / "state", _abstract(target))
+    finally:
+        ckptr.close()
+    rs, per_step, history = meta.get("resume_step"), meta.get("step_metrics"), meta.get("history")
+    if isinstance(rs, bool) or not isinstance(rs, int) or rs < 1 or (
+            steps_per_epoch is not None and rs >= steps_per_epoch):
+        raise ValueError(f"{path / 'meta.json'}: resume_step={rs!r} is not a step inside the epoch")
+    if not isinstance(per_step, list) or len(per_step) != rs:
+        raise ValueError(f"{path / 'meta.json'}: resume_step={rs} but "
+                         f"{len(per_step) if isinstance(per_step, list) else 'no'} steps are recorded")
+    if not isinstance(history, list) or not isinstance(meta.get("epoch"), int):
+        raise ValueError(f"{path / 'meta.json'} lacks 'epoch' or 'history'")
+    taken = int(jax.device_get(state.step)) if hasattr(state, "step") else None
+    if history and taken is not None and isinstance(history[-1], dict) and "step" in history[-1] \
+            and taken - int(history[-1]["step"]) != rs:
+        raise ValueError(f"{path / 'meta.json'}: resume_step={rs} but the state took "
+                         f"{taken - int(history[-1]['step'])} steps since epoch {len(history)}")
+    check_weights(_weights_of(state), what=f"preempted checkpoint {path}")
     return state, meta
+
+
+def set_aside_preempt(directory: str | os.PathLike) -> Path | None:
+    """Renames a damaged ``directory/preempt`` to ``corrupt-preempt-<n>`` (nothing deleted);
+    returns the new path."""
+    directory = Path(directory).absolute()
+    if not (directory / PREEMPT_DIR).exists():
+        return None
+    n = 0
+    while (directory / f"corrupt-{PREEMPT_DIR}-{n}").exists():
+        n += 1
+    os.rename(directory / PREEMPT_DIR, directory / f"corrupt-{PREEMPT_DIR}-{n}")
+    return directory / f"corrupt-{PREEMPT_DIR}-{n}"
 
 
 def clear_preempt(directory: str | os.PathLike) -> None:
@@ -360,11 +475,11 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
     raises FileExistsError unless ``overwrite``. Single-process (call it from one process).
     Returns the absolute path.
 
-    A `jaxprune.compact_program.ProgramModel` (a compacted model of the user's own) is saved
+    A `jaxprune.compaction.ProgramModel` (a compacted model of the user's own) is saved
     as its ``jax.export`` artifact at ``batch_size`` (serialized into the JSON document), so
     that `load` restores it without the model's Python code (as an ``ExportedModel``).
     """
-    from jaxprune.compact_program import ProgramModel
+    from jaxprune.compaction import ProgramModel
     from jaxprune.models import model_config
 
     path = Path(path).absolute()
@@ -433,7 +548,7 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
 
 def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     """Loads a `save_compact` directory: ``(model, variables, meta)`` (``model`` is an
-    ``ExportedModel`` for a saved `~jaxprune.compact_program.ProgramModel`).
+    ``ExportedModel`` for a saved `~jaxprune.compaction.ProgramModel`).
 
     The model is rebuilt from the stored config (``jaxprune.models.model_from_config``), the
     expected variable shapes come from ``jax.eval_shape(model.init, ...)`` and the stored arrays
@@ -448,7 +563,14 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         raise FileNotFoundError(f"{path} is not a jaxprune compact model (no '{_MODEL_ITEM}' and "
                                 f"'{_VARIABLES_ITEM}' items)")
     ckptr = _compact_checkpointer()
-    doc = ckptr.restore(path, args=ocp.args.Composite(**{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
+    try:
+        doc = ckptr.restore(path, args=ocp.args.Composite(
+            **{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
+    except Exception as e:  # noqa: BLE001 - garbage or truncated JSON
+        raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
+        raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document holds no model config")
     if doc.get("format") != COMPACT_FORMAT:
         raise ValueError(f"{path} has format {doc.get('format')!r}, expected {COMPACT_FORMAT!r}")
     if int(doc.get("version", -1)) > COMPACT_VERSION:
@@ -457,7 +579,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if doc["model"].get("class") == EXPORTED_CLASS:
         import base64
 
-        from jaxprune.compact_program import ExportedModel
+        from jaxprune.compaction import ExportedModel
 
         model = ExportedModel(jax.export.deserialize(base64.b64decode(doc["model"]["exported"])),
                               int(doc["model"]["batch_size"]))
@@ -470,11 +592,23 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
 
         target = {**target, CARRY: unflatten_dict({tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v), jnp.float32)
                                                    for k, v in doc["carry"].items()})}
-    stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
+    try:
+        stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"compact model {path}: the metadata of its variables is unreadable "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
+        raise ValueError(f"compact model {path}: its variables have no array metadata "
+                         f"({_VARIABLES_ITEM}/_METADATA is missing or empty)")
     check_shapes(getattr(stored, "tree", stored), target, what=f"compact model {path}")
-    variables = ckptr.restore(path, args=ocp.args.Composite(**{
-        _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
-    ckptr.close()
+    try:
+        variables = ckptr.restore(path, args=ocp.args.Composite(**{
+            _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
+    except Exception as e:  # noqa: BLE001 - truncated / garbage array files
+        raise ValueError(f"compact model {path}: its variables are unreadable "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+    finally:
+        ckptr.close()
     meta = dict(doc.get("meta", {}))
     meta.setdefault("input_shape", list(doc["input_shape"]))
     return model, variables, meta
@@ -490,8 +624,13 @@ __all__ = [
     "restore_latest_good",
     "save_preempt",
     "load_preempt",
+    "set_aside_preempt",
     "clear_preempt",
     "CorruptCheckpointError",
+    "BadWeightsError",
+    "check_weights",
+    "read_step_meta",
+    "recorded_config",
     "abstract_variables",
     "save_compact",
     "load",

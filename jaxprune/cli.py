@@ -1,6 +1,9 @@
 """The ``jaxprune`` command line (flags only; the work is in `jaxprune.experiment`).
 
+    jaxprune --version
     jaxprune quickstart [--workdir DIR]
+    jaxprune data cifar10|cifar100 [--dir DIR] [--from ARCHIVE] [--force]
+    jaxprune data imagenet2012          (prints how to prepare it with TFDS)
     jaxprune train --config FILE --workdir DIR [--config.key=value ...]
     jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
     jaxprune import MODEL STATE_DICT.npz --workdir DIR [--mean M M M --std S S S]
@@ -65,8 +68,14 @@ def cmd_compact(args, overrides) -> int:
     from jaxprune.experiment import compact_run
 
     rec = compact_run(args.run_dir, which=args.checkpoint)
-    print(f"compacted the {args.checkpoint} checkpoint (optimizer step {rec['from_state']['optimizer_step']})")
+    st = rec["from_state"]
+    print(f"compacted the {args.checkpoint} checkpoint (checkpoint step {st['checkpoint_step']}, "
+          f"optimizer step {st['optimizer_step']}) into {Path(args.run_dir) / rec['compact_dir']}")
     _print_record(rec)
+    if rec["compact_dir"] != "compact":
+        print(f"jaxprune compact: warning: the newest checkpoint (step {st['newest_step']}) is "
+              f"unreadable; compacted step {st['checkpoint_step']} into {rec['compact_dir']}/ and "
+              f"{rec['result_file']}; compact/ and result.json were left unchanged", file=sys.stderr)
     return 0
 
 
@@ -133,6 +142,38 @@ def cmd_quickstart(args, overrides) -> int:
     return 0
 
 
+IMAGENET_HOWTO = (
+    "ImageNet cannot be downloaded automatically (its licence needs a sign-in at image-net.org). "
+    "Prepare it once with TFDS in the array_record format (preparing needs TensorFlow, reading "
+    "does not): pip install 'jaxprune[imagenet]' tensorflow-cpu; put ILSVRC2012_img_train.tar and "
+    "ILSVRC2012_img_val.tar in <dir>/downloads/manual/; run `tfds build imagenet2012 "
+    "--data_dir=<dir> --file_format=array_record`; then pass --data_dir <dir> or set "
+    "JAXPRUNE_DATA_DIR=<dir>."
+)
+
+
+def cmd_data(args, overrides) -> int:
+    if args.dataset == "imagenet2012":
+        print(IMAGENET_HOWTO)
+        return 0
+    from jaxprune.download import prepare_cifar
+
+    prepare_cifar(args.dataset, args.dir, archive=args.archive, force=args.force,
+                  keep_archive=args.keep_archive)
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jaxprune")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        import jaxprune
+
+        return jaxprune.__version__
+
+
 def cmd_sensitivity(args, overrides) -> int:
     from jaxprune.experiment import sensitivity_run
 
@@ -168,6 +209,7 @@ def _use_fast_cpu_flags(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.")
+    p.add_argument("--version", action="version", version=f"jaxprune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quickstart", help="offline demo: train, SFP-prune, compact, save, load (minutes on CPU)")
@@ -177,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     q.set_defaults(func=cmd_quickstart)
 
+    d = sub.add_parser("data", help="download a data set into the local layout jaxprune reads")
+    d.add_argument("dataset", choices=("cifar10", "cifar100", "imagenet2012"))
+    d.add_argument("--dir", default=None, help="data folder (default: $JAXPRUNE_DATA_DIR, else "
+                   "~/.cache/jaxprune); the data set goes to DIR/<dataset>/")
+    d.add_argument("--from", dest="archive", default=None, metavar="ARCHIVE",
+                   help="convert this official archive (e.g. cifar-10-python.tar.gz) instead of downloading")
+    d.add_argument("--force", action="store_true", help="write the data set again even if present")
+    d.add_argument("--keep-archive", action="store_true", help="keep the downloaded archive")
+    d.set_defaults(func=cmd_data)
+
     for name, helptext in (("train", "train a dense model or prune with a method, then compact"),
                            ("prune", "one-shot prune a trained checkpoint (e.g. PFEC), retrain, compact")):
         t = sub.add_parser(name, help=helptext)
@@ -184,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
             t.add_argument("checkpoint", help="run directory or checkpoint directory of the trained model")
         t.add_argument("--config", required=True, help="config file (experiments/configs/*.py)")
         t.add_argument("--workdir", required=True)
-        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ../shared/data)")
+        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ~/.cache/jaxprune; "
+                       "fetch it with `jaxprune data cifar10`)")
         t.add_argument("--no-progress", action="store_true")
         t.add_argument("--allow-schedule-change", action="store_true",
                        help="resume a run in --workdir with changed epochs / batch / optimizer "
@@ -258,26 +311,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
-    from jaxprune.training import DivergenceError, Preempted
+    from jaxprune._optional import MissingExtraError
+    from jaxprune.checkpoints import BadWeightsError
+    from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
 
     try:
         return args.func(args, overrides)
+    except BadWeightsError as e:  # eval: the model is diverged; elsewhere: unusable input
+        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED if args.command == "eval" else EXIT_USAGE
     except Preempted as e:
         print(f"jaxprune {args.command}: {e}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except KeyboardInterrupt:
+    except SecondInterrupt:
         print(f"jaxprune {args.command}: interrupted (a second Ctrl-C: no checkpoint of the "
               "current epoch; the run resumes from its last one)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"jaxprune {args.command}: interrupted by Ctrl-C (files are written atomically: "
+              "nothing half-written is kept; rerun the same command)", file=sys.stderr)
         return EXIT_INTERRUPTED
     except DivergenceError as e:
         print(f"jaxprune {args.command}: error: {e}; no checkpoint, compact model or result was "
               "written from the diverged state", file=sys.stderr)
         return EXIT_DIVERGED
+    except MissingExtraError as e:
+        print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ValueError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(msg):
             msg = f"{e.filename}: {e.strerror or e}"
-        print(f"jaxprune {args.command}: error: {msg}", file=sys.stderr)
+        lines = str(msg).strip().splitlines() or [type(e).__name__]
+        print(f"jaxprune {args.command}: error: {lines[0]}{' ...' if len(lines) > 1 else ''}",
+              file=sys.stderr)
         return EXIT_USAGE
 
 

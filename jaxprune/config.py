@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.name = "run"
     c.model = "resnet20"
     c.dataset = "cifar10"
-    c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ../shared/data
+    c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ~/.cache/jaxprune (jaxprune data)
     c.image_size = 0  # 0 = the data set's own size
     c.epochs = 200
     c.batch_size = 128
@@ -123,6 +123,9 @@ def with_defaults(recorded: dict) -> dict:
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
     """Imports the Python file ``path`` and returns its ``get_config()``."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory; expected a Python file "
+                         "defining get_config()")
     if not p.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"jaxprune_config_{p.stem}", p)

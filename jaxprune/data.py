@@ -8,10 +8,12 @@ device, and `jaxprune.batching` gives the batch orders.
 
 Where the data comes from (details in :func:`load_cifar` / `jaxprune.imagenet.imagenet_pipeline`):
 
-* CIFAR-10/100: an offline copy in the ``.npz`` shard layout (:func:`write_npz_shards`) found
-  through the ``data_dir`` argument, the ``JAXPRUNE_DATA_DIR`` environment variable, or
-  automatically in ``../shared/data/<name>`` (beside the project or the current directory) or
-  ``~/.cache/jaxprune/<name>``; else TFDS (a prepared copy, or ``download=True`` with internet).
+* CIFAR-10/100: an offline copy in the ``.npz`` shard layout (:func:`write_npz_shards`), made
+  by ``jaxprune data cifar10`` (`jaxprune.download`: the official archive, no TensorFlow) and found
+  through the ``data_dir`` argument, the ``JAXPRUNE_DATA_DIR`` environment variable or the user
+  cache ``~/.cache/jaxprune/<name>``; in a source checkout of this repository also its data
+  folder ``../shared/data/<name>`` beside the checkout; else TFDS (a prepared copy, or
+  ``download=True``, when tensorflow-datasets is installed).
 * ImageNet: TFDS ``imagenet2012`` prepared as ``array_record`` (in ``data_dir``,
   ``$JAXPRUNE_DATA_DIR`` or TFDS's data dir), read through ``tfds.data_source`` and streamed with
   grain when it is installed, else a thread pool; the standard ResNet preprocessing is done with
@@ -29,6 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+# The file names of the data sets' official archives (`jaxprune.download` fetches and converts them)
+OFFICIAL_ARCHIVES = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.tar.gz"}
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -135,7 +140,7 @@ class Dataset:
 # --------------------------------------------------------------------------------------------
 
 
-def _shard_files(folder: Path) -> list[Path] | None:
+def shard_files(folder: Path) -> list[Path] | None:
     """``train_0..train_{k-1}.npz`` (contiguous) if ``folder`` holds the offline layout."""
     if not (folder / "test.npz").is_file():
         return None
@@ -149,22 +154,30 @@ def _shard_files(folder: Path) -> list[Path] | None:
     return [found[i] for i in range(len(found))]
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
     """``$XDG_CACHE_HOME/jaxprune`` (default ``~/.cache/jaxprune``): the per-user offline copy."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "jaxprune"
 
 
+def _checkout_data_root() -> Path | None:
+    """``../shared/data`` beside the repository when jaxprune runs from a source checkout (a
+    ``pyproject.toml`` next to the package): the data folder of this repository's own experiments
+    and tests. None for an installed package."""
+    if not (_REPO_ROOT / "pyproject.toml").is_file():
+        return None
+    return (_REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
 def _default_offline_roots() -> list[Path]:
-    """Folders whose ``<name>/`` subfolder may hold the offline shards, in search order: the shared
-    copy ``../shared/data`` seen from the current directory and from the repository root, then the
-    user cache (:func:`_cache_root`)."""
-    roots: list[Path] = []
-    for r in ((Path.cwd() / ".." / "shared" / "data"), (_REPO_ROOT / ".." / "shared" / "data"),
-              _cache_root()):
-        r = r.resolve()
-        if r not in roots:
-            roots.append(r)
+    """Folders whose ``<name>/`` subfolder may hold the offline shards when neither ``data_dir``
+    nor ``$JAXPRUNE_DATA_DIR`` has them, in search order: the user cache (:func:`cache_root`,
+    where ``jaxprune data`` writes by default), then, in a source checkout only,
+    :func:`_checkout_data_root`."""
+    roots = [cache_root().resolve()]
+    checkout = _checkout_data_root()
+    if checkout is not None and checkout not in roots:
+        roots.append(checkout)
     return roots
 
 
@@ -175,7 +188,7 @@ def cifar_available(name: str, data_dir: str | os.PathLike | None = None) -> boo
         roots.append(Path(os.environ[ENV_DATA_DIR]))
     roots += _default_offline_roots()
     for r in roots:
-        if _shard_files(r / name) or (data_dir and _shard_files(r)):
+        if shard_files(r / name) or (data_dir and shard_files(r)):
             return True
     tfds_dirs = [os.environ.get("TFDS_DATA_DIR", ""), os.environ.get(ENV_DATA_DIR, ""),
                  str(Path.home() / "tensorflow_datasets")]
@@ -217,7 +230,7 @@ def _verify_checksums(folder: Path, files: Sequence[Path]) -> None:
             )
 
 
-def _classes_problem(folder: Path, num_classes: int) -> str | None:
+def classes_problem(folder: Path, num_classes: int) -> str | None:
     """Why ``folder`` is not this data set according to its ``classes.txt`` (None: no objection).
 
     Guards against ``JAXPRUNE_DATA_DIR`` pointing straight at a CIFAR-10 folder while CIFAR-100
@@ -282,10 +295,11 @@ def write_npz_shards(
     return folder
 
 
-def _tfds_module():
+def tfds_module():
+    """The ``tensorflow_datasets`` module, or None where it cannot be imported."""
     try:
         import tensorflow_datasets as tfds  # noqa: PLC0415
-    except Exception:  # pragma: no cover - tfds is a dependency, but stay robust
+    except Exception:  # optional: pip install 'jaxprune[imagenet]'
         return None
     return tfds
 
@@ -298,7 +312,8 @@ def _have_tensorflow() -> bool:
     return True
 
 
-def _tfds_where(data_dir) -> str:
+def tfds_where(data_dir) -> str:
+    """Where TFDS reads from, for messages: ``data_dir`` or the default location."""
     if data_dir is not None:
         return str(data_dir)
     return "the TFDS default data dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
@@ -309,10 +324,10 @@ def _load_cifar_tfds(name: str, data_dir: str | os.PathLike | None, download: bo
 
     Without TensorFlow only an ``array_record`` copy can be read (``tfds.data_source``), and TFDS
     cannot *prepare* CIFAR at all (its CIFAR builder reads the archive with ``tf.io.gfile``)."""
-    tfds = _tfds_module()
+    tfds = tfds_module()
     if tfds is None:
-        return None, "tensorflow_datasets is not importable"
-    where = _tfds_where(data_dir)
+        return None, "TFDS: tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"
+    where = tfds_where(data_dir)
     try:
         builder = tfds.builder(name, data_dir=None if data_dir is None else os.fspath(data_dir))
         has_tf = _have_tensorflow()
@@ -357,21 +372,21 @@ def load_cifar(
        ``data_dir`` is authoritative: nothing else is tried.
     2. ``$JAXPRUNE_DATA_DIR`` (:data:`ENV_DATA_DIR`): the shards in ``<dir>/<name>/`` or in
        ``<dir>`` itself.
-    3. The shared offline copy ``../shared/data/<name>`` relative to the current directory and to
-       the repository root, then the user cache ``~/.cache/jaxprune/<name>``
-       (``$XDG_CACHE_HOME/jaxprune/<name>``).
+    3. The user cache ``~/.cache/jaxprune/<name>`` (``$XDG_CACHE_HOME/jaxprune/<name>``), where
+       ``jaxprune data <name>`` writes by default; then, only when jaxprune runs from a source
+       checkout of this repository, ``../shared/data/<name>`` beside the checkout.
     4. TFDS: a prepared copy in ``$JAXPRUNE_DATA_DIR`` or TFDS's default data dir
-       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).  With ``download=True`` TFDS downloads
-       and prepares it (needs internet, and TensorFlow to prepare; reading an ``array_record``
-       copy afterwards does not need TensorFlow).
+       (``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``), when tensorflow-datasets is installed.
+       With ``download=True`` TFDS downloads and prepares it (needs internet, and TensorFlow to
+       prepare); ``jaxprune data <name>`` is the simpler way (`jaxprune.download`).
 
     The offline layout (see :func:`write_npz_shards`) is ``train_0.npz .. train_{k-1}.npz`` +
     ``test.npz``, each with ``x`` ``uint8 [N,32,32,3]`` and ``y`` labels, optionally
     ``classes.txt`` (one class name a line; a folder whose list has the wrong length is skipped)
     and ``SHA256SUMS``, which ``verify=True`` checks (``ValueError`` on mismatch).
 
-    Raises ``FileNotFoundError`` listing every place looked at, and how to provide the data,
-    when it is found nowhere.
+    Raises ``FileNotFoundError`` listing every place looked at, and the command that fetches the
+    data (``jaxprune data <name>``), when it is found nowhere.
     """
     if name not in CIFAR_CONSTANTS:
         raise ValueError(f"unknown data set {name!r}; expected one of {sorted(CIFAR_CONSTANTS)}")
@@ -380,11 +395,11 @@ def load_cifar(
 
     def try_folder(root: Path, direct: bool = True):
         for d in [root / name, root] if direct else [root / name]:
-            files = _shard_files(d)
+            files = shard_files(d)
             if files is None:
                 looked.append(f"{d} (no train_0.npz .. + test.npz)")
                 continue
-            problem = _classes_problem(d, meta["num_classes"])
+            problem = classes_problem(d, meta["num_classes"])
             if problem is not None:
                 looked.append(problem)
                 continue
@@ -427,17 +442,20 @@ def load_cifar(
                 looked.append(reason)
     if arrays is None:
         where = "\n  - ".join(looked)
+        target = Path(data_dir).expanduser() if data_dir is not None else None
+        fetch = f"jaxprune data {name}" + (f" --dir {target}" if target is not None else "")
         raise FileNotFoundError(
-            f"{name} data not found. Looked in:\n  - {where}\n"
-            f"Provide it in one of these ways:\n"
+            f"{name} data not found; run `{fetch}` to download it (or `{fetch} --from "
+            f"{OFFICIAL_ARCHIVES[name]}` to convert an archive you have). Looked in:\n"
+            f"  - {where}\n"
+            f"Other ways to provide it:\n"
             f"  * pass data_dir=<folder> (CLI: --data_dir) holding {name}/train_0.npz .. "
             f"train_4.npz + test.npz, or those files directly;\n"
             f"  * set the environment variable {ENV_DATA_DIR}=<folder>, same layout;\n"
-            f"  * put the files in ../shared/data/{name}/ (beside the project) or in "
-            f"{_cache_root() / name}/;\n"
+            f"  * put the files in {cache_root() / name}/;\n"
             f"  * or let TFDS fetch it: load_cifar({name!r}, download=True) on a machine with "
-            f"internet access and TensorFlow installed (TFDS cannot download without internet); "
-            f"write_npz_shards() then makes the offline layout for machines without them."
+            f"internet access, tensorflow-datasets and TensorFlow installed; write_npz_shards() "
+            f"then makes the offline layout for machines without them."
         )
     x_train, y_train, x_test, y_test = arrays
     return Dataset(

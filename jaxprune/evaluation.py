@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.parallel import DATA_AXIS, make_mesh, replicate
-from jaxprune.train_step import _call_kwargs, cross_entropy
+from jaxprune.train_step import call_kwargs, cross_entropy
 
 
 # uint8 images -> float images; e.g. partial(augment.normalize, mean=.., std=..)
@@ -26,7 +26,7 @@ def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: An
     valid row is a top-5 hit."""
     if preprocess is not None:
         images = preprocess(images)
-    logits = model.apply(variables, images, **_call_kwargs(model, False))
+    logits = model.apply(variables, images, **call_kwargs(model, False))
     valid = labels >= 0
     safe = jnp.where(valid, labels, 0)
     ce = cross_entropy(logits, safe)
@@ -107,7 +107,8 @@ def eval_batch_size(requested: int, num_examples: int, num_devices: int) -> int:
     per_device = min(per_device, -(-num_examples // num_devices))  # no all-padding batches
     return per_device * num_devices
 
-def _is_stream(data: Any) -> bool:
+def is_stream(data: Any) -> bool:
+    """Whether ``data`` is a streamed dataset (``for_epoch``/``iter_from``), not arrays."""
     return hasattr(data, "for_epoch") and hasattr(data, "iter_from")
 
 
@@ -141,7 +142,7 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
     """
     if step is not None:
         preprocess = getattr(step, "preprocess", preprocess)
-    if not isinstance(images, EvalData) and not _is_stream(images):
+    if not isinstance(images, EvalData) and not is_stream(images):
         if int(np.shape(images)[0]) and preprocess is None and not np.issubdtype(
                 np.asarray(images[:1]).dtype, np.floating):
             raise TypeError("integer images need preprocess= (e.g. functools.partial("
@@ -149,7 +150,7 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
     if step is None:
         step = make_eval_fn(model, mesh, preprocess)
         variables = replicate(step.mesh, variables)
-    if _is_stream(images):
+    if is_stream(images):
         parts, n = [], 0
         for d in _stream_batches(step.mesh, images):
             parts.append(step(variables, d))  # dispatched: the next batch loads meanwhile

@@ -271,19 +271,20 @@ def _pretrained_dir(path: str | os.PathLike) -> Path:
 def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
     """``(config, variables)`` of a trained model directory: a run directory (its latest training
     checkpoint) or a directory written by ``jaxprune import`` (its dense ``compact/`` model)."""
-    from jaxprune.checkpoints import load
+    from jaxprune.checkpoints import check_weights, load
 
     p = _pretrained_dir(path)
     cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads((p / "config.json").read_text())))
     ckpts = p / "checkpoints"
     if ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir()):
-        _, state, _ = _restore_run(p)
+        _, state, _ = _restore_run(p)  # its weights are checked as they are restored
         return cfg, {"params": state.params, "batch_stats": state.batch_stats}
     if (p / "compact").is_dir():
         model, variables, _ = load(p / "compact")
         if getattr(model, "keep_out", None):
             raise ValueError(f"{str(p)!r} holds a pruned (compact) model; a pretrained start needs "
                              "the dense weights")
+        check_weights(variables, what=f"the trained model in {str(p / 'compact')!r}")
         return cfg, variables
     raise FileNotFoundError(f"{str(p)!r} holds neither a training checkpoint nor a compact model")
 
@@ -409,7 +410,7 @@ def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, pre
 
 # config keys a resumed run may never change (the checkpoint's structure and meaning)...
 RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed", "dtype",
-                "train_subset", "compact_before_retraining")
+                "train_subset", "test_subset", "steps_per_call", "compact_before_retraining")
 # ... and keys that change the schedule: refused unless allowed, then recorded
 RESUME_SCHEDULE = ("epochs", "batch_size", "optimizer", "finetune_epochs", "finetune_lr")
 
@@ -430,31 +431,72 @@ def check_workdir(workdir: Path) -> None:
         raise PermissionError(13, f"{parent} is not writable", str(workdir))
 
 
-def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
-                 allow_schedule_change: bool = False) -> dict:
-    """Compares ``config`` with the run already in ``workdir`` (its ``config.json``), if any.
+def run_config(workdir: Path) -> tuple[dict, str] | None:
+    """``(config, where)`` of the run in ``workdir``: the config recorded WITH its newest
+    checkpoint (`jaxprune.checkpoints.recorded_config`: what the saved state was trained
+    under, whatever happened to ``config.json`` since), else ``config.json`` (checkpoints
+    written without a config, or none yet), else None."""
+    from jaxprune.checkpoints import recorded_config
 
-    A change of model, data, method or anything else in `RESUME_FIXED` is refused (ValueError
-    naming the keys); a change of the schedule (`RESUME_SCHEDULE`) too, unless
-    ``allow_schedule_change``. Returns ``{key: [old, new]}`` of the allowed changes."""
+    rec = recorded_config(workdir / "checkpoints")
+    if rec is not None:
+        return rec
     path = workdir / "config.json"
     if not path.is_file():
-        return {}
+        return None
     try:
         old = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
-    old = config_lib.with_defaults(old)
+    if not isinstance(old, dict):
+        raise ValueError(f"{path} holds no JSON object; the run directory is damaged")
+    return old, str(path)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _changed(old: dict, new: dict, keys: tuple[str, ...]) -> dict[str, list]:
+    """``{dotted key: [old, new]}`` of the leaves under ``keys`` that differ."""
+    out = {}
+    for k in keys:
+        a, b = _flat(old.get(k), f"{k}."), _flat(new.get(k), f"{k}.")
+        for leaf in list(a) + [x for x in b if x not in a]:
+            if json.dumps(a.get(leaf), sort_keys=True) != json.dumps(b.get(leaf), sort_keys=True):
+                out[leaf] = [a.get(leaf), b.get(leaf)]
+    return out
+
+
+def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
+                 allow_schedule_change: bool = False) -> dict:
+    """Compares ``config`` with the run already in ``workdir`` (`run_config`: the config
+    recorded with its newest checkpoint, else its ``config.json``), if any.
+
+    A change of model, data, seed, method or anything else in `RESUME_FIXED` is refused
+    (ValueError naming the first key with its old and new value); a change of the schedule
+    (`RESUME_SCHEDULE`) too, unless ``allow_schedule_change``. Returns ``{key: [old, new]}``
+    of the allowed changes (dotted keys)."""
+    ref = run_config(workdir)
+    if ref is None:
+        return {}
+    old = config_lib.with_defaults(ref[0])
     new = config_lib.with_defaults(config.to_dict())
-    differ = lambda k: json.dumps(old.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)  # noqa: E731
-    fixed = [k for k in RESUME_FIXED if differ(k)]
+    fixed = _changed(old, new, RESUME_FIXED)
     if fixed:
-        shown = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in fixed[:3])
-        raise ValueError(f"{workdir} holds a run with another {', '.join(fixed)} ({shown}); refusing "
-                         "to resume it: use another --workdir")
-    sched = {k: [old.get(k), new.get(k)] for k in RESUME_SCHEDULE if differ(k)}
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(fixed.items())[:3])
+        raise ValueError(f"{workdir} holds a run with another {', '.join(fixed)} ({shown}; recorded "
+                         f"in {ref[1]}); refusing to resume it: use another --workdir")
+    sched = _changed(old, new, RESUME_SCHEDULE)
     if sched and not allow_schedule_change:
-        raise ValueError(f"{workdir} holds a run with another schedule ({', '.join(sched)} differ); "
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(sched.items())[:3])
+        raise ValueError(f"{workdir} holds a run with another schedule ({shown}; recorded in "
+                         f"{ref[1]}); "
                          "pass --allow-schedule-change to resume it with the new one (recorded in "
                          "config_changes.jsonl), or use another --workdir")
     return sched
@@ -466,11 +508,49 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
 
     Everything that can be checked (config, the run directory's usability, the compatibility
     of a run already there, pretrained weights) is checked before anything is written."""
+    from jaxprune.runlock import RunLock
+
     t0 = time.time()
     parallel.maybe_initialize_distributed()
     config = with_pretrained_normalization(config)
     workdir = Path(workdir)
     check_workdir(workdir)
+    # one writer per run directory (process 0 of a multi-host run writes its files)
+    lock = RunLock(workdir) if jax.process_index() == 0 else None
+    try:
+        if lock is not None:
+            lock.acquire()  # an existing directory: before its records are read
+        return _run(config, workdir, lock, t0, progress=progress, dataset=dataset,
+                    allow_schedule_change=allow_schedule_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _undo_refused_start(workdir: Path, created: bool, before: dict[str, bytes | None]) -> None:
+    """After a refusal raised once the run directory was written but before any checkpoint
+    committed: a directory this call created is removed; an existing one gets its records back
+    (``config.json``, ``config_changes.jsonl``), so the corrected command is not refused too."""
+    import shutil
+
+    committed = any(p.name.isdigit() or p.name == "preempt"
+                    for d in ("checkpoints", "checkpoints_finetune") if (workdir / d).is_dir()
+                    for p in (workdir / d).iterdir())
+    if committed:
+        return
+    if created:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return
+    for name, data in before.items():
+        if data is None:
+            (workdir / name).unlink(missing_ok=True)
+        else:
+            (workdir / name).write_bytes(data)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float, *,
+         progress: bool, dataset: Any, allow_schedule_change: bool) -> dict:
+    """`run` once the run directory is locked."""
     changes = check_resume(workdir, config, allow_schedule_change=allow_schedule_change)
     s = setup(config, dataset)
     ds = s.dataset
@@ -478,7 +558,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
     state = _initial_params(s, state)
     # everything checkable is checked: only now is the run directory written
+    created = not workdir.exists()
+    before = {n: (workdir / n).read_bytes() if (workdir / n).is_file() else None
+              for n in ("config.json", "config_changes.jsonl")}
     workdir.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        lock.acquire()  # a new directory: as soon as it exists
+    try:
+        return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress)
+    except (ValueError, KeyError, TypeError, FileNotFoundError):
+        _undo_refused_start(workdir, created, before)
+        raise
+
+
+def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collections.ConfigDict,
+                      workdir: Path, changes: dict, t0: float, *, progress: bool) -> dict:
+    """The writing part of `run`: records, training phases, compaction, result."""
+    ds = s.dataset
     if changes:
         with open(workdir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
@@ -509,11 +605,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
 
 
 def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
-           history: list | None = None, save: bool = True, which: str = "final") -> dict:
-    """Final masks -> compaction -> accuracy check (compact == masked) -> saved compact model."""
+           history: list | None = None, save: bool = True, which: str = "final",
+           compact_dir: str = "compact") -> dict:
+    """Final masks -> compaction -> accuracy check (compact == masked) -> saved compact model
+    (``workdir/compact_dir``). The final masks must be hard (`check_hard_masks`)."""
     from jaxprune.checkpoints import save_compact
+    from jaxprune.masks import check_hard_masks
 
     ds = s.dataset
+    check_hard_masks(state.masks, what="the final masks")
     masks = binarize(state.masks)
     variables = state.variables
     roles = final_roles(s.method)
@@ -586,7 +686,7 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         meta["input_shape"] = list(ds.image_shape)
         meta["test_subset"] = int(s.config.test_subset)
         meta["mean"], meta["std"] = list(ds.mean), list(ds.std)
-        save_compact(workdir / "compact", res.model, res.variables, meta, overwrite=True)
+        save_compact(workdir / compact_dir, res.model, res.variables, meta, overwrite=True)
     return record
 
 
@@ -652,13 +752,26 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
 
 
 def _restore_run(run_dir: Path):
-    """Setup and the latest training state of a run directory (its config.json)."""
+    """Setup and the latest readable training state of a run directory: ``(setup, state,
+    meta)`` (see `restore_run`)."""
+    s, state, meta, _, _ = restore_run(run_dir)
+    return s, state, meta
+
+
+def restore_run(run_dir: Path):
+    """``(setup, state, meta, step, newest)`` of a run directory: the newest training
+    checkpoint that reads back completely (``step``; ``newest`` is the newest step on disk, so
+    ``step < newest`` means it fell back past a damaged one), built with the config recorded
+    with the checkpoints (`run_config`; ``config.json`` for checkpoints written without one).
+    Read-only: a damaged step is reported and skipped, never moved."""
     from jaxprune.checkpoints import make_checkpoint_manager, restore_latest_good
 
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json)")
-    cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads(cfg_path.read_text())))
+    run_dir = Path(run_dir)
+    ref = run_config(run_dir) if run_dir.is_dir() else None
+    if ref is None:
+        raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json and no "
+                                "checkpoint with a recorded config)")
+    cfg = ml_collections.ConfigDict(config_lib.with_defaults(ref[0]))
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
@@ -669,14 +782,16 @@ def _restore_run(run_dir: Path):
         s, state = compact_for_retraining(s, state, run_dir)
     state = s.method.init(state, s.ctx)
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
-    if mgr.latest_step() is None:
+    newest = mgr.latest_step()
+    if newest is None:
+        mgr.close()
         raise FileNotFoundError(f"{str(run_dir / 'checkpoints')!r} holds no checkpoint")
     try:  # read-only: an unreadable step is reported and skipped, never moved
-        state, meta, _ = restore_latest_good(mgr, state, set_aside=False,
-                                             warn=lambda m: print(f"warning: {m}", flush=True))
+        state, meta, step = restore_latest_good(mgr, state, set_aside=False,
+                                                warn=lambda m: print(f"warning: {m}", flush=True))
     finally:
         mgr.close()
-    return s, state, meta
+    return s, state, meta, step, newest
 
 
 CHECKPOINT_CHOICES = ("final", "best")
@@ -685,38 +800,71 @@ CHECKPOINT_CHOICES = ("final", "best")
 def compact_run(run_dir: str | os.PathLike, which: str = "final") -> dict:
     """Finalizes and compacts a checkpoint of a run (``jaxprune compact``): the final (latest)
     one, or with ``which='best'`` the one with the best test accuracy; a run with a fine-tuning
-    phase is compacted from that phase's checkpoints. The record says which (``from_state``)."""
-    from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
+    phase is compacted from that phase's checkpoints. The record says which (``from_state``:
+    ``which``, the Orbax ``checkpoint_step`` and ``newest_step``).
+
+    Nothing of a later step is replaced by an older one: when the newest checkpoint is unreadable
+    and ``final`` falls back to an older step, the results go beside the run's own, named by
+    step (``compact-step<k>/``, ``result-step<k>.json``; the record's ``compact_dir`` and
+    ``result_file`` say where), and ``compact/`` and ``result.json`` stay as they are. An
+    unreadable best checkpoint is refused (ValueError naming it). The run directory is locked
+    (`jaxprune.runlock`) while it is written."""
+    from jaxprune.runlock import RunLock
 
     if which not in CHECKPOINT_CHOICES:
         raise ValueError(f"checkpoint {which!r} is not allowed; expected one of {', '.join(CHECKPOINT_CHOICES)}")
     run_dir = Path(run_dir)
-    s, state, meta = _restore_run(run_dir)
+    with RunLock(run_dir):
+        return _compact_locked(run_dir, which)
+
+
+def _pick(directory: Path, state: Any, which: str) -> tuple[Any, dict, int, int]:
+    """``(state, meta, step, newest)`` of the ``which`` checkpoint of ``directory``: ``best``
+    exactly (an unreadable one is refused), ``final`` the newest readable one."""
+    from jaxprune.checkpoints import (_first_line, make_checkpoint_manager, restore_checkpoint,
+                                      restore_latest_good)
+
+    mgr = make_checkpoint_manager(directory)
+    try:
+        newest = mgr.latest_step()
+        if which == "final":
+            state, meta, step = restore_latest_good(
+                mgr, state, set_aside=False, warn=lambda m: print(f"warning: {m}", flush=True))
+            return state, meta, step, newest
+        step = mgr.best_step()
+        step = newest if step is None else step
+        try:
+            state, meta = restore_checkpoint(mgr, state, step=step)
+        except Exception as e:  # noqa: BLE001 - truncated / garbage files
+            raise ValueError(f"the best checkpoint, step {step} in {directory}, is unreadable "
+                             f"({type(e).__name__}: {_first_line(e)}); compact the final one "
+                             "instead (--checkpoint final)") from None
+        return state, meta, step, newest
+    finally:
+        mgr.close()
+
+
+def _compact_locked(run_dir: Path, which: str) -> dict:
+    s, state, meta, step, newest = restore_run(run_dir)
     ft_dir = run_dir / "checkpoints_finetune"
     has_ft = ft_dir.is_dir() and any(p.name.isdigit() for p in ft_dir.iterdir())
-
-    def pick(mgr, state):
-        step = mgr.best_step() if which == "best" else mgr.latest_step()
-        return restore_checkpoint(mgr, state, step=step if step is not None else mgr.latest_step())
-
     if which == "best" and not has_ft:
-        mgr = make_checkpoint_manager(run_dir / "checkpoints")
-        try:
-            state, meta = pick(mgr, state)
-        finally:
-            mgr.close()
+        state, meta, step, newest = _pick(run_dir / "checkpoints", state, which)
     state = s.method.finalize(state, s.ctx)
     history = list(meta.get("history", []))
+    tag = "step"
     if has_ft:
-        mgr = make_checkpoint_manager(ft_dir)
-        try:
-            state, ft_meta = pick(mgr, state)
-        finally:
-            mgr.close()
+        state, ft_meta, step, newest = _pick(ft_dir, state, which)
         history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
+        tag = "finetune-step"
+    fell_back = which == "final" and step != newest
+    compact_dir = f"compact-{tag}{step}" if fell_back else "compact"
+    result_file = f"result-{tag}{step}.json" if fell_back else "result.json"
     preprocess = functools.partial(augment_lib.normalize, mean=s.dataset.mean, std=s.dataset.std)
-    rec = finish(s, state, run_dir, preprocess, history=history, which=which)
-    (run_dir / "result.json").write_text(json.dumps(rec, indent=2))
+    rec = finish(s, state, run_dir, preprocess, history=history, which=which, compact_dir=compact_dir)
+    rec["from_state"].update(checkpoint_step=int(step), newest_step=int(newest))
+    rec["compact_dir"], rec["result_file"] = compact_dir, result_file
+    (run_dir / result_file).write_text(json.dumps(rec, indent=2))
     return rec
 
 
@@ -724,12 +872,13 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     """Test accuracy of a saved compact model (or a run directory's ``compact/``)."""
     import functools
 
-    from jaxprune.checkpoints import load
+    from jaxprune.checkpoints import check_weights, load
 
     p = Path(path)
     if (p / "compact").is_dir():
         p = p / "compact"
     model, variables, meta = load(p)
+    check_weights(variables, what=f"the model in {str(p)!r}")  # NaN weights: no accuracy to report
     name = meta.get("dataset", "cifar10")
     n = int(meta.get("test_subset") or 0)  # the split the run was evaluated on (0: all)
     if name == "digits":
@@ -862,7 +1011,7 @@ def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathL
     import shutil
     import uuid
 
-    from jaxprune.checkpoints import save_compact
+    from jaxprune.checkpoints import check_weights, save_compact
     from jaxprune.models.torch_import import from_torch
 
     workdir = Path(workdir)
@@ -878,6 +1027,7 @@ def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathL
     cfg.mean, cfg.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     config_lib.validate(cfg)
     model, variables = from_torch(name, source)
+    check_weights(variables, what=f"the weights imported from {str(source)!r}")
     channels = 3
     if cfg.mean and len(cfg.mean) != channels:
         raise ValueError(f"--mean {cfg.mean!r}: expected {channels} values, one per channel")

@@ -24,8 +24,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxprune._optional import require
+
 from jaxprune.batching import epoch_batches, eval_batches
-from jaxprune.data import ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, _tfds_module, _tfds_where
+from jaxprune.data import ENV_DATA_DIR, IMAGENET_MEAN, IMAGENET_STD, tfds_module, tfds_where
 
 def random_resized_crop_box(
     rng: np.random.Generator,
@@ -62,7 +64,7 @@ def random_resized_crop_box(
 
 
 def _to_pil_rgb(image):
-    from PIL import Image  # noqa: PLC0415
+    Image = require("PIL.Image", "imagenet", "ImageNet preprocessing")
 
     if isinstance(image, (bytes, bytearray, memoryview)):
         img = Image.open(io.BytesIO(bytes(image)))
@@ -84,7 +86,7 @@ def _to_pil_rgb(image):
 def preprocess_imagenet_train(image, rng: np.random.Generator, image_size: int = 224) -> np.ndarray:
     """Random-resized-crop (area 0.08..1, aspect 3/4..4/3) to ``image_size``, bilinear, then a
     random horizontal flip. ``image``: uint8 HWC array, encoded bytes or PIL image. -> uint8 HWC."""
-    from PIL import Image  # noqa: PLC0415
+    Image = require("PIL.Image", "imagenet", "ImageNet preprocessing")
 
     img = _to_pil_rgb(image)
     top, left, h, w = random_resized_crop_box(rng, img.height, img.width)
@@ -99,7 +101,7 @@ def preprocess_imagenet_train(image, rng: np.random.Generator, image_size: int =
 
 def preprocess_imagenet_eval(image, image_size: int = 224, resize_size: int = 256) -> np.ndarray:
     """Resize the shorter side to ``resize_size`` (bilinear), center crop ``image_size``."""
-    from PIL import Image  # noqa: PLC0415
+    Image = require("PIL.Image", "imagenet", "ImageNet preprocessing")
 
     if resize_size < image_size:
         raise ValueError(f"resize_size {resize_size} < image_size {image_size}")
@@ -118,11 +120,13 @@ def preprocess_imagenet_eval(image, image_size: int = 224, resize_size: int = 25
 def _imagenet_not_found(name: str, split: str, looked: Sequence[str]) -> FileNotFoundError:
     where = "\n  - ".join(looked)
     return FileNotFoundError(
-        f"{name} split {split!r} not found. Looked in:\n  - {where}\n"
+        f"{name} split {split!r} not found (`jaxprune data {name}` prints how to prepare it). "
+        f"Looked in:\n  - {where}\n"
         f"Prepare it once in the array_record format (TFDS cannot download ImageNet; reading the "
         f"prepared copy needs no TensorFlow, preparing it does):\n"
-        f"  1. put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/\n"
-        f"  2. run `tfds build {name} --data_dir=<data_dir> --file_format=array_record`\n"
+        f"  1. pip install 'jaxprune[imagenet]' tensorflow-cpu\n"
+        f"  2. put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in <data_dir>/downloads/manual/\n"
+        f"  3. run `tfds build {name} --data_dir=<data_dir> --file_format=array_record`\n"
         f"then pass data_dir=<data_dir> (CLI: --data_dir), or set {ENV_DATA_DIR}=<data_dir> or "
         f"TFDS_DATA_DIR=<data_dir>, or pass source=<sequence of {{'image', 'label'}} dicts>."
     )
@@ -131,9 +135,10 @@ def _imagenet_not_found(name: str, split: str, looked: Sequence[str]) -> FileNot
 def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, Any]]:
     """The random-access TFDS source of ``name``/``split``: in ``data_dir`` if given, else in
     ``$JAXPRUNE_DATA_DIR`` and then TFDS's default data dir (first prepared copy wins)."""
-    tfds = _tfds_module()
+    tfds = tfds_module()
     if tfds is None:
-        raise _imagenet_not_found(name, split, ["tensorflow_datasets is not importable"])
+        raise _imagenet_not_found(name, split, [
+            "tensorflow-datasets is not installed (pip install 'jaxprune[imagenet]')"])
     if data_dir is not None:
         candidates = [os.fspath(Path(data_dir).expanduser())]
     else:
@@ -141,7 +146,7 @@ def _open_tfds_source(name: str, split: str, data_dir) -> Sequence[Mapping[str, 
         candidates = ([os.fspath(Path(env).expanduser())] if env else []) + [None]
     looked = []
     for dd in candidates:
-        where = _tfds_where(dd)
+        where = tfds_where(dd)
         try:
             builder = tfds.builder(name, data_dir=dd)
         except Exception as e:
@@ -448,7 +453,7 @@ def write_synthetic_imagenet(data_dir: str | os.PathLike, num_train: int = 64,
     ``classes_used`` of ``num_classes`` classes, each class its own mean colour plus noise (so a
     model can learn something). Preparing needs no TensorFlow. An existing copy is reused."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    Image = require("PIL.Image", "imagenet", "ImageNet preprocessing")
 
     data_dir = Path(data_dir)
     name = "imagenet2012"

@@ -59,21 +59,25 @@ def check_tree(tree: Any, graph: PruningGraph, prefix: Sequence[str] = ()) -> No
                              f"was traced with {known[p]}: variables of another model?")
 
 
-class _AxisPlan(NamedTuple):
+class AxisPlan(NamedTuple):
+    """Which group channel each position of one leaf axis belongs to."""
+
     axis: int
     groups: tuple[str, ...]
     index: np.ndarray  # [axis_size] into concat(masks[g] for g in groups) + [1.0]
 
 
-def _plans(graph: PruningGraph, roles: Collection[str] | None
-           ) -> dict[tuple[str, ...], list[_AxisPlan]]:
+def axis_plans(graph: PruningGraph, roles: Collection[str] | None
+               ) -> dict[tuple[str, ...], list[AxisPlan]]:
+    """Leaf path -> the `AxisPlan` of each of its axes that groups touch (members of ``roles``;
+    None: all)."""
     per_axis: dict[tuple[tuple[str, ...], int], list[tuple[str, Any]]] = {}
     for name, g in graph.groups.items():
         for m in g.members:
             if roles is None or m.role in roles:
                 per_axis.setdefault((m.path, m.axis), []).append((name, m))
     sizes = {leaf.path: leaf.shape for leaf in graph.leaves}
-    plans: dict[tuple[str, ...], list[_AxisPlan]] = {}
+    plans: dict[tuple[str, ...], list[AxisPlan]] = {}
     for (path, axis), entries in per_axis.items():
         names = tuple(dict.fromkeys(n for n, _ in entries))
         offsets = dict(zip(names, np.cumsum([0] + [graph.groups[n].size for n in names])))
@@ -81,11 +85,11 @@ def _plans(graph: PruningGraph, roles: Collection[str] | None
         index = np.full(sizes[path][axis], total, np.int32)
         for n, m in entries:
             index[m.index] = offsets[n] + np.arange(m.index.shape[0])[:, None]
-        plans.setdefault(path, []).append(_AxisPlan(axis, names, index))
+        plans.setdefault(path, []).append(AxisPlan(axis, names, index))
     return plans
 
 
-def _multiplier(plan: _AxisPlan, masks: Mapping[str, jax.Array], ndim: int, dtype) -> jax.Array:
+def _multiplier(plan: AxisPlan, masks: Mapping[str, jax.Array], ndim: int, dtype) -> jax.Array:
     vec = jnp.concatenate([jnp.asarray(masks[n], dtype) for n in plan.groups]
                           + [jnp.ones((1,), dtype)])
     shape = [1] * ndim
@@ -112,7 +116,7 @@ def apply_masks(tree: Any, masks: Mapping[str, jax.Array], graph: PruningGraph,
     """
     validate_masks(masks, graph)
     check_tree(tree, graph, prefix)
-    plans = _plans(graph, roles)
+    plans = axis_plans(graph, roles)
     flat, treedef = jax.tree_util.tree_flatten(tree)
     paths = leaf_paths(tree)
     out = []
@@ -131,7 +135,7 @@ def mask_optimizer_state(opt_state: Any, masks: Mapping[str, jax.Array],
     path inside ``collection`` and its shape equals the parameter's.
     """
     validate_masks(masks, graph)
-    plans = {p[1:]: v for p, v in _plans(graph, None).items() if p[0] == collection}
+    plans = {p[1:]: v for p, v in axis_plans(graph, None).items() if p[0] == collection}
     shapes = {leaf.path[1:]: leaf.shape for leaf in graph.leaves if leaf.path[0] == collection}
     flat, treedef = jax.tree_util.tree_flatten(opt_state)
     paths = leaf_paths(opt_state)
@@ -150,6 +154,21 @@ def mask_optimizer_state(opt_state: Any, masks: Mapping[str, jax.Array],
 def keep_indices(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Group name -> sorted indices of the channels whose mask is nonzero (host arrays)."""
     return {n: np.flatnonzero(np.asarray(m) != 0) for n, m in masks.items()}
+
+
+def check_hard_masks(masks: Mapping[str, Any], what: str = "masks") -> None:
+    """Raises ValueError naming the group, the channel and the value unless every mask value is
+    exactly 0 or 1. For the hard masks a final model is built from (compaction's input, a
+    method's ``finalize``): a decayed (SRFP), NaN or out-of-range value there would silently
+    give a compact model that differs from the masked one. Soft masks during training are
+    not checked."""
+    for name, m in masks.items():
+        arr = np.asarray(jax.device_get(m), np.float64).reshape(-1)
+        bad = np.flatnonzero(~((arr == 0.0) | (arr == 1.0)))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"{what}: group {name!r} channel {i} has mask value {float(arr[i])!r} "
+                             f"({bad.size} non-binary value(s)); hard masks must be 0 or 1")
 
 
 def binarize(masks: Mapping[str, jax.Array]) -> Masks:

@@ -14,6 +14,16 @@ import numpy as np
 import optax
 
 
+def _check_finite(name: str, value: object) -> None:
+    """Raises ValueError naming ``name`` unless ``value`` is a finite real number >= 0."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not np.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def make_optimizer(
     learning_rate: float | optax.Schedule,
     momentum: float = 0.9,
@@ -28,6 +38,10 @@ def make_optimizer(
     members (``add_decayed_weights``, ``sgd``) so the optimizer state's structure, and hence
     the checkpoints, do not depend on the hyper-parameters.
     """
+    if not callable(learning_rate):
+        _check_finite("learning_rate", learning_rate)
+    _check_finite("momentum", momentum)
+    _check_finite("weight_decay", weight_decay)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
     if nesterov and momentum == 0.0:
@@ -58,6 +72,10 @@ def step_schedule(
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    _check_finite("base_lr", base_lr)
+    _check_finite("factor", factor)
+    if warmup_lr is not None:
+        _check_finite("warmup_lr", warmup_lr)
     bounds = [float(b) for b in boundaries]
     if bounds != sorted(bounds) or any(not (b >= 0) or not np.isfinite(b) for b in bounds):
         raise ValueError(f"boundaries must be sorted non-negative epochs, got {tuple(boundaries)}")
@@ -95,6 +113,7 @@ def sfp_cifar_schedule(
 
 def constant_schedule(learning_rate: float) -> optax.Schedule:
     """A constant LR (PFEC retraining: 0.001), as a float32 scalar like the other schedules."""
+    _check_finite("learning_rate", learning_rate)
     value = np.float32(learning_rate)
 
     def schedule(count):

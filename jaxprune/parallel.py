@@ -60,7 +60,8 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
         raise ValueError("make_mesh needs at least one device")
     return Mesh(np.asarray(devs, dtype=object), (DATA_AXIS,))
 
-def _check_batch(mesh: Mesh, local_batch: int) -> None:
+def check_batch(mesh: Mesh, local_batch: int) -> None:
+    """Raises ValueError unless ``local_batch`` splits evenly over this process's devices."""
     n_local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
     if local_batch % max(n_local, 1):
         if jax.process_count() == 1:
@@ -77,7 +78,7 @@ def shard_batch(mesh: Mesh, images: Any, labels: Any) -> tuple[jax.Array, jax.Ar
     ``jax.make_array_from_process_local_data``. Raises ValueError if the batch does not split
     evenly over the devices.
     """
-    _check_batch(mesh, int(np.shape(images)[0]))
+    check_batch(mesh, int(np.shape(images)[0]))
     if np.shape(labels)[0] != np.shape(images)[0]:
         raise ValueError(f"images and labels disagree on the batch size: {np.shape(images)[0]} "
                          f"vs {np.shape(labels)[0]}")
@@ -101,7 +102,7 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
 
     return jax.tree.map(put, tree)
 
-def _process_rows(global_batch: int) -> slice:
+def process_rows(global_batch: int) -> slice:
     """This process's rows of a global batch (devices are ordered by process in the mesh)."""
     n = jax.process_count()
     if global_batch % n:

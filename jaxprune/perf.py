@@ -18,7 +18,7 @@ input-gradient convolutions go to Eigen as well (about as fast), reductions and 
 their YNNPACK fusions. Same math (float32 convolutions, only the library that runs them
 changes, so only the summation order differs: after one ResNet-56 step the params differed by
 at most 5.4e-4 of the largest update). Measured speedup of the ResNet-56 train step: 1.18x on
-one quiet core, 1.66x on a loaded 2-core machine (BENCHMARKS.md; experiments/bench/README.md).
+one quiet core, 1.66x on a loaded 2-core machine (experiments/bench/records/HISTORY.md).
 
 ``--xla_disable_hlo_passes=cse_barrier_expander`` keeps ``lax.optimization_barrier`` ops until
 fusion (XLA:CPU otherwise turns them into control dependencies first, which fusion ignores).
@@ -29,7 +29,7 @@ weight-gradient transpose, so the train step's cost grows quadratically with the
 stage. Barriers change no value. With the flag the train step got 2.07-2.09x faster for
 ResNet-56 and 2.38-2.50x for ResNet-110 (1.24-1.33x ResNet-20; two runs on 2 threads), and its
 CPU time per MAC stopped growing with depth (`torch_vs_jax.py --sections scaling`;
-BENCHMARKS.md, issue 13). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
+BENCHMARKS.md). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
 output in `jaxprune.models.materialize` (or ``jax.lax.optimization_barrier``).
 
 ``--xla_disable_hlo_passes`` is not CPU-only: where jax will run on a GPU or TPU

@@ -338,6 +338,9 @@ def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) ->
     compact model, an ``x``), the others on exact conv + FC MACs (as PFEC counts). Each paper's
     own dense baseline is a dashed line; our schedule is in the legend, all text inside the axes.
     """
+    from jaxprune._optional import require
+
+    require("matplotlib", "plots", "plotting results")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -75,12 +75,21 @@ def _check_names(kind: str, names: Iterable[str], scores: Scores) -> None:
         )
 
 
+def nan_lowest(score: jax.Array) -> jax.Array:
+    """``score`` with NaN replaced by -inf: the ranking policy for scores that are not numbers
+    (a channel whose filter holds NaN). A NaN channel ranks LOWEST, so it is pruned first, never
+    kept as the best one (a plain sort puts NaN last, i.e. highest). Jittable."""
+    score = jnp.asarray(score)
+    return jnp.where(jnp.isnan(score), -jnp.inf, score)
+
+
 def _prune_lowest(score: jax.Array, n: int) -> jax.Array:
-    """float32 mask with the ``n`` (static) lowest entries of ``score`` set to 0."""
+    """float32 mask with the ``n`` (static) lowest entries of ``score`` set to 0 (NaN lowest:
+    `nan_lowest`)."""
     mask = jnp.ones(score.shape, jnp.float32)
     if n == 0:
         return mask
-    order = jnp.argsort(score, stable=True)
+    order = jnp.argsort(nan_lowest(score), stable=True)
     return mask.at[order[:n]].set(0.0)
 
 
@@ -238,7 +247,7 @@ def prune_by_global_threshold(
     their max |score| (``True`` or ``'max'``) or their L2 norm (``'l2'``); ``False``/``None``
     uses raw scores. Each group keeps at least its highest-scoring channel (if the rate
     asks for more, the count is reduced). Ties go to group order, then channel index.
-    Groups outside ``groups`` keep all channels.
+    Groups outside ``groups`` keep all channels. A NaN score ranks lowest (`nan_lowest`).
     """
     rate = _check_rate(rate)
     if normalize not in (True, False, None) + NORMALIZATIONS:
@@ -248,6 +257,7 @@ def prune_by_global_threshold(
         )
     names = list(scores) if groups is None else list(groups)
     _check_names("groups", names, scores)
+    scores = {name: nan_lowest(score) for name, score in scores.items()}  # NaN pruned first
     masks = {name: jnp.ones(score.shape, jnp.float32) for name, score in scores.items()}
     if not names:
         return masks

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
-from jaxprune.parallel import DATA_AXIS, _check_batch, make_mesh, replicate, shard_batch
+from jaxprune.parallel import DATA_AXIS, check_batch, make_mesh, replicate, shard_batch
 
 
 # (rng, uint8 images [B,H,W,C]) -> float images; e.g. partial(augment.augment_batch, mean=.., std=..)
@@ -59,14 +59,15 @@ class TrainState:
             out["batch_stats"] = self.batch_stats
         return out
 
-def _call_kwargs(model: Any, train: bool) -> dict:
+def call_kwargs(model: Any, train: bool) -> dict:
+    """``{'train': train}`` if ``model.__call__`` takes ``train``, else ``{}``."""
     import inspect
 
     return {"train": train} if "train" in inspect.signature(model.__call__).parameters else {}
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_variables(model: Any, rng: jax.Array, x: jax.Array) -> Any:
-    return model.init(rng, x, **_call_kwargs(model, False))
+    return model.init(rng, x, **call_kwargs(model, False))
 
 def create_train_state(model: Any, graph: Any, rng: jax.Array, sample_input: Any,
                        optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
@@ -92,7 +93,7 @@ def create_train_state(model: Any, graph: Any, rng: jax.Array, sample_input: Any
     try:
         variables = _init_variables(model, init_rng, x)
     except TypeError:  # an unhashable module: no compile cache across calls
-        variables = jax.jit(functools.partial(model.init, **_call_kwargs(model, False)))(init_rng, x)
+        variables = jax.jit(functools.partial(model.init, **call_kwargs(model, False)))(init_rng, x)
     variables = dict(variables)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
@@ -139,7 +140,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
                         "functools.partial(augment.augment_batch, mean=..., std=...))")
     else:
         x = images
-    kwargs = _call_kwargs(model, True)
+    kwargs = call_kwargs(model, True)
     has_bn = bool(jax.tree.leaves(state.batch_stats))
 
     def loss_fn(params):
@@ -212,7 +213,7 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
         if not (isinstance(images, jax.Array) and isinstance(labels, jax.Array)):
             images, labels = shard_batch(mesh, images, labels)
         else:
-            _check_batch(mesh, images.shape[0] // jax.process_count())
+            check_batch(mesh, images.shape[0] // jax.process_count())
         big = (state.step, state.params, state.batch_stats, state.opt_state)
         small = (state.masks, state.hard, state.method_state, state.rng)
         return jitted(big, small, images, labels)

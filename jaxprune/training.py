@@ -20,8 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from jaxprune import train_step as _ts
-from jaxprune.evaluation import Preprocess, _is_stream, evaluate, make_eval_fn, put_eval_data
-from jaxprune.parallel import (_check_batch, _process_rows, make_mesh, put_replicated, replicate,
+from jaxprune.evaluation import Preprocess, is_stream, evaluate, make_eval_fn, put_eval_data
+from jaxprune.parallel import (check_batch, process_rows, make_mesh, put_replicated, replicate,
                                shard_batch)
 from jaxprune.train_step import Augment, TrainState, chunk_steps
 
@@ -33,6 +33,10 @@ IN_FLIGHT = 2
 class Preempted(RuntimeError):
     """SIGTERM or SIGINT stopped training at a step boundary; a mid-epoch checkpoint was saved
     and rerunning the same command resumes exactly."""
+
+
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C during training: stopped at once, without a checkpoint of the epoch."""
 
 
 class _StopSignals:
@@ -60,7 +64,7 @@ class _StopSignals:
             self.received = signal.Signals(signum).name
         elif signum == signal.SIGINT:  # a second Ctrl-C: stop now, without saving
             signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         # a repeated SIGTERM is ignored: the checkpoint of the first one is being written
 
     def __exit__(self, *exc):
@@ -90,7 +94,8 @@ def check_finite(state: TrainState, train_metrics: Mapping[str, float], *, epoch
     loss = train_metrics.get("loss")
     if loss is not None and not np.isfinite(loss):
         raise DivergenceError(f"training diverged: the mean training loss of epoch {epoch + 1} "
-                              f"is {loss} (optimizer step {step}); lower optimizer.base_lr")
+                              f"is {loss}; stopped after epoch {epoch + 1} (optimizer step {step}); "
+                              "lower optimizer.base_lr")
     for name, tree in (("params", state.params), ("batch statistics", state.batch_stats)):
         if not bool(_all_finite(tree)):
             raise DivergenceError(f"training diverged: the {name} hold non-finite values after "
@@ -190,7 +195,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from jaxprune.checkpoints import load_preempt, restore_latest_good
+    from jaxprune.checkpoints import _first_line, load_preempt, restore_latest_good, set_aside_preempt
     from jaxprune.batching import epoch_batches, num_batches
 
     if epochs < 1:
@@ -198,7 +203,7 @@ def fit(
     if getattr(ctx, "total_epochs", epochs) != epochs:
         raise ValueError(f"ctx.total_epochs={ctx.total_epochs} but fit was asked for epochs={epochs}; "
                          "the method's schedules would not line up")
-    streamed = _is_stream(train_data)
+    streamed = is_stream(train_data)
     if streamed:
         if train_data.batch_size != batch_size:
             raise ValueError(f"the training stream yields batches of {train_data.batch_size}, "
@@ -211,8 +216,8 @@ def fit(
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the {n_train} training examples")
     mesh = make_mesh() if mesh is None else mesh
-    _check_batch(mesh, batch_size // jax.process_count())
-    _process_rows(batch_size)  # the global batch splits over the processes
+    check_batch(mesh, batch_size // jax.process_count())
+    process_rows(batch_size)  # the global batch splits over the processes
     main_process = jax.process_index() == 0
     method_name = getattr(method, "name", type(method).__name__)
     k = chunk_steps(steps_per_epoch, auto_steps_per_call() if steps_per_call is None else steps_per_call)
@@ -227,7 +232,7 @@ def fit(
     eval_fn = eval_data = None
     if test_data is not None:
         eval_fn = make_eval_fn(model, mesh, preprocess)
-        eval_data = test_data if _is_stream(test_data) else put_eval_data(
+        eval_data = test_data if is_stream(test_data) else put_eval_data(
             mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
     if run_init:
@@ -253,7 +258,14 @@ def fit(
     resume_step, carried = 0, []
     preempt_dir = None if checkpoint_manager is None else Path(str(checkpoint_manager.directory))
     if preempt_dir is not None:
-        pre = load_preempt(preempt_dir, state)
+        try:
+            pre = load_preempt(preempt_dir, state, steps_per_epoch=steps_per_epoch)
+        except Exception as e:  # noqa: BLE001 - damaged, truncated or edited: like a bad step
+            moved = set_aside_preempt(preempt_dir)
+            print(f"warning: the preempted checkpoint {preempt_dir / 'preempt'} is unreadable "
+                  f"({type(e).__name__}: {_first_line(e)}); set aside as {moved.name if moved else '-'}"
+                  f"; resuming from epoch {start_epoch}", flush=True)
+            pre = None
         if pre is not None and int(pre[1]["epoch"]) >= start_epoch:
             state, pmeta = replicate(mesh, pre[0]), pre[1]
             start_epoch, resume_step = int(pmeta["epoch"]), int(pmeta["resume_step"])
@@ -284,20 +296,22 @@ def fit(
                                           order, pos, step_metrics, bar, stop)
             bar.close()
             if i < steps_per_epoch:  # stopped by a signal between chunks
-                _preempt(stop.received, checkpoint_manager, state, epoch, i, step_metrics, history)
+                _preempt(stop.received, checkpoint_manager, state, epoch, i, step_metrics, history,
+                         config)
             state, history = _end_epoch(
                 state, history, step_metrics, epoch, t0, method=method, ctx=ctx, mesh=mesh,
                 eval_fn=eval_fn, eval_data=eval_data,
                 checkpoint_manager=checkpoint_manager, config=config,
                 method_name=method_name, metrics_writer=metrics_writer,
                 show=progress and main_process, epochs=epochs)
-            if stop.received and epoch + 1 < epochs:
+            if stop.received:  # the last epoch too: what follows it (compaction) is skipped
                 saved = "no checkpoint manager: nothing was saved"
                 if checkpoint_manager is not None:  # still ignoring a repeated SIGTERM
                     checkpoint_manager.wait_until_finished()
                     saved = "its checkpoint was saved"
+                rest = "resume" if epoch + 1 < epochs else "finish the run"
                 raise Preempted(f"stopped by {stop.received} at the end of epoch {epoch + 1}; "
-                                f"{saved}; rerun the same command to resume")
+                                f"{saved}; rerun the same command to {rest}")
 
     if checkpoint_manager is not None:
         checkpoint_manager.wait_until_finished()
@@ -333,7 +347,7 @@ def _run_stream(step: Callable, stream: Any, i: int, state: TrainState, step_met
     """Runs an epoch of a batch stream from batch ``i``, one `make_train_step` call per batch
     (this process's rows of it, placed on the mesh); returns early when a stop signal arrived.
     Returns the state and the next step."""
-    rows = _process_rows(stream.batch_size)
+    rows = process_rows(stream.batch_size)
     for b in stream.iter_from(i):
         images, labels = shard_batch(step.mesh, b["image"][rows], b["label"][rows])
         state, m = step(state, images, labels)
@@ -357,7 +371,8 @@ def _dispatched(step_metrics: list, metrics: dict, bar, steps: int) -> None:
 
 
 def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
-             resume_step: int, step_metrics: list, history: list) -> None:
+             resume_step: int, step_metrics: list, history: list,
+             config: Mapping[str, Any] | None = None) -> None:
     """Saves the mid-epoch checkpoint (process 0) once the last epoch checkpoint is committed,
     and raises `Preempted`."""
     from jaxprune.checkpoints import save_preempt
@@ -371,7 +386,8 @@ def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
         if jax.process_index() == 0:
             save_preempt(preempt_dir, state, {
                 "epoch": epoch, "resume_step": resume_step, "history": history,
-                "step_metrics": _per_step(step_metrics)})
+                "step_metrics": _per_step(step_metrics),
+                "config": dict(config) if config is not None else None})
         saved = f"a checkpoint of {where} was saved"
     raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
 
@@ -405,4 +421,5 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, ev
     return state, history
 
 
-__all__ = ["fit", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted"]
+__all__ = ["fit", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted",
+           "SecondInterrupt"]

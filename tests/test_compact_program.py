@@ -1,5 +1,5 @@
 """Compaction of models the library has not special-cased (an unseen zoo): their traced program
-is re-evaluated without the pruned channels (`jaxprune.compact_program`).
+is re-evaluated without the pruned channels (`jaxprune.compaction.program`).
 
 For each model, rate (0.1 / 0.5 / 0.9) and residual policy: the compact outputs equal the
 hard-masked dense model's (relative error <= 1e-5, inference mode), every pruned leaf shrinks
@@ -16,7 +16,7 @@ import flax.linen as nn
 from flax import nnx
 
 from jaxprune.compaction import compact
-from jaxprune.compact_program import ExportedModel, ProgramModel
+from jaxprune.compaction import ExportedModel, ProgramModel
 from jaxprune.graph import leaf_paths, trace_linen
 from jaxprune.masks import apply_masks
 from jaxprune.models import gather_channels

@@ -124,6 +124,7 @@ def test_missing_data_error_says_how_to_provide_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as e:
         data.load_cifar("cifar100", data_dir=tmp_path)
     msg = str(e.value)
+    assert f"run `jaxprune data cifar100 --dir {tmp_path}`" in msg.splitlines()[0]
     for needle in ("JAXPRUNE_DATA_DIR", "data_dir=", "--data_dir", "train_0.npz", "test.npz",
                    "download=True", "internet", str(tmp_path / "cifar100")):
         assert needle in msg, (needle, msg)
@@ -136,17 +137,21 @@ def test_missing_data_error_says_how_to_provide_it(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="JAXPRUNE_DATA_DIR") as e:
         data.load_cifar("cifar10")
     assert str(empty / "cifar10") in str(e.value) and "TFDS (stubbed out)" in str(e.value)
+    assert "run `jaxprune data cifar10` to download it" in str(e.value).splitlines()[0]
     with pytest.raises(ValueError, match="unknown data set 'svhn'"):
         data.load_cifar("svhn")
 
 
-def test_automatic_places_include_shared_copy_and_cache(monkeypatch, tmp_path):
+def test_automatic_places_are_the_cache_then_this_checkout_only(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    roots = data._default_offline_roots()
     repo = Path(data.__file__).resolve().parent.parent
-    assert (repo / ".." / "shared" / "data").resolve() in roots
-    assert (Path.cwd() / ".." / "shared" / "data").resolve() in roots
-    assert roots[-1] == (tmp_path / "jaxprune").resolve()
+    assert (repo / "pyproject.toml").is_file()  # the tests run from a source checkout
+    assert data._default_offline_roots() == [(tmp_path / "jaxprune").resolve(),
+                                             (repo / ".." / "shared" / "data").resolve()]
+    # An installed package (no pyproject.toml beside it) never looks at ../shared/data, nor
+    # anywhere relative to the current directory.
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "site-packages")
+    assert data._default_offline_roots() == [(tmp_path / "jaxprune").resolve()]
 
 
 # --------------------------------------------------------------------------------------------

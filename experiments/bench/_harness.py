@@ -11,8 +11,8 @@
   one of them runs at any time, the others block on their stdin.
 - `compile_seconds(jitted, *args)`: ``jit(...).lower(...).compile()`` wall time (a fresh
   compilation: the persistent cache is not used by the scripts).
-- `append_report(path, text, argv)`: appends a table, the exact command and the machine to
-  BENCHMARKS.md (never rewrites the file).
+- `append_report(path, text, argv)`: appends a table, the exact command and the machine to a
+  record file under experiments/bench/records/ (never rewrites the file).
 - `profile_categories(fn, lower)`: where a compiled program spends its time, per category of
   HLO instruction (convolutions, gathers, pads/slices, copies, ...), from a ``jax.profiler``
   trace; `fusion_operands(hlo)`: how many convolution outputs each fusion reads.
@@ -396,7 +396,7 @@ def profile_categories(fn: Callable[[], Any], lower: Callable[[], Any], calls: i
 def fusion_operands(hlo: str) -> dict[str, dict]:
     """Fusion name -> ``{'shape': output shape, 'convs': how many convolution outputs it reads}``,
     from an optimized HLO module's text: a fusion that reads many is recomputing what those
-    convolutions fed (issue 13's residual-stream chains)."""
+    convolutions fed (the residual stream's elementwise chains)."""
     out = {}
     for line in hlo.splitlines():
         m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) fusion\((.*?)\), kind", line)

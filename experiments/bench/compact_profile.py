@@ -1,6 +1,6 @@
 """Profile: where the compact model's inference time goes, and what compaction's reindexing costs.
 
-Issue 10 item 3. For each setting (the paper rows of ``inference_methods.py``), the dense model,
+For each setting (the paper rows of ``inference_methods.py``), the dense model,
 the compact model at the method's exact widths and at hardware-aware widths (``width=8``) are
 profiled with ``jax.profiler`` (eval forward, one batch size): seconds per call per category of
 XLA instruction (`_harness.hlo_categories`): convolutions; dots (the classifier, and the
@@ -20,7 +20,7 @@ Two derived columns say why a compact model misses its MAC-ratio ideal:
 
 Usage::
 
-    taskset -c 1 python experiments/bench/compact_profile.py --batch 256 --append BENCHMARKS.md
+    python experiments/bench/compact_profile.py --batch 256 --append experiments/bench/records/compact_profile.md
     python experiments/bench/compact_profile.py --only "SFP 30% resnet20" --batch 8 --repeats 2
     python experiments/bench/compact_profile.py --only "SFP 30% resnet20,SFP 40% resnet56" --gathers
 """
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     load = H.load_average()
     H.disable_compilation_cache()
-    settings = [st for st in IM.SETTINGS if (st[0], st[1]) in IM.ISSUE10]
+    settings = [st for st in IM.SETTINGS if (st[0], st[1]) in IM.PAPER_ROWS]
     if a.only:
         settings = [st for st in settings if any(o in f"{st[0]} {st[1]}" for o in a.only.split(","))]
     threads = len(os.sched_getaffinity(0))

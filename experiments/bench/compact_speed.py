@@ -9,9 +9,9 @@ Measured side by side in one process, interleaved, median of ``--repeats`` timin
 2. One jitted train step (forward, backward, SGD update) with hard masks applied to
    gradients, updates, params and optimizer moments, vs the same step without masking.
 
-Usage (prints a Markdown table; ``--append`` adds it to BENCHMARKS.md with the command)::
+Usage (prints a Markdown table; ``--append`` adds it to a record file with the command)::
 
-    python experiments/bench/compact_speed.py --repeats 7 --append BENCHMARKS.md
+    python experiments/bench/compact_speed.py --repeats 7 --append experiments/bench/records/compact_speed.md
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ whole set and reports medians).
 Usage::
 
     python experiments/bench/compile_times.py --quick                 # ResNet-20 only
-    python experiments/bench/compile_times.py --append BENCHMARKS.md
+    python experiments/bench/compile_times.py --append experiments/bench/records/compile_times.md
 """
 
 from __future__ import annotations

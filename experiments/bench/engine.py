@@ -14,7 +14,7 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
   masking of SFP's masks (all ones), float32. The batch order and position stay on the device.
 - **jaxprune chunk bf16**: the same with ``dtype=bfloat16`` (`config.dtype`).
 - **jaxprune per-step (host batches)**: `make_train_step` fed numpy batches, one dispatch and
-  one host-to-device copy of the images per step: the engine before issue 13.
+  one host-to-device copy of the images per step: the engine before the data stayed on the device.
 - **jaxprune chunk, R runs together**: ``make_train_chunk(..., runs=R)``, R seeds vectorised
   over a run axis in one call (``--runs``, default 4; 0 leaves it out), at the last K of
   ``--chunk``; images/s counts the images of all R runs. **... bf16, R runs together**: the
@@ -35,7 +35,7 @@ Usage::
     python experiments/bench/engine.py --runs 0      # on CPU: vmapped runs are grouped convs
     python experiments/bench/engine.py --models resnet56 --steps 390 --chunk 1,0 \
         --variants plain,chunk_bf16,runs_bf16     # GPU: 1 step vs a whole epoch per call, 1 vs 4 runs
-    python experiments/bench/engine.py --append BENCHMARKS.md
+    python experiments/bench/engine.py --append experiments/bench/records/engine.md
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ ideal = dense / compact conv MACs. The thread count is the process's CPU affinit
 Usage::
 
     python experiments/bench/inference_methods.py --quick        # 3 settings, 3 repeats
-    taskset -c 1 python experiments/bench/inference_methods.py --issue10 --batches 1,256 \
-        --repeats 5 --append BENCHMARKS.md                      # issue 10's rows, one thread
+    taskset -c 1 python experiments/bench/inference_methods.py --paper-rows --batches 1,256 \
+        --repeats 5 --append experiments/bench/records/inference_paper_rows.md   # one thread
 """
 
 from __future__ import annotations
@@ -55,10 +55,10 @@ SETTINGS = [
      {"macs_reduction": 0.5, "params_reduction": 0.5}, "coupled"),
     ("SFP 40% coupled", "resnet56", "sfp", {"rate": 0.4}, "coupled"),
 ]
-# issue 10's paper rows: SFP ResNet-20/56/110, PFEC-A/B ResNet-56, HFP ResNet-56, coupled 40%
-ISSUE10 = [("SFP 30%", "resnet20"), ("SFP 40%", "resnet56"), ("SFP 30%", "resnet110"),
-           ("PFEC-A", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"),
-           ("SFP 40% coupled", "resnet56")]
+# the paper rows: SFP ResNet-20/56/110, PFEC-A/B ResNet-56, HFP ResNet-56, coupled 40%
+PAPER_ROWS = [("SFP 30%", "resnet20"), ("SFP 40%", "resnet56"), ("SFP 30%", "resnet110"),
+              ("PFEC-A", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"),
+              ("SFP 40% coupled", "resnet56")]
 
 
 def method_masks(s, method_name: str, kwargs: dict):
@@ -157,7 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="", help="comma-separated substrings of 'label model'")
     p.add_argument("--ghfp", action="store_true", help="also time the GHFP rows (= SFP masks)")
     p.add_argument("--quick", action="store_true", help="SFP-56, PFEC-56-B, HFP-56; 3 repeats")
-    p.add_argument("--issue10", action="store_true", help="the paper rows issue 10 asks for")
+    p.add_argument("--paper-rows", action="store_true",
+                   help="SFP ResNet-20/56/110, PFEC-A/B ResNet-56, HFP ResNet-56, coupled 40%%")
     p.add_argument("--append", default="")
     a = p.parse_args(argv)
     load = H.load_average()
@@ -167,8 +168,8 @@ def main(argv=None) -> int:
         a.repeats = min(a.repeats, 3)
         settings = [st for st in settings if (st[0], st[1]) in
                     (("SFP 40%", "resnet56"), ("PFEC-B", "resnet56"), ("HFP 50% MACs+params", "resnet56"))]
-    if a.issue10:
-        settings = [st for st in settings if (st[0], st[1]) in ISSUE10]
+    if a.paper_rows:
+        settings = [st for st in settings if (st[0], st[1]) in PAPER_ROWS]
     if a.only:
         settings = [st for st in settings if any(o in f"{st[0]} {st[1]}" for o in a.only.split(","))]
     batches = [int(v) for v in a.batches.split(",")]

@@ -1,4 +1,4 @@
-"""Benchmark (issue 13): XLA:CPU runs the convolutions of a loop body much slower than straight-line code.
+"""Benchmark: XLA:CPU runs the convolutions of a loop body much slower than straight-line code.
 
 ResNet-20 train step, batch 128, 5 steps, `jaxprune.perf.RECOMMENDED_CPU_FLAGS`: a plain jitted
 `train_step` vs `make_train_step` (straight-line since this finding). Run with

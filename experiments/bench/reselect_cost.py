@@ -11,7 +11,7 @@ as `jaxprune.training.fit` runs it) in one process; one epoch = 390 steps of bat
 Usage::
 
     python experiments/bench/reselect_cost.py --quick
-    python experiments/bench/reselect_cost.py --repeats 5 --append BENCHMARKS.md
+    python experiments/bench/reselect_cost.py --repeats 5 --append experiments/bench/records/reselect_cost.md
 """
 
 from __future__ import annotations

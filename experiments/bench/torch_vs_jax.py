@@ -19,7 +19,7 @@ workload is pinned to the same ``--threads`` cores with ``sched_setaffinity`` an
              (recommended flags): interleaved ms/step, conv MACs, time per MAC, the
              compiled program's temporary memory, page faults and system time per step
              (``getrusage``), and the per-category profile with each category's growth
-             next to the MAC ratio (issue 13's superlinearity).
+             next to the MAC ratio.
 ``variants`` code-level variants of the JAX step under one flag set, in one process:
              forward only / gradient only / full step, a functional re-implementation (same
              params, same numerics) in NHWC or NCHW, two-pass BN statistics, no BN, weight
@@ -34,7 +34,7 @@ in its own worker so that its OpenMP pool and XLA's Eigen pool never compete.
 Usage::
 
     python experiments/bench/torch_vs_jax.py --quick            # ResNet-20, 3 repeats
-    python experiments/bench/torch_vs_jax.py --repeats 5 --append BENCHMARKS.md
+    python experiments/bench/torch_vs_jax.py --repeats 5 --append experiments/bench/records/torch_vs_jax.md
 
 PyTorch is NOT a dependency of jaxprune: ``pip install torch==2.13.0`` (CPU wheel) first; the
 torch rows are skipped with a note when it is missing.

@@ -17,7 +17,7 @@ Compile time = ``jit(step).lower(...)`` + ``.compile()`` wall time (no persisten
 Usage::
 
     python experiments/bench/train_throughput.py --quick          # ResNet-20 and -56, 2 repeats
-    python experiments/bench/train_throughput.py --repeats 3 --append BENCHMARKS.md
+    python experiments/bench/train_throughput.py --repeats 3 --append experiments/bench/records/train_throughput.md
     python experiments/bench/train_throughput.py --xla-flags recommended   # jaxprune.perf flags
 """
 

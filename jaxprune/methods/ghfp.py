@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from jaxprune import schedules
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.base import MethodContext, no_penalty
-from jaxprune.methods.sfp import SFP, _as_counts, harden, is_traced, ranks
+from jaxprune.methods.sfp import SFP, as_counts, harden, is_traced, ranks
 
 HARD_COUNTS = ("selected", "layer")
 
@@ -116,7 +116,7 @@ class GHFP:
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
         counts = self.soft.final_counts(ctx.graph)  # int(N P), then the width policy
         # Everything selected becomes hard: the hard count equals the pruned count.
-        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(counts),
+        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(counts),
                             jnp.float32(0.0))
 
     def counts_at(self, graph: Any, t: Any, total_epochs: int) -> tuple[dict, dict]:
@@ -150,7 +150,7 @@ class GHFP:
     def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
         counts, hard_counts = self.counts_at(ctx.graph, t, ctx.total_epochs)
         alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
-        return _ghfp_select(self, ctx, state, _as_counts(counts), _as_counts(hard_counts), alpha)
+        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(hard_counts), alpha)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -438,6 +438,9 @@ def plot_sensitivity(table: SensitivityTable, path: str, title: str = "",
                      stage_ends: Sequence[int] = ()) -> None:
     """Accuracy vs filters pruned away (%), one line per layer (PFEC Figure 2 style); with
     ``stage_ends`` (see `stage_ends_of`) one panel per stage, as PFEC draws its ResNets."""
+    from jaxprune._optional import require
+
+    require("matplotlib", "plots", "the sensitivity plot")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -137,11 +137,14 @@ def subgraph(graph: PruningGraph, names: Sequence[str]) -> PruningGraph:
 def ranks(score: jax.Array) -> jax.Array:
     """int32 ``[C]``: each channel's position in a stable ascending sort of ``score``.
 
-    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index), the
-    same channels as ``selection.prune_by_count``, for a static or a traced ``n``.
+    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index; NaN
+    lowest, `selection.nan_lowest`), the same channels as ``selection.prune_by_count``, for a
+    static or a traced ``n``.
     """
+    from jaxprune.selection import nan_lowest
+
     size = score.shape[0]
-    order = jnp.argsort(jnp.asarray(score, jnp.float32), stable=True)
+    order = jnp.argsort(nan_lowest(jnp.asarray(score, jnp.float32)), stable=True)
     return jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
 
 
@@ -322,13 +325,13 @@ class SFP:
         return self.width.pruned_counts(counts, {n: graph.groups[n].size for n in names})
 
     def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        return _sfp_finalize(self, ctx, state, _as_counts(self.final_counts(ctx.graph)))
+        return _sfp_finalize(self, ctx, state, as_counts(self.final_counts(ctx.graph)))
 
     def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
         names = self.pruned_groups(ctx.graph)
         counts = self.counts_at(ctx.graph, names, t, ctx.total_epochs)
         alpha = jnp.asarray(self.alpha_at(t, ctx.total_epochs), jnp.float32)
-        return _sfp_select(self, ctx, state, _as_counts(counts), alpha)
+        return _sfp_select(self, ctx, state, as_counts(counts), alpha)
 
     def selection_masks(self, state: Any, graph: PruningGraph, counts: Mapping[str, Any],
                         alpha: Any) -> dict[str, jax.Array]:
@@ -341,7 +344,8 @@ class SFP:
         return masks
 
 
-def _as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
+def as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """Per-group kept counts as int32 arrays (traceable inside ``jit``)."""
     return {n: jnp.asarray(c, jnp.int32) for n, c in counts.items()}
 
 

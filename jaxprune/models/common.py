@@ -110,7 +110,7 @@ def gather_channels(x: jnp.ndarray, index: Sequence[int] | np.ndarray, axis: int
     For floating ``x`` this is a matmul with a one-hot matrix at ``Precision.HIGHEST`` (each
     output is one input times 1 plus zeros: exact, for finite ``x``) instead of a gather: a
     gather along the channel axis makes XLA:CPU transpose the activation and back
-    (`experiments/bench/compact_profile.py --gathers`; BENCHMARKS.md, issue 10), and a one-hot
+    (`experiments/bench/compact_profile.py --gathers`; BENCHMARKS.md), and a one-hot
     matmul is what TPUs do best. Other dtypes use ``jnp.take``.
     """
     axis = axis % x.ndim
@@ -139,7 +139,7 @@ def materialize(x: Any) -> Any:
     to block), and XLA:CPU's fusion duplicates it into every consumer that wants another
     layout: each weight-gradient transpose recomputed the stream from the start of its stage,
     so a ResNet-56 train step cost 1.3-1.7x more per MAC than a ResNet-20's
-    (``experiments/bench/torch_vs_jax.py --sections scaling``; BENCHMARKS.md, issue 13).
+    (``experiments/bench/torch_vs_jax.py --sections scaling``; BENCHMARKS.md).
     XLA:CPU turns barriers into control dependencies before fusion unless its
     ``cse_barrier_expander`` pass is disabled, which `jaxprune.perf.RECOMMENDED_CPU_FLAGS` does
     (without the flag the barrier is gone before fusion). It never changes a value (the

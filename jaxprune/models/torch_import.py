@@ -49,8 +49,13 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         if path.suffix != ".npz":
             raise ValueError(f"state dict file {str(path)!r}: expected an .npz of PyTorch "
                              "state_dict arrays (convert a .pt/.th file with numpy first)")
-        with np.load(path) as f:
-            out = {k: np.asarray(f[k]) for k in f.files}
+        try:
+            with np.load(path) as f:
+                out = {k: np.asarray(f[k]) for k in f.files}
+        except Exception as e:  # noqa: BLE001 - truncated zip, pickled objects, garbage
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"state dict file {str(path)!r} is not a readable .npz of arrays "
+                             f"({type(e).__name__}: {text[:200]})") from None
     elif isinstance(source, Mapping):
         out = {str(k): np.asarray(v) for k, v in source.items()}
     else:
@@ -149,7 +154,11 @@ def from_torch(name: str, state_dict: str | os.PathLike | Mapping[str, Any], *,
                          f"{', '.join(unexpected[:6])}{' ...' if len(unexpected) > 6 else ''}")
     flat = {}
     for key, (path, transform) in mapping.items():
-        arr = np.asarray(sd[key], np.float32)
+        raw = np.asarray(sd[key])
+        if not np.issubdtype(raw.dtype, np.floating):
+            raise ValueError(f"state dict key {key!r} has dtype {raw.dtype}; weights must be "
+                             "floating point")
+        arr = raw.astype(np.float32)
         value = transform(arr) if transform is not None else arr
         want = tuple(_get(target, path).shape)
         if tuple(value.shape) != want:
@@ -158,6 +167,9 @@ def from_torch(name: str, state_dict: str | os.PathLike | Mapping[str, Any], *,
                              f"{name} expects {want} at {'/'.join(path)} after the layout change")
         if not np.all(np.isfinite(value)):
             raise ValueError(f"state dict key {key!r} holds non-finite values")
+        if path[-1] == "var" and np.any(value < 0):
+            raise ValueError(f"state dict key {key!r} (a BatchNorm running variance) holds "
+                             f"negative values (min {float(value.min()):g}); variances are >= 0")
         flat[path] = np.ascontiguousarray(value)
     return model, _unflatten(flat)
 
