@@ -142,9 +142,11 @@ def _run(home: Path, rel: str, finished: bool, ckpt_bytes: int = 10) -> Path:
 def test_resume_paths_keep_the_latest_checkpoint_of_unfinished_runs(tmp_path):
     run = _run(tmp_path, "pretrained/a", finished=False)
     (run / "checkpoints" / "preempt").mkdir()
+    for step in ("2", "10"):
+        (run / "checkpoints_finetune" / step).mkdir(parents=True)
     got = {str(p.relative_to(run)) for p in kit.resume_paths(run)}
     assert got == {"config.json", "metrics.jsonl", "retrain_model", "checkpoints/12", "checkpoints/preempt",
-                   "checkpoints/top.json"}
+                   "checkpoints/top.json", "checkpoints_finetune/10"}
     done = _run(tmp_path, "pretrained/b", finished=True)
     assert {p.name for p in kit.resume_paths(done)} == {"config.json", "metrics.jsonl", "result.json"}
 

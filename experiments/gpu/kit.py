@@ -68,6 +68,7 @@ RESUME_MAX = 45 * MIB  # three 15 MiB files at most: records and the log fit bes
 RUN_FILES = ("config.json", "start.json", "metrics.jsonl", "result.json", "config_changes.jsonl")
 # ... and what an unfinished run also needs to resume (besides its latest checkpoint)
 RESUME_DIRS = ("retrain_model",)
+CHECKPOINT_DIRS = ("checkpoints", "checkpoints_finetune")  # the training phase's, the fine-tuning's
 # the normalisation the trained CIFAR-10 ResNets were trained with (../shared/data/pretrained)
 NORM = ("--mean", "0.485", "0.456", "0.406", "--std", "0.229", "0.224", "0.225")
 PRETRAINED_ROWS = (  # (run name, config, imported model)
@@ -203,11 +204,13 @@ def latest_checkpoint(ckpt_dir: Path) -> list[Path]:
 
 def resume_paths(run: Path) -> list[Path]:
     """The paths of run directory ``run`` that travel to the next window: the record files and,
-    for an unfinished run (no ``result.json``), its compact starting model and latest checkpoint."""
+    for an unfinished run (no ``result.json``), its compact starting model and the latest
+    checkpoint of each phase (training, fine-tuning)."""
     paths = [run / f for f in RUN_FILES if (run / f).is_file()]
     if not (run / "result.json").is_file():
         paths += [run / d for d in RESUME_DIRS if (run / d).is_dir()]
-        paths += latest_checkpoint(run / "checkpoints")
+        for d in CHECKPOINT_DIRS:
+            paths += latest_checkpoint(run / d)
     return paths
 
 

@@ -40,7 +40,7 @@ for budget in "${budgets[@]}"; do
         out="$R/w$w/out$k"; mkdir -p "$out"
         t=$(date +%s)
         (cd "$R/device" && env -i PATH="$VENV/bin:/usr/bin:/bin" HOME="$R/userhome" OUT="$out" \
-            KIT_HOME="$R/kit-home" SMOKE=1 SMOKE_EPOCHS="${SMOKE_EPOCHS:-40}" KIT_JOBS="${KIT_JOBS:-}" \
+            KIT_HOME="$R/kit-home" SMOKE=1 SMOKE_EPOCHS="${SMOKE_EPOCHS:-40}" KIT_JOBS="${KIT_JOBS:-}" KIT_BENCH="${KIT_BENCH:-}" \
             nice -n 10 timeout 600 bash -c "$cmd" > "$R/w$w/call$k.stdout" 2>&1) || echo "call $k: exit $?"
         echo "--- call $k: $(( $(date +%s) - t )) s; returned: $(cd "$out" && ls -l | awk 'NR>1{printf "%s (%d B) ", $9, $5}')"
         python3 -c "import sys; sys.path.insert(0, sys.argv[1]); import kit; p = kit.check_out(__import__('pathlib').Path(sys.argv[2])); print('limits:', 'ok' if not p else p)" \
