@@ -526,6 +526,8 @@ def main() -> int:
             rc, stopped = run_until(cmd, env, bench_end, 5, log)
             status["bench"].append({"cmd": cmd[2:], "rc": rc, "seconds": round(time.time() - t),
                                     "status": "cut at the bench budget" if stopped else ("ok" if rc == 0 else "failed")})
+    elif want_bench == "0":
+        log("bench: skipped (KIT_BENCH=0)")
     else:
         log(f"bench: skipped ({', '.join(p.name for p in have)} in the repository; KIT_BENCH=1 forces it)")
 
