@@ -164,6 +164,20 @@ def test_compacting_twice_composes_original_indices(resnet20, resnet20_graphs):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("value", [0.5, 2.0, float("nan")])
+def test_compact_refuses_non_binary_masks(resnet20, resnet20_graphs, value):
+    """A decayed, out-of-range or NaN mask value would give a compact model that differs from
+    the masked one: compact refuses it, naming the group, the channel and the value."""
+    model, variables, x = resnet20
+    g = resnet20_graphs["scatter"]
+    masks = random_masks(g, seed=5)
+    name = sorted(masks)[2]
+    masks[name] = masks[name].at[3].set(value)
+    with pytest.raises(ValueError, match=rf"compact's masks: group '{name}' channel 3 has mask value "
+                                         rf"{value!r}".replace("(", r"\(").replace(")", r"\)")):
+        compact(model, variables, masks, g)
+
+
 def test_keep_indices_replay_on_a_fresh_model(resnet20, resnet20_graphs):
     model, variables, x = resnet20
     g = resnet20_graphs["scatter"]
