@@ -771,6 +771,10 @@ def restore_run(run_dir: Path):
     if ref is None:
         raise FileNotFoundError(f"{str(run_dir)!r} is not a run directory (no config.json and no "
                                 "checkpoint with a recorded config)")
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        # checked before anything is built, and without creating the folder
+        raise FileNotFoundError(f"{str(ckpt_dir)!r} holds no checkpoint")
     cfg = ml_collections.ConfigDict(config_lib.with_defaults(ref[0]))
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
@@ -1040,6 +1044,8 @@ def import_weights(name: str, source: str | os.PathLike, workdir: str | os.PathL
         cfg.mean, cfg.std = tuple(consts["mean"]), tuple(consts["std"])
     meta = {"method": "dense", "rate": 0.0, "dataset": dataset, "input_shape": [32, 32, channels],
             "mean": list(cfg.mean), "std": list(cfg.std), "imported_from": provenance["source"]}
+    for stale in workdir.parent.glob(f".{workdir.name}.import-*"):  # left by a killed import
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = workdir.parent / f".{workdir.name}.import-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)

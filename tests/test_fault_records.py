@@ -88,6 +88,16 @@ def test_compact_falling_back_never_overwrites_the_later_steps_results(run2, tmp
     assert (work / "checkpoints" / "2").is_dir()  # read-only: the damaged step is not moved
 
 
+def test_compact_of_a_directory_without_checkpoints_creates_nothing(run2, tmp_path, capsys):
+    work = _copy(run2, tmp_path)
+    shutil.rmtree(work / "checkpoints")
+    before = snapshot(work)
+    capsys.readouterr()
+    assert cli.main(["compact", str(work)]) == cli.EXIT_USAGE
+    assert "holds no checkpoint" in _one_line(capsys)
+    assert snapshot(work) == before and not (work / "checkpoints").exists()
+
+
 def test_an_unreadable_best_checkpoint_is_refused_in_one_line(run2, tmp_path, capsys):
     work = _copy(run2, tmp_path)
     mgr = ck.make_checkpoint_manager(work / "checkpoints", max_to_keep=2)
@@ -330,6 +340,14 @@ def test_import_refuses_bad_weights_naming_the_tensor(tmp_path, capsys, edit, na
     rc = cli.main(["import", "resnet20", str(src), "--workdir", str(tmp_path / "imp")])
     assert rc == cli.EXIT_USAGE and named in _one_line(capsys)
     assert not (tmp_path / "imp").exists()
+
+
+def test_import_clears_the_temporary_of_a_killed_import(tmp_path):
+    src = _import_npz(tmp_path, lambda sd: None)
+    stale = tmp_path / ".imp.import-deadbeef"  # what a SIGKILLed import leaves
+    (stale / "compact").mkdir(parents=True)
+    assert cli.main(["import", "resnet20", str(src), "--workdir", str(tmp_path / "imp")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imp", "sd.npz"]
 
 
 def test_import_names_a_truncated_npz(tmp_path, capsys):
