@@ -286,7 +286,7 @@ class CorruptCheckpointError(ValueError):
     """No readable checkpoint: every step failed to load (each is named with its error)."""
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
+def first_line(e: BaseException, limit: int = 240) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -327,14 +327,14 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
             for bad, e in problems:
                 then = f"resuming from step {step}" if set_aside else f"reading step {step} instead"
                 msg = (f"checkpoint step {bad} in {manager.directory} is unreadable "
-                       f"({type(e).__name__}: {_first_line(e)}); {then}")
+                       f"({type(e).__name__}: {first_line(e)}); {then}")
                 (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
                 if set_aside:
                     _set_aside(Path(str(manager.directory)), bad)
             if problems and set_aside:
                 manager.reload()
             return state, meta, step
-    detail = "; ".join(f"step {st}: {type(e).__name__}: {_first_line(e, 160)}" for st, e in problems)
+    detail = "; ".join(f"step {st}: {type(e).__name__}: {first_line(e, 160)}" for st, e in problems)
     raise CorruptCheckpointError(f"no readable checkpoint in {manager.directory} ({detail})")
 
 
@@ -568,7 +568,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
             **{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
     except Exception as e:  # noqa: BLE001 - garbage or truncated JSON
         raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
         raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document holds no model config")
     if doc.get("format") != COMPACT_FORMAT:
@@ -596,7 +596,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
         stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"compact model {path}: the metadata of its variables is unreadable "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
     if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
         raise ValueError(f"compact model {path}: its variables have no array metadata "
                          f"({_VARIABLES_ITEM}/_METADATA is missing or empty)")
@@ -606,7 +606,7 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
             _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
     except Exception as e:  # noqa: BLE001 - truncated / garbage array files
         raise ValueError(f"compact model {path}: its variables are unreadable "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
     finally:
         ckptr.close()
     meta = dict(doc.get("meta", {}))

@@ -825,7 +825,7 @@ def compact_run(run_dir: str | os.PathLike, which: str = "final") -> dict:
 def _pick(directory: Path, state: Any, which: str) -> tuple[Any, dict, int, int]:
     """``(state, meta, step, newest)`` of the ``which`` checkpoint of ``directory``: ``best``
     exactly (an unreadable one is refused), ``final`` the newest readable one."""
-    from jaxprune.checkpoints import (_first_line, make_checkpoint_manager, restore_checkpoint,
+    from jaxprune.checkpoints import (first_line, make_checkpoint_manager, restore_checkpoint,
                                       restore_latest_good)
 
     mgr = make_checkpoint_manager(directory)
@@ -841,7 +841,7 @@ def _pick(directory: Path, state: Any, which: str) -> tuple[Any, dict, int, int]
             state, meta = restore_checkpoint(mgr, state, step=step)
         except Exception as e:  # noqa: BLE001 - truncated / garbage files
             raise ValueError(f"the best checkpoint, step {step} in {directory}, is unreadable "
-                             f"({type(e).__name__}: {_first_line(e)}); compact the final one "
+                             f"({type(e).__name__}: {first_line(e)}); compact the final one "
                              "instead (--checkpoint final)") from None
         return state, meta, step, newest
     finally:

@@ -195,7 +195,7 @@ def fit(
     """
     from tqdm import tqdm
 
-    from jaxprune.checkpoints import _first_line, load_preempt, restore_latest_good, set_aside_preempt
+    from jaxprune.checkpoints import first_line, load_preempt, restore_latest_good, set_aside_preempt
     from jaxprune.batching import epoch_batches, num_batches
 
     if epochs < 1:
@@ -263,7 +263,7 @@ def fit(
         except Exception as e:  # noqa: BLE001 - damaged, truncated or edited: like a bad step
             moved = set_aside_preempt(preempt_dir)
             print(f"warning: the preempted checkpoint {preempt_dir / 'preempt'} is unreadable "
-                  f"({type(e).__name__}: {_first_line(e)}); set aside as {moved.name if moved else '-'}"
+                  f"({type(e).__name__}: {first_line(e)}); set aside as {moved.name if moved else '-'}"
                   f"; resuming from epoch {start_epoch}", flush=True)
             pre = None
         if pre is not None and int(pre[1]["epoch"]) >= start_epoch:
