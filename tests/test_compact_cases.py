@@ -227,6 +227,11 @@ def test_resnext_compacts_with_equal_counts_per_group(resnext, residual, tmp_pat
         # the group count is unchanged: 3 groups of kept_in inputs and kept_out outputs
         assert kernel.shape == (3, 3, kept_in, 3 * kept_out)
         assert res.model.kwargs == {"train": False}
+        # and it runs narrow: a 3-group conv on the narrow kernel, not at full width
+        jaxpr = jax.make_jaxpr(res.model.apply)(res.variables, _x(1))
+        convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        assert any(e.params["feature_group_count"] == 3 and
+                   e.invars[1].aval.shape == kernel.shape for e in convs)
     if residual == "coupled":
         # train=True is the model's default: apply and save_compact still run inference mode
         _check_saved(results[1][0], tmp_path)
@@ -318,3 +323,13 @@ def test_unprunable_layernorm_names_the_users_line(monkeypatch):
     v = jax.eval_shape(lambda: m.init(jax.random.key(0), x))
     why = trace_linen(m, v, x).unprunable["fc"]
     assert "test_compact_cases.py:" in why and "(NormedDense.__call__)" in why, why
+
+
+def test_group_consistent_keeps_the_same_positions_in_every_group():
+    from jaxprune.graph.narrow import group_consistent
+
+    assert group_consistent(None, 3, 12)
+    assert group_consistent(np.array([1, 3, 5, 7, 9, 11]), 3, 12)  # j = 1, 3 of each group of 4
+    assert not group_consistent(np.array([1, 3, 5, 6, 9, 11]), 3, 12)  # group 1 keeps 1, 2
+    assert not group_consistent(np.array([0, 4, 8, 9]), 3, 12)  # 4 kept: not 3 equal counts
+    assert not group_consistent(np.array([], np.int64), 3, 12)

@@ -229,7 +229,7 @@ def conv_general_dilated(eqn, vals, kin, kout):
     elif eqn.invars[1].aval.shape[ri] == 1 and g == n_in == eqn.invars[1].aval.shape[ro]:
         lhs = move(lhs, lf, kl[lf], kr[ro], n_in)  # depthwise: one filter per input channel
         params = dict(p, feature_group_count=int(lhs.shape[lf]))
-    elif eqn.invars[1].aval.shape[ri] > 1 and group_consistent(kr[ro], g, rhs_out(eqn)):
+    elif eqn.invars[1].aval.shape[ri] > 1 and group_consistent(kr[ro], g, _rhs_out(eqn)):
         # grouped: the same kernel inputs kept in every group, the group count unchanged
         per_in = eqn.invars[1].aval.shape[ri]
         dst = None if kr[ri] is None else (
@@ -242,7 +242,7 @@ def conv_general_dilated(eqn, vals, kin, kout):
     return [move(out[0], of, kr[ro], ko[of], n_out)]
 
 
-def rhs_out(eqn) -> int:
+def _rhs_out(eqn) -> int:
     """The number of output channels of a convolution's kernel."""
     return eqn.invars[1].aval.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
 
