@@ -214,6 +214,14 @@ def test_grouped_conv_links_channel_j_of_every_group(resnext):
     c2 = {mem.path: mem for mem in g.groups["c2"].members}
     assert c2["params", "c2", "kernel"].index.tolist() == [[j, j + 4, j + 8] for j in range(4)]
     assert c2["params", "c3", "kernel"].index.tolist() == [[j, j + 4, j + 8] for j in range(4)]
+    # MACs of the grouped conv: 8x8 positions x kept outputs x kept inputs per group x 3x3
+    from jaxprune import flops
+
+    masks = {n: np.ones(grp.size, np.float32) for n, grp in g.groups.items()}
+    masks["c1"][[0, 3]] = 0  # 2 of 4 inputs per group
+    masks["c2"][[1]] = 0  # 3 of 4 outputs per group
+    assert flops.count(g, masks).per_layer["c2"] == 64 * (3 * 3) * 2 * 9
+    assert flops.count(g).per_layer["c2"] == 64 * 12 * 4 * 9
 
 
 @pytest.mark.parametrize("residual", ["coupled", "scatter"])
