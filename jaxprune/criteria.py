@@ -30,7 +30,8 @@ def _leaf(variables: Any, path: tuple[str, ...]) -> jax.Array:
     node = variables
     for key in path:
         try:
-            node = node[key]
+            # an NNX state keeps an nnx.List / nnx.Sequential index as an int; paths say '0'
+            node = node[int(key)] if key.isdigit() and key not in node else node[key]
         except (KeyError, TypeError, IndexError) as err:
             raise ValueError(
                 f"leaf path {path!r} not found in the variables (missing key {key!r})"

@@ -107,12 +107,27 @@ def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch:
 
 
 def nnx_variables(model: Any) -> dict:
-    """``{'params': ..., 'batch_stats': ...}`` (pure dicts) of an NNX model's Params and
-    BatchStats, named as `trace_nnx`'s graph names them."""
+    """``{'params': ..., 'batch_stats': ...}`` (pure dicts with string keys: the index of an
+    ``nnx.Sequential`` / ``nnx.List`` layer is ``'0'``, ``'1'``, ...) of an NNX model's Params
+    and BatchStats, named as `trace_nnx`'s graph names them."""
     from flax import nnx
 
-    return {"params": nnx.state(model, nnx.Param).to_pure_dict(),
-            "batch_stats": nnx.state(model, nnx.BatchStat).to_pure_dict()}
+    return {"params": _str_keys(nnx.state(model, nnx.Param).to_pure_dict()),
+            "batch_stats": _str_keys(nnx.state(model, nnx.BatchStat).to_pure_dict())}
+
+
+def _str_keys(tree: Any) -> Any:
+    """``tree`` with every dict key a string (as the graph's leaf paths and serializers want)."""
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _own_keys(tree: Any, like: Any) -> Any:
+    """``tree`` (string keys, `_str_keys`) with the keys of ``like`` (an NNX pure dict)."""
+    if isinstance(like, dict):
+        return {k: _own_keys(tree[str(k)], v) for k, v in like.items()}
+    return tree
 
 
 def nnx_update(model: Any, variables: Any) -> None:
@@ -121,7 +136,7 @@ def nnx_update(model: Any, variables: Any) -> None:
 
     for kind, col in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):
         state = nnx.state(model, kind)
-        nnx.replace_by_pure_dict(state, variables[col])
+        nnx.replace_by_pure_dict(state, _own_keys(variables[col], state.to_pure_dict()))
         nnx.update(model, state)
 
 
@@ -133,11 +148,12 @@ def nnx_apply(model: Any) -> Callable[..., Any]:
     from flax import nnx
 
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    like = (params.to_pure_dict(), stats.to_pure_dict())
 
     def apply(variables, *args, **kwargs):
         p, s = jax.tree_util.tree_map(lambda t: t, (params, stats))
-        nnx.replace_by_pure_dict(p, variables["params"])
-        nnx.replace_by_pure_dict(s, variables["batch_stats"])
+        nnx.replace_by_pure_dict(p, _own_keys(variables["params"], like[0]))
+        nnx.replace_by_pure_dict(s, _own_keys(variables["batch_stats"], like[1]))
         return nnx.merge(graphdef, p, s, rest)(*args, **kwargs)
 
     return apply

@@ -35,7 +35,7 @@ class SEGroupedConcat(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x)))
-        g = nn.Conv(16, (3, 3), feature_group_count=4)(x)  # grouped: pins its producer
+        g = nn.Conv(16, (3, 3), feature_group_count=4)(x)  # grouped
         d = nn.Conv(16, (3, 3), feature_group_count=16)(nn.Conv(16, (1, 1))(g))  # depthwise
         s = jnp.mean(d, axis=(1, 2), keepdims=True)  # squeeze over space
         s = nn.sigmoid(nn.Conv(16, (1, 1))(nn.relu(nn.Conv(4, (1, 1))(s))))
@@ -190,7 +190,12 @@ def test_unprunable_channels_are_reported_with_the_reason():
     assert "summed over" in g.unprunable["ln_conv"] and "splits the channel axis" in g.unprunable["gn_conv"]
     model, variables, x = _linen(SEGroupedConcat())
     g = trace_linen(model, variables, x)
-    assert "grouped convolution" in g.unprunable["Conv_0"]
+    # the 4-group conv prunes input (and output) j of every group together: groups of 4
+    # channels of 4 positions each, one per conv group
+    lead = g.groups["Conv_0"].filters()[0]
+    assert "Conv_0" not in g.unprunable and lead.index.tolist() == [[j, j + 4, j + 8, j + 12]
+                                                                   for j in range(4)]
+    assert g.groups["Conv_1"].size == 4
 
 
 @pytest.mark.parametrize("residual", ["coupled", "scatter"])

@@ -268,16 +268,25 @@ class _GroupedConsumer(nn.Module):
         return nn.Conv(2, (1, 1), name="b")(y)
 
 
-def test_grouped_conv_pins_its_producers_channels():
-    # input channel i of a 2-group conv feeds only the filters of its group: removing one
-    # would shift the group boundaries, so neither the producer nor the grouped conv prune
+def test_grouped_conv_prunes_channel_j_of_every_group():
+    # input channel j of each of the 2 groups is one channel (kernel input j), and so is output
+    # channel j of each group: pruning keeps the group count and equal counts per group
     m = _GroupedConsumer()
     x = jnp.zeros((1, 4, 4, 3))
     v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
     g = trace_linen(m, v, x)
-    assert list(g.groups) == []
-    why = "grouped convolution (feature_group_count=2)"
-    assert g.unprunable == {"a": why, "grp": why, "b": "tied to the model output"}
+    assert list(g.groups) == ["a", "grp"]
+    assert _members(g.groups["a"]) == {
+        (("params", "a", "kernel"), 3, "out"): [[0, 2], [1, 3]],
+        (("params", "a", "bias"), 0, "vector"): [[0, 2], [1, 3]],
+        (("params", "grp", "kernel"), 2, "in"): [[0], [1]],
+    }
+    assert _members(g.groups["grp"]) == {
+        (("params", "grp", "kernel"), 3, "out"): [[0, 3], [1, 4], [2, 5]],
+        (("params", "grp", "bias"), 0, "vector"): [[0, 3], [1, 4], [2, 5]],
+        (("params", "b", "kernel"), 2, "in"): [[0, 3], [1, 4], [2, 5]],
+    }
+    assert g.unprunable == {"b": "tied to the model output"}
 
 
 _PERM = np.array([2, 0, 3, 1])

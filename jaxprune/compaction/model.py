@@ -12,8 +12,8 @@ from jaxprune.masks import check_hard_masks
 
 
 def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
-            align: int = 1, *, keep_constants: bool = False, sample_input: Any = None
-            ) -> CompactResult:
+            align: int = 1, *, keep_constants: bool = False, sample_input: Any = None,
+            **call_kwargs: Any) -> CompactResult:
     """Builds the physically smaller model and variables.
 
     ``model`` is a bundled model (a Linen module with ``keep_out`` and ``keep_in`` fields: it is
@@ -30,8 +30,18 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
     if the model has no `carried` hook where a constant flows). Masks must be exactly 0 or 1
     (ValueError naming the group and channel otherwise: a decayed or NaN value would give a
     compact model that differs from the masked one).
+
+    ``call_kwargs`` are the model's inference keyword arguments (``deterministic=True``,
+    ``training=False``; a Linen ``train`` argument defaults to False) for a model compacted
+    from its program: the compact model's ``apply`` and `jaxprune.save_compact` pass them on
+    every call. A bundled model takes none.
     """
     check_hard_masks(masks, what="compact's masks")
-    build = compact_bundled if is_bundled(model) else compact_traced
-    return build(model, variables, masks, graph, align, keep_constants=keep_constants,
-                 sample_input=sample_input)
+    if is_bundled(model):
+        if call_kwargs:
+            raise ValueError(f"compact got keyword arguments {sorted(call_kwargs)} for a bundled "
+                             "model, which takes none (they are for models compacted from their program)")
+        return compact_bundled(model, variables, masks, graph, align,
+                               keep_constants=keep_constants, sample_input=sample_input)
+    return compact_traced(model, variables, masks, graph, align, keep_constants=keep_constants,
+                          sample_input=sample_input, **call_kwargs)

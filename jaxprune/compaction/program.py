@@ -24,10 +24,14 @@ of the ``'scatter'`` policy), the operand's missing channels are zeros: what the
 model's pruned branch emits. `compact_program` checks the result against the masked model on a
 sample input and refuses (ValueError) a program where that is not exact.
 
-The program is retraced at each new input shape (``jax.make_jaxpr``, cached) and paired,
-equation by equation, with the plan recorded at build time, so the compact function runs at any
-batch size, under ``jit`` and ``grad``, and exports (``jax.export``) at concrete shapes. (Not at
-symbolic shapes: the dimension arithmetic of a symbolic batch adds equations to the program.)
+The plan (the kept positions of every channel axis of every equation) is recorded per input
+shape: at each new shape the program is retraced (``jax.make_jaxpr``, cached) and walked by the
+tracer again, and the pruned channels are found from the masks through the variables' leaves,
+whose channels do not depend on the batch size. So a program whose equations change with the
+batch size (``jnp.broadcast_to(cls, (B, 1, D))`` emits no equation at batch 1) compacts at any
+batch size and runs at any other, under ``jit`` and ``grad``, and exports (``jax.export``) at
+concrete shapes. (Not at symbolic shapes: the dimension arithmetic of a symbolic batch adds
+equations to the program.)
 """
 
 from __future__ import annotations
@@ -129,47 +133,60 @@ class CompactProgram:
     """``fn(variables, *args)`` with the pruned channels removed: call it with the compact
     variables (`compact_program`'s); outputs are narrowed where their channels were pruned.
 
-    Jittable and differentiable; ``jax.export`` exports it at concrete or symbolic input shapes
-    (`export`). Retraces ``fn`` once per input shape and dtype.
+    Jittable and differentiable; ``jax.export`` exports it at concrete input shapes (`export`).
+    Retraces ``fn`` and records its plan (`plan_for`) once per input shape and dtype.
     """
 
-    def __init__(self, fn: Callable[..., Any], dense_specs: Any, plan: PlanBody,
-                 small_specs: Any):
+    def __init__(self, fn: Callable[..., Any], dense_specs: Any, masks: Mapping[str, Any],
+                 graph: PruningGraph, small_specs: Any):
         self.fn = fn
         self.dense_specs = dense_specs  # variables pytree of ShapeDtypeStructs (dense)
-        self.plan = plan
+        self.masks = {k: np.asarray(v) for k, v in masks.items()}
+        self.graph = graph
         self.small_specs = small_specs
         self._cache: dict = {}
 
+    def plan_for(self, args: Sequence[Any]) -> PlanBody:
+        """The plan of ``fn`` traced at the shapes of ``args`` (recorded once per shape)."""
+        return self._traced(args)[2]
+
+    def _traced(self, args: Sequence[Any]) -> tuple:
+        flat_args, args_def = jax.tree_util.tree_flatten(tuple(args))
+        key = (args_def, tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in flat_args))
+        if key not in self._cache:
+            dense_flat, dense_def = jax.tree_util.tree_flatten(self.dense_specs)
+            specs = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), tuple(args))
+
+            def flat_fn(flat, *a):
+                return self.fn(jax.tree_util.tree_unflatten(dense_def, flat), *a)
+
+            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(dense_flat, *specs)
+            plan = record_plan(self.fn, self.dense_specs, self.masks, self.graph, specs)
+            self._cache[key] = (closed, jax.tree_util.tree_structure(out_shape), plan)
+        return self._cache[key]
+
     def __call__(self, variables: Any, *args: Any) -> Any:
         flat_small, treedef = jax.tree_util.tree_flatten(variables)
-        dense_flat, dense_def = jax.tree_util.tree_flatten(self.dense_specs)
+        dense_def = jax.tree_util.tree_structure(self.dense_specs)
         if treedef != dense_def:
             raise ValueError(f"variables have the structure {treedef}, expected {dense_def}")
         for x, s in zip(flat_small, jax.tree_util.tree_leaves(self.small_specs)):
             if tuple(np.shape(x)) != tuple(s.shape):
                 raise ValueError(f"a compact variable has shape {tuple(np.shape(x))}, expected "
                                  f"{tuple(s.shape)} (pass the compact variables)")
-        flat_args, args_def = jax.tree_util.tree_flatten(args)
-        key = (args_def, tuple((tuple(np.shape(a)), str(jnp.result_type(a))) for a in flat_args))
-        if key not in self._cache:
-            def flat_fn(flat, *a):
-                return self.fn(jax.tree_util.tree_unflatten(dense_def, flat), *a)
-
-            closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(
-                dense_flat, *jax.tree_util.tree_map(
-                    lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), args))
-            self._cache[key] = (closed, jax.tree_util.tree_structure(out_shape))
-        closed, out_def = self._cache[key]
-        outs = _eval_body(closed.jaxpr, closed.consts, self.plan, list(flat_small) + list(flat_args))
+        closed, out_def, plan = self._traced(args)
+        flat_args = jax.tree_util.tree_leaves(args)
+        outs = _eval_body(closed.jaxpr, closed.consts, plan, list(flat_small) + list(flat_args))
         return jax.tree_util.tree_unflatten(out_def, outs)
 
 
-def build_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, Any],
-                  graph: PruningGraph, sample_args: Sequence[Any]) -> CompactProgram:
-    """The `CompactProgram` of ``fn`` (``variables`` and ``sample_args`` may be
-    ``jax.ShapeDtypeStruct``s: only their shapes are used); see `compact_program`."""
-    run = run_tracer(fn, variables, sample_args, graph.residual, per_example=True, record=True)
+def record_plan(fn: Callable[..., Any], variables: Any, masks: Mapping[str, Any],
+                graph: PruningGraph, args: Sequence[Any]) -> PlanBody:
+    """The kept positions of every channel axis of every equation of ``fn(variables, *args)``
+    traced at the shapes of ``args`` (the whole batch): the channels of each group's lead
+    filter leaf whose mask is 0 are pruned, with every channel the trace links to them."""
+    run = run_tracer(fn, variables, args, graph.residual, per_example=False, record=True)
     n_comp = int(run.comp.max()) + 1 if len(run.comp) else 0
     pruned = np.zeros(n_comp, bool)
     index = {p: i for i, p in enumerate(run.paths)}
@@ -182,6 +199,14 @@ def build_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, An
             raise ValueError(f"{lead.path} (group {name!r}) is not a leaf of these variables")
         ids = run.leaf_ids[index[lead.path]][lead.axis]
         pruned[run.comp[ids[lead.index[dead, 0]]]] = True
+    return _plan(run.body, pruned, run.comp)
+
+
+def build_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, Any],
+                  graph: PruningGraph, sample_args: Sequence[Any]) -> CompactProgram:
+    """The `CompactProgram` of ``fn`` (``variables`` and ``sample_args`` may be
+    ``jax.ShapeDtypeStruct``s: only their shapes are used), its plan recorded at the shapes of
+    ``sample_args`` (and at any other shape it is called with); see `compact_program`."""
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
     dense = jax.tree_util.tree_map(spec, variables)
     axis_keep = surgery(masks, graph)[0]
@@ -193,7 +218,9 @@ def build_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, An
             shape[ax] = len(idx)
         shrunk.append(jax.ShapeDtypeStruct(tuple(shape), leaf.dtype))
     small = jax.tree_util.tree_unflatten(treedef, shrunk)
-    return CompactProgram(fn, dense, _plan(run.body, pruned, run.comp), small)
+    program = CompactProgram(fn, dense, masks, graph, small)
+    program.plan_for(sample_args)
+    return program
 
 
 def compact_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, Any],
@@ -234,12 +261,35 @@ def compact_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, 
     return program, small
 
 
+def plain_outputs(tree: Any) -> Any:
+    """``tree`` with every node that is not a dict, list, tuple or None (a dataclass such as a
+    ``flax.struct.dataclass`` or transformers' ``ModelOutput``, a namedtuple, a FrozenDict)
+    turned into a dict of its children keyed by their field names: a pytree that
+    ``jax.export`` serializes and that loads without the type's Python code."""
+    if tree is None or type(tree) in (dict, list, tuple):
+        if isinstance(tree, dict):
+            return {k: plain_outputs(v) for k, v in tree.items()}
+        return None if tree is None else type(tree)(plain_outputs(v) for v in tree)
+    children, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is not tree)
+    if len(children) == 1 and children[0][1] is tree:  # a leaf
+        return tree
+    return {_key_name(kp[0]): plain_outputs(c) for kp, c in children}
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
 def export(program: CompactProgram, small_vars: Any, *args: Any) -> Any:
     """``jax.export.export`` of ``program`` at the shapes of ``args`` (arrays or
     ``jax.ShapeDtypeStruct``s of concrete shapes): a `jax.export.Exported` whose
-    ``call(small_vars, *args)`` runs without the model's Python code (``serialize()`` it)."""
+    ``call(small_vars, *args)`` runs without the model's Python code (``serialize()`` it).
+    Its outputs are `plain_outputs` of the program's (a dataclass output becomes a dict)."""
     spec = lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(  # noqa: E731
         np.shape(a), jnp.result_type(a))
-    return jax.export.export(jax.jit(program))(jax.tree_util.tree_map(spec, small_vars),
-                                               *jax.tree_util.tree_map(spec, args))
-
+    run = jax.jit(lambda v, *a: plain_outputs(program(v, *a)))
+    return jax.export.export(run)(jax.tree_util.tree_map(spec, small_vars),
+                                  *jax.tree_util.tree_map(spec, args))

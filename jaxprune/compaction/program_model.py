@@ -32,21 +32,26 @@ class ProgramModel:
     contract (`jaxprune.compaction.compact` returns it): ``apply(variables, *args, **kwargs)``
     as Linen's, with the compact variables; each set of keyword arguments (``train=True``,
     ``mutable=['batch_stats']``, ...) is compacted from the model's own program when first used.
+    ``kwargs`` (the inference keyword arguments it was compacted with, e.g. ``train=False``)
+    are passed to every call unless the call overrides them.
 
     Attributes:
       call: ``call(dense_variables, *args, **kwargs)``, the original model (Linen
         ``module.apply``, or an NNX model's call over `jaxprune.pruner.nnx_variables`).
       dense_specs: the dense variables' shapes; masks, graph: what was compacted.
+      kwargs: the default keyword arguments of every call.
     """
 
     call: Callable[..., Any]
     dense_specs: Any
     masks: Mapping[str, np.ndarray]
     graph: PruningGraph
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     _programs: dict = dataclasses.field(default_factory=dict)
 
     def program(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> CompactProgram:
-        """The `CompactProgram` for these keyword arguments (built once)."""
+        """The `CompactProgram` for these keyword arguments over `kwargs` (built once)."""
+        kwargs = {**self.kwargs, **kwargs}
         key = repr(sorted(kwargs.items()))
         if key not in self._programs:
             fn = lambda v, *a: self.call(v, *a, **kwargs)  # noqa: E731
@@ -88,11 +93,13 @@ class ExportedModel:
 
 
 def compact_traced(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
-                   align: int = 1, *, keep_constants: bool = False, sample_input: Any = None
-                   ) -> CompactResult:
+                   align: int = 1, *, keep_constants: bool = False, sample_input: Any = None,
+                   **call_kwargs: Any) -> CompactResult:
     """`jaxprune.compaction.compact` of a model without the keep contract (any Linen module or
     NNX model `jaxprune.graph.trace` follows): its traced program, compacted; the result's
-    ``model`` is a `ProgramModel`, checked against the masked model on ``sample_input``."""
+    ``model`` is a `ProgramModel`, checked against the masked model on ``sample_input``.
+    ``call_kwargs`` (e.g. ``deterministic=True``) go to every call of the model, compact or
+    dense; a Linen module whose ``__call__`` takes ``train`` gets ``train=False`` unless given."""
     name = type(model).__name__
     if keep_constants:
         raise ValueError(f"keep_constants=True needs a bundled model (keep_out/keep_in and "
@@ -101,12 +108,13 @@ def compact_traced(model: Any, variables: Any, masks: Mapping[str, Any], graph: 
     if sample_input is None:
         raise ValueError(f"compacting {name}, which has no keep_out/keep_in fields, traces its "
                          "program: pass sample_input= (a batch of model inputs)")
+    infer = dict(call_kwargs)
     if isinstance(model, nnx.Module):
         call = nnx_apply(model)
-        infer: dict = {}
     elif isinstance(model, nn.Module):
         call = model.apply
-        infer = {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
+        if "train" not in infer and "train" in inspect.signature(model.__call__).parameters:
+            infer["train"] = False
     else:
         raise TypeError(f"compact takes a Flax Linen module or an NNX model, got {name}")
     validate_masks(masks, graph)
@@ -119,6 +127,6 @@ def compact_traced(model: Any, variables: Any, masks: Mapping[str, Any], graph: 
     axis_keep, keep_out, keep_in = surgery(kept, graph)
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
     pm = ProgramModel(call, jax.tree_util.tree_map(spec, variables),
-                      {k: np.asarray(v) for k, v in kept.items()}, graph)
+                      {k: np.asarray(v) for k, v in kept.items()}, graph, infer)
     pm._programs[repr(sorted(infer.items()))] = program
     return CompactResult(pm, small, keep_out, keep_in, axis_keep, kept)

@@ -299,6 +299,8 @@ def conv_general_dilated(t, eqn, ins, outs):
         t.link(lhs[lf], rhs[ri])
     elif len(rhs[ri]) == 1 and len(lhs[lf]) == g == len(rhs[ro]):
         t.link(lhs[lf], rhs[ro])  # depthwise: channel c reads only input c
+    elif len(rhs[ri]) > 1:
+        link_conv_groups(t, lhs[lf], rhs[ri], out[of], g)
     else:
         for a in (lhs[lf], out[of]):
             t.poison.append((a, f"grouped convolution (feature_group_count={g})"))
@@ -308,7 +310,7 @@ def conv_general_dilated(t, eqn, ins, outs):
     leaf = t.origin.get(eqn.invars[1], -1)
     if leaf >= 0:
         t.roles[(leaf, t.leaf_axis(eqn.invars[1], ro))] = "out"
-        if g == 1:
+        if len(rhs[ri]) > 1 or g == 1:
             t.roles[(leaf, t.leaf_axis(eqn.invars[1], ri))] = "in"
     lhs_dil = tuple(p.get("lhs_dilation") or ()) or (1,) * len(rsp)
     if any(d != 1 for d in lhs_dil):
@@ -319,6 +321,19 @@ def conv_general_dilated(t, eqn, ins, outs):
         return
     const = int(np.prod([len(rhs[k]) for k in rsp])) if rsp else 1
     t.ops.append(("conv", leaf, const * t.repeat, [out[k] for k in range(len(out))] + [rhs[ri]]))
+
+
+def link_conv_groups(t, lhs_f: np.ndarray, rhs_i: np.ndarray, out_f: np.ndarray, g: int) -> None:
+    """A grouped convolution (``1 < feature_group_count = g``, several inputs per group): input
+    channel ``j`` of every group is one channel, read by the kernel's input ``j``, and output
+    channel ``j`` of every group is one channel, so pruning removes the same channels from
+    every group: the group count is unchanged and every group keeps as many as the others."""
+    per_in = len(lhs_f) // g
+    for k in range(g):
+        t.link(lhs_f[k * per_in:(k + 1) * per_in], rhs_i)
+    per_out = len(out_f) // g
+    for k in range(1, g):
+        t.link(out_f[k * per_out:(k + 1) * per_out], out_f[:per_out])
 
 
 def dot_general(t, eqn, ins, outs):

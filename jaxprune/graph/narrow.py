@@ -229,11 +229,35 @@ def conv_general_dilated(eqn, vals, kin, kout):
     elif eqn.invars[1].aval.shape[ri] == 1 and g == n_in == eqn.invars[1].aval.shape[ro]:
         lhs = move(lhs, lf, kl[lf], kr[ro], n_in)  # depthwise: one filter per input channel
         params = dict(p, feature_group_count=int(lhs.shape[lf]))
+    elif eqn.invars[1].aval.shape[ri] > 1 and group_consistent(kr[ro], g, _rhs_out(eqn)):
+        # grouped: the same kernel inputs kept in every group, the group count unchanged
+        per_in = eqn.invars[1].aval.shape[ri]
+        dst = None if kr[ri] is None else (
+            np.arange(g)[:, None] * per_in + np.asarray(kr[ri])).reshape(-1)
+        lhs = move(lhs, lf, kl[lf], dst, n_in)
     elif any(k is not None for k in (kl[lf], kr[ri], kr[ro])):
         return None
     out = bind(eqn, [lhs, rhs], params)
     n_out = eqn.outvars[0].aval.shape[of]
     return [move(out[0], of, kr[ro], ko[of], n_out)]
+
+
+def _rhs_out(eqn) -> int:
+    """The number of output channels of a convolution's kernel."""
+    return eqn.invars[1].aval.shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+
+
+def group_consistent(keep: np.ndarray | None, g: int, n: int) -> bool:
+    """Whether ``keep`` (sorted positions of ``n`` channels in ``g`` equal groups) keeps the
+    same channels of every group (`jaxprune.graph.links.link_conv_groups`)."""
+    if keep is None:
+        return True
+    keep = np.asarray(keep)
+    per, k = n // g, len(keep) // g
+    if len(keep) % g or not k:
+        return False
+    rows = keep.reshape(g, k)
+    return bool(np.array_equal(rows - (np.arange(g)[:, None] * per), np.broadcast_to(rows[0], rows.shape)))
 
 
 def dot_general(eqn, vals, kin, kout):

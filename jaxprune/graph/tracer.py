@@ -43,12 +43,38 @@ class Body:
     visits: list
 
 
+def _library_dirs() -> tuple[str, ...]:
+    """Directories of the libraries whose frames do not name the user's line: flax, jax and
+    jaxprune itself (but not its bundled models, which are a model's own code)."""
+    import os
+
+    import flax
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # jaxprune/
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (flax, jax)) + (
+        here + os.sep,)
+
+
+def _is_library(file_name: str, dirs: tuple[str, ...]) -> bool:
+    import os
+
+    path = os.path.abspath(file_name)
+    models = dirs[-1] + "models" + os.sep
+    return path.startswith(dirs) and not path.startswith(models)
+
+
 def where(eqn) -> str:
-    """The source line ``eqn`` was traced from, or ``'unknown location'``."""
+    """The source line ``eqn`` was traced from: the innermost frame outside flax, jax and
+    jaxprune (a LayerNorm's line in the user's model, not in flax), else the innermost frame
+    jax names; ``'unknown location'`` if none."""
     try:
         from jax._src import source_info_util
 
-        here = source_info_util.summarize(eqn.source_info)
+        frames = list(source_info_util.user_frames(eqn.source_info.traceback))
+        dirs = _library_dirs()
+        mine = [f for f in frames if not _is_library(f.file_name, dirs)]
+        frame = (mine or frames or [None])[0]
+        here = source_info_util._summarize_frame(frame) if frame else ""
     except Exception:  # pragma: no cover - best effort location
         here = ""
     return here or "unknown location"
