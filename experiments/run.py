@@ -391,7 +391,7 @@ def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]
 
         write_synthetic_imagenet(job.config.data_dir, **SYNTHETIC_IMAGENET)
     t0 = time.time()
-    result = run(job.config, job.workdir, progress=opts.progress, dataset=data.get(job.config))
+    result = run(job.config, job.workdir, progress=opts.progress, data=data.get(job.config))
     return f"ran in {time.time() - t0:.0f} s", write_record(job, result)
 
 

@@ -28,7 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with the SFP CIFAR-10 recipe as defaults (methods.md 2)."""
     c = ml_collections.ConfigDict()
     c.name = "run"
+    # a bundled model's name (jaxprune.models.MODEL_NAMES) or a model of your own by import
+    # path, 'my_package.models:make_net' (a Linen/NNX module class or a factory returning one),
+    # called with model_kwargs (jaxprune.user_models)
     c.model = "resnet20"
+    c.model_kwargs = ml_collections.ConfigDict()
     c.dataset = "cifar10"
     c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ~/.cache/jaxprune (jaxprune data)
     c.image_size = 0  # 0 = the data set's own size
@@ -160,7 +164,7 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> m
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
                 raise ValueError(f"unknown config key {key!r}")
             node = node[part]
-        if leaf not in node and not (parents and parents[-1] == "kwargs"):
+        if leaf not in node and not (parents and parents[-1] in ("kwargs", "model_kwargs")):
             raise ValueError(f"unknown config key {key!r}; known here: {sorted(node.keys())}")
         value = _parse_value(text)
         old = node[leaf] if leaf in node else None
@@ -193,6 +197,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad value of ``config``."""
     from jaxprune.methods import METHODS
     from jaxprune.models import MODEL_NAMES
+    from jaxprune.user_models import is_import_path
 
     def bad(key, value, allowed):
         raise ValueError(f"config.{key}={value!r} is not allowed; expected {allowed}")
@@ -200,8 +205,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, v in _numbers(config.to_dict()):
         if not math.isfinite(v):
             bad(key, v, "a finite number")
-    if config.model not in MODEL_NAMES:
-        bad("model", config.model, f"one of {', '.join(MODEL_NAMES)}")
+    if config.model not in MODEL_NAMES and not is_import_path(config.model):
+        bad("model", config.model, f"one of {', '.join(MODEL_NAMES)} or an import path "
+            "'package.module:name' of a model of your own")
     if config.dataset not in DATASETS:
         bad("dataset", config.dataset, f"one of {', '.join(DATASETS)}")
     for key in ("epochs", "batch_size", "eval_batch_size", "num_seeds", "keep_checkpoints"):
