@@ -776,8 +776,17 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
     """
     from jaxprune.models import MODEL_NAMES
 
+    from jaxprune.compaction import ExportedModel
+    from jaxprune.user_models import build_model, is_import_path
+
     p = Path(target)
-    if target in MODEL_NAMES:
+    if is_import_path(target) and not p.exists():
+        model = build_model(target, num_classes=10)
+        shape = (input_size or 32, input_size or 32, 3)
+        x = jnp.zeros((1,) + shape, jnp.float32)
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+        title = f"{target} (dense), input {shape}"
+    elif target in MODEL_NAMES:
         model = get_model(target)
         size = input_size or (224 if target in _IMAGENET_MODELS else 32)
         shape = (size, size, 3)
@@ -795,9 +804,11 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
             shape = (input_size, input_size, shape[-1])
         x = jnp.zeros((1,) + tuple(shape), jnp.float32)
         title = f"{p} ({meta.get('method', '?')}), input {tuple(shape)}"
+        if isinstance(model, ExportedModel):
+            return _exported_info(title, variables, meta)
     else:
         raise ValueError(f"{target!r} is neither a bundled model ({', '.join(MODEL_NAMES)}) "
-                         "nor an existing checkpoint directory")
+                         "nor an existing checkpoint directory, nor a model's import path ('package.module:name')")
     graph = trace_linen(model, variables, x, residual=residual)
     conv = flops.count(graph, convention="conv")
     conv_fc = flops.count(graph, convention="conv_fc")
@@ -821,6 +832,22 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
               f"total MACs, conv only (SFP)        {conv.macs}",
               f"total MACs, conv + fc (PFEC)       {conv_fc.macs}",
               f"prunable groups ({residual})       {len(graph.groups)}"]
+    return "\n".join(lines)
+
+
+def _exported_info(title: str, variables: Any, meta: dict) -> str:
+    """`model_info` of a compact model saved as its exported program (a model of the user's
+    own): every variable's shape, and the totals recorded when it was compacted."""
+    from jaxprune.checkpoints import leaf_paths
+
+    lines = [title + " (an exported program: per-variable shapes)", "",
+             f"{'variable':40s} {'shape':>20s} {'size':>12s}"]
+    for path, leaf in zip(leaf_paths(variables), jax.tree.leaves(variables)):
+        lines.append(f"{'/'.join(path):40s} {str(tuple(np.shape(leaf))):>20s} {int(np.size(leaf)):>12d}")
+    c = meta.get("compact") or {}
+    lines += ["", f"total params                       {c.get('params', '?')}",
+              f"total MACs, conv only (SFP)        {c.get('macs_conv', '?')}",
+              f"total MACs, conv + fc (PFEC)       {c.get('macs_conv_fc', '?')}"]
     return "\n".join(lines)
 
 
@@ -941,8 +968,9 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     return rec
 
 
-def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
-    """Test accuracy of a saved compact model (or a run directory's ``compact/``)."""
+def evaluate_path(path: str | os.PathLike, data_dir: str | None = None, test_subset: int = 0) -> dict:
+    """Test accuracy of a saved compact model (or a run directory's ``compact/``) on the whole
+    test set, or its first ``test_subset`` images; ``images`` in the result says how many."""
     import functools
 
     from jaxprune.checkpoints import check_weights, load
@@ -953,7 +981,9 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     model, variables, meta = load(p)
     check_weights(variables, what=f"the model in {str(p)!r}")  # NaN weights: no accuracy to report
     name = meta.get("dataset", "cifar10")
-    n = int(meta.get("test_subset") or 0)  # the split the run was evaluated on (0: all)
+    if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 0:
+        raise ValueError(f"--test-subset {test_subset!r}: expected a non-negative integer (0: all)")
+    n = test_subset
     if name == "digits":
         ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
     elif name == "imagenet2012":
@@ -965,11 +995,13 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     preprocess = functools.partial(augment_lib.normalize, mean=tuple(mean), std=tuple(std))
     if isinstance(ds, StreamedDataset):
         res = evaluation.evaluate(model, variables, ds.test, None, 0, preprocess=preprocess)
+        n = int(ds.num_test)
     else:
-        n = n or ds.num_test
+        n = min(n or ds.num_test, ds.num_test)
         res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500,
                                   preprocess=preprocess)
-    return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
+    return {"path": str(p), "dataset": name, "images": int(n),
+            **{k: float(v) for k, v in res.items()}}
 
 
 SENSITIVITY_CONVS = ("first", "second", "all")

@@ -42,7 +42,7 @@ common+=("${extra[@]}")
 run() {  # NAME IMPORT CONFIG [overrides...]
     local name=$1 import=$2 config=$3
     shift 3
-    jaxprune prune "$RUNS/$import" --config "experiments/configs/$config.py" \
+    jaxprune prune "$RUNS/$import" --config "jaxprune/configs/$config.py" \
         --workdir "$RUNS/$name$suffix" "${common[@]}" "$@" 2>&1 | tee -a "$OUT/log.txt"
 }
 start=$(date +%s)
