@@ -214,3 +214,15 @@ def test_epoch_line_is_one_human_line():
     import numpy as np
 
     assert kept_channels({"a": np.array([1.0, 0.0, 1.0]), "b": np.array([0.0, 0.5])}) == (3, 5)
+
+
+def test_absl_warnings_stay_off_the_console(capfd):
+    import logging
+
+    from absl import logging as absl_logging
+
+    cli._quiet_absl()
+    absl_logging.warning("a stray absl warning")
+    logging.getLogger("absl").warning("another one")
+    assert "stray" not in capfd.readouterr().err
+    assert logging.getLogger("absl").getEffectiveLevel() == logging.ERROR

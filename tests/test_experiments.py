@@ -278,6 +278,16 @@ def test_row_selection(tmp_path):
         runner.select_rows(["nope_*"])
 
 
+def test_tiny_runs_never_suggest_writing_tracked_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, opts, stop_after=None: {})
+    rec = tmp_path / "rec"
+    assert runner.main(["sfp_resnet20_cifar10", "--tiny", "--seeds", "1", "--records", str(rec),
+                        "--runs-dir", str(tmp_path / "runs")]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"jaxprune report --records {rec} [--out {rec / 'REPORT.md'}]" in hint
+    assert "RESULTS.md" not in hint and "experiments/plots" not in hint
+
+
 def test_cli_list_dry_run_and_errors(capsys):
     assert runner.main(["--list"]) == 0
     out = capsys.readouterr().out
