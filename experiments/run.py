@@ -6,7 +6,7 @@
                               [--config.key=value ...]
     python experiments/run.py --list
 
-A ROW is a config file name of ``experiments/configs/`` without ``.py`` (``sfp_resnet56_cifar10``),
+A ROW is a config file name of ``jaxprune/configs/`` without ``.py`` (``sfp_resnet56_cifar10``),
 a shell pattern over them (``'pfec_*'``, ``'*_cifar100'``) or ``all``. Each row runs for seeds
 ``0 .. N-1`` (N = ``--seeds``, default the row's ``config.num_seeds``), ``config.seed = k``, through
 `jaxprune.experiment.run` into ``<runs-dir>/<row>/seed<k>/`` and its record goes to
@@ -22,7 +22,7 @@ accuracy curve (``curve``, ``test_accuracy_at_half``: GHFP's convergence claim).
   A run directory whose ``config.json`` disagrees with the config about to run (another
   schedule, say) is refused unless ``--force``: give ``--runs-dir`` another folder instead.
 - **Dependencies.** A row whose ``config.pretrained`` is ``experiments/runs/<row>/seed<k>`` (the
-  form the configs use, see ``experiments/configs/common.py``) depends on that row's seed k: the
+  form the configs use, see ``jaxprune/configs/common.py``) depends on that row's seed k: the
   runner runs it first when it is not finished, under the same schedule flags, and points
   ``pretrained`` at ``<runs-dir>/<row>/seed<k>``. A finished dependency is used as it is, whatever
   schedule produced it (a paper-schedule baseline also serves a shortened row).
@@ -70,7 +70,7 @@ import ml_collections  # noqa: E402
 
 from jaxprune import config as config_lib  # noqa: E402
 
-CONFIG_DIR = REPO / "experiments" / "configs"
+CONFIG_DIR = REPO / "jaxprune" / "configs"
 DEFAULT_RUNS = "experiments/runs"
 DEFAULT_RECORDS = "experiments/results"
 TINY_RUNS = "experiments/runs-tiny"
@@ -116,7 +116,7 @@ def select_rows(patterns: Sequence[str], config_dir: Path = CONFIG_DIR) -> list[
     rows = row_names(config_dir)
     out: list[str] = []
     for pat in patterns:
-        pat = Path(pat).name if "/" in pat else pat  # experiments/configs/x.py works too
+        pat = Path(pat).name if "/" in pat else pat  # jaxprune/configs/x.py works too
         pat = pat[:-3] if pat.endswith(".py") else pat
         hits = rows if pat == "all" else [r for r in rows if fnmatch.fnmatchcase(r, pat)]
         if not hits:
@@ -391,7 +391,7 @@ def execute(job: Job, opts: Options, data: DataCache) -> tuple[str, dict | None]
 
         write_synthetic_imagenet(job.config.data_dir, **SYNTHETIC_IMAGENET)
     t0 = time.time()
-    result = run(job.config, job.workdir, progress=opts.progress, dataset=data.get(job.config))
+    result = run(job.config, job.workdir, progress=opts.progress, data=data.get(job.config))
     return f"ran in {time.time() - t0:.0f} s", write_record(job, result)
 
 
@@ -512,7 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for (row, seed), s in status.items():
         print(f"  {row}/seed{seed}: {s}")
     failed = [k for k, s in status.items() if s.startswith("failed") or s.startswith("skipped (dependency")]
-    print(f"records in {opts.records_dir}; report: jaxprune report --records {opts.records_dir}")
+    print(f"records in {opts.records_dir}; report (printed): jaxprune report --records "
+          f"{opts.records_dir}" + (f" [--out {opts.records_dir / 'REPORT.md'}]" if opts.tiny else
+                                   " [--all-rows --out RESULTS.md --plots experiments/plots]"))
     return 1 if failed else 0
 
 

@@ -14,7 +14,7 @@ N=${2:-10000}  # training images used (a prefix of the 50,000), for CPU-sized ru
 RUNS=${3:-dense,sfp,ghfp,hfp}
 OUT=experiments/runs/sanity
 REC=experiments/sanity_records
-COMMON=(--config experiments/configs/sfp_resnet20_cifar10.py --no-progress
+COMMON=(--config jaxprune/configs/sfp_resnet20_cifar10.py --no-progress
         --config.epochs=$E --config.optimizer.schedule=cosine --config.optimizer.base_lr=0.1
         --config.num_seeds=1 --config.train_subset=$N)
 run() {

@@ -4,15 +4,15 @@
     jaxprune quickstart [--workdir DIR]
     jaxprune data cifar10|cifar100 [--dir DIR] [--from ARCHIVE] [--force]
     jaxprune data imagenet2012          (prints how to prepare it with TFDS)
-    jaxprune train --config FILE --workdir DIR [--config.key=value ...]
-    jaxprune prune CHECKPOINT_DIR --config FILE --workdir DIR [--config.key=value ...]
+    jaxprune train --config NAME_OR_FILE --workdir DIR [--config.key=value ...]
+    jaxprune prune CHECKPOINT_DIR --config NAME_OR_FILE --workdir DIR [--config.key=value ...]
     jaxprune import MODEL STATE_DICT.npz --workdir DIR [--mean M M M --std S S S]
     jaxprune compact RUN_DIR [--checkpoint final|best]
-    jaxprune eval PATH [--data_dir DIR]
+    jaxprune eval PATH [--data-dir DIR] [--test-subset N] [--json]
     jaxprune info MODEL_OR_CHECKPOINT [--input-size N] [--residual scatter|coupled]
     jaxprune sensitivity TRAINED_DIR --config FILE --out DIR [--convs first|second|all]
     jaxprune bench-widths MODEL [--batch N] [--step N] [--out FILE]
-    jaxprune report [--records DIR] [--out RESULTS.md]
+    jaxprune report [--records DIR] [--out FILE [--plots DIR]] [--all-rows]
 
 ``--config.key=value`` overrides any config entry (Python literals; nested keys with dots).
 """
@@ -70,8 +70,10 @@ def cmd_compact(args, overrides) -> int:
     rec = compact_run(args.run_dir, which=args.checkpoint)
     st = rec["from_state"]
     print(f"compacted the {args.checkpoint} checkpoint (checkpoint step {st['checkpoint_step']}, "
-          f"optimizer step {st['optimizer_step']}) into {Path(args.run_dir) / rec['compact_dir']}")
+          f"optimizer step {st['optimizer_step']})")
     _print_record(rec)
+    print(f"compact model saved to {Path(args.run_dir) / rec['compact_dir']}; record: "
+          f"{Path(args.run_dir) / rec['result_file']}")
     if rec["compact_dir"] != "compact":
         print(f"jaxprune compact: warning: the newest checkpoint (step {st['newest_step']}) is "
               f"unreadable; compacted step {st['checkpoint_step']} into {rec['compact_dir']}/ and "
@@ -82,8 +84,12 @@ def cmd_compact(args, overrides) -> int:
 def cmd_eval(args, overrides) -> int:
     from jaxprune.experiment import evaluate_path
 
-    res = evaluate_path(args.path, data_dir=args.data_dir)
-    print(json.dumps(res, indent=2))
+    res = evaluate_path(args.path, data_dir=args.data_dir, test_subset=args.test_subset)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(f"{res['path']}: accuracy {res['accuracy']:.4f} (top-5 {res['top5']:.4f}, loss "
+              f"{res['loss']:.4f}) on {res['images']:,} {res['dataset']} test images")
     return 0
 
 
@@ -185,10 +191,20 @@ def cmd_sensitivity(args, overrides) -> int:
 
 
 def cmd_report(args, overrides) -> int:
-    from jaxprune.report import write_report
+    from jaxprune.report import load_records, report_text, write_report
 
-    out = write_report(args.records, args.out, plots=args.plots)
-    print(f"wrote {out}")
+    if not Path(args.records).is_dir():
+        raise FileNotFoundError(f"--records {args.records!r} is not a directory; expected a "
+                                "directory of run records or run directories")
+    if args.out is None:
+        if args.plots:
+            raise ValueError("--plots needs --out (the Markdown file that links the plots)")
+        print(report_text(args.records, all_rows=args.all_rows), end="")
+        return 0
+    if not load_records(args.records) and not args.all_rows:
+        raise ValueError(f"no run records (result.json or runner records) under {args.records!r}")
+    out = write_report(args.records, args.out, plots=args.plots, all_rows=args.all_rows)
+    print(f"wrote {out}" + (f" and plots in {args.plots}" if args.plots else ""))
     return 0
 
 
@@ -207,8 +223,18 @@ def _use_fast_cpu_flags(args) -> None:
         perf.use_recommended_cpu_flags(check=True)
 
 
+OVERRIDES_HELP = (
+    "config overrides: --config.KEY=VALUE sets any config entry (Python literals: 0.3, (60, 120), "
+    "True; bare words are strings; nested keys with dots: --config.method.rate=0.4, "
+    "--config.optimizer.base_lr=0.05, --config.train_subset=1000, --config.test_subset=500, "
+    "--config.method.kwargs.final_bn=zero, --config.model_kwargs.width=16). Every key, its "
+    "default and meaning: jaxprune/config.py (base_config). config.model is a bundled model's "
+    "name or your own model's import path, 'my_package.models:make_net'.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.")
+    p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.",
+                                epilog=OVERRIDES_HELP)
     p.add_argument("--version", action="version", version=f"jaxprune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -231,12 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("train", "train a dense model or prune with a method, then compact"),
                            ("prune", "one-shot prune a trained checkpoint (e.g. PFEC), retrain, compact")):
-        t = sub.add_parser(name, help=helptext)
+        t = sub.add_parser(name, help=helptext, description=helptext, epilog=OVERRIDES_HELP)
         if name == "prune":
             t.add_argument("checkpoint", help="run directory or checkpoint directory of the trained model")
-        t.add_argument("--config", required=True, help="config file (experiments/configs/*.py)")
+        t.add_argument("--config", required=True, metavar="NAME_OR_FILE",
+                       help="a packaged config's name (e.g. sfp_resnet56_cifar10; see "
+                            "jaxprune/configs/) or a config file defining get_config()")
         t.add_argument("--workdir", required=True)
-        t.add_argument("--data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ~/.cache/jaxprune; "
+        t.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None, help="local data copy (else $JAXPRUNE_DATA_DIR, ~/.cache/jaxprune; "
                        "fetch it with `jaxprune data cifar10`)")
         t.add_argument("--no-progress", action="store_true")
         t.add_argument("--allow-schedule-change", action="store_true",
@@ -263,7 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="test accuracy of a compact model directory or a run directory")
     e.add_argument("path")
-    e.add_argument("--data_dir", default=None)
+    e.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None)
+    e.add_argument("--test-subset", type=int, default=0, metavar="N",
+                   help="score the first N test images only (default: the whole test set)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="widths, params and MACs per layer of a model name or checkpoint")
@@ -286,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sensitivity", help="PFEC sensitivity analysis of a trained checkpoint")
     s.add_argument("checkpoint")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, metavar="NAME_OR_FILE")
     s.add_argument("--out", required=True)
-    s.add_argument("--data_dir", default=None)
+    s.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None)
     s.add_argument("--convs", default="all", choices=("first", "second", "all"),
                    help="which convs: the first / second conv of every residual block, or all")
     s.add_argument("--batch-size", type=int, default=100,
@@ -297,16 +328,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--default-xla-flags", action="store_true", help=_FLAGS_HELP)
     s.set_defaults(func=cmd_sensitivity)
 
-    r = sub.add_parser("report", help="gather result records into RESULTS tables and plots")
-    r.add_argument("--records", default="experiments/results")
-    r.add_argument("--out", default="RESULTS.md")
-    r.add_argument("--plots", default="experiments/plots")
+    r = sub.add_parser("report", help="tables of run records: paper rows against the paper, "
+                       "other runs in a table of their own")
+    r.add_argument("--records", default="experiments/results",
+                   help="a directory of run directories (their result.json) or runner records")
+    r.add_argument("--out", default=None, help="Markdown file to write (only the text between "
+                   "its report markers is replaced); default: print to stdout")
+    r.add_argument("--plots", default=None, help="also draw accuracy-vs-MACs plots into this "
+                   "directory (needs --out)")
+    r.add_argument("--all-rows", action="store_true",
+                   help="list every paper row, 'not yet run' where no record exists (RESULTS.md)")
     r.set_defaults(func=cmd_report)
     return p
 
 
+def _quiet_absl() -> None:
+    """No ``WARNING:absl`` lines from libraries (Orbax, TensorFlow Datasets) on the console:
+    absl logs errors only; jaxprune reports what matters itself."""
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # pragma: no cover - absl comes with jax's dependencies
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_absl()
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)

@@ -1,6 +1,6 @@
 """Experiment configs: `ml_collections.ConfigDict`s written as Python files.
 
-Every experiment file in ``experiments/configs/`` defines ``get_config()`` returning
+Every experiment file in ``jaxprune/configs/`` defines ``get_config()`` returning
 ``base_config()`` with its own values, and states in its docstring the paper row it
 reproduces. The CLI loads a file with `load_config` and applies ``--config.key=value``
 overrides with `override`; `validate` checks every value at the boundary and names the bad
@@ -28,7 +28,11 @@ def base_config() -> ml_collections.ConfigDict:
     """Every key a run may set, with the SFP CIFAR-10 recipe as defaults (methods.md 2)."""
     c = ml_collections.ConfigDict()
     c.name = "run"
+    # a bundled model's name (jaxprune.models.MODEL_NAMES) or a model of your own by import
+    # path, 'my_package.models:make_net' (a Linen/NNX module class or a factory returning one),
+    # called with model_kwargs (jaxprune.user_models)
     c.model = "resnet20"
+    c.model_kwargs = ml_collections.ConfigDict()
     c.dataset = "cifar10"
     c.data_dir = ""  # local copy or TFDS data_dir; '' = $JAXPRUNE_DATA_DIR / ~/.cache/jaxprune (jaxprune data)
     c.image_size = 0  # 0 = the data set's own size
@@ -120,20 +124,55 @@ def with_defaults(recorded: dict) -> dict:
     return merge(base, json.loads(json.dumps(recorded, default=list)))
 
 
+def packaged_configs() -> tuple[str, ...]:
+    """Names of the experiment configs shipped in `jaxprune.configs` (``jaxprune train
+    --config NAME``)."""
+    here = Path(__file__).parent / "configs"
+    return tuple(sorted(p.stem for p in here.glob("*.py") if p.stem not in ("__init__", "common")))
+
+
+def config_path(name: str | Path) -> Path:
+    """The file a ``--config`` value names: an existing path, else a packaged config's name
+    (``sfp_resnet56_cifar10``, with or without ``.py``)."""
+    p = Path(name)
+    if p.exists() or p.parent != Path("."):
+        return p
+    packaged = Path(__file__).parent / "configs" / (p.stem + ".py")
+    if p.suffix in ("", ".py") and p.stem in packaged_configs():
+        return packaged
+    return p
+
+
 def load_config(path: str | Path) -> ml_collections.ConfigDict:
-    """Imports the Python file ``path`` and returns its ``get_config()``."""
-    p = Path(path)
+    """Imports the Python file ``path`` (or the packaged config of that name, see
+    `config_path`) and returns its ``get_config()``; a file that fails to load raises
+    ValueError in one line naming the file and line."""
+    import difflib
+    import traceback
+
+    p = config_path(path)
     if p.is_dir():
         raise ValueError(f"config file {str(path)!r} is a directory; expected a Python file "
                          "defining get_config()")
     if not p.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        close = difflib.get_close_matches(Path(path).stem, packaged_configs(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (nor a packaged config's name)"
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist{hint}")
     spec = importlib.util.spec_from_file_location(f"jaxprune_config_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {str(path)!r} defines no get_config()")
-    return module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {str(p)!r} defines no get_config()")
+        return module.get_config()
+    except ValueError:
+        raise
+    except SyntaxError as e:
+        raise ValueError(f"config file {str(p)!r}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - the user's file: name where it failed
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename) == p]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        raise ValueError(f"config file {str(p)!r}{where}: {type(e).__name__}: {e}") from None
 
 
 def _parse_value(text: str) -> Any:
@@ -141,6 +180,13 @@ def _parse_value(text: str) -> Any:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def _did_you_mean(name: str, node: ml_collections.ConfigDict) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(node.keys()), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> ml_collections.ConfigDict:
@@ -158,10 +204,11 @@ def override(config: ml_collections.ConfigDict, assignments: Sequence[str]) -> m
         node = config
         for part in parents:
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                raise ValueError(f"unknown config key {key!r}")
+                raise ValueError(f"unknown config key {key!r}{_did_you_mean(part, node)}")
             node = node[part]
-        if leaf not in node and not (parents and parents[-1] == "kwargs"):
-            raise ValueError(f"unknown config key {key!r}; known here: {sorted(node.keys())}")
+        if leaf not in node and not (parents and parents[-1] in ("kwargs", "model_kwargs")):
+            raise ValueError(f"unknown config key {key!r}{_did_you_mean(leaf, node)}; known here: "
+                             f"{', '.join(sorted(node.keys()))}")
         value = _parse_value(text)
         old = node[leaf] if leaf in node else None
         if isinstance(old, str) and not isinstance(value, str):
@@ -193,6 +240,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad value of ``config``."""
     from jaxprune.methods import METHODS
     from jaxprune.models import MODEL_NAMES
+    from jaxprune.user_models import is_import_path
 
     def bad(key, value, allowed):
         raise ValueError(f"config.{key}={value!r} is not allowed; expected {allowed}")
@@ -200,8 +248,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, v in _numbers(config.to_dict()):
         if not math.isfinite(v):
             bad(key, v, "a finite number")
-    if config.model not in MODEL_NAMES:
-        bad("model", config.model, f"one of {', '.join(MODEL_NAMES)}")
+    if config.model not in MODEL_NAMES and not is_import_path(config.model):
+        bad("model", config.model, f"one of {', '.join(MODEL_NAMES)} or an import path "
+            "'package.module:name' of a model of your own")
     if config.dataset not in DATASETS:
         bad("dataset", config.dataset, f"one of {', '.join(DATASETS)}")
     for key in ("epochs", "batch_size", "eval_batch_size", "num_seeds", "keep_checkpoints"):

@@ -174,11 +174,69 @@ def make_method(config: ml_collections.ConfigDict):
     return get_method(m.name, rate=m.rate, criterion=m.criterion, exclude=tuple(m.exclude), **kwargs)
 
 
-def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = None) -> Setup:
-    """Validates ``config`` and builds data, model, graph, optimizer and method."""
+def make_model(config: ml_collections.ConfigDict, num_classes: int, model: Any = None) -> Any:
+    """The config's model: a bundled one by name, or a model of the user's own
+    (`jaxprune.user_models.build_model`): ``model`` (an object) if given, else the import
+    path ``config.model`` with ``config.model_kwargs``. An NNX model comes back as a
+    `jaxprune.user_models.NNXModel`."""
+    from jaxprune.user_models import build_model
+
+    if model is None and not is_own_model(config):
+        return get_model(config.model, num_classes=num_classes, dtype=jnp.dtype(config.dtype))
+    if config.dtype != "float32":
+        raise ValueError(f"config.dtype={config.dtype!r} is not allowed for a model of your own; "
+                         "expected 'float32' (set the compute dtype in the model itself)")
+    if config.compact_before_retraining:
+        raise ValueError("config.compact_before_retraining=True is not allowed for a model of "
+                         "your own; expected False (it retrains a bundled model's compact form)")
+    kwargs = config.get("model_kwargs")
+    kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs or {})
+    return build_model(model if model is not None else config.model, kwargs,
+                       num_classes=num_classes, seed=config.seed)
+
+
+def is_own_model(config: ml_collections.ConfigDict) -> bool:
+    """True when ``config.model`` is an import path (a model of the user's own)."""
+    from jaxprune.user_models import is_import_path
+
+    return is_import_path(config.model)
+
+
+def _is_bundled(model: Any) -> bool:
+    return hasattr(model, "keep_out")
+
+
+def _for_compaction(model: Any) -> Any:
+    """What `jaxprune.compaction.compact` takes for ``model`` (an NNX model in eval mode)."""
+    from jaxprune.user_models import NNXModel
+
+    return model.eval_module() if isinstance(model, NNXModel) else model
+
+
+def _own_model_method(method: Any, config: ml_collections.ConfigDict) -> Any:
+    """A method whose final model keeps pruned channels' BN constants (SFP's official
+    ``final_bn='keep'``) needs a bundled model to carry them; a model of the user's own is
+    compacted from its program, so its final model zeroes them (``final_bn='zero'``) unless
+    the config asks for 'keep' (then refused)."""
+    if final_roles(method) is None:
+        return method
+    asked = (config.method.kwargs.to_dict() if config.method.kwargs else {}).get("final_bn")
+    if asked is None and dataclasses.is_dataclass(method) and hasattr(method, "final_bn"):
+        return dataclasses.replace(method, final_bn="zero")
+    raise ValueError(f"config.method.kwargs.final_bn={asked!r} is not allowed for a model of "
+                     "your own; expected 'zero' (keeping pruned channels' BN constants needs a "
+                     "bundled model)")
+
+
+def setup(config: ml_collections.ConfigDict, data: data_lib.Dataset | None = None,
+          model: Any = None) -> Setup:
+    """Validates ``config`` and builds data, model, graph, optimizer and method.
+
+    ``data``: a `jaxprune.data.Dataset` to use instead of ``config.dataset``; ``model``: a
+    model object of the user's own instead of ``config.model`` (see `make_model`)."""
     config_lib.validate(config)
-    ds = dataset if dataset is not None else load_dataset(config)
-    model = get_model(config.model, num_classes=ds.num_classes, dtype=jnp.dtype(config.dtype))
+    ds = data if data is not None else load_dataset(config)
+    model = make_model(config, ds.num_classes, model)
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     variables = model.init(jax.random.PRNGKey(config.seed), x, train=False)
     graph = trace_linen(model, variables, x, residual=config.method.residual)
@@ -192,6 +250,8 @@ def setup(config: ml_collections.ConfigDict, dataset: data_lib.Dataset | None = 
     optimizer = optim.make_optimizer(make_schedule(config, steps), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     method = make_method(config)
+    if not _is_bundled(model):
+        method = _own_model_method(method, config)
     ctx = MethodContext(graph=graph, total_epochs=config.epochs, steps_per_epoch=steps)
     return Setup(config, ds, model, variables, graph, optimizer, method, ctx)
 
@@ -409,7 +469,7 @@ def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, pre
 
 
 # config keys a resumed run may never change (the checkpoint's structure and meaning)...
-RESUME_FIXED = ("model", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed", "dtype",
+RESUME_FIXED = ("model", "model_kwargs", "dataset", "image_size", "method", "mean", "std", "pretrained", "seed", "dtype",
                 "train_subset", "test_subset", "steps_per_call", "compact_before_retraining")
 # ... and keys that change the schedule: refused unless allowed, then recorded
 RESUME_SCHEDULE = ("epochs", "batch_size", "optimizer", "finetune_epochs", "finetune_lr")
@@ -503,14 +563,26 @@ def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
-        dataset: data_lib.Dataset | None = None, allow_schedule_change: bool = False) -> dict:
+        model: Any = None, data: data_lib.Dataset | None = None,
+        allow_schedule_change: bool = False) -> dict:
     """Trains/prunes/compacts as ``config`` says; returns (and writes) the result record.
+
+    ``model``: a model of your own instead of ``config.model`` (a Linen module or NNX model
+    instance, or a class / factory called with ``config.model_kwargs``; ``config.model`` may
+    also name one by import path, ``"my_package.models:make_net"``). It is traced
+    (`jaxprune.graph.trace`), pruned and compacted through its traced program; the saved
+    compact model loads without its code (`jaxprune.load`). ``data``: a
+    `jaxprune.data.Dataset` instead of ``config.dataset``.
 
     Everything that can be checked (config, the run directory's usability, the compatibility
     of a run already there, pretrained weights) is checked before anything is written."""
     from jaxprune.runlock import RunLock
+    from jaxprune.user_models import import_path_of
 
     t0 = time.time()
+    if model is not None:  # recorded as the class's import path
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model = import_path_of(model)
     parallel.maybe_initialize_distributed()
     config = with_pretrained_normalization(config)
     workdir = Path(workdir)
@@ -520,7 +592,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
     try:
         if lock is not None:
             lock.acquire()  # an existing directory: before its records are read
-        return _run(config, workdir, lock, t0, progress=progress, dataset=dataset,
+        return _run(config, workdir, lock, t0, progress=progress, model=model, data=data,
                     allow_schedule_change=allow_schedule_change)
     finally:
         if lock is not None:
@@ -549,10 +621,10 @@ def _undo_refused_start(workdir: Path, created: bool, before: dict[str, bytes | 
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float, *,
-         progress: bool, dataset: Any, allow_schedule_change: bool) -> dict:
+         progress: bool, model: Any, data: Any, allow_schedule_change: bool) -> dict:
     """`run` once the run directory is locked."""
     changes = check_resume(workdir, config, allow_schedule_change=allow_schedule_change)
-    s = setup(config, dataset)
+    s = setup(config, data, model)
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
@@ -623,8 +695,8 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
     masked = ev(s.model, masked_vars)
     # SFP's official final model keeps the BN constants of its pruned channels: carry them
     sample = jax.random.normal(jax.random.PRNGKey(0), (2,) + tuple(ds.image_shape), jnp.float32)
-    res = compact(s.model, variables, masks, s.graph, keep_constants=roles is not None,
-                  sample_input=sample)
+    res = compact(_for_compaction(s.model), variables, masks, s.graph,
+                  keep_constants=roles is not None, sample_input=sample)
     small = ev(res.model, res.variables)
     # The compact model must predict exactly like the masked one (same correct count). In
     # bfloat16 compute the narrower convs round differently (a few near-tie images flip), so
@@ -676,7 +748,8 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         record["baseline"] = baseline_provenance(s.config.pretrained)
         if (workdir / "start.json").is_file():
             record["start"] = json.loads((workdir / "start.json").read_text())
-    if s.config.model.startswith("resnet") and s.config.method.name in ("sfp", "asfp", "srfp", "asrfp", "ghfp"):
+    if (_is_bundled(s.model) and s.config.model.startswith("resnet")
+            and s.config.method.name in ("sfp", "asfp", "srfp", "asrfp", "ghfp")):
         depth = int(s.config.model[len("resnet"):])
         if (depth - 2) % 6 == 0:
             record["sfp_formula_macs_reduction"] = flops.sfp_formula_reduction(depth, 1 - s.config.method.rate)
@@ -703,8 +776,17 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
     """
     from jaxprune.models import MODEL_NAMES
 
+    from jaxprune.compaction import ExportedModel
+    from jaxprune.user_models import build_model, is_import_path
+
     p = Path(target)
-    if target in MODEL_NAMES:
+    if is_import_path(target) and not p.exists():
+        model = build_model(target, num_classes=10)
+        shape = (input_size or 32, input_size or 32, 3)
+        x = jnp.zeros((1,) + shape, jnp.float32)
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, train=False))
+        title = f"{target} (dense), input {shape}"
+    elif target in MODEL_NAMES:
         model = get_model(target)
         size = input_size or (224 if target in _IMAGENET_MODELS else 32)
         shape = (size, size, 3)
@@ -722,9 +804,11 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
             shape = (input_size, input_size, shape[-1])
         x = jnp.zeros((1,) + tuple(shape), jnp.float32)
         title = f"{p} ({meta.get('method', '?')}), input {tuple(shape)}"
+        if isinstance(model, ExportedModel):
+            return _exported_info(title, variables, meta)
     else:
         raise ValueError(f"{target!r} is neither a bundled model ({', '.join(MODEL_NAMES)}) "
-                         "nor an existing checkpoint directory")
+                         "nor an existing checkpoint directory, nor a model's import path ('package.module:name')")
     graph = trace_linen(model, variables, x, residual=residual)
     conv = flops.count(graph, convention="conv")
     conv_fc = flops.count(graph, convention="conv_fc")
@@ -748,6 +832,22 @@ def model_info(target: str, input_size: int = 0, residual: str = "scatter") -> s
               f"total MACs, conv only (SFP)        {conv.macs}",
               f"total MACs, conv + fc (PFEC)       {conv_fc.macs}",
               f"prunable groups ({residual})       {len(graph.groups)}"]
+    return "\n".join(lines)
+
+
+def _exported_info(title: str, variables: Any, meta: dict) -> str:
+    """`model_info` of a compact model saved as its exported program (a model of the user's
+    own): every variable's shape, and the totals recorded when it was compacted."""
+    from jaxprune.checkpoints import leaf_paths
+
+    lines = [title + " (an exported program: per-variable shapes)", "",
+             f"{'variable':40s} {'shape':>20s} {'size':>12s}"]
+    for path, leaf in zip(leaf_paths(variables), jax.tree.leaves(variables)):
+        lines.append(f"{'/'.join(path):40s} {str(tuple(np.shape(leaf))):>20s} {int(np.size(leaf)):>12d}")
+    c = meta.get("compact") or {}
+    lines += ["", f"total params                       {c.get('params', '?')}",
+              f"total MACs, conv only (SFP)        {c.get('macs_conv', '?')}",
+              f"total MACs, conv + fc (PFEC)       {c.get('macs_conv_fc', '?')}"]
     return "\n".join(lines)
 
 
@@ -872,8 +972,9 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     return rec
 
 
-def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
-    """Test accuracy of a saved compact model (or a run directory's ``compact/``)."""
+def evaluate_path(path: str | os.PathLike, data_dir: str | None = None, test_subset: int = 0) -> dict:
+    """Test accuracy of a saved compact model (or a run directory's ``compact/``) on the whole
+    test set, or its first ``test_subset`` images; ``images`` in the result says how many."""
     import functools
 
     from jaxprune.checkpoints import check_weights, load
@@ -884,7 +985,9 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     model, variables, meta = load(p)
     check_weights(variables, what=f"the model in {str(p)!r}")  # NaN weights: no accuracy to report
     name = meta.get("dataset", "cifar10")
-    n = int(meta.get("test_subset") or 0)  # the split the run was evaluated on (0: all)
+    if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 0:
+        raise ValueError(f"--test-subset {test_subset!r}: expected a non-negative integer (0: all)")
+    n = test_subset
     if name == "digits":
         ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
     elif name == "imagenet2012":
@@ -896,11 +999,13 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None) -> dict:
     preprocess = functools.partial(augment_lib.normalize, mean=tuple(mean), std=tuple(std))
     if isinstance(ds, StreamedDataset):
         res = evaluation.evaluate(model, variables, ds.test, None, 0, preprocess=preprocess)
+        n = int(ds.num_test)
     else:
-        n = n or ds.num_test
+        n = min(n or ds.num_test, ds.num_test)
         res = evaluation.evaluate(model, variables, ds.x_test[:n], ds.y_test[:n], 500,
                                   preprocess=preprocess)
-    return {"path": str(p), "dataset": name, **{k: float(v) for k, v in res.items()}}
+    return {"path": str(p), "dataset": name, "images": int(n),
+            **{k: float(v) for k, v in res.items()}}
 
 
 SENSITIVITY_CONVS = ("first", "second", "all")

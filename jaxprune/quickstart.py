@@ -94,10 +94,10 @@ def quickstart(workdir: str = "workdir/quickstart", epochs: int | None = None,
     print(f"data: scikit-learn digits, {ds.num_train} train / {ds.num_test} test images {ds.image_shape}")
     dense_cfg = dense_config(*(() if epochs is None else (epochs,)))
     print(f"[1/3] training dense ResNet-20 for {dense_cfg.epochs} epochs")
-    dense = run(dense_cfg, workdir / "dense", progress=progress, dataset=ds)
+    dense = run(dense_cfg, workdir / "dense", progress=progress, data=ds)
     sfp_cfg = sfp_config(str(workdir / "dense"), *(() if epochs is None else (epochs,)))
     print(f"[2/3] SFP {sfp_cfg.method.rate:.0%} from the dense model for {sfp_cfg.epochs} epochs")
-    sfp = run(sfp_cfg, workdir / "sfp", progress=progress, dataset=ds)
+    sfp = run(sfp_cfg, workdir / "sfp", progress=progress, data=ds)
 
     print("[3/3] compact model: restore with jaxprune.load and re-evaluate")
     model, variables, meta = jaxprune.load(workdir / "sfp" / "compact")

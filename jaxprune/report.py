@@ -2,7 +2,7 @@
 
 `write_report(records_dir, out_md, plots=plots_dir)` reads
 
-- the paper rows: every config file of ``experiments/configs/`` (``config.paper``: source, row,
+- the paper rows: every config file of ``jaxprune/configs/`` (``config.paper``: source, row,
   published accuracies and reductions in percent, ``-1`` = not given; ``table`` says which
   paper's table the row belongs to; GHFP rows name their SFP/ASFP ``controls``), and
 - the records ``<records_dir>/<row>/seed<k>.json`` that ``experiments/run.py`` writes (any
@@ -66,8 +66,8 @@ _SCHEDULE_ORDER = {"paper": 0, "tiny": 2}
 
 
 def default_configs_dir() -> Path:
-    """``experiments/configs`` of the checkout this module lives in."""
-    return Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    """The paper-row configs shipped in the package (`jaxprune.configs`)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -454,12 +454,31 @@ def merge_markdown(existing: str | None, section: str, title: str = "# Results")
     return existing + sep + block
 
 
+def _rows_for(records: Mapping[str, Sequence[dict]], configs_dir: Any, all_rows: bool) -> dict:
+    rows = load_rows(configs_dir)
+    return rows if all_rows else {k: v for k, v in rows.items() if k in records}
+
+
+def report_text(records_dir: str | os.PathLike, *, all_rows: bool = False,
+                configs_dir: str | os.PathLike | None = None) -> str:
+    """The report of the run records under ``records_dir`` as Markdown (no plots): paper rows
+    compared with the paper (only those with a record unless ``all_rows``), every other run
+    in a table of its own. ValueError when there is no record."""
+    records = load_records(records_dir)
+    if not records:
+        raise ValueError(f"no run records (result.json or runner records) under "
+                         f"{str(records_dir)!r}; expected a directory of runs or records")
+    return build_markdown(_rows_for(records, configs_dir, all_rows), records)[0]
+
+
 def write_report(records_dir: str | os.PathLike, out_md: str | os.PathLike,
                  plots: str | os.PathLike | None = None,
-                 configs_dir: str | os.PathLike | None = None) -> Path:
-    """Writes the tables (and plots) of every paper row into ``out_md``; returns its path."""
-    rows = load_rows(configs_dir)
+                 configs_dir: str | os.PathLike | None = None, *, all_rows: bool = True) -> Path:
+    """Writes the tables (and plots) into ``out_md`` between the report markers (the rest of
+    the file is kept); returns its path. ``all_rows``: every paper row, "not yet run" where no
+    record exists (RESULTS.md); else only the rows with a record."""
     records = load_records(records_dir)
+    rows = _rows_for(records, configs_dir, all_rows)
     out = Path(out_md)
     _, lines = build_markdown(rows, records)
     links: list[tuple[str, str]] = []
@@ -478,4 +497,4 @@ def write_report(records_dir: str | os.PathLike, out_md: str | os.PathLike,
 
 
 __all__ = ["BEGIN", "END", "NOT_RUN", "build_markdown", "load_records", "load_rows", "mean_std",
-           "merge_markdown", "summarize", "table_markdown", "write_report"]
+           "merge_markdown", "report_text", "summarize", "table_markdown", "write_report"]

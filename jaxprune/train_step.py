@@ -63,7 +63,8 @@ def call_kwargs(model: Any, train: bool) -> dict:
     """``{'train': train}`` if ``model.__call__`` takes ``train``, else ``{}``."""
     import inspect
 
-    return {"train": train} if "train" in inspect.signature(model.__call__).parameters else {}
+    call = getattr(model, "__call__", None)  # a compact ProgramModel / ExportedModel has none
+    return {"train": train} if call is not None and "train" in inspect.signature(call).parameters else {}
 
 @functools.partial(jax.jit, static_argnums=0)
 def _init_variables(model: Any, rng: jax.Array, x: jax.Array) -> Any:

@@ -9,6 +9,7 @@ evaluation); `jaxprune.checkpoints` writes and restores the state. See design.md
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -279,7 +280,8 @@ def fit(
             t0 = time.perf_counter()
             first = resume_step if epoch == start_epoch else 0
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
-                       disable=not (progress and main_process), leave=False, dynamic_ncols=True)
+                       disable=not (progress and main_process and sys.stderr.isatty()),
+                       leave=False, dynamic_ncols=True)  # no carriage-return frames in log files
             # the epoch's per-step metrics, in chunks of stacked [n] arrays (host or device)
             step_metrics = [_stack(carried)] if epoch == start_epoch and carried else []
             # resident data never leaves the devices and a streamed batch is placed explicitly:
@@ -416,9 +418,30 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, ev
     if metrics_writer is not None:
         metrics_writer(record)
     if show:
-        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
-        print(f"epoch {epoch + 1}/{epochs} {shown}")
+        print(epoch_line(record, epochs, kept_channels(state.masks)), flush=True)
     return state, history
+
+
+def kept_channels(masks: Any) -> tuple[int, int]:
+    """``(kept, total)`` channels over every group of ``masks`` (a mask entry > 0 is kept)."""
+    leaves = [np.asarray(jax.device_get(m)) for m in jax.tree.leaves(masks)]
+    return int(sum(int(np.sum(m > 0)) for m in leaves)), int(sum(m.size for m in leaves))
+
+
+def epoch_line(record: dict, epochs: int, kept: tuple[int, int] | None = None) -> str:
+    """The one human line printed per epoch: epoch, train loss and accuracy, test accuracy,
+    kept channels (``(kept, total)``; omitted when None or no channel is prunable) and time."""
+    parts = [f"epoch {record['epoch'] + 1}/{epochs}"]
+    if "train_loss" in record:
+        parts.append(f"loss {record['train_loss']:.4f}")
+    if "train_accuracy" in record:
+        parts.append(f"train acc {record['train_accuracy']:.4f}")
+    if "test_accuracy" in record:
+        parts.append(f"test acc {record['test_accuracy']:.4f}")
+    if kept is not None and kept[1]:
+        parts.append(f"kept {kept[0]}/{kept[1]} channels")
+    parts.append(f"{record.get('epoch_time_s', 0.0):.1f} s")
+    return "  ".join(parts)
 
 
 __all__ = ["fit", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted",

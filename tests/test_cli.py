@@ -70,9 +70,20 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     assert rec2["compact"] == rec["compact"]
 
     capsys.readouterr()
-    assert cli.main(["eval", str(work / "compact")]) == 0
+    assert cli.main(["eval", str(work / "compact"), "--test-subset", "128", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert abs(res["accuracy"] - rec["compact_accuracy"]) < 1e-9
+    assert abs(res["accuracy"] - rec["compact_accuracy"]) < 1e-9 and res["images"] == 128
+    # by default the whole test set (360 digits images), the count printed
+    assert cli.main(["eval", str(work)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.endswith(" on 360 digits test images") and out.count("\n") == 0, out
+
+    # the report of this directory of runs: not a paper row, in a table of its own
+    assert cli.main(["report", "--records", str(tmp_path), "--out", str(tmp_path / "R.md")]) == 0
+    md = (tmp_path / "R.md").read_text()
+    assert "## Other records (no config file)" in md and "| `run` |" in md
+    assert "sfp_resnet56_cifar10" not in md, "paper rows without a record are listed only with --all-rows"
+    assert f"wrote {tmp_path / 'R.md'}" in capsys.readouterr().out
 
     assert cli.main(["info", str(work / "compact")]) == 0
     out = capsys.readouterr().out
@@ -144,3 +155,74 @@ def test_finetune_config_values_are_checked(tiny_config, tmp_path, capsys):
         assert rc == 2
         assert named in capsys.readouterr().err
         assert not (tmp_path / "w").exists()
+
+
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"jaxprune {command}: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("source, named", [
+    ("def get_config(:\n    pass\n", "line 1: "),
+    ("import math\n\ndef get_config():\n    return 1 / 0\n", "line 4: ZeroDivisionError"),
+    ("x = 1\n", "defines no get_config()"),
+])
+def test_a_config_file_that_fails_to_load_is_one_line_and_exit_2(tmp_path, capsys, source, named):
+    bad = tmp_path / "bad.py"
+    bad.write_text(source)
+    assert cli.main(["train", "--config", str(bad), "--workdir", str(tmp_path / "w")]) == 2
+    err = _one_line_error(capsys, "train")
+    assert str(bad) in err and named in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_keys_and_config_names_get_a_suggestion(tiny_config, tmp_path, capsys):
+    args = ["train", "--config", str(tiny_config), "--workdir", str(tmp_path / "w")]
+    assert cli.main(args + ["--config.train_subest=10"]) == 2
+    assert "(did you mean 'train_subset'?)" in _one_line_error(capsys, "train")
+    assert cli.main(args + ["--config.method.rat=0.3"]) == 2
+    assert "(did you mean 'rate'?)" in _one_line_error(capsys, "train")
+    assert cli.main(["train", "--config", "sfp_resnet56_cifar1", "--workdir", str(tmp_path / "w")]) == 2
+    assert "did you mean 'sfp_resnet56_cifar10'?" in _one_line_error(capsys, "train")
+
+
+def test_packaged_configs_load_by_name():
+    names = config_lib.packaged_configs()
+    assert "sfp_resnet56_cifar10" in names and "common" not in names
+    c = config_lib.load_config("sfp_resnet56_cifar10")
+    assert c.model == "resnet56" and c.method.name == "sfp" and c.name == "sfp_resnet56_cifar10"
+    assert config_lib.load_config("sfp_resnet56_cifar10.py").to_dict() == c.to_dict()
+
+
+def test_help_names_the_override_syntax_and_where_keys_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--config.KEY=VALUE" in out and "jaxprune/config.py" in out and "train_subset" in out
+    assert "--data-dir" in out
+
+
+def test_epoch_line_is_one_human_line():
+    from jaxprune.training import epoch_line, kept_channels
+
+    rec = {"epoch": 4, "step": 50, "train_loss": 1.23456, "train_accuracy": 0.5, "train_penalty": 0.0,
+           "test_accuracy": 0.61234, "test_top5": 0.9, "test_loss": 1.1, "epoch_time_s": 12.345}
+    assert epoch_line(rec, 200, (412, 560)) == ("epoch 5/200  loss 1.2346  train acc 0.5000  "
+                                                "test acc 0.6123  kept 412/560 channels  12.3 s")
+    assert epoch_line({"epoch": 0, "epoch_time_s": 1.0}, 3) == "epoch 1/3  1.0 s"
+    import numpy as np
+
+    assert kept_channels({"a": np.array([1.0, 0.0, 1.0]), "b": np.array([0.0, 0.5])}) == (3, 5)
+
+
+def test_absl_warnings_stay_off_the_console(capfd):
+    import logging
+
+    from absl import logging as absl_logging
+
+    cli._quiet_absl()
+    absl_logging.warning("a stray absl warning")
+    logging.getLogger("absl").warning("another one")
+    assert "stray" not in capfd.readouterr().err
+    assert logging.getLogger("absl").getEffectiveLevel() == logging.ERROR

@@ -1,4 +1,4 @@
-"""The paper-row configs (experiments/configs), the runner (experiments/run.py) and the report
+"""The paper-row configs (jaxprune/configs), the runner (experiments/run.py) and the report
 (jaxprune.report): every row loads, validates and states its paper row and numbers; SFP rows'
 FLOPs claims match SFP's formula; the runner plans dependencies and schedules; the report lists
 every row, "not yet run" where no record exists, mean +- std right. The end-to-end --tiny runs
@@ -22,7 +22,7 @@ from jaxprune import config as config_lib
 from jaxprune.flops import sfp_formula_reduction
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "experiments" / "configs"
+CONFIGS = REPO / "jaxprune" / "configs"
 CIFAR10 = REPO.parent / "shared" / "data" / "cifar10"
 
 EXPECTED_ROWS = {
@@ -272,10 +272,20 @@ def test_schedules_and_labels(tmp_path):
 
 def test_row_selection(tmp_path):
     assert runner.select_rows(["pfec_resnet56_*"]) == ["pfec_resnet56_cifar10_A", "pfec_resnet56_cifar10_B"]
-    assert runner.select_rows(["experiments/configs/hfp_resnet56_cifar10.py"]) == ["hfp_resnet56_cifar10"]
+    assert runner.select_rows(["jaxprune/configs/hfp_resnet56_cifar10.py"]) == ["hfp_resnet56_cifar10"]
     assert runner.select_rows(["all"]) == ROWS
     with pytest.raises(ValueError, match="no row matches"):
         runner.select_rows(["nope_*"])
+
+
+def test_tiny_runs_never_suggest_writing_tracked_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "run_jobs", lambda jobs, opts, stop_after=None: {})
+    rec = tmp_path / "rec"
+    assert runner.main(["sfp_resnet20_cifar10", "--tiny", "--seeds", "1", "--records", str(rec),
+                        "--runs-dir", str(tmp_path / "runs")]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"jaxprune report --records {rec} [--out {rec / 'REPORT.md'}]" in hint
+    assert "RESULTS.md" not in hint and "experiments/plots" not in hint
 
 
 def test_cli_list_dry_run_and_errors(capsys):

@@ -99,7 +99,7 @@ def test_job_plan_order_and_filter(tmp_path):
     assert [j.name for j in kit.plan_jobs(st, ["pfec_*", "*/seed1"])] == [
         "pfec_resnet56_A_gpu", "pfec_resnet56_B_gpu"] + [f"sfp_resnet{d}_cifar10/seed1" for d in (20, 32, 56, 110)]
     for j in jobs:  # every config named exists
-        assert (GPU.parent / "configs" / f"{j.config}.py").is_file()
+        assert (GPU.parent.parent / "jaxprune" / "configs" / f"{j.config}.py").is_file()
     cmd = kit.job_command(jobs[0], tmp_path, st, "python3")
     assert cmd[:5] == ["python3", "-m", "jaxprune.cli", "prune", str(tmp_path / "runs" / "pretrained" / "import_resnet56")]
     assert "--config.dtype=bfloat16" in cmd and "--config.steps_per_call=0" in cmd

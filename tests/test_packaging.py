@@ -86,7 +86,8 @@ def test_cli_reports_a_missing_extra_in_one_line(monkeypatch, tmp_path, capsys):
         _optional.require("no_such_module_xyz", "plots", "plotting results")
 
     monkeypatch.setattr(jaxprune.report, "write_report", needs_plots)
-    assert cli.main(["report", "--records", str(tmp_path), "--out", str(tmp_path / "R.md")]) == 2
+    assert cli.main(["report", "--records", str(tmp_path), "--out", str(tmp_path / "R.md"),
+                     "--all-rows"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("jaxprune report: error: plotting results needs no_such_module_xyz (matplotlib), "
                    "which is not installed: pip install 'jaxprune[plots]'")

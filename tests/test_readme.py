@@ -44,3 +44,18 @@ def test_readme_own_model_compaction_example_runs(tmp_path):
     dense, small = map(int, re.search(r"params: (\d+) -> (\d+)", out.stdout).groups())
     assert small < 0.7 * dense
     assert "restored == compact: True" in out.stdout
+
+
+def test_readme_own_nnx_model_through_the_engine_runs(tmp_path):
+    """The fourth example: an NNX model of the user's own trained with SFP by
+    `jaxprune.experiment.run(model=..., data=...)`; compact == masked; loaded without its class."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    script = tmp_path / "own_nnx.py"
+    script.write_text(blocks[3].replace("/tmp/my_nnx_run", str(tmp_path / "run")))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    masked, small = map(float, re.search(r"accuracy masked (\S+) compact (\S+)", out.stdout).groups())
+    assert masked == small
+    assert "widths: {'conv1': 4, 'conv2': 8}" in out.stdout
+    assert "compact output: (3, 10)" in out.stdout

@@ -10,7 +10,7 @@ masks' STRUCTURE, not accuracy, decides the speed):
 - **PFEC** ResNet-56-A/B, ResNet-110-A/B, VGG-16-A: the PFEC method's ``init`` (one-shot L1
   selection of the named `PFEC_CONFIGS`, policy 'scatter').
 - **HFP** ResNet-56, 50% MACs and 50% params (conv + FC convention, policy 'coupled', the
-  config of experiments/configs/hfp_resnet56_cifar10.py): ``HFP.final_masks`` - the method's
+  config of jaxprune/configs/hfp_resnet56_cifar10.py): ``HFP.final_masks`` - the method's
   final global thresholding with both targets - on the BN scales. Random-init BN scales are
   all 1 (every score ties, which would prune whole layers in index order), so the scales are
   first drawn from |N(1, 0.25)| (seeded); documented substitute for trained scales.

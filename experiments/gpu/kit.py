@@ -166,7 +166,7 @@ def is_done(job: Job, repo: Path, home: Path, st: Settings) -> bool:
 def job_command(job: Job, home: Path, st: Settings, python: str) -> list[str]:
     if job.kind == "prune":
         return [python, "-m", "jaxprune.cli", "prune", str(home / "runs" / "pretrained" / f"import_{job.model}"),
-                "--config", f"experiments/configs/{job.config}.py", "--workdir", str(run_dir(job, home)),
+                "--config", job.config, "--workdir", str(run_dir(job, home)),
                 "--no-progress", *st.common, *st.prune_extra]
     return [python, "experiments/run.py", job.config, "--seed", str(job.seed),
             "--runs-dir", str(home / "runs" / "rows"), "--records", str(home / "results"),

@@ -1,0 +1,26 @@
+"""ASFP control of the GHFP comparison: CIFAR-100, ResNet-110, pruning rate 30%, from scratch.
+
+Paper row: "ASFP control, CIFAR-100, ResNet-110, 30%" (control of ghfp_resnet110_cifar100).
+ASFP's own paper was not available (methods.md section 3): no published figures (-1).
+
+Recipe: the soft part of ghfp_resnet110_cifar100 alone, on the same recipe (the GHFP first
+author's code: LR 0.1 from the first epoch, Cutout; `common.asfp_control`): ASFP with the cubic
+rate P_t = P (1 - (1 - t/T)^3) (full P from 0.95 T), L2, every conv, residual 'scatter'. 3 seeds.
+"""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import common  # noqa: E402  (jaxprune/configs/common.py)
+
+
+def get_config():
+    c = common.cifar("asfp_resnet110_cifar100", "resnet110", "cifar100")
+    common.asfp_control(c, 0.3)
+    common.paper(c, table="GHFP", source="ASFP (He et al.), control of " + common.GHFP_SOURCE,
+                 row="ASFP control, CIFAR-100, ResNet-110, 30%",
+                 note="control of ghfp_resnet110_cifar100; no published figures in the reference")
+    return c

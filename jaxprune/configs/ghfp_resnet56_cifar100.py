@@ -1,0 +1,35 @@
+"""GHFP, CIFAR-100, ResNet-56, pruning rate 40% (SFP's rate for ResNet-56), from scratch.
+
+Paper row (GHFP, Cai et al., IJCNN 2021): "GHFP, CIFAR-100, ResNet-56, 40%". Published figures:
+none in the reference (paper.* accuracies -1). GHFP's own tables were not available (methods.md
+section 4): the claim checked is GHFP > SFP and ASFP in accuracy at the same rate and epochs,
+and faster convergence (test accuracy reached by epoch T/2, recorded by the runner). Controls
+at the same rate and schedule: sfp_resnet56_cifar100 (SFP) and asfp_resnet56_cifar100 (ASFP).
+
+Variant: the GHFP first author's public code (cailinhang/PGMPF `pruning_resnet_soft_hard.py`,
+methods.md sections 4 and 7), the only evidence of what the paper's experiments ran;
+`common.ghfp(c, rate, variant='reading')` gives methods.md section 4's reading instead.
+Recipe: 200 epochs, batch 128, SGD Nesterov 0.9, wd 5e-4, LR 0.1 from the first epoch (no warm-up
+epoch), x0.2 at 60/120/160; flip + pad + crop and Cutout 6 px (CIFAR-100); L2 criterion, every
+conv pruned, residual 'scatter'. Soft part: ASFP with the cubic rate P_t = P (1 - (1 - t/T)^3)
+(full P from 0.95 T); hard fraction h = 1 - (1 - (e+1)/T)^3 (every pruned filter hard at the
+end); int(N P_t h) hard filters per layer; the first selection already uses the epoch-0
+values. The SFP control keeps the SFP paper recipe (no Cutout, one warm-up epoch). 3 seeds.
+"""
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import common  # noqa: E402  (jaxprune/configs/common.py)
+
+
+def get_config():
+    c = common.cifar("ghfp_resnet56_cifar100", "resnet56", "cifar100")
+    common.ghfp(c, 0.4)
+    common.paper(c, table="GHFP", source=common.GHFP_SOURCE, row="GHFP, CIFAR-100, ResNet-56, 40%",
+                 note="no published figures in the reference",
+                 controls=("sfp_resnet56_cifar100", "asfp_resnet56_cifar100"))
+    return c
