@@ -151,6 +151,21 @@ def mask_optimizer_state(opt_state: Any, masks: Mapping[str, jax.Array],
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def zero_channels(variables: Mapping[str, Any], hard: Mapping[str, jax.Array],
+                  graph: PruningGraph) -> dict:
+    """``variables`` (``{'params': ..., 'batch_stats': ...}``; any collections with the graph's
+    paths) with every member slice of the hard-pruned channels (0 in ``hard``) zeroed: filters,
+    BN scale/bias and running statistics, the consumers' input slices. What a method does when
+    it hardens channels; their optimizer moments are the optimizer's business
+    (`hard_masked` clears them at its next update). Empty collections are returned as they
+    are."""
+    out = dict(variables)
+    for col, tree in variables.items():
+        if jax.tree_util.tree_leaves(tree):
+            out[col] = apply_masks(tree, hard, graph, prefix=(col,))
+    return out
+
+
 def keep_indices(masks: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Group name -> sorted indices of the channels whose mask is nonzero (host arrays)."""
     return {n: np.flatnonzero(np.asarray(m) != 0) for n, m in masks.items()}
@@ -182,19 +197,28 @@ class HardMaskedState(NamedTuple):
     inner: Any
 
 
-def hard_masked(inner: Any, graph: PruningGraph, prefix: Sequence[str] = ("params",)):
+def hard_masked(inner: Any, graph: PruningGraph, prefix: Sequence[str] = ("params",),
+                mask_gradients: bool = True):
     """``inner`` (any optax transform, e.g. a whole ``optax.chain``) with the hard-pruned
     channels frozen at zero.
 
     Call ``update(grads, state, params, masks=masks)`` with the hard masks (0 = pruned). The
     gradients of pruned channels are zeroed before ``inner`` sees them, its updates are masked
     after, and every params-shaped leaf of its state (momentum, Adam moments) is masked too
-    (`mask_optimizer_state`), so with the params already masked the pruned channels stay
-    exactly zero whatever momentum or weight decay ``inner`` applies, and the moments of a
-    channel are gone once it is hard-pruned. Kept channels are updated exactly as ``inner``
+    (`mask_optimizer_state`) before and after ``inner`` runs, so with the params already
+    masked the pruned channels stay exactly zero whatever momentum or weight decay ``inner``
+    applies, and the moments of a channel are gone from the first update after it is
+    hard-pruned (a method that grows the hard set never touches the optimizer state). Kept channels are updated exactly as ``inner``
     alone would (for element-wise optimizers such as SGD and Adam). Extra keyword arguments
     are passed on to ``inner``. ``prefix``: the path of the updated tree inside the variables
     (``('params',)`` for a Linen params tree and inside an ``nnx.Optimizer`` alike).
+
+    ``mask_gradients=False`` leaves the gradients to ``inner`` as they are and masks only its
+    updates and state: the same result for an element-wise ``inner`` (SGD, momentum, weight
+    decay, Adam), not for one that mixes channels (global-norm clipping, per-leaf trust
+    ratios). jaxprune's train step uses it with the papers' SGD, which keeps its compiled
+    program, and hence every recorded run, bit for bit (a multiply fused into the gradient
+    computation changes XLA's fusion and the last bit of some updates).
     """
     import optax
 
@@ -206,8 +230,11 @@ def hard_masked(inner: Any, graph: PruningGraph, prefix: Sequence[str] = ("param
     def update_fn(updates, state, params=None, *, masks=None, **extra):
         if masks is None:
             raise ValueError("hard_masked.update needs masks=...: the current hard group masks")
-        updates = apply_masks(updates, masks, graph, prefix=prefix)
-        updates, inner_state = inner.update(updates, state.inner, params, **extra)
+        if mask_gradients:
+            updates = apply_masks(updates, masks, graph, prefix=prefix)
+        # moments of channels hardened since the last update (a grown hard set) go first
+        inner_state = mask_optimizer_state(state.inner, masks, graph, collection=prefix[0])
+        updates, inner_state = inner.update(updates, inner_state, params, **extra)
         updates = apply_masks(updates, masks, graph, prefix=prefix)
         inner_state = mask_optimizer_state(inner_state, masks, graph, collection=prefix[0])
         return updates, HardMaskedState(inner_state)

@@ -11,7 +11,7 @@
     for epoch in range(E):
         for x, y in batches:                            # loss + pr.penalty(variables, ps)[0]
             updates, opt_state = tx.update(grads, opt_state, params, masks=ps.hard)
-        variables, ps = pr.update(variables, ps, epoch) # re-selection at the epoch's end
+        variables, ps = pr.update(variables, ps)        # re-selection at the epoch's end
     variables, ps = pr.finalize(variables, ps)          # final hard masks (ps.masks == ps.hard)
 
 For an NNX model, `nnx_variables` / `nnx_update` move its Params and BatchStats to and from
@@ -20,7 +20,8 @@ such a variables dict, `trace_nnx` traces it, and ``hard_masked(tx, graph)`` goe
 
 ``ps.hard`` is what the optimizer must freeze (`jaxprune.masks.hard_masked`); soft-pruned
 channels (``ps.masks == 0``, ``ps.hard == 1``) train normally, as in jaxprune's own step.
-Every function is jittable (``epoch`` may be traced).
+``ps.count`` counts the epochs done, so ``update`` needs no epoch argument. Every function is
+jittable (the count is then traced; SFP's variants and GHFP re-select with traced counts).
 """
 
 from __future__ import annotations
@@ -42,18 +43,21 @@ class PruneState(NamedTuple):
       masks: group name -> float32 ``[C]``, the masks of the last selection.
       hard: group name -> float32 ``[C]``, 0 where a channel is hard-pruned (freeze it).
       method_state: the method's own pytree (``{}`` if none), e.g. HFP's threshold.
+      count: int32 scalar, the epochs done (re-selections since ``init``); ``update`` reads
+        it as the epoch that just ended and adds 1.
     """
 
     masks: dict
     hard: dict
     method_state: Any
+    count: Any = 0
 
 
 class Pruner(NamedTuple):
     """A method as pure functions; see the module docstring."""
 
     init: Callable[[Any], tuple[Any, PruneState]]
-    update: Callable[[Any, PruneState, Any], tuple[Any, PruneState]]
+    update: Callable[[Any, PruneState], tuple[Any, PruneState]]
     finalize: Callable[[Any, PruneState], tuple[Any, PruneState]]
     penalty: Callable[[Any, PruneState], tuple[jax.Array, dict]]
 
@@ -70,12 +74,20 @@ def _as_train_state(variables: Any, ps: PruneState):
                       rng=jnp.zeros((2,), jnp.uint32))
 
 
-def _back(variables: Any, ts) -> tuple[Any, PruneState]:
+def _back(variables: Any, ts, count: Any) -> tuple[Any, PruneState]:
     out = dict(variables)
     out["params"] = ts.params
     if "batch_stats" in variables:
         out["batch_stats"] = ts.batch_stats
-    return out, PruneState(ts.masks, ts.hard, ts.method_state)
+    return out, PruneState(ts.masks, ts.hard, ts.method_state, count)
+
+
+def _epoch(count: Any) -> Any:
+    """The epoch that just ended: a Python int when ``count`` is concrete (the methods' host
+    arithmetic, float64), the traced value inside ``jit``."""
+    if isinstance(count, jax.core.Tracer):
+        return count
+    return int(count)
 
 
 def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
@@ -85,16 +97,17 @@ def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch:
     GHFP's hard fraction); ``steps_per_epoch`` is used by HFP's penalty schedule.
     """
     ctx = MethodContext(graph=graph, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch)
-    fresh = PruneState(init_masks(graph), init_masks(graph), {})
+    fresh = PruneState(init_masks(graph), init_masks(graph), {}, jnp.zeros((), jnp.int32))
 
     def init(variables):
-        return _back(variables, method.init(_as_train_state(variables, fresh), ctx))
+        return _back(variables, method.init(_as_train_state(variables, fresh), ctx), fresh.count)
 
-    def update(variables, ps, epoch):
-        return _back(variables, method.end_of_epoch(_as_train_state(variables, ps), epoch, ctx))
+    def update(variables, ps):
+        ts = method.end_of_epoch(_as_train_state(variables, ps), _epoch(ps.count), ctx)
+        return _back(variables, ts, jnp.asarray(ps.count, jnp.int32) + 1)
 
     def finalize(variables, ps):
-        return _back(variables, method.finalize(_as_train_state(variables, ps), ctx))
+        return _back(variables, method.finalize(_as_train_state(variables, ps), ctx), ps.count)
 
     def penalty(variables, ps):
         return method.penalty(variables["params"], variables.get("batch_stats", {}),

@@ -146,6 +146,13 @@ def ghfp_hard_fraction(
     return schedule
 
 
+def srfp_zero_epoch(total_epochs: int, zero_fraction: float) -> int:
+    """SRFP's zero point: the first ``t`` with ``alpha_t = 0``, ``T - round(zero_fraction * T)``
+    (halves rounded up), so exactly the last ``round(zero_fraction * T)`` epochs run with
+    zeroed filters."""
+    return total_epochs - math.floor(zero_fraction * total_epochs + 0.5)
+
+
 def srfp_decay(
     alpha0: float, c: float, total_epochs: int, zero_fraction: float = 0.15
 ) -> Schedule:
@@ -167,7 +174,7 @@ def srfp_decay(
     ):
         raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
     alpha0, c = float(alpha0), float(c)
-    zero_from = total_epochs - math.floor(zero_fraction * total_epochs + 0.5)
+    zero_from = srfp_zero_epoch(total_epochs, zero_fraction)
 
     def schedule(epoch: Epoch):
         if _is_traced(epoch):

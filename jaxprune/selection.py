@@ -3,10 +3,13 @@
 ``scores`` and ``masks`` are ``dict[str, jax.Array]`` keyed by group name; a mask is float32
 ``[C]`` with 1 = keep and 0 = pruned. Every rule prunes the LOWEST scores.
 
-All rules are pure and jittable: the number of channels pruned per group is a static Python
-int derived from static rates/counts and ``scores[name].shape[0]``, and the choice is made by
-a stable sort, so ties go to the lower channel index (the lower index is pruned first).
-Changing score values never retraces; changing a rate or count does.
+All rules are pure and jittable, and choose by `ranks` (a stable sort), so ties go to the
+lower channel index (the lower index is pruned first). `prune_by_count` and `grow_hard` take
+their counts as data: a Python int or an int32 array, traced or not, selects the same channels
+(``ranks(score) < n``), so one rule serves the host and ``jit`` and a count that changes with
+the epoch neither branches nor retraces. `pruned_count` is the count ``int(N * P)`` of a Python
+or a traced rate. The rate-based rules (`prune_by_rate`, `prune_by_rates`,
+`prune_by_global_threshold`) take static rates.
 
 A group is never pruned to zero channels.
 """
@@ -83,29 +86,50 @@ def nan_lowest(score: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(score), -jnp.inf, score)
 
 
-def _prune_lowest(score: jax.Array, n: int) -> jax.Array:
-    """float32 mask with the ``n`` (static) lowest entries of ``score`` set to 0 (NaN lowest:
-    `nan_lowest`)."""
-    mask = jnp.ones(score.shape, jnp.float32)
-    if n == 0:
-        return mask
-    order = jnp.argsort(nan_lowest(score), stable=True)
-    return mask.at[order[:n]].set(0.0)
+def ranks(score: jax.Array) -> jax.Array:
+    """int32 ``[C]``: each channel's position in a stable ascending sort of ``score`` (NaN
+    lowest, `nan_lowest`; ties to the lower index). ``ranks(score) < n`` selects the ``n``
+    lowest channels, for a static or a traced ``n``."""
+    size = score.shape[0]
+    order = jnp.argsort(nan_lowest(jnp.asarray(score, jnp.float32)), stable=True)
+    return jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
 
 
-def prune_by_count(scores: Scores, counts: Mapping[str, int]) -> Masks:
-    """Prune ``counts[name]`` lowest-scoring channels of each named group; others keep all."""
+def is_traced(value: object) -> bool:
+    """Whether ``value`` is a JAX array (a count or rate that is data, not a Python number)."""
+    return isinstance(value, jax.Array)
+
+
+def pruned_count(size: int, rate: float | jax.Array) -> int | jax.Array:
+    """SFP's pruned count ``int(size * rate)`` capped at ``size - 1``: a Python int for a Python
+    rate (`num_pruned`, float64), an int32 scalar for a JAX rate (float32 arithmetic, the same
+    count except where ``size * rate`` lies within float32 rounding of an integer)."""
+    if is_traced(rate):
+        n = jnp.floor(jnp.float32(size) * rate).astype(jnp.int32)
+        return jnp.clip(n, 0, size - 1)
+    return num_pruned(size, float(rate), "sfp")
+
+
+def prune_by_count(scores: Scores, counts: Mapping[str, int | jax.Array]) -> Masks:
+    """Prune ``counts[name]`` lowest-scoring channels of each named group; others keep all.
+
+    A count may be a Python int (checked: in ``[0, C - 1]``) or an int32 array, traced or not
+    (data: a traced count is not checked, a caller keeps it below ``C``)."""
     _check_names("counts", counts, scores)
     masks = {}
     for name, score in scores.items():
         n = counts.get(name, 0)
         size = _size(score)
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n < size:
+        if not is_traced(n) and (isinstance(n, bool) or not isinstance(n, numbers.Integral)
+                                 or not 0 <= n < size):
             raise ValueError(
                 f"count for group {name!r} must be an int in [0, {size - 1}] "
                 f"(at least one channel kept), got {n!r}"
             )
-        masks[name] = _prune_lowest(score, int(n))
+        if not is_traced(n) and n == 0:
+            masks[name] = jnp.ones(score.shape, jnp.float32)
+            continue
+        masks[name] = jnp.where(ranks(score) < n, 0.0, 1.0).astype(jnp.float32)
     return masks
 
 
@@ -309,17 +333,24 @@ def hard_first(scores: Scores, hard: Masks) -> dict[str, jax.Array]:
 
 
 def grow_hard(
-    scores: Scores, selected: Masks, hard: Masks, fraction: float | jax.Array
+    scores: Scores, selected: Masks, hard: Masks, fraction: float | jax.Array | None = None,
+    *, counts: Mapping[str, int | jax.Array] | None = None,
 ) -> Masks:
     """GHFP's hard set after a re-selection (methods.md section 4).
 
     ``selected`` are 0/1 masks of the pruned set S (0 = in S), ``hard`` the current hard
-    masks (0 = hard), ``fraction`` the hard fraction h (a Python float or a traced scalar,
-    see ``jaxprune.schedules.ghfp_hard_fraction``). Per group, the ``floor(h * |S|)``
-    lowest-scoring members of S become hard, already-hard channels counted first; the
-    result is the union with ``hard``, so hard stays hard. Returns float32 masks, 0 = hard.
-    Jittable with a traced ``fraction``: ``|S|`` only enters through comparisons.
+    masks (0 = hard). Per group, the ``k`` lowest-scoring members of S become hard,
+    already-hard channels counted first (then by score, NaN lowest, then by index); the result
+    is the union with ``hard``, so hard stays hard. ``k`` is ``floor(fraction * |S|)`` (the hard
+    fraction h, a Python float or a traced scalar, see
+    ``jaxprune.schedules.ghfp_hard_fraction``) or, with ``counts``, ``counts[name]`` (a Python
+    int or an int32 array; GHFP's per-layer counts); give exactly one. Groups absent from
+    ``selected`` keep their hard masks. Returns float32 masks, 0 = hard. Jittable with traced
+    fractions and counts: ``|S|`` and ``k`` only enter through comparisons.
     """
+    if (fraction is None) == (counts is None):
+        raise ValueError("grow_hard needs exactly one of fraction= and counts=, got "
+                         f"fraction={fraction!r}, counts={counts!r}")
     out = {}
     for name, score in scores.items():
         if name not in selected:
@@ -327,13 +358,16 @@ def grow_hard(
             continue
         was_hard = hard[name] == 0 if name in hard else jnp.zeros(score.shape, bool)
         in_s = selected[name] == 0
-        # Rank the members of S: already hard first, then by score, then by index.
-        key = jnp.where(was_hard, -jnp.inf, jnp.asarray(score, jnp.float32))
+        # Rank the members of S: already hard first, then by score (NaN lowest), then by index.
+        key = jnp.where(was_hard, -jnp.inf, nan_lowest(jnp.asarray(score, jnp.float32)))
         order = jnp.lexsort((key, ~in_s))  # members of S first
         rank = jnp.zeros(score.shape, jnp.int32).at[order].set(
             jnp.arange(score.shape[0], dtype=jnp.int32)
         )
-        k = jnp.floor(fraction * jnp.sum(in_s)).astype(jnp.int32)
+        if counts is None:
+            k = jnp.floor(fraction * jnp.sum(in_s)).astype(jnp.int32)
+        else:
+            k = counts.get(name, 0)
         now_hard = (in_s & (rank < k)) | was_hard
         out[name] = jnp.where(now_hard, 0.0, 1.0).astype(jnp.float32)
     return out

@@ -1,10 +1,11 @@
 """The train state and the jitted train step: one step (`make_train_step`) or many in one call
 over data that lives on the devices (`make_train_chunk`), for one run or R runs together.
 
-`train_step` (pure): forward with ``train=True``, cross-entropy + ``method.penalty``, optimizer
-update, then everything a hard-pruned channel owns (update, new value, optimizer moments, BN
-running statistics) multiplied by ``state.hard`` so it stays exactly zero, while soft-pruned
-channels train normally.
+`train_step` (pure): forward with ``train=True``, cross-entropy + ``method.penalty``, the
+optimizer wrapped in `jaxprune.masks.hard_masked` with ``state.hard`` (updates and optimizer
+moments of hard-pruned channels masked), then the new params and BN running
+statistics multiplied by ``state.hard``, so a hard channel stays exactly zero, while
+soft-pruned channels train normally.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
+from jaxprune.masks import HardMaskedState, apply_masks, hard_masked, init_masks
 from jaxprune.parallel import DATA_AXIS, check_batch, make_mesh, replicate, shard_batch
 
 
@@ -125,9 +126,11 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     ``labels int [B]``. The loss is the mean cross-entropy plus
     ``method.penalty(params, batch_stats, method_state, ctx)``, differentiated with respect
     to ``params`` only (the batch statistics and the method state are constants of the step).
-    With ``mask_hard`` (and a graph), hard-pruned channels (``state.hard == 0``) get a zero
-    update, are re-zeroed after the update, and lose their optimizer moments and BN running
-    statistics, so they stay exactly zero whatever momentum and weight decay do; soft-pruned
+    With ``mask_hard`` (and a graph), the optimizer runs as ``jaxprune.masks.hard_masked(
+    optimizer, graph, mask_gradients=False)`` with ``masks=state.hard`` (the same result for
+    the element-wise optimizers of `jaxprune.optim`): hard-pruned channels (``state.hard ==
+    0``) get a zero update and lose their optimizer moments; their params and BN
+    running statistics are re-zeroed after the update, so they stay exactly zero whatever momentum and weight decay do; soft-pruned
     channels (``masks == 0``, ``hard == 1``) are trained like any other.
 
     Returns the new state and the metrics ``loss`` (cross-entropy), ``accuracy`` (top-1),
@@ -158,14 +161,17 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         return ce + penalty, (ce, penalty, pen_metrics, logits, new_bs)
 
     grads, (ce, penalty, pen_metrics, logits, new_bs) = jax.grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     masking = mask_hard and graph is not None and bool(state.hard)
-    if masking:
-        updates = apply_masks(updates, state.hard, graph, prefix=("params",))
+    if masking:  # the one hard-masking path: gradients, updates and moments of hard channels
+        tx = hard_masked(optimizer, graph, mask_gradients=False)  # element-wise SGD: same result
+        updates, masked = tx.update(grads, HardMaskedState(state.opt_state), state.params,
+                                    masks=state.hard)
+        opt_state = masked.inner
+    else:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if masking:
+    if masking:  # a hard channel's params and BN statistics stay exactly zero
         params = apply_masks(params, state.hard, graph, prefix=("params",))
-        opt_state = mask_optimizer_state(opt_state, state.hard, graph)
         if has_bn:
             new_bs = apply_masks(new_bs, state.hard, graph, prefix=("batch_stats",))
     metrics = dict(pen_metrics)

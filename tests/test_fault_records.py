@@ -402,7 +402,7 @@ def test_hard_masks_must_be_binary_and_finite():
 
 
 def test_nan_scores_rank_lowest_so_they_are_pruned_first():
-    from jaxprune.methods.sfp import ranks
+    from jaxprune.selection import ranks
 
     s = jnp.array([0.5, jnp.nan, 3.0, 2.0])
     np.testing.assert_array_equal(selection.prune_by_count({"g": s}, {"g": 1})["g"], [1, 0, 1, 1])

@@ -19,6 +19,7 @@ from jaxprune.masks import (
     keep_indices,
     mask_optimizer_state,
     validate_masks,
+    zero_channels,
 )
 
 
@@ -288,3 +289,37 @@ def test_hard_masked_keeps_pruned_channels_and_their_moments_exactly_zero(chain_
         np.testing.assert_allclose(np.asarray(a)[k], np.asarray(c)[k], rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="masks="):
         hard_masked(inner, g).update(params, tx.init(params), params)
+
+
+def test_zero_channels_equals_hand_zeroing_resnet20_scatter(resnet20, resnet20_graphs):
+    """Every member slice of the hard channels (filters, BN scale/bias and statistics, the
+    consumers' inputs) is zeroed; the rest is untouched; empty collections pass through."""
+    _, variables, _ = resnet20
+    g = resnet20_graphs["scatter"]
+    hard = {n: (np.asarray(m) != 0).astype(np.float32) for n, m in random_masks(g, seed=3).items()}
+    assert any(not m.all() for m in hard.values())
+    expected = _hand_masked_resnet20_scatter(variables, hard)
+    got = jax.jit(lambda v, h: zero_channels(v, h, g))(dict(variables), hard)
+    _assert_tree_equal(got, expected)
+    out = zero_channels({"params": variables["params"], "batch_stats": {}}, hard, g)
+    assert out["batch_stats"] == {}
+
+
+def test_hard_masked_mask_gradients_decides_what_a_channel_mixing_optimizer_sees(chain_setup):
+    """With global-norm clipping the hard channels' gradients count in the norm only when the
+    gradients are not masked first (``mask_gradients=False``); updates are masked either way."""
+    g, masks, params = chain_setup
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0))
+    grads = jax.tree_util.tree_map(jnp.ones_like, params)
+    keep = np_apply_masks(jax.tree_util.tree_map(jnp.ones_like, params), masks, g,
+                          prefix=("params",))
+    n_all = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    n_kept = sum(int((np.asarray(k) != 0).sum()) for k in jax.tree_util.tree_leaves(keep))
+    assert n_kept < n_all
+    for flag, count in ((True, n_kept), (False, n_all)):
+        tx = hard_masked(inner, g, mask_gradients=flag)
+        updates, _ = tx.update(grads, tx.init(params), params, masks=masks)
+        for u, k in zip(jax.tree_util.tree_leaves(updates), jax.tree_util.tree_leaves(keep)):
+            k = np.asarray(k) != 0
+            np.testing.assert_allclose(np.asarray(u)[k], -1.0 / np.sqrt(count), rtol=1e-5)
+            assert not np.asarray(u)[~k].any()

@@ -15,7 +15,7 @@ import pytest
 
 from jaxprune import compaction, flops
 from jaxprune.graph import trace_linen
-from jaxprune.masks import apply_masks, init_masks
+from jaxprune.masks import HardMaskedState, apply_masks, hard_masked, init_masks
 from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
                               get_method, pfec_masks)
 from jaxprune.models import get_model
@@ -102,6 +102,21 @@ def assert_pruned_slices_zero(params, masks, graph):
             assert np.all(np.take(leaf, m.index[pruned].reshape(-1), axis=m.axis) == 0), m.path
             checked += 1
     assert checked > 0
+
+
+def assert_same_tree(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def hard_masked_moments(state, graph):
+    """The momentum after one `hard_masked` SGD update (zero gradients) with ``state.hard``."""
+    tx = hard_masked(optax.sgd(0.05, momentum=0.9), graph)
+    grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    _, out = tx.update(grads, HardMaskedState(state.opt_state), state.params, masks=state.hard)
+    return out.inner[0].trace
 
 
 def kernel(state, name):
@@ -341,8 +356,10 @@ def test_sfp_finalize_is_hard_and_matches_compaction(final_bn):
         # every slice of the pruned channels is zero: the masked model is the compacted one
         assert method.final_roles is None
         assert_pruned_slices_zero(final.params, final.hard, graph)
-        trace = jax.tree_util.tree_leaves(final.opt_state)
-        assert sum(int((np.asarray(t) == 0).sum()) for t in trace) > 0
+        # the optimizer state is not the method's: the train step's hard_masked clears it
+        assert_same_tree(final.opt_state, state.opt_state)
+        trace = hard_masked_moments(final, graph)
+        assert_pruned_slices_zero(trace, final.hard, graph)
         small = compaction.compact(model, masked, final.masks, graph)
     else:
         assert method.final_roles == ("out",)
@@ -536,6 +553,18 @@ def test_asfp_cubic_rate_hand_values():
         assert float(traced(jnp.float32(t))) == pytest.approx(cubic(t), rel=1e-6)
     with pytest.raises(ValueError, match="ASFP rate shape 'square'"):
         schedules.asfp_rate(0.4, 200, shape="square")
+
+
+def test_srfp_zero_epoch_hand_values():
+    from jaxprune.schedules import srfp_decay, srfp_zero_epoch
+
+    # T - round(zero_fraction T), halves up: 10 - 2, 20 - 3, 10 - round(2.5) = 10 - 3, 7 - 0
+    assert [srfp_zero_epoch(10, 0.15), srfp_zero_epoch(20, 0.15), srfp_zero_epoch(10, 0.25),
+            srfp_zero_epoch(7, 0.0)] == [8, 17, 7, 7]
+    s = srfp_decay(0.5, 0.1, 10, 0.25)
+    assert s(6) > 0 and s(7) == 0.0
+    assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(7, 10) == 0.0
+    assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(6, 10) == 0.5 * math.exp(-3 / 7 * 6)
 
 
 def test_srfp_author_decay_hand_values():
@@ -738,8 +767,10 @@ def test_pfec_method_is_one_shot_hard(tiny):
     assert len(zeros_of(out.masks["conv1"])) == 4  # keeps int(10 * 0.65) = 6
     pruned = sorted(zeros_of(out.masks["conv1"]))
     assert np.all(kernel(out, "conv2")[:, :, pruned, :] == 0)  # next layer's inputs too
-    mom = out.opt_state[0].trace["conv1"]["kernel"]
+    assert_same_tree(out.opt_state, state.opt_state)  # not the method's: hard_masked clears it
+    mom = hard_masked_moments(out, graph)["conv1"]["kernel"]
     assert np.all(np.asarray(mom)[..., pruned] == 0)
+    assert np.all(np.asarray(mom)[..., [i for i in range(10) if i not in pruned]] != 0)
     assert method.end_of_epoch(out, 0, ctx) is out
     assert method.finalize(out, ctx) is out
 

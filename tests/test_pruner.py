@@ -81,7 +81,7 @@ def _user_loop(method, model, variables, graph, xs, ys):
     for e in range(EPOCHS):
         for k in range(STEPS):
             state, batch_stats = step(state, batch_stats, ps, xs[e * STEPS + k], ys[e * STEPS + k])
-        variables, ps = pr.update({"params": state.params, "batch_stats": batch_stats}, ps, e)
+        variables, ps = pr.update({"params": state.params, "batch_stats": batch_stats}, ps)
         state, batch_stats = state.replace(params=variables["params"]), variables["batch_stats"]
     return pr.finalize({"params": state.params, "batch_stats": batch_stats}, ps)
 
@@ -131,7 +131,7 @@ def _nnx_loop(method, model, graph, xs, ys):
     for e in range(EPOCHS):
         for k in range(STEPS):
             step(model, optimizer, ps, xs[e * STEPS + k], ys[e * STEPS + k])
-        variables, ps = pr.update(nnx_variables(model), ps, e)
+        variables, ps = pr.update(nnx_variables(model), ps)
         nnx_update(model, variables)
     return pr.finalize(nnx_variables(model), ps)
 
@@ -159,3 +159,46 @@ def test_an_nnx_loop_prunes_like_jaxprunes_own(name):
     assert jax.tree_util.tree_structure(got_vars) == jax.tree_util.tree_structure(ours.variables)
     for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(ours.variables)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _fpgm_lowest(kernel, n):
+    """Indices of the ``n`` filters with the smallest summed distance to the others (numpy)."""
+    f = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1]).T
+    d = np.sqrt(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1)).sum(1)
+    return sorted(np.argsort(d, kind="stable")[:n].tolist())
+
+
+def test_a_user_composes_ghfp_over_asfp_with_fpgm_scores():
+    """Two methods composed by the user (GHFP's gradual hardening over ASFP, FPGM scores) run in
+    the user's own loop (flax TrainState + hard_masked, no jaxprune train state) and select what
+    jaxprune's own loop selects; the first re-selection is checked against numpy FPGM."""
+    from jaxprune.methods import GHFP, SFP
+
+    model, variables, graph, xs, ys = _setup()
+    method = GHFP(soft=SFP(rate=0.5, asymptotic=True, criterion="fpgm"), end=0.5)
+    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    v0, ps0 = pr.init(variables)
+    assert int(ps0.count) == 0
+    v1, ps1 = pr.update(v0, ps0)
+    assert int(ps1.count) == 1
+    # after 1 of 4 epochs ASFP's rate is P_1 = 0.5 (1 - exp(-ln4 / (4/8))) = 0.46875: int(N P_1)
+    # lowest FPGM filters are selected, floor(h_0 |S|) of them hard (h_0 = cubic ramp at 1/2)
+    h0 = 1 - (1 - 1 / (0.5 * EPOCHS)) ** 3
+    for name, size in (("conv1", 4), ("conv2", 6)):
+        n = int(size * 0.5 * (1 - np.exp(-np.log(4) / (EPOCHS / 8))))
+        kernel = variables["params"][name]["kernel"]
+        assert zeros(ps1.masks[name]) == _fpgm_lowest(kernel, n), name
+        assert len(zeros(ps1.hard[name])) == int(np.floor(h0 * n)), name
+    ours = _jaxprune_loop(method, model, variables, graph, xs, ys)
+    got_vars, got = _user_loop(method, model, variables, graph, xs, ys)
+    assert int(got.count) == EPOCHS
+    for g in graph.groups:
+        np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
+        np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
+        assert len(zeros(got.hard[g])) == int(graph.groups[g].size * 0.5)
+    for a, b in zip(jax.tree_util.tree_leaves(got_vars), jax.tree_util.tree_leaves(ours.variables)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def zeros(mask):
+    return np.flatnonzero(np.asarray(mask) == 0).tolist()

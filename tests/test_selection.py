@@ -214,6 +214,39 @@ def test_grow_hard_takes_lowest_of_selected_and_keeps_old_hard():
     assert len(traces) == 1
 
 
+def test_grow_hard_with_counts_and_nan_scores():
+    scores = {"a": jnp.asarray([0.5, 0.1, jnp.nan, 0.3, 0.9, 0.2])}
+    selected = {"a": jnp.asarray([0.0, 0.0, 0.0, 0.0, 1.0, 1.0])}  # S = {0, 1, 2, 3}
+    hard = {"a": jnp.asarray([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])}  # 5 hard (outside S)
+    # k = 2: the NaN channel (lowest), then 0.1; the old hard 5 stays
+    assert _zeros(sel.grow_hard(scores, selected, hard, counts={"a": 2})["a"]) == [1, 2, 5]
+    fn = jax.jit(lambda k: sel.grow_hard(scores, selected, hard, counts={"a": k}))
+    assert _zeros(fn(jnp.int32(3))["a"]) == [1, 2, 3, 5]
+    assert _zeros(fn(jnp.int32(0))["a"]) == [5]
+    with pytest.raises(ValueError, match="exactly one of fraction= and counts="):
+        sel.grow_hard(scores, selected, hard, 0.5, counts={"a": 1})
+    with pytest.raises(ValueError, match="exactly one of fraction= and counts="):
+        sel.grow_hard(scores, selected, hard)
+
+
+def test_ranks_pruned_count_and_traced_counts_select_like_static_ones():
+    s = jnp.asarray([0.3, 0.1, 0.3, jnp.nan, 0.2])
+    np.testing.assert_array_equal(sel.ranks(s), [3, 1, 4, 0, 2])  # NaN lowest, ties by index
+    # int(N P) on the host (float64) and traced (float32), capped at N - 1
+    assert sel.pruned_count(10, 0.35) == 3 and isinstance(sel.pruned_count(10, 0.35), int)
+    assert sel.pruned_count(4, 0.99) == 3
+    traced = jax.jit(lambda r: sel.pruned_count(10, r))
+    assert int(traced(jnp.float32(0.35))) == 3 and int(traced(jnp.float32(0.0))) == 0
+    assert int(jax.jit(lambda r: sel.pruned_count(4, r))(jnp.float32(0.99))) == 3
+    traces = []
+    fn = jax.jit(lambda n: (traces.append(1), sel.prune_by_count({"g": s}, {"g": n}))[1])
+    for n in range(5):
+        want = sel.prune_by_count({"g": s}, {"g": n})["g"]
+        np.testing.assert_array_equal(fn(jnp.int32(n))["g"], want)
+        assert _zeros(want) == sorted([3, 1, 4, 0, 2].index(r) for r in range(n))
+    assert len(traces) == 1
+
+
 # ----------------------------------------------------------------------------- width policies
 
 

@@ -11,8 +11,9 @@ the trainer calls them in this order::
     state = method.finalize(state, ctx)             # masks -> final hard 0/1 masks
 
 ``state.masks`` are the masks of the last selection (1 keep, 0 pruned, in between decayed);
-``state.hard`` marks hard-pruned channels with 0 (their params, gradients, optimizer moments
-and weight decay are masked in every train step, so they stay exactly zero). A method
+``state.hard`` marks hard-pruned channels with 0 (the train step runs the optimizer as
+``jaxprune.masks.hard_masked`` with it, so their updates, optimizer moments and weight decay
+are masked and they stay exactly zero). A method never touches the optimizer state. A method
 changes ``masks``/``hard``/``params``/``method_state`` only through ``dataclasses.replace``
 (``state.replace``); it never mutates.
 """

@@ -21,15 +21,16 @@ follows the public code of the same first author:
   ends at T (``end=1``), ``hard_count='layer'`` and ``harden_at_init=True`` (methods.md
   section 7). Its recipe differs too (Cutout, no warm-up epoch): see the GHFP configs.
 - Hard channels get 0 in ``state.masks`` and ``state.hard``; every member slice of them (filters,
-  BN parameters, consumers' inputs) and their optimizer moments are zeroed, and the trainer
-  masks their gradients from then on. The soft rest of ``S_t`` is treated as the soft variant
+  BN parameters and statistics, consumers' inputs) is zeroed (`jaxprune.masks.zero_channels`),
+  and the train step's ``hard_masked`` optimizer masks their updates and moments from then on. The soft rest of ``S_t`` is treated as the soft variant
   treats it (zeroed filters, or multiplied by ``alpha_t`` for SRFP/ASRFP); it may come back at
   a later re-selection if its score grows.
 - finalize: one last selection at the full rate ``P`` (hard channels first) and everything
   selected becomes hard, so the final model is exactly the hard-pruned one (``masks == hard``).
 
-``end_of_epoch`` is jittable with a traced epoch: counts and the hard count are compared with
-ranks (data, not shapes); see `jaxprune.methods.sfp` for the host/traced arithmetic.
+``end_of_epoch`` is jittable with a traced epoch: the selection is `jaxprune.selection`'s
+(``hard_first``, ``prune_by_count``, ``grow_hard``), whose counts are data, not shapes; see
+`jaxprune.methods.sfp` for the host/traced arithmetic.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxprune import schedules
+from jaxprune import schedules, selection
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.base import MethodContext, no_penalty
-from jaxprune.methods.sfp import SFP, as_counts, harden, is_traced, ranks
+from jaxprune.methods.sfp import SFP, as_counts, harden
+from jaxprune.selection import is_traced
 
 HARD_COUNTS = ("selected", "layer")
 
@@ -159,16 +161,18 @@ def _ghfp_select(method: GHFP, ctx: MethodContext, state: Any, counts: dict, har
     graph = ctx.graph
     names = method.soft.pruned_groups(graph)
     scores = method.soft.scores(state, graph, names)
-    masks = init_masks(graph)
+    hard_now = {n: state.hard[n] for n in names}
+    n_hard = {n: jnp.sum(hard_now[n] == 0).astype(jnp.int32) for n in names}
+    # hard stays hard: hard channels rank first and count towards S_t (extended to hold them)
+    first = selection.hard_first(scores, hard_now)
+    in_s = selection.prune_by_count(first, {n: jnp.maximum(counts[n], n_hard[n]) for n in names})
+    grown = selection.grow_hard(first, in_s, hard_now, counts={n: hard_counts[n] for n in names})
     hard = dict(state.hard)
+    hard.update(grown)
+    masks = init_masks(graph)
     for n in names:
-        was_hard = state.hard[n] == 0
-        n_hard = jnp.sum(was_hard).astype(jnp.int32)
-        rank = ranks(jnp.where(was_hard, -jnp.inf, scores[n]))  # hard channels rank first
-        in_s = rank < jnp.maximum(counts[n], n_hard)
-        now_hard = rank < jnp.maximum(hard_counts[n], n_hard)  # the hard set only grows
-        hard[n] = jnp.where(now_hard, 0.0, 1.0).astype(jnp.float32)
-        masks[n] = jnp.where(now_hard, 0.0, jnp.where(in_s, alpha, 1.0)).astype(jnp.float32)
+        masks[n] = jnp.where(hard[n] == 0, 0.0,
+                             jnp.where(in_s[n] == 0, alpha, 1.0)).astype(jnp.float32)
     soft_masks = {n: jnp.where(hard[n] == 0, 1.0, masks[n]) for n in masks}
     params = apply_masks(state.params, soft_masks, graph, roles=method.soft.soft_roles,
                          prefix=("params",))

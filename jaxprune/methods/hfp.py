@@ -45,8 +45,8 @@ interpretation of methods.md, with the choices below.
   target switches) that puts both figures within ``tolerance`` of their targets is used; if
   none does (targets too coarse for the channel granularity), the one with the smallest
   worst slack. ``method_state['beta']`` records it.
-  Then ``masks == hard``, every slice of the pruned channels and their optimizer moments are
-  zeroed (the masked model equals the compacted model).
+  Then ``masks == hard`` and every slice of the pruned channels is zeroed (the masked model
+  equals the compacted model; the train step's ``hard_masked`` clears their moments).
 - Targets: ``macs_reduction`` / ``params_reduction`` (fractions of the dense figure to remove)
   or ``target_macs`` / ``target_params`` (absolute, per example). An unreachable target
   (even with one channel per gated group) raises ValueError at ``init``.

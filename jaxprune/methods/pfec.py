@@ -3,8 +3,8 @@
 One-shot hard pruning by the L1 norm of each filter: `pfec_masks` prunes, in every chosen
 layer, all but ``int(N * (1 - p))`` filters (the kept count is floored: ``selection``
 rounding ``'pfec'``), the lowest-L1 ones (ties to the lower index). The `PFEC` method applies
-it at ``init`` (``masks == hard``, every slice of the pruned channels and their optimizer
-moments zeroed); ``end_of_epoch`` and ``finalize`` leave the state as it is, so training is
+it at ``init`` (``masks == hard``, every slice of the pruned channels zeroed; the train
+step's ``hard_masked`` clears their optimizer moments); ``end_of_epoch`` and ``finalize`` leave the state as it is, so training is
 the fine-tuning (retraining) phase.
 
 Layer numbering (`layer_numbers`): every convolution counts, from 1 at the stem, in forward

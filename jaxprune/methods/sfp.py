@@ -37,13 +37,13 @@ Interpretations (documented choices):
   channel keeps its BN constants, `final_roles` says so, and ``compact(...,
   keep_constants=True)`` carries them into the compact model, which then equals this masked
   one. With ``final_bn='zero'`` every member slice of the pruned channels is zeroed (filters,
-  BN scale/bias and running statistics, the consumers' input slices) and the optimizer moments
-  too. A hard fine-tuning after either (``FixedMasks``) zeroes every slice of the hard channels.
+  BN scale/bias and running statistics, the consumers' input slices; their optimizer moments
+  are the train step's: ``jaxprune.masks.hard_masked`` clears them). A hard fine-tuning after either (``FixedMasks``) zeroes every slice of the hard channels.
 
 Jit: every function is pure and ``end_of_epoch`` is jittable with ``epoch`` a traced scalar,
 ``jax.jit(lambda s, e: method.end_of_epoch(s, e, ctx))``. The per-group counts are DATA, not
-shapes: a channel is selected when its rank in a stable ascending sort of the scores is below
-the count, so a count that changes with the epoch (ASFP) neither needs Python branching nor
+shapes: ``jaxprune.selection.prune_by_count`` selects a channel when its rank in a stable
+ascending sort of the scores is below the count (``selection.pruned_count``), so a count that changes with the epoch (ASFP) neither needs Python branching nor
 retraces. With a Python ``epoch`` the counts are computed on the host in float64, exactly
 ``int(N * P_t)``; with a traced ``epoch`` in float32 (identical except when ``N * P_t`` lies
 within float32 rounding of an integer). Constant-rate counts are always host integers.
@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import math
 import numbers
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -63,7 +62,7 @@ import jax.numpy as jnp
 
 from jaxprune import criteria, schedules, selection
 from jaxprune.graph import PruningGraph
-from jaxprune.masks import apply_masks, init_masks, mask_optimizer_state
+from jaxprune.masks import apply_masks, init_masks, zero_channels
 from jaxprune.methods.base import MethodContext, no_penalty
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
@@ -134,49 +133,17 @@ def subgraph(graph: PruningGraph, names: Sequence[str]) -> PruningGraph:
     return dataclasses.replace(graph, groups={n: graph.groups[n] for n in names})
 
 
-def ranks(score: jax.Array) -> jax.Array:
-    """int32 ``[C]``: each channel's position in a stable ascending sort of ``score``.
-
-    ``ranks(score) < n`` selects the ``n`` lowest channels (ties to the lower index; NaN
-    lowest, `selection.nan_lowest`), the same channels as ``selection.prune_by_count``, for a
-    static or a traced ``n``.
-    """
-    from jaxprune.selection import nan_lowest
-
-    size = score.shape[0]
-    order = jnp.argsort(nan_lowest(jnp.asarray(score, jnp.float32)), stable=True)
-    return jnp.zeros((size,), jnp.int32).at[order].set(jnp.arange(size, dtype=jnp.int32))
-
-
-def is_traced(value: Any) -> bool:
-    return isinstance(value, jax.Array)
-
-
-def count_at(size: int, rate: Any) -> Any:
-    """SFP's pruned count ``int(size * rate)`` capped at ``size - 1``.
-
-    A Python rate gives a Python int (``selection.num_pruned``); a JAX rate an int32 scalar.
-    """
-    if is_traced(rate):
-        n = jnp.floor(jnp.float32(size) * rate).astype(jnp.int32)
-        return jnp.clip(n, 0, size - 1)
-    return selection.num_pruned(size, float(rate), "sfp")
-
-
 def harden(state: Any, hard: Mapping[str, jax.Array], graph: PruningGraph) -> Any:
-    """Zeroes every member slice of the hard-pruned channels (0 in ``hard``): params, BN running
-    statistics and optimizer moments, as the train step does for hard channels."""
+    """``state`` with every member slice of the hard-pruned channels (0 in ``hard``) zeroed in
+    its params and BN statistics (`jaxprune.masks.zero_channels`); the optimizer state is not
+    touched: the train step's `jaxprune.masks.hard_masked` clears their moments."""
     return _harden(graph, state, hard)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _harden(graph: PruningGraph, state: Any, hard: Mapping[str, jax.Array]) -> Any:
-    params = apply_masks(state.params, hard, graph, prefix=("params",))
-    opt_state = mask_optimizer_state(state.opt_state, hard, graph)
-    batch_stats = state.batch_stats
-    if jax.tree_util.tree_leaves(batch_stats):
-        batch_stats = apply_masks(batch_stats, hard, graph, prefix=("batch_stats",))
-    return state.replace(params=params, opt_state=opt_state, batch_stats=batch_stats)
+    v = zero_channels({"params": state.params, "batch_stats": state.batch_stats}, hard, graph)
+    return state.replace(params=v["params"], batch_stats=v["batch_stats"])
 
 
 # ----------------------------------------------------------------------------- SFP
@@ -284,7 +251,7 @@ class SFP:
             return 0.0
         if self.decay_form == "author":
             return schedules.srfp_decay_author(self.alpha0, total_epochs)(t)
-        zero_from = total_epochs - math.floor(self.zero_fraction * total_epochs + 0.5)
+        zero_from = schedules.srfp_zero_epoch(total_epochs, self.zero_fraction)
         c = self.decay_rate if self.decay_rate is not None else 3.0 / max(zero_from, 1)
         return schedules.srfp_decay(self.alpha0, c, total_epochs, self.zero_fraction)(t)
 
@@ -292,7 +259,7 @@ class SFP:
                   total_epochs: int) -> dict[str, Any]:
         """Per-group pruned counts ``int(N * P_t)`` after ``t`` completed epochs."""
         rate = self.rate_at(t, total_epochs)
-        return {n: count_at(graph.groups[n].size, rate) for n in names}
+        return {n: selection.pruned_count(graph.groups[n].size, rate) for n in names}
 
     def scores(self, state: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
         """Criterion scores of the groups ``names`` on the current weights."""
@@ -339,8 +306,9 @@ class SFP:
         names = self.pruned_groups(graph)
         scores = self.scores(state, graph, names)
         masks = init_masks(graph)
+        selected = selection.prune_by_count(scores, {n: counts[n] for n in names})
         for n in names:
-            masks[n] = jnp.where(ranks(scores[n]) < counts[n], alpha, 1.0).astype(jnp.float32)
+            masks[n] = jnp.where(selected[n] == 0, alpha, 1.0).astype(jnp.float32)
         return masks
 
 
