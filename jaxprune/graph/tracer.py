@@ -66,6 +66,9 @@ class Tracer:
         self.reshapes: list[tuple[np.ndarray, list[np.ndarray], list[int]]] = []
         self.splits: list[tuple[np.ndarray, str]] = []  # (input axis ids, where) of axis splits
         self.poison: list[tuple[np.ndarray, str]] = []
+        # (axis ids, why) of sums over an axis (reduce_sum): statistics when the axis is a
+        # channel axis, refused or masked by `jaxprune.graph.trace`'s ``norms``
+        self.sums: list[tuple[np.ndarray, str]] = []
         self.unknown: list[tuple[np.ndarray, str]] = []
         self.call_sites: list[str] = []  # source lines of the calls being walked (innermost last)
         self.data: set[Any] = set()
