@@ -7,13 +7,13 @@ program (`program`: every equation re-evaluated narrow through the per-primitive
 `jaxprune.graph.rules`; the result is a `ProgramModel`, `program_model`). Both paths share one
 plan (`plan`): the kept positions of every leaf axis (`surgery`), their rounding to
 kernel-friendly counts (`align_masks`) and the slicing that applies them (`slice_tree`).
-`masked_apply` (`masked`) is the masked model of a graph with normalised channels (sums over
-channels counting the kept ones only), the function the compact model equals.
+A graph with normalised channels (`jaxprune.graph.trace(norms='masked')`) is compacted with its
+sums over channels narrowed to the kept ones: the compact model equals
+`jaxprune.masked_norm.masked_apply` of the model, the masked model of such a graph.
 """
 
 from jaxprune.compaction.bundled import FILTERS_ONLY, compact_bundled, is_bundled
 from jaxprune.compaction.carry import carry_constants
-from jaxprune.compaction.masked import masked_apply
 from jaxprune.compaction.model import compact
 from jaxprune.compaction.plan import (AxisKeep, CompactResult, align_masks, axis_keep_from_json,
                                       axis_keep_to_json, compact_variables, refuse_empty,
@@ -26,6 +26,6 @@ __all__ = [
     "FILTERS_ONLY", "AxisKeep", "CompactProgram", "CompactResult", "ExportedModel",
     "ProgramError", "ProgramModel", "align_masks", "axis_keep_from_json", "axis_keep_to_json",
     "build_program", "carry_constants", "compact", "compact_bundled", "compact_program",
-    "compact_traced", "compact_variables", "export", "is_bundled", "masked_apply", "refuse_empty",
-    "slice_tree", "surgery",
+    "compact_traced", "compact_variables", "export", "is_bundled", "refuse_empty", "slice_tree",
+    "surgery",
 ]

@@ -40,11 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
-from jaxprune.compaction.masked import masked_apply
 from jaxprune.compaction.plan import compact_variables, refuse_empty, surgery
 from jaxprune.graph import Body, PruningGraph, leaf_paths, rule_for, run_tracer
 from jaxprune.graph.narrow import Keep, PlanBody, bind, full_width, move_all, narrowed, take
 from jaxprune.graph.tracer import CALL_PARAMS
+from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import apply_masks, binarize, validate_masks
 
 

@@ -39,7 +39,7 @@ def trace(
       norms: channels summed over (a LayerNorm, RMSNorm or any mean over the channel axis):
         ``'refuse'`` reports them unprunable (removing a channel changes the statistic);
         ``'masked'`` prunes them, and the groups are listed in ``PruningGraph.normalised``: the
-        masked model is then `jaxprune.compaction.masked_apply` of ``apply_fn`` (each such sum
+        masked model is then `jaxprune.masked_norm.masked_apply` of ``apply_fn`` (each such sum
         runs over the kept channels, scaled by full / kept count, so a mean is the mean of the
         kept channels), and compaction narrows the sums the same way.
 

@@ -158,7 +158,7 @@ def reduce_sum(t, eqn, ins, outs):
     # GroupNorm, RMSNorm, channel means, softmax over channels): removing channels changes
     # its count, so the compact model would compute something else. Recorded in ``t.sums``:
     # `trace` refuses those channels, or with ``norms='masked'`` prunes them with the sum taken
-    # over the kept channels (`jaxprune.compaction.masked_apply`). The sums of a matmul are
+    # over the kept channels (`jaxprune.masked_norm.masked_apply`). The sums of a matmul are
     # dot_general, and global pooling reduces spatial axes, which carry no channel.
     _reduce(t, eqn, ins, outs, bad=False)
     where = t.where(eqn)

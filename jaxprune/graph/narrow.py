@@ -188,7 +188,7 @@ def reduce_sum(eqn, vals, kin, kout):
     """A sum: over unpruned axes as `reduce`; over a narrowed channel axis (a statistic that
     `trace(norms='masked')` let through) the sum of the kept positions scaled by
     ``full / kept`` per narrowed axis, so that a mean (the sum divided by the full count)
-    becomes the mean over the kept channels, as `jaxprune.compaction.masked_apply` computes it."""
+    becomes the mean over the kept channels, as `jaxprune.masked_norm.masked_apply` computes it."""
     axes = {a % len(kin[0]) for a in eqn.params["axes"]}
     shp = eqn.invars[0].aval.shape
     scale = float(np.prod([shp[a] / len(kin[0][a]) for a in axes if kin[0][a] is not None]))

@@ -109,7 +109,7 @@ class PruningGraph:
       residual: the residual policy used, 'coupled' or 'scatter'.
       normalised: names of the groups whose channels are summed over (a LayerNorm, RMSNorm or
         channel mean; traced with ``norms='masked'``): the masked model is
-        `jaxprune.compaction.masked_apply` of the model, whose statistics count the kept
+        `jaxprune.masked_norm.masked_apply` of the model, whose statistics count the kept
         channels only; empty for every other graph.
     """
 
