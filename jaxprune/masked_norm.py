@@ -155,10 +155,11 @@ def masked_apply(apply_fn: Callable[..., Any], graph: PruningGraph) -> Callable[
         static = tuple((i, x if _hashable(x) else id(x)) for i, x in enumerate(leaves)
                        if i not in set(dyn))
         flat_vars, vdef = jax.tree_util.tree_flatten(variables)
-        spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+        spec = lambda a: jax.ShapeDtypeStruct(  # noqa: E731
+            np.shape(a), a.dtype if hasattr(a, "dtype") else jnp.result_type(a))
         dyn_specs = [spec(leaves[i]) for i in dyn]
         key = (tdef, static, vdef, tuple((s.shape, str(s.dtype)) for s in dyn_specs),
-               tuple((np.shape(x), str(jnp.result_type(x))) for x in flat_vars))
+               tuple((s.shape, str(s.dtype)) for s in map(spec, flat_vars)))
 
         if key not in cache:
             def call(v: Any, *d: Any) -> Any:

@@ -258,3 +258,29 @@ def test_tiny_vit_prunes_heads_head_dims_mlp_units_and_the_normalised_width():
             if int(np.sum(np.asarray(masks[name]))) < g.size:
                 for mem in g.members:
                     assert small[mem.path].shape[mem.axis] < dense[mem.path].shape[mem.axis]
+
+
+def test_masked_apply_takes_train_mode_calls_with_mutable_state_and_rngs():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.LayerNorm()(nn.Conv(8, (3, 3), name="c")(x))
+            x = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3), name="d")(x))
+            x = nn.Dropout(0.5, deterministic=not train)(x)
+            return nn.Dense(3)(x.mean((1, 2)))
+
+    model = Net()
+    x, v, graph = _setup(model, (2, 6, 6, 3))
+    assert graph.normalised == {"c"}
+    f = masked_apply(model.apply, graph)
+    for key in (jax.random.PRNGKey(3), jax.random.key(3)):  # raw and typed keys
+        kw = dict(train=True, mutable=["batch_stats"], rngs={"dropout": key})
+        got, st = f(v, x, masks=init_masks(graph), **kw)
+        want, st_want = model.apply(v, x, **kw)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        for a, b in zip(jax.tree_util.tree_leaves(st), jax.tree_util.tree_leaves(st_want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    masks = _random_masks(graph, 0.5)
+    got, _ = f(apply_masks(v, masks, graph), x, masks=masks, train=True, mutable=["batch_stats"],
+               rngs={"dropout": jax.random.PRNGKey(3)})
+    assert np.all(np.isfinite(np.asarray(got)))
