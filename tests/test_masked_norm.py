@@ -212,12 +212,27 @@ def test_sfp_trains_a_layernorm_model_and_its_compact_model_matches_the_masked_o
     assert len(hist) == epochs
 
 
+class EinsumAttention(nn.Module):
+    """Multi-head self-attention written by hand: a fused qkv projection, a head reshape, einsum."""
+
+    heads: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        b, n, c = x.shape
+        qkv = nn.Dense(3 * c, name="qkv")(x).reshape(b, n, 3, self.heads, c // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        a = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c // self.heads), -1)
+        return nn.Dense(c, name="proj")(jnp.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, n, c))
+
+
 class TinyViT(nn.Module):
     """Patch embedding conv, CLS token (broadcast_to), a pre-LN block with flax's multi-head
     self-attention and an MLP, a LayerNorm'd head."""
 
     dim: int = 16
     heads: int = 2
+    einsum: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -228,24 +243,36 @@ class TinyViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         x = x + self.param("pos", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
         h = nn.LayerNorm(name="ln1")(x)
-        x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(h, h)
+        if self.einsum:
+            x = x + EinsumAttention(name="attn")(h)
+        else:
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, name="attn")(h, h)
         h = nn.LayerNorm(name="ln2")(x)
         x = x + nn.Dense(self.dim, name="fc2")(nn.gelu(nn.Dense(4 * self.dim, name="fc1")(h)))
         return nn.Dense(5, name="head")(nn.LayerNorm(name="ln_f")(x[:, 0]))
 
 
-def test_tiny_vit_prunes_heads_head_dims_mlp_units_and_the_normalised_width():
+@pytest.mark.parametrize("einsum", [False, True])
+def test_tiny_vit_prunes_heads_mlp_units_and_the_normalised_width(einsum):
     """Traced at batch 1 (plans for other batch sizes are not covered here)."""
-    model = TinyViT()
+    model = TinyViT(einsum=einsum)
     x, v, graph = _setup(model, (1, 8, 8, 3))
     members = lambda n: {(m.path[1:], m.axis, m.role) for m in graph.groups[n].members}  # noqa: E731
-    heads = members("attn/query")
-    assert graph.groups["attn/query"].size == 2
-    assert {(("attn", p, "kernel"), 1, "out") for p in ("query", "key", "value")} <= heads
-    assert (("attn", "out", "kernel"), 0, "in") in heads  # the output projection's head rows
+    if einsum:  # one unit per head: its query, key and value columns and its projection rows
+        heads = graph.groups["attn/qkv"]
+        assert heads.size == 4
+        idx = {m.path[1:]: m.index for m in heads.members}
+        np.testing.assert_array_equal(idx[("attn", "qkv", "kernel")][1],
+                                      [4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39])
+        np.testing.assert_array_equal(idx[("attn", "proj", "kernel")][1], [4, 5, 6, 7])
+    else:  # flax's attention: heads, the query/key head dims and the value head dims
+        heads = members("attn/query")
+        assert graph.groups["attn/query"].size == 2
+        assert {(("attn", p, "kernel"), 1, "out") for p in ("query", "key", "value")} <= heads
+        assert (("attn", "out", "kernel"), 0, "in") in heads  # the output projection's head rows
+        assert graph.groups["attn/value"].size == 8
     assert {(("fc1", "kernel"), 1, "out"), (("fc2", "kernel"), 0, "in")} <= members("fc1")
     assert graph.groups["fc1"].size == 64 and graph.normalised == {"patch"}
-    assert graph.groups["attn/value"].size == 8  # the value/output head dimension
     ma = jax.jit(lambda v, x, m: masked_apply(model.apply, graph)(v, x, masks=m))
     for rate in (0.1, 0.5, 0.9):
         masks = _random_masks(graph, rate, seed=1)

@@ -338,6 +338,7 @@ def dot_general(t, eqn, ins, outs):
     for a, b in zip(lbd, rbd):
         t.link(lhs[a], rhs[b])
         t.link(lhs[a], out[k])
+        t.batch_ids.append(lhs[a])  # e.g. attention heads (a split channel axis, see run_tracer)
         k += 1
     lfree = [i for i in range(len(lhs)) if i not in lc and i not in lbd]
     rfree = [i for i in range(len(rhs)) if i not in rc and i not in rbd]
