@@ -79,6 +79,12 @@ def _random_masks(graph, rate, seed=0):
     return out
 
 
+def _close(out, ref) -> bool:
+    """Relative error <= 1e-5 of the largest output, or of 1 for outputs below 1 (a LayerNorm
+    over two kept channels amplifies float32 rounding: `compact_program`'s own scale)."""
+    return float(np.max(np.abs(out - ref))) <= 1e-5 * max(float(np.max(np.abs(ref))), 1.0)
+
+
 def _leaves(tree):
     return dict(zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree)))
 
@@ -94,7 +100,7 @@ def test_compact_equals_masked_apply_and_every_pruned_tensor_shrinks(model, grou
         ref = np.asarray(ma(apply_masks(v, masks, graph), x, masks))
         res = compact(model, v, masks, graph, sample_input=x)
         out = np.asarray(res.model.apply(res.variables, x))
-        assert np.max(np.abs(out - ref)) <= 1e-5 * max(float(np.max(np.abs(ref))), 1e-30), rate
+        assert _close(out, ref), rate
         dense, small = _leaves(v), _leaves(res.variables)
         for name, g in graph.groups.items():
             kept = int(np.sum(np.asarray(masks[name])))
@@ -279,7 +285,7 @@ def test_tiny_vit_prunes_heads_mlp_units_and_the_normalised_width(einsum):
         ref = np.asarray(ma(apply_masks(v, masks, graph), x, masks))
         res = compact(model, v, masks, graph, sample_input=x)
         out = np.asarray(res.model.apply(res.variables, x))
-        assert np.max(np.abs(out - ref)) <= 1e-5 * max(float(np.max(np.abs(ref))), 1e-30), rate
+        assert _close(out, ref), rate
         dense, small = _leaves(v), _leaves(res.variables)
         for name, g in graph.groups.items():
             if int(np.sum(np.asarray(masks[name]))) < g.size:
