@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune.masked_norm import masked_apply
 from jaxprune.parallel import DATA_AXIS, make_mesh, replicate
 from jaxprune.train_step import call_kwargs, cross_entropy
 
@@ -20,13 +23,19 @@ from jaxprune.train_step import call_kwargs, cross_entropy
 Preprocess = Callable[[jax.Array], jax.Array]
 
 def eval_step(variables: Any, images: jax.Array, labels: jax.Array, *, model: Any,
-              preprocess: Preprocess | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              preprocess: Preprocess | None = None, graph: Any = None, masks: Any = None
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(number correct, number correct in the top 5, summed cross-entropy)`` of a batch; rows
     with ``label < 0`` are padding and count for nothing. With fewer than 5 classes every
-    valid row is a top-5 hit."""
+    valid row is a top-5 hit. A ``graph`` with normalised channels runs the model through
+    `jaxprune.masked_norm.masked_apply` with ``masks``."""
     if preprocess is not None:
         images = preprocess(images)
-    logits = model.apply(variables, images, **call_kwargs(model, False))
+    kwargs = call_kwargs(model, False)
+    if graph is not None and graph.normalised:
+        logits = masked_apply(model.apply, graph)(variables, images, masks=masks, **kwargs)
+    else:
+        logits = model.apply(variables, images, **kwargs)
     valid = labels >= 0
     safe = jnp.where(valid, labels, 0)
     ce = cross_entropy(logits, safe)
@@ -70,29 +79,38 @@ def put_eval_data(mesh: Mesh, images: np.ndarray, labels: np.ndarray, batch_size
     return EvalData(xd, yd, n)
 
 def make_eval_fn(model: Any, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
-                 *, runs: int = 0) -> Callable[[Any, EvalData], tuple[jax.Array, ...]]:
+                 *, runs: int = 0, graph: Any = None
+                 ) -> Callable[[Any, EvalData], tuple[jax.Array, ...]]:
     """``fn(variables, data) -> (correct_count, top5_count, loss_sum)`` over a whole `EvalData`
     in one jitted call (a ``lax.scan`` of `eval_step` over its batches; one compiled shape).
     ``variables`` replicated on ``mesh`` (default all devices). ``runs=R``: variables with a
-    leading run axis (`stack_runs`), counts and sums ``[R]``."""
+    leading run axis (`stack_runs`), counts and sums ``[R]``. A ``graph`` with normalised
+    channels (``graph.normalised``) makes it ``fn(variables, data, masks)``: the masked model
+    of `jaxprune.masked_norm.masked_apply` (``masks`` with a leading run axis too when
+    ``runs``)."""
     mesh = make_mesh() if mesh is None else mesh
     repl = NamedSharding(mesh, P())
     batches = NamedSharding(mesh, P(None, DATA_AXIS))
+    normalised = graph is not None and bool(graph.normalised)
 
-    def whole(variables, images, labels):
+    def whole(variables, images, labels, masks):
         def body(acc, xy):
-            out = eval_step(variables, *xy, model=model, preprocess=preprocess)
+            out = eval_step(variables, *xy, model=model, preprocess=preprocess,
+                            graph=graph if normalised else None, masks=masks)
             return tuple(a + o for a, o in zip(acc, out)), None
 
         zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
         return jax.lax.scan(body, zero, (images, labels))[0]
 
     if runs:
-        whole = jax.vmap(whole, in_axes=(0, None, None))
-    jitted = jax.jit(whole, in_shardings=(repl, batches, batches), out_shardings=repl)
+        whole = jax.vmap(whole, in_axes=(0, None, None, 0 if normalised else None))
+    jitted = jax.jit(whole, in_shardings=(repl, batches, batches, repl), out_shardings=repl)
 
-    def fn(variables: Any, data: EvalData):
-        return jitted(variables, data.images, data.labels)
+    def fn(variables: Any, data: EvalData, masks: Any = None):
+        if normalised and masks is None:
+            raise ValueError("a graph with normalised channels evaluates the masked model: pass "
+                             "masks (group name -> [C])")
+        return jitted(variables, data.images, data.labels, masks if normalised else None)
 
     fn.mesh, fn.jitted, fn.preprocess = mesh, jitted, preprocess
     return fn
@@ -126,9 +144,17 @@ def _stream_batches(mesh: Mesh, stream: Any):
         yield EvalData(d.images, d.labels, int(np.sum(labels >= 0)))
 
 
+def _with_masks(step: Callable, masks: Any) -> Callable:
+    """``step`` called with ``masks``, keeping its ``mesh``."""
+    fn = functools.partial(step, masks=masks)
+    fn.mesh = step.mesh  # type: ignore[attr-defined]
+    return fn
+
+
 def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
              batch_size: int, mesh: Mesh | None = None, preprocess: Preprocess | None = None,
-             *, step: Callable | None = None) -> dict[str, float]:
+             *, step: Callable | None = None, graph: Any = None, masks: Any = None
+             ) -> dict[str, float]:
     """Top-1 (``accuracy``) and top-5 (``top5``) accuracy and mean cross-entropy (``loss``) over
     a whole data set.
 
@@ -138,7 +164,9 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
     batches (`jaxprune.imagenet.ImagenetStream`, ``labels`` None; its batch size is used),
     evaluated batch by batch. Every example counts exactly once (padding has label -1) and one
     batch shape is compiled. Pass ``step`` (from `make_eval_fn`) to reuse a compiled program
-    across calls (`fit` does); ``variables`` must then be replicated on its mesh.
+    across calls (`fit` does); ``variables`` must then be replicated on its mesh. A ``graph``
+    with normalised channels evaluates `jaxprune.masked_norm.masked_apply` with ``masks`` (a
+    ``step`` built with that graph needs ``masks`` too).
     """
     if step is not None:
         preprocess = getattr(step, "preprocess", preprocess)
@@ -148,8 +176,10 @@ def evaluate(model: Any, variables: Any, images: Any, labels: np.ndarray | None,
             raise TypeError("integer images need preprocess= (e.g. functools.partial("
                             "augment.normalize, mean=..., std=...))")
     if step is None:
-        step = make_eval_fn(model, mesh, preprocess)
+        step = make_eval_fn(model, mesh, preprocess, graph=graph)
         variables = replicate(step.mesh, variables)
+    if masks is not None:
+        step = _with_masks(step, replicate(step.mesh, masks))
     if is_stream(images):
         parts, n = [], 0
         for d in _stream_batches(step.mesh, images):

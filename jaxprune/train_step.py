@@ -21,6 +21,7 @@ from flax import struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import HardMaskedState, apply_masks, hard_masked, init_masks
 from jaxprune.parallel import DATA_AXIS, check_batch, make_mesh, replicate, shard_batch
 
@@ -129,9 +130,12 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     With ``mask_hard`` (and a graph), the optimizer runs as ``jaxprune.masks.hard_masked(
     optimizer, graph, mask_gradients=False)`` with ``masks=state.hard`` (the same result for
     the element-wise optimizers of `jaxprune.optim`): hard-pruned channels (``state.hard ==
-    0``) get a zero update and lose their optimizer moments; their params and BN
-    running statistics are re-zeroed after the update, so they stay exactly zero whatever momentum and weight decay do; soft-pruned
-    channels (``masks == 0``, ``hard == 1``) are trained like any other.
+    0``) get a zero update and lose their optimizer moments; their params and BN running
+    statistics are re-zeroed after the update, so they stay exactly zero whatever momentum and
+    weight decay do; soft-pruned channels (``masks == 0``, ``hard == 1``) are trained like any
+    other. A graph with normalised channels (``graph.normalised``) runs the model through
+    `jaxprune.masked_norm.masked_apply` with ``state.hard``: its statistics count the channels
+    not hard-pruned (a soft-pruned channel is live, as in the plain model).
 
     Returns the new state and the metrics ``loss`` (cross-entropy), ``accuracy`` (top-1),
     ``penalty`` and the penalty's own metrics.
@@ -146,15 +150,18 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         x = images
     kwargs = call_kwargs(model, True)
     has_bn = bool(jax.tree.leaves(state.batch_stats))
+    apply = model.apply
+    if graph is not None and graph.normalised:
+        apply = functools.partial(masked_apply(model.apply, graph), masks=state.hard)
 
     def loss_fn(params):
         variables = {"params": params}
         if has_bn:
             variables["batch_stats"] = state.batch_stats
-            logits, updated = model.apply(variables, x, mutable=["batch_stats"], **kwargs)
+            logits, updated = apply(variables, x, mutable=["batch_stats"], **kwargs)
             new_bs = updated["batch_stats"]
         else:
-            logits, new_bs = model.apply(variables, x, **kwargs), state.batch_stats
+            logits, new_bs = apply(variables, x, **kwargs), state.batch_stats
         ce = jnp.mean(cross_entropy(logits, labels))
         penalty, pen_metrics = method.penalty(params, state.batch_stats, state.method_state, ctx)
         penalty = jnp.asarray(penalty, jnp.float32)

@@ -232,7 +232,7 @@ def fit(
         x_dev, y_dev = put_replicated(mesh, x_train, np.asarray(y_train).astype(np.int32))
     eval_fn = eval_data = None
     if test_data is not None:
-        eval_fn = make_eval_fn(model, mesh, preprocess)
+        eval_fn = make_eval_fn(model, mesh, preprocess, graph=graph)
         eval_data = test_data if is_stream(test_data) else put_eval_data(
             mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
@@ -406,7 +406,9 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, ev
     record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
     record.update({f"train_{k}": v for k, v in train.items()})
     if eval_fn is not None:
-        ev = evaluate(None, state.variables, eval_data, None, 0, step=eval_fn)
+        normalised = getattr(ctx, "graph", None) is not None and bool(ctx.graph.normalised)
+        ev = evaluate(None, state.variables, eval_data, None, 0, step=eval_fn,
+                      masks=state.masks if normalised else None)
         record.update(test_accuracy=ev["accuracy"], test_top5=ev["top5"], test_loss=ev["loss"])
     record["epoch_time_s"] = time.perf_counter() - t0
     history = history + [record]

@@ -59,3 +59,15 @@ def test_readme_own_nnx_model_through_the_engine_runs(tmp_path):
     assert masked == small
     assert "widths: {'conv1': 4, 'conv2': 8}" in out.stdout
     assert "compact output: (3, 10)" in out.stdout
+
+
+def test_readme_normalised_channels_example_runs(tmp_path):
+    """The fifth example: a ConvNeXt-style block's LayerNorm'd channels pruned, compact ==
+    masked apply."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    script = tmp_path / "convnext.py"
+    script.write_text(blocks[4])
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "['fc1', 'stem'] normalised: ['stem']" in out.stdout
+    assert float(re.search(r"max \|compact - masked\| = (\S+)", out.stdout).group(1)) < 1e-5

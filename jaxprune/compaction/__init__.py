@@ -7,6 +7,9 @@ program (`program`: every equation re-evaluated narrow through the per-primitive
 `jaxprune.graph.rules`; the result is a `ProgramModel`, `program_model`). Both paths share one
 plan (`plan`): the kept positions of every leaf axis (`surgery`), their rounding to
 kernel-friendly counts (`align_masks`) and the slicing that applies them (`slice_tree`).
+A graph with normalised channels (`jaxprune.graph.trace(norms='masked')`) is compacted with its
+sums over channels narrowed to the kept ones: the compact model equals
+`jaxprune.masked_norm.masked_apply` of the model, the masked model of such a graph.
 """
 
 from jaxprune.compaction.bundled import FILTERS_ONLY, compact_bundled, is_bundled

@@ -48,6 +48,7 @@ from jaxprune.compaction.plan import compact_variables, refuse_empty, surgery
 from jaxprune.graph import Body, PruningGraph, leaf_paths, rule_for, run_tracer
 from jaxprune.graph.narrow import Keep, PlanBody, bind, full_width, move_all, narrowed, take
 from jaxprune.graph.tracer import CALL_PARAMS
+from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import apply_masks, binarize, validate_masks
 
 
@@ -237,15 +238,18 @@ def compact_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, 
       sample_args: example inputs; with ``check`` the compact program is compared with the
         hard-masked dense one on them (ValueError beyond a relative 1e-4).
 
-    ``program(small_vars, *args)`` equals ``fn(apply_masks(variables, masks, graph), *args)``.
+    ``program(small_vars, *args)`` equals ``fn(apply_masks(variables, masks, graph), *args)``
+    (`masked_apply` of ``fn`` with ``masks`` when ``graph.normalised``: sums over those channels
+    count the kept ones).
     """
     validate_masks(masks, graph)
     refuse_empty(masks)
     program = build_program(fn, variables, masks, graph, sample_args)
     small, _ = compact_variables(variables, masks, graph)
     if check:
-        masked = apply_masks(variables, binarize(masks), graph)
-        ref = jax.tree_util.tree_leaves(fn(masked, *sample_args))
+        hard = binarize(masks)
+        masked = apply_masks(variables, hard, graph)
+        ref = jax.tree_util.tree_leaves(masked_apply(fn, graph)(masked, *sample_args, masks=hard))
         got = jax.tree_util.tree_leaves(program(small, *sample_args))
         for r, o in zip(ref, got):
             r, o = np.asarray(r, np.float32), np.asarray(o, np.float32)

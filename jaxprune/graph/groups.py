@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxprune.graph.costs import cost_tables
 from jaxprune.graph.tracer import Tracer, run_tracer
-from jaxprune.graph.types import RESIDUAL_POLICIES, Group, Member, PruningGraph, module_path
+from jaxprune.graph.types import NORM_POLICIES, RESIDUAL_POLICIES, Group, Member, PruningGraph, module_path
 
 
 def trace(
@@ -23,6 +23,7 @@ def trace(
     variables: Any,
     *example_args: Any,
     residual: str = "coupled",
+    norms: str = "refuse",
 ) -> PruningGraph:
     """Traces ``apply_fn(variables, *example_args)`` and returns its prunable groups.
 
@@ -35,6 +36,12 @@ def trace(
       residual: ``'coupled'`` prunes every channel joined by a residual add with shared
         indices (policy b); ``'scatter'`` prunes each branch on its own and keeps the residual
         stream at full width (policy a, SFP's small model).
+      norms: channels summed over (a LayerNorm, RMSNorm or any mean over the channel axis):
+        ``'refuse'`` reports them unprunable (removing a channel changes the statistic);
+        ``'masked'`` prunes them, and the groups are listed in ``PruningGraph.normalised``: the
+        masked model is then `jaxprune.masked_norm.masked_apply` of ``apply_fn`` (each such sum
+        runs over the kept channels, scaled by full / kept count, so a mean is the mean of the
+        kept channels), and compaction narrows the sums the same way.
 
     Returns:
       The `PruningGraph`.
@@ -44,18 +51,23 @@ def trace(
     `register_rule` teaches it one.
 
     Raises:
-      ValueError: ``residual`` is not one of 'coupled', 'scatter'.
+      ValueError: ``residual`` is not one of 'coupled', 'scatter', or ``norms`` not one of
+        'refuse', 'masked'.
     """
     if residual not in RESIDUAL_POLICIES:
         raise ValueError(f"residual={residual!r}: expected one of {RESIDUAL_POLICIES}")
+    if norms not in NORM_POLICIES:
+        raise ValueError(f"norms={norms!r}: expected one of {NORM_POLICIES}")
     run = run_tracer(apply_fn, variables, example_args, residual, per_example=True)
-    return build_graph(run.tracer, run.comp, run.jaxpr, run.paths, run.leaf_ids, residual)
+    return build_graph(run.tracer, run.comp, run.jaxpr, run.paths, run.leaf_ids, residual,
+                       norms=norms)
 
 
 def build_graph(t: Tracer, comp: np.ndarray, jaxpr: Any, paths: list, leaf_ids: list,
-                residual: str) -> PruningGraph:
+                residual: str, norms: str = "refuse") -> PruningGraph:
     """The `PruningGraph` of a walk: components with the same member leaves form a group;
-    components tied to the input or output, poisoned or lost are unprunable."""
+    components tied to the input or output, poisoned or lost are unprunable (and, with
+    ``norms='refuse'``, summed over)."""
     n_comp = int(comp.max()) + 1 if t.n else 0
     is_producer = np.zeros(n_comp, bool)
     for ids in t.producer_ids:
@@ -70,7 +82,7 @@ def build_graph(t: Tracer, comp: np.ndarray, jaxpr: Any, paths: list, leaf_ids: 
         for a in t.axes(v) or ():
             for c in np.unique(comp[a]):
                 reason.setdefault(int(c), "tied to the model output")
-    for ids, why in t.poison:
+    for ids, why in t.poison + (t.sums if norms == "refuse" else []):
         for c in np.unique(comp[ids]):
             reason.setdefault(int(c), why)
     for ids, why in t.unknown:
@@ -158,13 +170,17 @@ def build_graph(t: Tracer, comp: np.ndarray, jaxpr: Any, paths: list, leaf_ids: 
     for name in named:
         for p in named[name].producers:
             unprunable.pop(p, None)
-    return PruningGraph(named, unprunable, leaves, ops, residual)
+    summed = {comp_group[int(c)][0] for ids, _ in t.sums for c in np.unique(comp[ids])
+              if int(c) in comp_group} if norms == "masked" else set()
+    return PruningGraph(named, unprunable, leaves, ops, residual,
+                        normalised=frozenset(summed))
 
 
 def trace_linen(model: Any, variables: Any, x: Any, residual: str = "coupled",
-                **apply_kwargs: Any) -> PruningGraph:
+                norms: str = "refuse", **apply_kwargs: Any) -> PruningGraph:
     """`trace` for a Flax Linen module in inference mode (``train=False`` if accepted)."""
     kwargs = dict(apply_kwargs)
     if "train" not in kwargs and "train" in inspect.signature(model.__call__).parameters:
         kwargs["train"] = False
-    return trace(lambda v, a: model.apply(v, a, **kwargs), variables, x, residual=residual)
+    return trace(lambda v, a: model.apply(v, a, **kwargs), variables, x, residual=residual,
+                 norms=norms)

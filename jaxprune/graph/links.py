@@ -156,13 +156,16 @@ def _reduce(t, eqn, ins, outs, bad: bool):
 def reduce_sum(t, eqn, ins, outs):
     # A sum over channels is a mean, a variance or a normalisation statistic (LayerNorm,
     # GroupNorm, RMSNorm, channel means, softmax over channels): removing channels changes
-    # its count, so the compact model would compute something else. Refused; the sums of a
-    # matmul are dot_general, and global pooling reduces spatial axes, which carry no channel.
+    # its count, so the compact model would compute something else. Recorded in ``t.sums``:
+    # `trace` refuses those channels, or with ``norms='masked'`` prunes them with the sum taken
+    # over the kept channels (`jaxprune.masked_norm.masked_apply`). The sums of a matmul are
+    # dot_general, and global pooling reduces spatial axes, which carry no channel.
     _reduce(t, eqn, ins, outs, bad=False)
     where = t.where(eqn)
+    into = t.sums if eqn.primitive.name == "reduce_sum" else t.poison  # and/or/xor: refused
     for i in set(eqn.params["axes"]):
-        t.poison.append((ins[0][i], f"summed over by {eqn.primitive.name} (a mean or "
-                                    f"normalisation over channels) at {where}"))
+        into.append((ins[0][i], f"summed over by {eqn.primitive.name} (a mean or "
+                                f"normalisation over channels) at {where}"))
 
 
 def reduce_max(t, eqn, ins, outs):
@@ -350,6 +353,7 @@ def dot_general(t, eqn, ins, outs):
     for a, b in zip(lbd, rbd):
         t.link(lhs[a], rhs[b])
         t.link(lhs[a], out[k])
+        t.batch_ids.append(lhs[a])  # e.g. attention heads (a split channel axis, see run_tracer)
         k += 1
     lfree = [i for i in range(len(lhs)) if i not in lc and i not in lbd]
     rfree = [i for i in range(len(rhs)) if i not in rc and i not in rbd]

@@ -184,6 +184,18 @@ def reduce(eqn, vals, kin, kout):
     return _drop_axes(eqn, vals, kin, kout, axes)
 
 
+def reduce_sum(eqn, vals, kin, kout):
+    """A sum: over unpruned axes as `reduce`; over a narrowed channel axis (a statistic that
+    `trace(norms='masked')` let through) the sum of the kept positions scaled by
+    ``full / kept`` per narrowed axis, so that a mean (the sum divided by the full count)
+    becomes the mean over the kept channels, as `jaxprune.masked_norm.masked_apply` computes it."""
+    axes = {a % len(kin[0]) for a in eqn.params["axes"]}
+    shp = eqn.invars[0].aval.shape
+    scale = float(np.prod([shp[a] / len(kin[0][a]) for a in axes if kin[0][a] is not None]))
+    out = _drop_axes(eqn, vals, kin, kout, axes)[0]  # the reduced axes stay narrow
+    return [out if scale == 1.0 else out * np.asarray(scale, out.dtype)]
+
+
 def _drop_axes(eqn, vals, kin, kout, dropped: set[int]):
     """An op that removes the axes ``dropped`` (squeeze, reduce): the other axes of the operand
     moved to the result's kept positions."""

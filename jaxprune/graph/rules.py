@@ -66,8 +66,9 @@ _BUILTIN: dict[str, Rule] = {
     "squeeze": Rule(links.squeeze, narrow.squeeze),
     "reshape": Rule(links.reshape, narrow.reshape),
     # a sum over channels is a statistic over them (refused); max/min/argmax pick among them
-    **{n: Rule(links.reduce_sum, narrow.reduce) for n in (
-        "reduce_sum", "reduce_and", "reduce_or", "reduce_xor")},
+    # a sum over channels is refused, or with trace(norms='masked') a mean over the kept ones
+    "reduce_sum": Rule(links.reduce_sum, narrow.reduce_sum),
+    **{n: Rule(links.reduce_sum, narrow.reduce) for n in ("reduce_and", "reduce_or", "reduce_xor")},
     **{n: Rule(links.reduce_max, narrow.reduce) for n in (
         "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin")},
     **{n: Rule(links.windowed, narrow.windowed) for n in (

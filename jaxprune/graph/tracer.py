@@ -92,6 +92,10 @@ class Tracer:
         self.reshapes: list[tuple[np.ndarray, list[np.ndarray], list[int]]] = []
         self.splits: list[tuple[np.ndarray, str]] = []  # (input axis ids, where) of axis splits
         self.poison: list[tuple[np.ndarray, str]] = []
+        # (axis ids, why) of sums over an axis (reduce_sum): statistics when the axis is a
+        # channel axis, refused or masked by `jaxprune.graph.trace`'s ``norms``
+        self.sums: list[tuple[np.ndarray, str]] = []
+        self.batch_ids: list[np.ndarray] = []  # ids of dot_general batch axes (attention heads)
         self.unknown: list[tuple[np.ndarray, str]] = []
         self.call_sites: list[str] = []  # source lines of the calls being walked (innermost last)
         self.data: set[Any] = set()
@@ -408,10 +412,18 @@ def run_tracer(apply_fn: Callable[..., Any], variables: Any, example_args: Seque
         channel = np.zeros(comp.max() + 1 if t.n else 1, bool)
         for ids in t.channel_ids:
             channel[comp[ids]] = True
+        heads = _head_splits(t, comp, channel)
+        if heads:
+            comp = components(t.n, t.edges)
+            channel = np.zeros(comp.max() + 1 if t.n else 1, bool)
+            for ids in t.channel_ids:
+                channel[comp[ids]] = True
         for axis, here in t.splits:  # GroupNorm, pixel shuffle: channels regrouped
-            if channel[comp[axis]].any():
+            if id(axis) not in heads and channel[comp[axis]].any():
                 t.poison.append((axis, f"a reshape splits the channel axis (e.g. GroupNorm) at {here}"))
         for merged, parts, sizes in t.reshapes:
+            if id(merged) in heads:
+                continue
             live = [k for k, p in enumerate(parts) if channel[comp[p]].any()]
             if len(live) == 1:
                 k = live[0]
@@ -423,3 +435,31 @@ def run_tracer(apply_fn: Callable[..., Any], variables: Any, example_args: Seque
                     t.poison.append((p, "a reshape merges several channel axes"))
         comp = components(t.n, t.edges)
     return TracerRun(t, comp, closed, jaxpr, paths, leaf_ids, body)
+
+
+def _head_splits(t: Tracer, comp: np.ndarray, channel: np.ndarray) -> set[int]:
+    """Attention heads: a reshape that splits a channel axis into parts exactly one of which
+    becomes a batch axis of a ``dot_general`` (``[.., C] -> [.., H, D]`` then ``q k^T`` over
+    ``D`` per head) makes that part the channel axis: each of its positions (a head) is one
+    prunable unit holding every merged position that lands on it (its ``D`` dims; with a fused
+    ``[.., 3, H, D]`` projection its query, key and value slices). Links them and returns the
+    ``id`` of each such split's merged ids (the split is then no longer refused)."""
+    if not t.batch_ids:
+        return set()
+    batch = np.zeros(len(channel), bool)
+    for ids in t.batch_ids:
+        batch[comp[ids]] = True
+    split_axes = {id(axis) for axis, _ in t.splits}
+    done: set[int] = set()
+    for merged, parts, sizes in t.reshapes:
+        if id(merged) not in split_axes or not channel[comp[merged]].any():
+            continue
+        hit = [k for k, p in enumerate(parts) if batch[comp[p]].all()]
+        if len(hit) != 1:
+            continue
+        k = hit[0]
+        inner = int(np.prod(sizes[k + 1:])) if k + 1 < len(sizes) else 1
+        pos = (np.arange(len(merged)) // inner) % sizes[k]
+        t.link(merged, parts[k][pos])
+        done.add(id(merged))
+    return done

@@ -10,6 +10,7 @@ import numpy as np
 
 ROLES = ("out", "in", "vector", "other")
 RESIDUAL_POLICIES = ("coupled", "scatter")
+NORM_POLICIES = ("refuse", "masked")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -106,6 +107,10 @@ class PruningGraph:
       leaves: every traced variable leaf (path, shape, per-axis channel factors).
       ops: every conv / dot_general with its per-example MAC structure.
       residual: the residual policy used, 'coupled' or 'scatter'.
+      normalised: names of the groups whose channels are summed over (a LayerNorm, RMSNorm or
+        channel mean; traced with ``norms='masked'``): the masked model is
+        `jaxprune.masked_norm.masked_apply` of the model, whose statistics count the kept
+        channels only; empty for every other graph.
     """
 
     groups: Mapping[str, Group]
@@ -113,6 +118,7 @@ class PruningGraph:
     leaves: tuple[LeafInfo, ...]
     ops: tuple[CostOp, ...]
     residual: str
+    normalised: frozenset = frozenset()
 
     def group_sizes(self) -> dict[str, int]:
         return {name: g.size for name, g in self.groups.items()}
