@@ -196,11 +196,8 @@ def cifar_available(name: str, data_dir: str | os.PathLike | None = None) -> boo
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _read_sha256sums(folder: Path) -> dict[str, str]:

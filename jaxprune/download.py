@@ -99,11 +99,8 @@ def default_data_dir() -> Path:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def _progress_bar(total: int | None, initial: int, desc: str, show: bool | None):

@@ -308,11 +308,8 @@ def check_out(out: Path) -> list[str]:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def receive(stage: Path, home: Path, python: str, log) -> dict | None:
