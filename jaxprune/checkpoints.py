@@ -21,6 +21,7 @@ ValueError naming the leaf path and both shapes. Nothing is ever padded or trunc
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -43,7 +44,42 @@ from jaxprune.models.common import CARRY
 STATE_ITEM = "state"
 META_ITEM = "meta"
 COMPACT_FORMAT = "jaxprune.compact"
-COMPACT_VERSION = 2  # 2: the 'carry' collection (constants of removed channels)
+COMPACT_VERSION = 3  # 2: the 'carry' collection (constants of removed channels); 3: CHECKSUMS.json
+CHECKSUMS = "CHECKSUMS.json"  # SHA-256 of every other file of a compact model (version >= 3)
+
+
+class CorruptArtifactError(ValueError):
+    """A saved compact model that is damaged or malformed: a file that does not match its
+    checksum, is missing, or cannot be read. The message names the file."""
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file below ``root`` except ``CHECKSUMS``."""
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS):
+        with open(f, "rb") as fh:
+            out[f.relative_to(root).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return out
+
+
+def verify_checksums(path: str | os.PathLike) -> None:
+    """Raises `CorruptArtifactError` naming the first file of the compact model at ``path``
+    that is missing or does not match the SHA-256 recorded in its ``CHECKSUMS.json``."""
+    path = Path(path)
+    try:
+        recorded = json.loads((path / CHECKSUMS).read_text())["sha256"]
+    except FileNotFoundError:
+        raise CorruptArtifactError(f"compact model {path}: {CHECKSUMS} is missing") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptArtifactError(f"compact model {path}: {path / CHECKSUMS} is unreadable "
+                                   f"({type(e).__name__})") from None
+    actual = _file_digests(path)
+    for rel, digest in recorded.items():
+        if rel not in actual:
+            raise CorruptArtifactError(f"compact model {path}: {path / rel} is missing")
+        if actual[rel] != digest:
+            raise CorruptArtifactError(f"compact model {path}: {path / rel} does not match its "
+                                       "checksum (damaged or edited)")
 _VARIABLES_ITEM = "variables"
 _MODEL_ITEM = "model"
 
@@ -534,6 +570,7 @@ def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapp
             _MODEL_ITEM: ocp.args.JsonSave(doc),
         }))
         ckptr.close()
+        (tmp / CHECKSUMS).write_text(json.dumps({"sha256": _file_digests(tmp)}, indent=1))
         if path.exists():
             os.rename(path, old)
         os.rename(tmp, path)
@@ -562,20 +599,24 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     if not (path / _MODEL_ITEM).is_dir() or not (path / _VARIABLES_ITEM).is_dir():
         raise FileNotFoundError(f"{path} is not a jaxprune compact model (no '{_MODEL_ITEM}' and "
                                 f"'{_VARIABLES_ITEM}' items)")
+    if (path / CHECKSUMS).is_file():
+        verify_checksums(path)
     ckptr = _compact_checkpointer()
     try:
         doc = ckptr.restore(path, args=ocp.args.Composite(
             **{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
     except Exception as e:  # noqa: BLE001 - garbage or truncated JSON
-        raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
+        raise CorruptArtifactError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
                          f"({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise ValueError(f"compact model {path}: its '{_MODEL_ITEM}' document holds no model config")
+        raise CorruptArtifactError(f"compact model {path}: its '{_MODEL_ITEM}' document holds no model config")
     if doc.get("format") != COMPACT_FORMAT:
-        raise ValueError(f"{path} has format {doc.get('format')!r}, expected {COMPACT_FORMAT!r}")
+        raise CorruptArtifactError(f"{path} has format {doc.get('format')!r}, expected {COMPACT_FORMAT!r}")
     if int(doc.get("version", -1)) > COMPACT_VERSION:
         raise ValueError(f"{path} has format version {doc.get('version')}; this jaxprune reads "
                          f"up to {COMPACT_VERSION}")
+    if int(doc.get("version", -1)) >= 3 and not (path / CHECKSUMS).is_file():
+        raise CorruptArtifactError(f"compact model {path}: {CHECKSUMS} is missing")
     if doc["model"].get("class") == EXPORTED_CLASS:
         import base64
 
@@ -595,17 +636,17 @@ def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
     try:
         stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"compact model {path}: the metadata of its variables is unreadable "
+        raise CorruptArtifactError(f"compact model {path}: the metadata of its variables is unreadable "
                          f"({type(e).__name__}: {first_line(e)})") from None
     if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
-        raise ValueError(f"compact model {path}: its variables have no array metadata "
+        raise CorruptArtifactError(f"compact model {path}: its variables have no array metadata "
                          f"({_VARIABLES_ITEM}/_METADATA is missing or empty)")
     check_shapes(getattr(stored, "tree", stored), target, what=f"compact model {path}")
     try:
         variables = ckptr.restore(path, args=ocp.args.Composite(**{
             _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
     except Exception as e:  # noqa: BLE001 - truncated / garbage array files
-        raise ValueError(f"compact model {path}: its variables are unreadable "
+        raise CorruptArtifactError(f"compact model {path}: its variables are unreadable "
                          f"({type(e).__name__}: {first_line(e)})") from None
     finally:
         ckptr.close()
@@ -634,4 +675,6 @@ __all__ = [
     "abstract_variables",
     "save_compact",
     "load",
+    "CorruptArtifactError",
+    "verify_checksums",
 ]

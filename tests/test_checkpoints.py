@@ -3,6 +3,7 @@ and the compact-model file format (save_compact / jaxprune.load)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -236,6 +237,12 @@ def test_load_validates_path_and_shapes(tmp_path, compact_resnet):
     stem = doc["model"]["keep_out"].get("stem", list(range(16)))
     doc["model"]["keep_out"]["stem"] = stem[:-1]
     doc_file.write_text(json.dumps(doc))
+    with pytest.raises(ck.CorruptArtifactError, match=rf"{doc_file} does not match its checksum"):
+        jaxprune.load(path)
+    # the same edit with its checksums recorded again: the shapes are still checked
+    sums = {f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in path.rglob("*") if f.is_file() and f.name != "CHECKSUMS.json"}
+    (path / "CHECKSUMS.json").write_text(json.dumps({"sha256": sums}))
     with pytest.raises(ValueError, match=rf"'params/stem/kernel' has shape \(3, 3, 3, {len(stem)}\) "
                                          rf"on disk but the target expects \(3, 3, 3, {len(stem) - 1}\)"):
         jaxprune.load(path)

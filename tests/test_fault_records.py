@@ -461,14 +461,54 @@ def test_a_directory_as_config_and_a_damaged_compact_model_are_one_line(tmp_path
     err = _one_line(capsys)
     assert str(tmp_path) in err and "is a directory" in err
     work = _copy(run2, tmp_path)
+    largest = max((p for p in (work / "compact" / "variables").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
     _truncate_largest(work / "compact" / "variables")
     assert cli.main(["eval", str(work)]) == cli.EXIT_USAGE
     err = _one_line(capsys)
-    assert str(work / "compact") in err and "unreadable" in err
+    assert str(largest) in err and "does not match its checksum" in err
+    work = _copy(run2, tmp_path / "again")
     (work / "compact" / "model" / "metadata").write_text("{bad")
     assert cli.main(["eval", str(work)]) == cli.EXIT_USAGE
     err = _one_line(capsys)
+    assert str(work / "compact" / "model" / "metadata") in err and "does not match its checksum" in err
+    # without its checksums the reader's own check still names the damage in one line
+    (work / "compact" / "CHECKSUMS.json").unlink()
+    doc = work / "compact" / "model" / "metadata"
+    assert cli.main(["eval", str(work)]) == cli.EXIT_USAGE
+    err = _one_line(capsys)
     assert str(work / "compact") in err and "'model' document is unreadable" in err
+    assert doc.read_text() == "{bad"
+
+
+def test_compact_model_files_are_checksummed_and_verified_at_load(run2, tmp_path, capsys):
+    """A flipped byte, a cut end or a missing file of a saved compact model is refused by
+    `jaxprune.load` (CorruptArtifactError naming the file) and by the CLI (one line, exit 2)."""
+    work = _copy(run2, tmp_path)
+    compact_dir = work / "compact"
+    recorded = json.loads((compact_dir / "CHECKSUMS.json").read_text())["sha256"]
+    assert recorded and all((compact_dir / rel).is_file() for rel in recorded)
+    assert set(recorded) == {p.relative_to(compact_dir).as_posix() for p in compact_dir.rglob("*")
+                             if p.is_file() and p.name != "CHECKSUMS.json"}
+    ck.load(compact_dir)  # intact: loads
+    target = max((compact_dir / rel for rel in recorded), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    for damage in ("flip", "cut", "missing"):
+        if damage == "flip":
+            damaged = bytearray(data)
+            damaged[len(damaged) // 2] ^= 0x01
+            target.write_bytes(bytes(damaged))
+        elif damage == "cut":
+            target.write_bytes(bytes(data[: len(data) - 7]))
+        else:
+            target.unlink()
+        with pytest.raises(ck.CorruptArtifactError, match=str(target)):
+            ck.load(compact_dir)
+        capsys.readouterr()
+        assert cli.main(["eval", str(compact_dir)]) == cli.EXIT_USAGE
+        assert str(target) in _one_line(capsys)
+        target.write_bytes(bytes(data))
+    ck.load(compact_dir)  # restored: loads again
 
 
 def test_the_first_ctrl_c_during_compaction_is_not_called_a_second_one(run2, tmp_path, capsys,
