@@ -97,6 +97,16 @@ def test_own_model_end_to_end_on_the_command_line(tmp_path, capsys, model, resid
     assert rec["compact"]["params"] < rec["dense"]["params"]
     assert all(w <= 8 for w in rec["widths"].values()) and min(rec["widths"].values()) < 8
 
+    # `prune`: a new run that starts from this run's weights (one epoch of SFP on top)
+    pruned = tmp_path / "pruned"
+    r = _cli(["prune", str(work), "--config", str(cfg), "--workdir", str(pruned), "--no-progress",
+              "--config.epochs=1"], env, tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    prec = json.loads((pruned / "result.json").read_text())
+    assert prec["model"] == model and prec["masked_accuracy"] == prec["compact_accuracy"]
+    start = json.loads((pruned / "start.json").read_text())
+    assert abs(start["pretrained_accuracy"] - rec["compact_accuracy"]) < 0.05
+
     # the other commands in this process (own_models is importable here too)
     from jaxprune import cli
 
@@ -111,7 +121,8 @@ def test_own_model_end_to_end_on_the_command_line(tmp_path, capsys, model, resid
     assert cli.main(["info", model]) == 0
     assert "prunable groups" in capsys.readouterr().out
     assert cli.main(["report", "--records", str(tmp_path)]) == 0
-    assert "| `run` |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| `run` |" in out and "| `pruned` |" in out
 
     # the compact model loads and runs without the model's code (no own_models on the path)
     ds = data_lib.load_digits_dataset(image_size=8)
