@@ -169,7 +169,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
 
     grads, (ce, penalty, pen_metrics, logits, new_bs) = jax.grad(loss_fn, has_aux=True)(state.params)
     masking = mask_hard and graph is not None and bool(state.hard)
-    if masking:  # the one hard-masking path: gradients, updates and moments of hard channels
+    if masking:  # the one hard-masking path: updates and moments of hard channels
         tx = hard_masked(optimizer, graph, mask_gradients=False)  # element-wise SGD: same result
         updates, masked = tx.update(grads, HardMaskedState(state.opt_state), state.params,
                                     masks=state.hard)
