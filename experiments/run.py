@@ -69,6 +69,7 @@ if str(REPO) not in sys.path:  # `python experiments/run.py` from a checkout wit
 import ml_collections  # noqa: E402
 
 from jaxprune import config as config_lib  # noqa: E402
+from jaxprune.training import Preempted  # noqa: E402
 
 CONFIG_DIR = REPO / "jaxprune" / "configs"
 DEFAULT_RUNS = "experiments/runs"
@@ -413,6 +414,10 @@ def run_jobs(jobs: Sequence[Job], opts: Options, stop_after: float | None = None
             print(f"=== {job.row} seed {job.seed} [{job.schedule}] -> {job.workdir}", flush=True)
             try:
                 status[key] = execute(job, opts, data)[0]
+            except Preempted as e:  # SIGTERM / Ctrl-C: a checkpoint is saved; stop every row
+                status[key] = str(e)  # "stopped by SIGTERM at ..."
+                print(f"--- {job.row} seed {job.seed}: {status[key]}", flush=True)
+                break
             except Exception as e:  # noqa: BLE001 - reported, the other rows go on
                 traceback.print_exc()
                 status[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -515,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"records in {opts.records_dir}; report (printed): jaxprune report --records "
           f"{opts.records_dir}" + (f" [--out {opts.records_dir / 'REPORT.md'}]" if opts.tiny else
                                    " [--all-rows --out RESULTS.md --plots experiments/plots]"))
+    if any(s.startswith("stopped") for s in status.values()):
+        return 4  # as the CLI: stopped by a signal with a checkpoint saved; rerun to resume
     return 1 if failed else 0
 
 

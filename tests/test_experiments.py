@@ -219,6 +219,28 @@ def test_plan_runs_dependencies_first_and_points_pretrained_at_them(tmp_path):
         ("dense_resnet56_cifar10", True, 64), ("pfec_resnet56_cifar10_A", True, 64)]
 
 
+def test_a_preempted_run_stops_the_runner_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM inside a run (training.Preempted, its checkpoint saved) stops the runner: one
+    line, no traceback, no later run started."""
+    from jaxprune.training import Preempted
+
+    jobs = runner.plan(["sfp_resnet20_cifar10", "sfp_resnet32_cifar10"], _opts(tmp_path, tiny=True),
+                       seeds=1)
+    started = []
+
+    def execute(job, opts, data):
+        started.append(job.row)
+        raise Preempted("stopped by SIGTERM at epoch 1, step 3; a checkpoint of epoch 1, step 3 "
+                        "was saved; rerun the same command to resume")
+
+    monkeypatch.setattr(runner, "execute", execute)
+    status = runner.run_jobs(jobs, _opts(tmp_path, tiny=True))
+    assert started == ["sfp_resnet20_cifar10"]
+    assert list(status.values()) == ["stopped by SIGTERM at epoch 1, step 3; a checkpoint of epoch 1, "
+                                     "step 3 was saved; rerun the same command to resume"]
+    assert "Traceback" not in capsys.readouterr().out
+
+
 def test_overrides_reach_dependencies_only_for_environment_keys(tmp_path):
     jobs = runner.plan(["sfp_resnet56_cifar10_pretrained"],
                        _opts(tmp_path, overrides=("data_dir=/x", "batch_size=64")), only_seed=0)
