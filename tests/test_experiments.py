@@ -109,7 +109,8 @@ def test_load_config_works_from_any_directory(tmp_path, monkeypatch):
     cfg = config_lib.load_config(str(CONFIGS / "pfec_resnet56_cifar10_A.py"))
     assert cfg.method.kwargs.config == "resnet56-A"
     assert cfg.pretrained == "experiments/runs/dense_resnet56_cifar10/seed0"
-    assert Path(sys.modules["common"].__file__).resolve() == CONFIGS / "common.py"
+    assert Path(sys.modules["jaxprune.configs.common"].__file__).resolve() == CONFIGS / "common.py"
+    assert "common" not in sys.modules  # no top-level module named `common` is imported
 
 
 def test_overrides_apply_to_row_configs():

@@ -8,13 +8,7 @@ author's code: LR 0.1 from the first epoch, Cutout; `common.asfp_control`): ASFP
 rate P_t = P (1 - (1 - t/T)^3) (full P from 0.95 T), L2, every conv, residual 'scatter'. 3 seeds.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

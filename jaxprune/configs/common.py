@@ -1,18 +1,8 @@
 """Shared pieces of the experiment configs: the recipes of ../shared/docs/methods.md and the
 ``config.paper`` block. Not a row itself (the runner and the report skip this file).
 
-Every row file in this folder starts with::
-
-    import sys
-    from pathlib import Path
-
-    _HERE = str(Path(__file__).resolve().parent)
-    if _HERE not in sys.path:
-        sys.path.insert(0, _HERE)
-    import common  # noqa: E402  (this file)
-
-so that it imports this module however it is loaded (``jaxprune.config.load_config`` imports a
-config file by path, without a package, as do the runner, the report and the CLI).
+Every row file imports it as ``from jaxprune.configs import common`` (a config file loaded by
+path, as ``jaxprune.config.load_config`` does, still finds it: it is part of the package).
 
 Conventions shared by all rows:
 

@@ -11,13 +11,7 @@ seeds; seed 0 is the pretrained model of the rows that start from one. CIFAR-100
 mean (129.3, 124.1, 112.4)/255, std (68.2, 65.4, 70.4)/255.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

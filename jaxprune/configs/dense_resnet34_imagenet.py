@@ -10,13 +10,7 @@ Recipe (methods.md section 2, `common.imagenet`): 100 epochs, batch 256, LR 0.1 
 epochs, weight decay 1e-4, momentum 0.9, random-resized-crop 224 + flip. One seed.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

@@ -9,13 +9,7 @@ batch 128, SGD Nesterov 0.9, wd 5e-4, LR 0.01 for epoch 1 then 0.1, x0.2 at 60/1
 seeds; seed 0 is the pretrained model of the rows that start from one.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

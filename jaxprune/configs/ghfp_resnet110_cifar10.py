@@ -17,13 +17,7 @@ end); int(N P_t h) hard filters per layer; the first selection already uses the 
 values. The SFP control keeps the SFP paper recipe (no Cutout, one warm-up epoch). 3 seeds.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

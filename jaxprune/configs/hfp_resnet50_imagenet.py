@@ -13,13 +13,7 @@ fixed (our choice; methods.md 5 asks for fine-tuning, the paper's schedule was n
 compaction. One seed.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

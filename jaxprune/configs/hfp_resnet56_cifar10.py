@@ -15,13 +15,7 @@ end of training, then 20 epochs of fine-tuning at the constant LR 0.001 with the
 (methods.md 5 asks for fine-tuning; its schedule is our choice), then compaction. 3 seeds.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

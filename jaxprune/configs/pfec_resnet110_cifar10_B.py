@@ -15,13 +15,7 @@ policy 'scatter', as the baseline (the groups of the pruned first convs are the 
 policies). 3 seeds (the retraining varies; the pretrained model is the same).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

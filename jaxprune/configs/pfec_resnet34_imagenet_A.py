@@ -12,13 +12,7 @@ norm (named config 'resnet34-A', independent selection), retrain 20 epochs at a 
 (needed by ResNet-34-C's shared indices; the baseline uses it too). One seed.
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

@@ -15,13 +15,7 @@ SGD momentum 0.9 without Nesterov, wd 1e-4, the CIFAR augmentation). Residual po
 retraining varies; the pretrained model is the same).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

@@ -13,13 +13,7 @@ control of the GHFP comparison on CIFAR-10 when the rate matches (ResNet-56 40%,
 30%).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

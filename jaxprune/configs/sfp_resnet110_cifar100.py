@@ -12,13 +12,7 @@ epoch; residual policy 'scatter' (SFP's small model). CIFAR-100 normalisation me
 sfp_resnet110_cifar10 itself, which has exactly this recipe.)
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

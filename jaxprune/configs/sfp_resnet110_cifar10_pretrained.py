@@ -14,13 +14,7 @@ for the first epoch, then 0.01, x0.2 at epochs 60/120/160; 200 epochs, batch 128
 (every seed starts from the same trained model).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

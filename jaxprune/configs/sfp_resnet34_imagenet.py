@@ -10,13 +10,7 @@ residual policy 'scatter'. One seed (ImageNet). Data set name imagenet2012 (TFDS
 copy in $JAXPRUNE_DATA_DIR or TFDS's data dir).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():

@@ -15,13 +15,7 @@ runs it: 200 epochs, batch 128, SGD Nesterov 0.9, wd 5e-4, LR 0.001 for the firs
 'scatter'. 3 seeds (every seed starts from the same trained model).
 """
 
-import sys
-from pathlib import Path
-
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-import common  # noqa: E402  (jaxprune/configs/common.py)
+from jaxprune.configs import common
 
 
 def get_config():
