@@ -1,27 +1,23 @@
-"""Checkpoints: resumable training checkpoints and compact-model files, both with Orbax.
+"""Training checkpoints: resumable, validated, with Orbax.
 
-Training checkpoints (`make_checkpoint_manager`, `save_checkpoint`, `restore_checkpoint`): an
+`make_checkpoint_manager`, `save_checkpoint`, `restore_checkpoint`: an
 ``orbax.checkpoint.CheckpointManager`` whose every step holds two items, ``state`` (the
 `TrainState` pytree, ``StandardSave``) and ``meta`` (JSON: epoch, the epoch to resume at,
 metrics, the run's history, config and method name). The Orbax step number is the number of
 finished epochs. Orbax writes each step into a temporary directory and renames it into place
 only once everything is on disk, so a process killed during a save leaves the previous step as
 the latest one (the stale temporary directory is ignored, and removed when the next manager
-opens the folder).
+opens the folder). A mid-epoch checkpoint of a preempted run lives in ``preempt/``
+(`save_preempt`, `load_preempt`).
 
-Compact models (`save_compact`, `load`): one directory with the variables of a physically
-smaller model (``StandardSave``) and a JSON document holding ``model_config(model)``, the input
-shape and the caller's metadata; `load` rebuilds the model from the JSON alone.
-
-Every restore is validated against a target of the expected shapes BEFORE reading the arrays:
-a missing or unexpected leaf, or a leaf whose stored shape differs from the target's, raises
-ValueError naming the leaf path and both shapes. Nothing is ever padded or truncated.
+Every restore is validated against a target of the expected shapes BEFORE reading the arrays
+(`jaxprune.tree_io.check_shapes`): a missing or unexpected leaf, or a leaf whose stored shape
+differs from the target's, raises ValueError naming the leaf path and both shapes. Nothing is
+ever padded or truncated. The compact-model file format is `jaxprune.artifact`.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import math
 import os
@@ -31,119 +27,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.export  # noqa: F401  (jax < 0.8 does not import the submodule by itself)
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune.graph import leaf_paths
-from jaxprune.models.common import CARRY
+from jaxprune.tree_io import abstract_target, check_shapes, jsonable
 
 STATE_ITEM = "state"
 META_ITEM = "meta"
-COMPACT_FORMAT = "jaxprune.compact"
-COMPACT_VERSION = 3  # 2: the 'carry' collection (constants of removed channels); 3: CHECKSUMS.json
-CHECKSUMS = "CHECKSUMS.json"  # SHA-256 of every other file of a compact model (version >= 3)
 
 
-class CorruptArtifactError(ValueError):
-    """A saved compact model that is damaged or malformed: a file that does not match its
-    checksum, is missing, or cannot be read. The message names the file."""
-
-
-def _file_digests(root: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file below ``root`` except ``CHECKSUMS``."""
-    out = {}
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS):
-        with open(f, "rb") as fh:
-            out[f.relative_to(root).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return out
-
-
-def verify_checksums(path: str | os.PathLike) -> None:
-    """Raises `CorruptArtifactError` naming the first file of the compact model at ``path``
-    that is missing or does not match the SHA-256 recorded in its ``CHECKSUMS.json``."""
-    path = Path(path)
-    try:
-        recorded = json.loads((path / CHECKSUMS).read_text())["sha256"]
-    except FileNotFoundError:
-        raise CorruptArtifactError(f"compact model {path}: {CHECKSUMS} is missing") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CorruptArtifactError(f"compact model {path}: {path / CHECKSUMS} is unreadable "
-                                   f"({type(e).__name__})") from None
-    actual = _file_digests(path)
-    for rel, digest in recorded.items():
-        if rel not in actual:
-            raise CorruptArtifactError(f"compact model {path}: {path / rel} is missing")
-        if actual[rel] != digest:
-            raise CorruptArtifactError(f"compact model {path}: {path / rel} does not match its "
-                                       "checksum (damaged or edited)")
-_VARIABLES_ITEM = "variables"
-_MODEL_ITEM = "model"
-
-
-# --------------------------------------------------------------------------------------------
-# Shared helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON-safe copy of ``value``: numpy/JAX scalars and arrays become Python numbers/lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        return v if math.isfinite(v) else str(v)
-    if isinstance(value, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(value).tolist())
-    if isinstance(value, np.bool_):
-        return bool(value)
-    raise TypeError(f"cannot store {type(value).__name__} {value!r} in checkpoint metadata (JSON)")
-
-
-def _shape(leaf: Any) -> tuple[int, ...] | None:
-    shape = getattr(leaf, "shape", None)
-    return None if shape is None else tuple(int(d) for d in shape)
-
-
-def check_shapes(stored: Any, target: Any, what: str = "checkpoint") -> None:
-    """Raises ValueError unless ``stored`` (a metadata or array tree) matches ``target`` leaf for
-    leaf: same leaf paths, same shapes. The message names the path and both shapes."""
-    stored_leaves = dict(zip(("/".join(p) for p in leaf_paths(stored)), jax.tree.leaves(stored)))
-    target_leaves = dict(zip(("/".join(p) for p in leaf_paths(target)), jax.tree.leaves(target)))
-    missing = [p for p in target_leaves if p not in stored_leaves]
-    extra = [p for p in stored_leaves if p not in target_leaves]
-    if missing or extra:
-        raise ValueError(f"{what} does not match the expected structure: leaves missing from the "
-                         f"{what}: {missing[:8]}{' ...' if len(missing) > 8 else ''}; unexpected "
-                         f"leaves in the {what}: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-    bad = [f"leaf {path!r} has shape {_shape(stored_leaves[path])} on disk but the target "
-           f"expects {_shape(want)}"
-           for path, want in target_leaves.items() if _shape(stored_leaves[path]) != _shape(want)]
-    if bad:
-        more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-        raise ValueError(f"{what} does not match the target shapes (refusing to pad or truncate): "
-                         + "; ".join(bad[:8]) + more)
-
-
-def _abstract(target: Any, sharding: Any = None) -> Any:
-    """``ShapeDtypeStruct`` tree of ``target`` with ``sharding`` (default: the leaf's own, or
-    the first local device)."""
-    default = SingleDeviceSharding(jax.local_devices()[0])
-
-    def one(x):
-        shard = sharding or getattr(x, "sharding", None) or default
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=shard)
-
-    return jax.tree.map(one, target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,7 +99,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: Any, *, epoch: int,
     ``metrics``, ``history``, ``config`` and ``method``; ``metrics`` also drive the best-checkpoint
     bookkeeping. Returns whether Orbax saved.
     """
-    meta = _jsonable({
+    meta = jsonable({
         "epoch": int(epoch),
         "next_epoch": int(epoch) + 1,
         "step": int(jax.device_get(state.step)) if hasattr(state, "step") else None,
@@ -246,7 +141,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
                  what=f"checkpoint {manager.directory}/{step}")
     sharding = NamedSharding(mesh, P()) if mesh is not None else None
     restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(_abstract(target, sharding)),
+        STATE_ITEM: ocp.args.StandardRestore(abstract_target(target, sharding)),
         META_ITEM: ocp.args.JsonRestore(),
     }))
     return restored[STATE_ITEM], dict(restored[META_ITEM])
@@ -388,7 +283,7 @@ def save_preempt(directory: str | os.PathLike, state: Any, meta: Mapping[str, An
         ckptr.save(tmp / "state", jax.device_get(state))
         ckptr.wait_until_finished()
         ckptr.close()
-        (tmp / "meta.json").write_text(json.dumps(_jsonable(dict(meta))))
+        (tmp / "meta.json").write_text(json.dumps(jsonable(dict(meta))))
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -421,7 +316,7 @@ def load_preempt(directory: str | os.PathLike, target: Any, *,
             raise FileNotFoundError(f"preempted checkpoint {path} has no array metadata "
                                     "(state/_METADATA is missing or empty)")
         check_shapes(getattr(stored, "tree", stored), target, what=f"preempted checkpoint {path}")
-        state = ckptr.restore(path / "state", _abstract(target))
+        state = ckptr.restore(path / "state", abstract_target(target))
     finally:
         ckptr.close()
     rs, per_step, history = meta.get("resume_step"), meta.get("step_metrics"), meta.get("history")
@@ -472,193 +367,10 @@ def _set_aside(directory: Path, step: int) -> None:
     os.rename(src, directory / f"corrupt-{step}-{n}")
 
 
-# --------------------------------------------------------------------------------------------
-# Compact models
-# --------------------------------------------------------------------------------------------
-
-
-def abstract_variables(model: Any, input_shape: tuple[int, ...], dtype: Any = jnp.float32) -> Any:
-    """``ShapeDtypeStruct`` tree of ``model.init``'s variables for per-example ``input_shape``."""
-    import inspect
-
-    kwargs = {"train": False} if "train" in inspect.signature(model.__call__).parameters else {}
-    x = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape), dtype)
-    return jax.eval_shape(functools.partial(model.init, **kwargs), jax.random.PRNGKey(0), x)
-
-
-def _compact_checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{
-        _VARIABLES_ITEM: ocp.StandardCheckpointHandler(),
-        _MODEL_ITEM: ocp.JsonCheckpointHandler(),
-    }))
-
-
-# model class of a saved `ProgramModel`: its jax.export artifact
-EXPORTED_CLASS = "jax.export"
-
-
-def save_compact(path: str | os.PathLike, model: Any, variables: Any, meta: Mapping[str, Any],
-                 *, input_shape: tuple[int, ...] | None = None, overwrite: bool = False,
-                 batch_size: int = 1) -> Path:
-    """Saves a compact model (``compaction.compact``'s model and variables) to directory ``path``.
-
-    The JSON document holds ``model_config(model)`` (class, keep_out, keep_in, fields), the
-    per-example ``input_shape`` (HWC; taken from ``meta['input_shape']`` when not given) and
-    ``meta`` (method, MACs and params in both conventions, keep indices, ... anything
-    JSON-safe). The variables are checked against the shapes the model expects before anything
-    is written. Atomic: everything is written to a temporary sibling directory that is renamed
-    to ``path`` at the end, so a failure leaves nothing half-written; an existing ``path``
-    raises FileExistsError unless ``overwrite``. Single-process (call it from one process).
-    Returns the absolute path.
-
-    A `jaxprune.compaction.ProgramModel` (a compacted model of the user's own) is saved
-    as its ``jax.export`` artifact at ``batch_size`` (serialized into the JSON document), so
-    that `load` restores it without the model's Python code (as an ``ExportedModel``).
-    """
-    from jaxprune.compaction import ProgramModel
-    from jaxprune.models import model_config
-
-    path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if input_shape is None:
-        input_shape = meta.get("input_shape")
-    if input_shape is None:
-        raise ValueError("save_compact needs input_shape= (per-example HWC shape, e.g. (32, 32, 3)) "
-                         "or meta['input_shape']")
-    input_shape = tuple(int(d) for d in input_shape)
-    if isinstance(model, ProgramModel):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        import base64
-
-        x = jax.ShapeDtypeStruct((batch_size,) + input_shape, jnp.float32)
-        check_shapes(variables, model.program((x,), {}).small_specs, what="variables")
-        exported = model.export(variables, x)
-        cfg = {"class": EXPORTED_CLASS, "batch_size": batch_size,
-               "exported": base64.b64encode(exported.serialize()).decode("ascii")}
-    else:
-        cfg = model_config(model)
-    variables = jax.device_get(dict(variables))
-    carry = variables.get(CARRY, {})
-    if not isinstance(model, ProgramModel):
-        check_shapes({k: v for k, v in variables.items() if k != CARRY},
-                     abstract_variables(model, input_shape), what="variables")
-    doc = {
-        "format": COMPACT_FORMAT,
-        "version": COMPACT_VERSION,
-        "model": cfg,
-        "input_shape": list(input_shape),
-        "meta": _jsonable(dict(meta)),
-        # shapes of the carried constants (compact(..., keep_constants=True)); not from init
-        "carry": {"/".join(p): list(np.shape(v)) for p, v in zip(leaf_paths(carry), jax.tree.leaves(carry))},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in list(path.parent.glob(f".{path.name}.tmp-*")) + list(path.parent.glob(f".{path.name}.old-*")):
-        # left by an interrupted save (a kill between write and rename); never the live model
-        if stale.name.startswith(f".{path.name}.old-") and not path.exists():
-            os.rename(stale, path)  # the kill came between the two renames: restore the model
-        else:
-            shutil.rmtree(stale, ignore_errors=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    old = path.parent / f".{path.name}.old-{tag}"
-    try:
-        ckptr = _compact_checkpointer()
-        ckptr.save(tmp, args=ocp.args.Composite(**{
-            _VARIABLES_ITEM: ocp.args.StandardSave(variables),
-            _MODEL_ITEM: ocp.args.JsonSave(doc),
-        }))
-        ckptr.close()
-        (tmp / CHECKSUMS).write_text(json.dumps({"sha256": _file_digests(tmp)}, indent=1))
-        if path.exists():
-            os.rename(path, old)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not path.exists():
-            os.rename(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def load(path: str | os.PathLike) -> tuple[Any, Any, dict]:
-    """Loads a `save_compact` directory: ``(model, variables, meta)`` (``model`` is an
-    ``ExportedModel`` for a saved `~jaxprune.compaction.ProgramModel`).
-
-    The model is rebuilt from the stored config (``jaxprune.models.model_from_config``), the
-    expected variable shapes come from ``jax.eval_shape(model.init, ...)`` and the stored arrays
-    are checked against them (ValueError naming the leaf and both shapes) before they are read.
-    """
-    from jaxprune.models import model_from_config
-
-    path = Path(path).absolute()
-    if not path.is_dir():
-        raise FileNotFoundError(f"no compact model at {path}")
-    if not (path / _MODEL_ITEM).is_dir() or not (path / _VARIABLES_ITEM).is_dir():
-        raise FileNotFoundError(f"{path} is not a jaxprune compact model (no '{_MODEL_ITEM}' and "
-                                f"'{_VARIABLES_ITEM}' items)")
-    if (path / CHECKSUMS).is_file():
-        verify_checksums(path)
-    ckptr = _compact_checkpointer()
-    try:
-        doc = ckptr.restore(path, args=ocp.args.Composite(
-            **{_MODEL_ITEM: ocp.args.JsonRestore()}))[_MODEL_ITEM]
-    except Exception as e:  # noqa: BLE001 - garbage or truncated JSON
-        raise CorruptArtifactError(f"compact model {path}: its '{_MODEL_ITEM}' document is unreadable "
-                         f"({type(e).__name__}: {first_line(e)})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("model"), dict):
-        raise CorruptArtifactError(f"compact model {path}: its '{_MODEL_ITEM}' document holds no model config")
-    if doc.get("format") != COMPACT_FORMAT:
-        raise CorruptArtifactError(f"{path} has format {doc.get('format')!r}, expected {COMPACT_FORMAT!r}")
-    if int(doc.get("version", -1)) > COMPACT_VERSION:
-        raise ValueError(f"{path} has format version {doc.get('version')}; this jaxprune reads "
-                         f"up to {COMPACT_VERSION}")
-    if int(doc.get("version", -1)) >= 3 and not (path / CHECKSUMS).is_file():
-        raise CorruptArtifactError(f"compact model {path}: {CHECKSUMS} is missing")
-    if doc["model"].get("class") == EXPORTED_CLASS:
-        import base64
-
-        from jaxprune.compaction import ExportedModel
-
-        model = ExportedModel(jax.export.deserialize(base64.b64decode(doc["model"]["exported"])),
-                              int(doc["model"]["batch_size"]))
-        target = model.variable_specs()
-    else:
-        model = model_from_config(doc["model"])
-        target = abstract_variables(model, tuple(doc["input_shape"]))
-    if doc.get("carry"):
-        from flax.traverse_util import unflatten_dict
-
-        target = {**target, CARRY: unflatten_dict({tuple(k.split("/")): jax.ShapeDtypeStruct(tuple(v), jnp.float32)
-                                                   for k, v in doc["carry"].items()})}
-    try:
-        stored = ckptr.metadata(path).item_metadata[_VARIABLES_ITEM]
-    except Exception as e:  # noqa: BLE001
-        raise CorruptArtifactError(f"compact model {path}: the metadata of its variables is unreadable "
-                         f"({type(e).__name__}: {first_line(e)})") from None
-    if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
-        raise CorruptArtifactError(f"compact model {path}: its variables have no array metadata "
-                         f"({_VARIABLES_ITEM}/_METADATA is missing or empty)")
-    check_shapes(getattr(stored, "tree", stored), target, what=f"compact model {path}")
-    try:
-        variables = ckptr.restore(path, args=ocp.args.Composite(**{
-            _VARIABLES_ITEM: ocp.args.StandardRestore(_abstract(target))}))[_VARIABLES_ITEM]
-    except Exception as e:  # noqa: BLE001 - truncated / garbage array files
-        raise CorruptArtifactError(f"compact model {path}: its variables are unreadable "
-                         f"({type(e).__name__}: {first_line(e)})") from None
-    finally:
-        ckptr.close()
-    meta = dict(doc.get("meta", {}))
-    meta.setdefault("input_shape", list(doc["input_shape"]))
-    return model, variables, meta
-
 
 __all__ = [
     "STATE_ITEM",
     "META_ITEM",
-    "check_shapes",
     "make_checkpoint_manager",
     "save_checkpoint",
     "restore_checkpoint",
@@ -670,11 +382,7 @@ __all__ = [
     "CorruptCheckpointError",
     "BadWeightsError",
     "check_weights",
+    "first_line",
     "read_step_meta",
     "recorded_config",
-    "abstract_variables",
-    "save_compact",
-    "load",
-    "CorruptArtifactError",
-    "verify_checksums",
 ]

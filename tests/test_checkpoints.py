@@ -1,5 +1,5 @@
 """Checkpoints: round trips, retention, strict shape validation, a process killed mid-save,
-and the compact-model file format (save_compact / jaxprune.load)."""
+and the compact-model file format (`jaxprune.artifact`: save_compact / jaxprune.load)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import jaxprune
+from jaxprune import artifact as art
 from jaxprune import checkpoints as ck
 from jaxprune import optim, train_step
 
@@ -90,7 +91,8 @@ _KILL_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, sys.argv[1])
     import orbax.checkpoint as ocp
     from tests.test_checkpoints import small_state
-    from jaxprune import checkpoints as ck
+    from jaxprune import artifact as art
+from jaxprune import checkpoints as ck
 
     directory, marker = Path(sys.argv[2]), Path(sys.argv[3])
     mgr = ck.make_checkpoint_manager(directory)
@@ -177,7 +179,7 @@ def test_save_compact_load_round_trip(tmp_path, compact_resnet):
     result, x = compact_resnet
     meta = {"method": "sfp", "macs": np.int64(123456), "params": {"with_fc": 1000, "conv_only": 900},
             "keep_out": {k: list(v) for k, v in result.keep_out.items()}}
-    path = ck.save_compact(tmp_path / "model", result.model, result.variables, meta, input_shape=(8, 8, 3))
+    path = art.save_compact(tmp_path / "model", result.model, result.variables, meta, input_shape=(8, 8, 3))
     model, variables, got_meta = jaxprune.load(path)
     assert model == result.model and model_config(model) == model_config(result.model)
     assert got_meta == {**json.loads(json.dumps({**meta, "macs": 123456})), "input_shape": [8, 8, 3]}
@@ -190,9 +192,9 @@ def test_save_compact_load_round_trip(tmp_path, compact_resnet):
 def test_save_compact_refuses_overwrite_and_is_atomic(tmp_path, compact_resnet, monkeypatch):
     result, _ = compact_resnet
     path = tmp_path / "model"
-    ck.save_compact(path, result.model, result.variables, {"version": "old"}, input_shape=(8, 8, 3))
+    art.save_compact(path, result.model, result.variables, {"version": "old"}, input_shape=(8, 8, 3))
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        ck.save_compact(path, result.model, result.variables, {}, input_shape=(8, 8, 3))
+        art.save_compact(path, result.model, result.variables, {}, input_shape=(8, 8, 3))
 
     real_rename = os.rename
     failed = []
@@ -207,22 +209,22 @@ def test_save_compact_refuses_overwrite_and_is_atomic(tmp_path, compact_resnet, 
 
     monkeypatch.setattr(ck.os, "rename", failing_rename)
     with pytest.raises(OSError, match="simulated"):
-        ck.save_compact(path, result.model, result.variables, {"version": "new"},
+        art.save_compact(path, result.model, result.variables, {"version": "new"},
                         input_shape=(8, 8, 3), overwrite=True)
     with pytest.raises(OSError, match="simulated"):
-        ck.save_compact(tmp_path / "other", result.model, result.variables, {}, input_shape=(8, 8, 3))
+        art.save_compact(tmp_path / "other", result.model, result.variables, {}, input_shape=(8, 8, 3))
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # nothing half-written
     assert jaxprune.load(path)[2]["version"] == "old"  # the old model is intact
 
-    ck.save_compact(path, result.model, result.variables, {"version": "new"}, input_shape=(8, 8, 3),
+    art.save_compact(path, result.model, result.variables, {"version": "new"}, input_shape=(8, 8, 3),
                     overwrite=True)
     assert jaxprune.load(path)[2]["version"] == "new"
     # variables that do not fit the model are refused before anything is written
     bad = jax.tree.map(lambda a: a, jax.device_get(result.variables))
     bad["params"]["fc"]["bias"] = np.zeros(11, np.float32)
     with pytest.raises(ValueError, match=r"'params/fc/bias' has shape \(11,\)"):
-        ck.save_compact(tmp_path / "bad", result.model, bad, {}, input_shape=(8, 8, 3))
+        art.save_compact(tmp_path / "bad", result.model, bad, {}, input_shape=(8, 8, 3))
     assert not (tmp_path / "bad").exists()
 
 
@@ -230,14 +232,14 @@ def test_load_validates_path_and_shapes(tmp_path, compact_resnet):
     result, _ = compact_resnet
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         jaxprune.load(tmp_path / "nowhere")
-    path = ck.save_compact(tmp_path / "model", result.model, result.variables, {}, input_shape=(8, 8, 3))
+    path = art.save_compact(tmp_path / "model", result.model, result.variables, {}, input_shape=(8, 8, 3))
     # tamper with the stored config: the stem now claims one filter fewer than was saved
     doc_file = path / "model" / "metadata"
     doc = json.loads(doc_file.read_text())
     stem = doc["model"]["keep_out"].get("stem", list(range(16)))
     doc["model"]["keep_out"]["stem"] = stem[:-1]
     doc_file.write_text(json.dumps(doc))
-    with pytest.raises(ck.CorruptArtifactError, match=rf"{doc_file} does not match its checksum"):
+    with pytest.raises(art.CorruptArtifactError, match=rf"{doc_file} does not match its checksum"):
         jaxprune.load(path)
     # the same edit with its checksums recorded again: the shapes are still checked
     sums = {f.relative_to(path).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 from jaxprune import criteria, load
-from jaxprune.checkpoints import save_compact
+from jaxprune.artifact import save_compact
 from jaxprune.compaction import compact
 from jaxprune.graph import leaf_paths, trace_linen
 from jaxprune.masks import apply_masks

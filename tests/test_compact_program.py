@@ -255,7 +255,7 @@ def test_export_and_save_load_round_trip(se_compact, tmp_path):
     import jax.export
 
     from jaxprune import load
-    from jaxprune.checkpoints import save_compact
+    from jaxprune.artifact import save_compact
 
     model, variables, x, graph, res, masks = se_compact
     want = res.model.apply(res.variables, x)

@@ -288,7 +288,7 @@ def test_keep_constants_refuses_what_it_cannot_carry():
 
 def test_carried_constants_survive_save_and_load(tmp_path):
     import jaxprune
-    from jaxprune.checkpoints import save_compact
+    from jaxprune.artifact import save_compact
 
     model, variables, x, forward = _setup("resnet20")
     g = trace_linen(model, variables, x, residual="scatter")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config_source
+from jaxprune import artifact as art
 from jaxprune import checkpoints as ck
 from jaxprune import cli, optim, selection
 from jaxprune.masks import check_hard_masks
@@ -84,7 +85,7 @@ def test_compact_falling_back_never_overwrites_the_later_steps_results(run2, tmp
     assert _hashes(work, ("compact", "result.json")) == before  # the final step's results kept
     rec = json.loads((work / "result-step1.json").read_text())
     assert rec["from_state"]["checkpoint_step"] == 1 and rec["from_state"]["newest_step"] == 2
-    ck.load(work / "compact-step1")
+    art.load(work / "compact-step1")
     assert (work / "checkpoints" / "2").is_dir()  # read-only: the damaged step is not moved
 
 
@@ -372,8 +373,8 @@ def nan_model_dir(run2, tmp_path_factory):
     model = get_model("resnet20", num_classes=10)
     variables = jax.tree.map(np.array, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
     variables["params"]["stem"]["kernel"][0, 0, 0, 0] = np.nan
-    ck.save_compact(d / "compact", model, variables,
-                    {"input_shape": [8, 8, 3], "dataset": "digits", "test_subset": 64})
+    art.save_compact(d / "compact", model, variables,
+                     {"input_shape": [8, 8, 3], "dataset": "digits", "test_subset": 64})
     return d
 
 
@@ -490,7 +491,7 @@ def test_compact_model_files_are_checksummed_and_verified_at_load(run2, tmp_path
     assert recorded and all((compact_dir / rel).is_file() for rel in recorded)
     assert set(recorded) == {p.relative_to(compact_dir).as_posix() for p in compact_dir.rglob("*")
                              if p.is_file() and p.name != "CHECKSUMS.json"}
-    ck.load(compact_dir)  # intact: loads
+    art.load(compact_dir)  # intact: loads
     target = max((compact_dir / rel for rel in recorded), key=lambda p: p.stat().st_size)
     data = bytearray(target.read_bytes())
     for damage in ("flip", "cut", "missing"):
@@ -502,13 +503,13 @@ def test_compact_model_files_are_checksummed_and_verified_at_load(run2, tmp_path
             target.write_bytes(bytes(data[: len(data) - 7]))
         else:
             target.unlink()
-        with pytest.raises(ck.CorruptArtifactError, match=str(target)):
-            ck.load(compact_dir)
+        with pytest.raises(art.CorruptArtifactError, match=str(target)):
+            art.load(compact_dir)
         capsys.readouterr()
         assert cli.main(["eval", str(compact_dir)]) == cli.EXIT_USAGE
         assert str(target) in _one_line(capsys)
         target.write_bytes(bytes(data))
-    ck.load(compact_dir)  # restored: loads again
+    art.load(compact_dir)  # restored: loads again
 
 
 def test_the_first_ctrl_c_during_compaction_is_not_called_a_second_one(run2, tmp_path, capsys,

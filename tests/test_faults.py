@@ -250,7 +250,7 @@ def test_metrics_are_rebuilt_from_the_checkpoint_on_resume(tmp_path):
 
 
 def test_a_stale_temporary_compact_dir_is_cleaned_up(tmp_path):
-    from jaxprune.checkpoints import load, save_compact
+    from jaxprune.artifact import load, save_compact
 
     model = get_model("resnet20")
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

@@ -131,7 +131,7 @@ def test_cli_import_writes_a_trained_model_dir_and_refuses_a_used_one(tmp_path, 
     assert cfg["model"] == "resnet20" and cfg["mean"] == [0.485, 0.456, 0.406]
     prov = json.loads((out / "import.json").read_text())
     assert len(prov["sha256"]) == 64 and prov["source"].endswith("r20.npz")
-    from jaxprune.checkpoints import load
+    from jaxprune.artifact import load
 
     model, v, meta = load(out / "compact")
     assert meta["mean"] == [0.485, 0.456, 0.406] and not model.keep_out
