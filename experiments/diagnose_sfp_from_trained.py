@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import augment as augment_lib
-from jaxprune import evaluation, experiment, train_step
+from jaxprune import evaluation, experiment, factories, pretrained, train_step
 from jaxprune.models.common import BN_MOMENTUM
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "sfp_resnet20_cifar10.py"
@@ -50,7 +50,7 @@ def _config(pretrained: str, test_images: int, lr: float):
     c.pretrained, c.epochs, c.test_subset = pretrained, 6, test_images
     c.optimizer.boundaries, c.optimizer.warmup_epochs = (1.8, 3.6, 4.8), 0.03
     c.optimizer.base_lr, c.optimizer.warmup_lr = lr, lr / 10
-    return experiment.with_pretrained_normalization(c)
+    return pretrained.with_pretrained_normalization(c)
 
 
 def recalibrated(model, variables, images, preprocess, rng, batches: int, batch_size: int = 256):
@@ -85,8 +85,8 @@ def main(argv=None) -> int:
     fresh = lambda: experiment._initial_params(s, train_step.create_train_state(  # noqa: E731
         s.model, s.graph, jax.random.PRNGKey(0), x0, s.optimizer))
     pre = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
-    test_x, test_y = experiment._test_set(ds)
-    (train_x, train_y), _ = experiment._fit_sets(ds)
+    test_x, test_y = factories.test_set(ds)
+    (train_x, train_y), _ = factories.fit_sets(ds)
     rng = np.random.default_rng(0)
 
     def acc(v):

@@ -334,7 +334,7 @@ class DataCache:
         self._cache: dict[tuple, Any] = {}
 
     def get(self, config: ml_collections.ConfigDict):
-        from jaxprune.experiment import load_dataset
+        from jaxprune.factories import load_dataset
 
         if is_imagenet(config):  # streamed: each run opens its own streams
             return load_dataset(config)
@@ -350,7 +350,7 @@ def check_paper_baseline(job: Job, opts: Options) -> None:
     its own row's paper schedule (all training images, all epochs); ValueError otherwise."""
     if job.schedule != "paper" or not job.config.pretrained:
         return
-    from jaxprune.experiment import baseline_provenance
+    from jaxprune.pretrained import baseline_provenance
 
     prov = baseline_provenance(job.config.pretrained)
     if prov["kind"] == "imported":

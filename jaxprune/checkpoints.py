@@ -269,6 +269,59 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
     raise CorruptCheckpointError(f"no readable checkpoint in {manager.directory} ({detail})")
 
 
+
+def restore_weights(directory: str | os.PathLike, target: Mapping[str, Any], *,
+                    warn: Any = None) -> tuple[dict, int]:
+    """``(weights, step)``: only the ``target`` items of the train state (e.g. ``params`` and
+    ``batch_stats``) of the newest readable training checkpoint in ``directory``; the optimizer
+    state, masks and method state are not read, so no optimizer or method is needed.
+
+    ``target`` holds arrays or ``ShapeDtypeStruct``s, e.g. ``jax.eval_shape`` of
+    ``model.init``; the stored shapes are checked against it first (ValueError naming the leaf
+    and both shapes). Read-only: an unreadable step, or one whose weights fail `check_weights`,
+    is reported through ``warn`` and the next older one is read. Raises FileNotFoundError when
+    ``directory`` holds no step, `CorruptCheckpointError` when none is readable."""
+    import warnings
+
+    directory = Path(directory).absolute()
+    steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
+        if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    target = dict(target)
+    problems = []
+    for step in steps:
+        path = directory / str(step) / STATE_ITEM
+        ckptr = ocp.PyTreeCheckpointer()
+        try:
+            stored = ckptr.metadata(path)
+            stored = getattr(stored, "item_metadata", stored)
+            stored = getattr(stored, "tree", stored)
+            check_shapes({k: stored.get(k, {}) for k in target}, target,
+                         what=f"checkpoint {directory}/{step}")
+            abstract = abstract_target(target)
+            weights = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True))
+            check_weights(weights, what="its state")
+        except ValueError as e:
+            if "does not match" in str(e):
+                raise
+            problems.append((step, e))
+        except Exception as e:  # noqa: BLE001 - tensorstore / JSON / OS errors all mean unreadable
+            problems.append((step, e))
+        else:
+            for bad, e in problems:
+                msg = (f"checkpoint step {bad} in {directory} is unreadable "
+                       f"({type(e).__name__}: {first_line(e)}); reading step {step} instead")
+                (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
+            return dict(weights), step
+        finally:
+            ckptr.close()
+    detail = "; ".join(f"step {st}: {type(e).__name__}: {first_line(e, 160)}" for st, e in problems)
+    raise CorruptCheckpointError(f"no readable checkpoint in {directory} ({detail})")
+
+
 PREEMPT_DIR = "preempt"
 
 
@@ -375,6 +428,7 @@ __all__ = [
     "save_checkpoint",
     "restore_checkpoint",
     "restore_latest_good",
+    "restore_weights",
     "save_preempt",
     "load_preempt",
     "set_aside_preempt",

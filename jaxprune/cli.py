@@ -1,4 +1,5 @@
-"""The ``jaxprune`` command line (flags only; the work is in `jaxprune.experiment`).
+"""The ``jaxprune`` command line: flags only. The work is in `jaxprune.experiment` (train,
+prune) and `jaxprune.commands` (one module per other command).
 
     jaxprune --version
     jaxprune quickstart [--workdir DIR]
@@ -65,7 +66,7 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_compact(args, overrides) -> int:
-    from jaxprune.experiment import compact_run
+    from jaxprune.commands.compact import compact_run
 
     rec = compact_run(args.run_dir, which=args.checkpoint)
     st = rec["from_state"]
@@ -82,7 +83,7 @@ def cmd_compact(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
-    from jaxprune.experiment import evaluate_path
+    from jaxprune.commands.evaluate import evaluate_path
 
     res = evaluate_path(args.path, data_dir=args.data_dir, test_subset=args.test_subset)
     if args.json:
@@ -94,7 +95,7 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_import(args, overrides) -> int:
-    from jaxprune.experiment import import_weights
+    from jaxprune.commands.import_weights import import_weights
 
     path = import_weights(args.model, args.state_dict, args.workdir, mean=tuple(args.mean or ()),
                           std=tuple(args.std or ()), dataset=args.dataset)
@@ -135,7 +136,7 @@ def cmd_bench_widths(args, overrides) -> int:
 
 
 def cmd_info(args, overrides) -> int:
-    from jaxprune.experiment import model_info
+    from jaxprune.commands.info import model_info
 
     print(model_info(args.target, input_size=args.input_size, residual=args.residual))
     return 0
@@ -181,7 +182,7 @@ def _version() -> str:
 
 
 def cmd_sensitivity(args, overrides) -> int:
-    from jaxprune.experiment import sensitivity_run
+    from jaxprune.commands.sensitivity import sensitivity_run
 
     cfg = _config_from(args, overrides)
     path = sensitivity_run(cfg, args.checkpoint, args.out, convs=args.convs,

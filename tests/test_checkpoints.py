@@ -91,8 +91,7 @@ _KILL_SCRIPT = textwrap.dedent(r"""
     sys.path.insert(0, sys.argv[1])
     import orbax.checkpoint as ocp
     from tests.test_checkpoints import small_state
-    from jaxprune import artifact as art
-from jaxprune import checkpoints as ck
+    from jaxprune import checkpoints as ck
 
     directory, marker = Path(sys.argv[2]), Path(sys.argv[3])
     mgr = ck.make_checkpoint_manager(directory)

@@ -167,6 +167,7 @@ def test_bfloat16_tracks_float32_and_keeps_float32_state(tmp_path):
     import ml_collections
 
     from jaxprune import experiment
+    from jaxprune.commands.compact import restore_run
     from tests.conftest import tiny_config_source
 
     losses = {}
@@ -178,7 +179,7 @@ def test_bfloat16_tracks_float32_and_keeps_float32_state(tmp_path):
         rows = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
         losses[dtype] = [r["train_loss"] for r in rows]
     assert experiment.setup(cfg).model.dtype == jnp.bfloat16
-    _, state, _ = experiment._restore_run(tmp_path / "bfloat16")
+    _, state, _, _, _ = restore_run(tmp_path / "bfloat16")
     for tree in (state.params, state.batch_stats, state.opt_state, state.masks):
         floats = {np.asarray(x).dtype for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)}
         assert floats == {np.dtype(np.float32)}

@@ -79,7 +79,7 @@ def test_every_paper_row_has_a_config():
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ROWS))
 def test_config_loads_validates_and_states_its_paper_row(name):
-    from jaxprune.experiment import make_method
+    from jaxprune.factories import make_method
 
     cfg = config_lib.load_config(CONFIGS / f"{name}.py")
     config_lib.validate(cfg)
@@ -163,7 +163,7 @@ def test_sfp_rows_use_the_papers_rates_and_recipe():
 
 
 def test_ghfp_rows_run_the_authors_variant_and_controls_its_soft_part():
-    from jaxprune.experiment import make_method
+    from jaxprune.factories import make_method
     from jaxprune.methods import GHFP
 
     seen = 0
@@ -253,7 +253,7 @@ def test_overrides_reach_dependencies_only_for_environment_keys(tmp_path):
 def test_a_shortened_recipe_keeps_each_lr_phase_share(tmp_path):
     """A 3-epoch SFP recipe warms up, reaches LR 0.1 and steps down x0.2 three times, each phase
     holding the same share of the steps as in the 200-epoch recipe (to within a step)."""
-    from jaxprune.experiment import make_schedule
+    from jaxprune.factories import make_schedule
 
     (full,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path), only_seed=0)
     (short,) = runner.plan(["sfp_resnet56_cifar10"], _opts(tmp_path, epochs=3), only_seed=0)

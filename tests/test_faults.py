@@ -238,13 +238,13 @@ def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capsy
 
 
 def test_metrics_are_rebuilt_from_the_checkpoint_on_resume(tmp_path):
-    from jaxprune.experiment import _MetricsWriter
+    from jaxprune.metrics_log import MetricsWriter
 
-    writer = _MetricsWriter(tmp_path)
+    writer = MetricsWriter(tmp_path)
     _tiny_fit(tmp_path, 2, tmp_path / "ck", writer)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + '{"epoch": 1, "tor')  # a lost + torn line
-    _tiny_fit(tmp_path, 3, tmp_path / "ck", _MetricsWriter(tmp_path))
+    _tiny_fit(tmp_path, 3, tmp_path / "ck", MetricsWriter(tmp_path))
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
 
@@ -268,9 +268,9 @@ PREEMPT_CFG = tiny_config_source(epochs=3, train_subset=1024, steps_per_call=1)
 
 
 def _final_state(work: Path):
-    from jaxprune.experiment import _restore_run
+    from jaxprune.commands.compact import restore_run
 
-    _, state, meta = _restore_run(work)
+    _, state, meta, _, _ = restore_run(work)
     return state, meta
 
 

@@ -893,7 +893,7 @@ def test_pfec_with_rounded_widths(resnet20_scatter):
 
 def test_width_policy_rejects_methods_without_it():
     from jaxprune.config import base_config
-    from jaxprune.experiment import make_method
+    from jaxprune.factories import make_method
 
     c = base_config()
     c.method.name = "dense"
@@ -925,7 +925,7 @@ def test_bench_widths_table_composition_and_latency_policy(tmp_path):
     timer makes the expected values exact); a run config reading it picks the argmin."""
     from jaxprune import width_bench
     from jaxprune.config import base_config
-    from jaxprune.experiment import make_method
+    from jaxprune.factories import make_method
 
     model = get_model("resnet20")
     x = jnp.zeros((1, 8, 8, 3))

@@ -141,7 +141,7 @@ def test_own_model_end_to_end_on_the_command_line(tmp_path, capsys, model, resid
     compact_out = np.load(tmp_path / "y.npy")
 
     # ... and computes what the masked model computes
-    from jaxprune.experiment import restore_run
+    from jaxprune.commands.compact import restore_run
     from jaxprune.masks import apply_masks, binarize
     from jaxprune.methods.base import final_roles
 

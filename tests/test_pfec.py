@@ -361,7 +361,8 @@ def test_retraining_the_compact_model_equals_retraining_the_masked_one(tmp_path)
 
     import jaxprune
     from jaxprune.compaction import compact
-    from jaxprune.experiment import RETRAIN_MODEL, compact_run, run, setup
+    from jaxprune.commands.compact import compact_run
+    from jaxprune.experiment import RETRAIN_MODEL, run, setup
     from jaxprune.masks import binarize
     from jaxprune.train_step import create_train_state
 
@@ -420,7 +421,7 @@ def test_a_compact_retraining_step_is_the_masked_step(tmp_path):
     ds = s.dataset
     state = create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed),
                                jnp.zeros((1,) + ds.image_shape), s.optimizer)
-    small, small_state = compact_for_retraining(s, state, tmp_path / "w")  # its fresh state: the template
+    small, small_state, _ = compact_for_retraining(s, state)  # its fresh state: the template
     masked = s.method.init(state, s.ctx)
     axis_keep, _, _ = surgery(binarize(masked.masks), s.graph)
     aug = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std, flip=False, pad=0)

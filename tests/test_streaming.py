@@ -177,7 +177,8 @@ def test_an_imagenet_run_streams_end_to_end(synthetic_imagenet, tmp_path):
     """`experiment.run` on imagenet2012 (generated TFDS copy): streamed training with SFP's
     re-selection, streamed evaluation (top-1 and top-5), compaction, record."""
     from jaxprune import config as config_lib
-    from jaxprune.experiment import evaluate_path, run
+    from jaxprune.commands.evaluate import evaluate_path
+    from jaxprune.experiment import run
 
     c = config_lib.base_config()
     c.update(name="stream", model="resnet20", dataset="imagenet2012", data_dir=str(synthetic_imagenet),
