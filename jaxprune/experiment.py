@@ -204,12 +204,12 @@ def _fit_phase(s: Setup, state: train_step.TrainState, method: Any, ctx: MethodC
     try:
         return training.fit(
             s.model, s.graph, method, ctx, state, optimizer,
-            *fit_sets(ds),
-            epochs=epochs, batch_size=c.batch_size, seed=seed,
-            augment=augment, preprocess=preprocess, checkpoint_manager=manager,
-            metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
-            config=c.to_dict(),
-            steps_per_call=None if c.steps_per_call == -1 else c.steps_per_call)
+            *fit_sets(ds), training.FitOptions(
+                epochs=epochs, batch_size=c.batch_size, seed=seed,
+                augment=augment, preprocess=preprocess, checkpoint_manager=manager,
+                metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
+                config=c.to_dict(),
+                steps_per_call=None if c.steps_per_call == -1 else c.steps_per_call))
     finally:
         manager.close()
 

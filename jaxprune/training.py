@@ -9,6 +9,7 @@ evaluation); `jaxprune.checkpoints` writes and restores the state. See design.md
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -133,6 +134,45 @@ def _mean_metrics(chunks: list[dict]) -> dict[str, float]:
             for k in host[0]}
 
 
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    """How `fit` trains: everything but the model, method, state, optimizer and data.
+
+    Attributes:
+      epochs: epochs to train (>= 1; equals ``ctx.total_epochs``).
+      batch_size: the global batch (every step; the incomplete last batch is dropped).
+      seed: the batch order is ``epoch_batches(N, batch_size, seed, epoch)``.
+      augment: ``augment(rng, uint8 images) -> float images`` on the devices (None: cast).
+      preprocess: the evaluation's normalisation (None: cast).
+      checkpoint_manager: `jaxprune.checkpoints.make_checkpoint_manager`'s manager (None: no
+        checkpoints, no resume).
+      metrics_writer: called with each epoch's record (its ``rebuild(history)``, if any, on
+        resume).
+      progress: a progress bar and one line per epoch.
+      mesh: the data-parallel mesh (None: `jaxprune.parallel.make_mesh`).
+      eval_batch_size: evaluation batch (None: ``batch_size``).
+      config: JSON-safe config recorded with each checkpoint (the resume reference).
+      run_init: run ``method.init`` before the first epoch.
+      run_finalize: run ``method.finalize`` after the last epoch.
+      steps_per_call: steps per jitted call (None: `auto_steps_per_call`).
+    """
+
+    epochs: int
+    batch_size: int
+    seed: int = 0
+    augment: Augment | None = None
+    preprocess: Preprocess | None = None
+    checkpoint_manager: Any = None
+    metrics_writer: Callable[[dict], None] | None = None
+    progress: bool = True
+    mesh: Mesh | None = None
+    eval_batch_size: int | None = None
+    config: Mapping[str, Any] | None = None
+    run_init: bool = True
+    run_finalize: bool = True
+    steps_per_call: int | None = None
+
+
 def fit(
     model: Any,
     graph: Any,
@@ -142,23 +182,16 @@ def fit(
     optimizer: optax.GradientTransformation,
     train_data: Any,
     test_data: Any,
-    *,
-    epochs: int,
-    batch_size: int,
-    seed: int = 0,
-    augment: Augment | None = None,
-    preprocess: Preprocess | None = None,
-    checkpoint_manager: Any = None,
-    metrics_writer: Callable[[dict], None] | None = None,
-    progress: bool = True,
-    mesh: Mesh | None = None,
-    eval_batch_size: int | None = None,
-    config: Mapping[str, Any] | None = None,
-    run_init: bool = True,
-    run_finalize: bool = True,
-    steps_per_call: int | None = None,
+    options: FitOptions,
 ) -> tuple[TrainState, list[dict]]:
-    """Trains ``epochs`` epochs and returns ``(state, history)`` (one dict per epoch).
+    """Trains ``options.epochs`` epochs and returns ``(state, history)`` (one dict per epoch).
+
+    Example::
+
+        state, history = fit(model, graph, method, ctx, state, optimizer, (x, y), (xt, yt),
+                             FitOptions(epochs=2, batch_size=128, progress=False))
+
+    The names below are `FitOptions` fields.
 
     The training and test sets are placed on the devices once; per epoch only the batch order
     `jaxprune.batching.epoch_batches(N, batch_size, seed, epoch)` (drop-last; ``int32 [steps,
@@ -199,6 +232,11 @@ def fit(
     from jaxprune.checkpoints import first_line, load_preempt, restore_latest_good, set_aside_preempt
     from jaxprune.batching import epoch_batches, num_batches
 
+    epochs, batch_size, seed = options.epochs, options.batch_size, options.seed
+    augment, preprocess, mesh = options.augment, options.preprocess, options.mesh
+    checkpoint_manager, metrics_writer = options.checkpoint_manager, options.metrics_writer
+    progress, eval_batch_size, config = options.progress, options.eval_batch_size, options.config
+    run_init, run_finalize, steps_per_call = options.run_init, options.run_finalize, options.steps_per_call
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if getattr(ctx, "total_epochs", epochs) != epochs:
@@ -446,5 +484,5 @@ def epoch_line(record: dict, epochs: int, kept: tuple[int, int] | None = None) -
     return "  ".join(parts)
 
 
-__all__ = ["fit", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted",
+__all__ = ["fit", "FitOptions", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted",
            "SecondInterrupt"]

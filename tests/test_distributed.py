@@ -40,9 +40,9 @@ _SCRIPT = textwrap.dedent(r"""
     train, test = _batch(48, seed=6), _batch(20, seed=7)
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
     mgr = make_checkpoint_manager(ckpt_dir, async_save=True)
-    state, hist = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, epochs=2,
-                         batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
-                         progress=False, checkpoint_manager=mgr, steps_per_call=1)
+    state, hist = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, tr.FitOptions(
+        epochs=2, batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
+        progress=False, checkpoint_manager=mgr, steps_per_call=1))
     restored, meta = restore_checkpoint(mgr, ToyPrune().init(fresh, ctx))
     mgr.close()
     same = all(np.array_equal(np.asarray(a), np.asarray(b))

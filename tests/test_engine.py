@@ -81,9 +81,9 @@ def _fit(tiny, steps_per_call, guard="allow"):
     model, graph, ctx, opt, mesh, method, train, fresh = _setup(tiny)
     test = _batch(20, seed=7)
     with jax.transfer_guard_host_to_device(guard):
-            return tr.fit(model, graph, method, ctx, fresh, opt, train, test, epochs=2, batch_size=16,
-                      seed=3, augment=AUGMENT, preprocess=PREPROCESS, progress=False, mesh=mesh,
-                      steps_per_call=steps_per_call)
+            return tr.fit(model, graph, method, ctx, fresh, opt, train, test, tr.FitOptions(
+                epochs=2, batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
+                progress=False, mesh=mesh, steps_per_call=steps_per_call))
 
 
 def test_fit_result_does_not_depend_on_the_chunk_size(tiny, monkeypatch):

@@ -196,10 +196,11 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=5)
     try:
         return training.fit(model, graph, get_method("sfp", rate=0.3), ctx, state, opt,
-                            (ds.x_train[:128], ds.y_train[:128]), None, epochs=epochs, batch_size=64,
-                            augment=functools.partial(augment.augment_batch, mean=ds.mean,
-                                                      std=ds.std, pad=0, flip=False),
-                            checkpoint_manager=mgr, progress=False, metrics_writer=writer)
+                            (ds.x_train[:128], ds.y_train[:128]), None, training.FitOptions(
+            epochs=epochs, batch_size=64,
+            augment=functools.partial(augment.augment_batch, mean=ds.mean, std=ds.std, pad=0,
+                                      flip=False),
+            checkpoint_manager=mgr, progress=False, metrics_writer=writer))
     finally:
         mgr.close()
 

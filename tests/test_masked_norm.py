@@ -204,8 +204,8 @@ def test_sfp_trains_a_layernorm_model_and_its_compact_model_matches_the_masked_o
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x_train[:1], opt)
     state, hist = tr.fit(model, graph, SFP(rate=0.5, final_bn="zero"), ctx, state, opt,
-                         (x_train, ds.y_train), (x_test, ds.y_test), epochs=epochs,
-                         batch_size=bs, progress=False, mesh=mesh)
+                         (x_train, ds.y_train), (x_test, ds.y_test),
+                         tr.FitOptions(epochs=epochs, batch_size=bs, progress=False, mesh=mesh))
     masks = binarize(state.masks)
     assert all(int(np.sum(np.asarray(m))) == 8 for m in masks.values())
     masked_vars = apply_masks(state.variables, masks, graph)

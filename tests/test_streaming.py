@@ -107,9 +107,9 @@ def _stream_fit(tiny, manager=None, stop_after=None, monkeypatch=None):
     test = imagenet.imagenet_pipeline("validation", 16, image_size=8, resize_size=8, train=False,
                                       source=_source(20, 9), backend="threads")
     augment = lambda rng, images: PREPROCESS(images)  # noqa: E731  (the stream augments)
-    return tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, stream, test, epochs=2, batch_size=16,
-                  seed=3, augment=augment, preprocess=PREPROCESS, progress=False, mesh=mesh,
-                  checkpoint_manager=manager)
+    return tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, stream, test, tr.FitOptions(
+        epochs=2, batch_size=16, seed=3, augment=augment, preprocess=PREPROCESS, progress=False,
+        mesh=mesh, checkpoint_manager=manager))
 
 
 def test_fit_on_a_stream_resumes_mid_epoch_exactly(tiny, tmp_path, monkeypatch):
@@ -150,7 +150,7 @@ def test_fit_refuses_a_stream_of_another_batch_size(tiny):
     model, graph = tiny
     with pytest.raises(ValueError, match="batches of 16, but fit was asked for batch_size=8"):
         tr.fit(model, graph, ToyPrune(), MethodContext(graph, 1, 3), None, None, _train_stream(),
-               None, epochs=1, batch_size=8)
+               None, tr.FitOptions(epochs=1, batch_size=8))
 
 
 @pytest.fixture(scope="module")

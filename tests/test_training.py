@@ -373,20 +373,20 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
                   progress=False, mesh=mesh, config={"run": "test"})
 
     records = []
-    full, hist_full = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test,
-                             checkpoint_manager=make_checkpoint_manager(tmp_path / "a"),
-                             metrics_writer=records.append, **dict(common, progress=True))
+    full, hist_full = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, tr.FitOptions(
+        checkpoint_manager=make_checkpoint_manager(tmp_path / "a"),
+        metrics_writer=records.append, **dict(common, progress=True)))
     assert [r["epoch"] for r in hist_full] == [0, 1, 2] and records == hist_full
 
     mgr = make_checkpoint_manager(tmp_path / "b")
     with pytest.raises(RuntimeError, match="crash in epoch 2"):
         tr.fit(model, graph, ToyPrune(crash_at=2), ctx, fresh, opt, train, test,
-               checkpoint_manager=mgr, **common)
+               tr.FitOptions(checkpoint_manager=mgr, **common))
     assert mgr.latest_step() == 2  # epochs 0 and 1 are on disk
     written = []
     resumed, hist_resumed = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test,
-                                   checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
-                                   metrics_writer=written.append, **common)
+                                   tr.FitOptions(checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
+                                                 metrics_writer=written.append, **common))
     assert [r["epoch"] for r in written] == [2]  # only the missing epoch was trained
 
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
@@ -397,7 +397,9 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
     assert strip(hist_resumed) == strip(hist_full)
     # a finished run resumes to "nothing left to do"
     again, hist_again = tr.fit(model, graph, ToyPrune(crash_at=0), ctx, fresh, opt, train, test,
-                               checkpoint_manager=make_checkpoint_manager(tmp_path / "b"), **common)
+                               tr.FitOptions(checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
+                                             **common))
     assert strip(hist_again) == strip(hist_full)
     with pytest.raises(ValueError, match="total_epochs"):
-        tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, **dict(common, epochs=2))
+        tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test,
+               tr.FitOptions(**dict(common, epochs=2)))
