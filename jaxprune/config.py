@@ -18,9 +18,7 @@ from typing import Any, Sequence
 import ml_collections
 
 DATASETS = ("cifar10", "cifar100", "digits", "imagenet2012")
-RESIDUAL_POLICIES = ("coupled", "scatter")
 LR_SCHEDULES = ("sfp_cifar", "step", "constant", "cosine")
-CRITERIA = ("l1", "l2", "fpgm", "bn_scale")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -237,13 +235,17 @@ def _numbers(tree: Any, prefix: str = ""):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad value of ``config``."""
+    """Raises ValueError naming the first bad value of ``config`` (`jaxprune.validate`'s one
+    line); the allowed names come from the registries (methods, criteria, residual policies)."""
+    from jaxprune import validate
+    from jaxprune.criteria import CRITERIA
+    from jaxprune.graph import RESIDUAL_POLICIES
     from jaxprune.methods import METHODS
     from jaxprune.models import MODEL_NAMES
     from jaxprune.user_models import is_import_path
 
     def bad(key, value, allowed):
-        raise ValueError(f"config.{key}={value!r} is not allowed; expected {allowed}")
+        validate.refuse(f"config.{key}", value, allowed)
 
     for key, v in _numbers(config.to_dict()):
         if not math.isfinite(v):

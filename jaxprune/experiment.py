@@ -35,7 +35,8 @@ from jaxprune import augment as augment_lib
 from jaxprune import evaluation, flops, optim, parallel, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.factories import (fit_sets, for_compaction, is_bundled, load_dataset, make_method,
-                                make_model, make_schedule, own_model_method, test_set)
+                                make_model, make_schedule, own_model_method, soft_methods,
+                                test_set)
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset
 from jaxprune.masks import apply_masks, binarize
@@ -405,7 +406,7 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         if (workdir / "start.json").is_file():
             record["start"] = json.loads((workdir / "start.json").read_text())
     if (is_bundled(s.model) and s.config.model.startswith("resnet")
-            and s.config.method.name in ("sfp", "asfp", "srfp", "asrfp", "ghfp")):
+            and s.config.method.name in soft_methods()):
         depth = int(s.config.model[len("resnet"):])
         if (depth - 2) % 6 == 0:
             record["sfp_formula_macs_reduction"] = flops.sfp_formula_reduction(depth, 1 - s.config.method.rate)

@@ -88,6 +88,22 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
     return optim.constant_schedule(o.base_lr)
 
 
+def soft_methods() -> tuple[str, ...]:
+    """The methods whose final model SFP's closed-form MACs reduction describes: the soft
+    variants (`jaxprune.methods.sfp.SOFT_VARIANTS`) and GHFP (soft, then gradually hard)."""
+    from jaxprune.methods.sfp import SOFT_VARIANTS
+
+    return (*SOFT_VARIANTS, "ghfp")
+
+
+def width_methods() -> tuple[str, ...]:
+    """The registered methods that take a width policy (``round_to``, a latency table): every
+    one that prunes (all of `jaxprune.methods.METHODS` but ``dense``)."""
+    from jaxprune.methods import METHODS
+
+    return tuple(name for name in METHODS if name != "dense")
+
+
 def make_method(config: ml_collections.ConfigDict):
     """The pruning method the config names."""
     from jaxprune.methods import get_method
@@ -97,10 +113,10 @@ def make_method(config: ml_collections.ConfigDict):
     round_to, direction = int(m.get("round_to", 1)), m.get("round_direction", "up")
     table = m.get("width_table", "")
     if round_to != 1 or table:
-        if m.name not in ("sfp", "asfp", "srfp", "asrfp", "ghfp", "pfec", "hfp"):
+        if m.name not in width_methods():
             what = f"round_to={round_to}" if round_to != 1 else f"width_table={table!r}"
             raise ValueError(f"config.method.{what}: method {m.name!r} does not take a "
-                             "width policy (sfp, asfp, srfp, asrfp, ghfp, pfec and hfp do)")
+                             f"width policy ({', '.join(width_methods())} do)")
         from jaxprune.width_bench import load_table
 
         kwargs["width"] = {"round_to": round_to, "direction": direction,

@@ -35,7 +35,7 @@ def variables_target(config: ml_collections.ConfigDict) -> Any:
     image_shape, num_classes = data_spec(config)
     model = make_model(config, num_classes)
     x = jax.ShapeDtypeStruct((1,) + image_shape, jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(config.seed), x, train=False))
+    return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(config.seed), x, train=False), x)
 
 
 def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:

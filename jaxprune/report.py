@@ -59,7 +59,6 @@ TABLES = OrderedDict([
     ("HFP", "HFP - Holistic Filter Pruning (Enderich et al., WACV 2021)"),
     ("Baselines", "Dense baselines"),
 ])
-SOFT_METHODS = ("sfp", "asfp", "srfp", "asrfp", "ghfp")
 _DATASET_ORDER = {"cifar10": 0, "cifar100": 1, "imagenet2012": 2}
 _METHOD_ORDER = {"dense": 0, "ghfp": 1, "sfp": 2, "asfp": 3, "srfp": 4, "asrfp": 5, "pfec": 6, "hfp": 7}
 _SCHEDULE_ORDER = {"paper": 0, "tiny": 2}
@@ -143,12 +142,13 @@ def _depth(model: str) -> int:
 
 def sfp_formula(cfg: Mapping) -> float | None:
     """SFP's closed-form MACs reduction for an SFP-family row on a CIFAR ResNet, else None."""
+    from jaxprune.factories import soft_methods
     from jaxprune.flops import sfp_formula_reduction
 
     method = cfg.get("method", {})
     model = cfg.get("model", "")
     depth = _depth(model)
-    if (method.get("name") not in SOFT_METHODS or not model.startswith("resnet")
+    if (method.get("name") not in soft_methods() or not model.startswith("resnet")
             or cfg.get("dataset") not in ("cifar10", "cifar100") or (depth - 2) % 6 or depth < 8):
         return None
     rate = float(method.get("rate", 0.0))
@@ -339,6 +339,7 @@ def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) ->
     own dense baseline is a dashed line; our schedule is in the legend, all text inside the axes.
     """
     from jaxprune._optional import require
+    from jaxprune.factories import soft_methods
 
     require("matplotlib", "plots", "plotting results")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -366,7 +367,7 @@ def draw_plot(dataset: str, model: str, lines: Sequence[Mapping], path: Path) ->
         err = 100 * ln["acc_std"] if ln.get("acc_std") is not None else None
         if method == "dense":
             x, exact = 0.0, None
-        elif method in SOFT_METHODS and ln.get("formula") is not None:
+        elif method in soft_methods() and ln.get("formula") is not None:
             x, exact = 100 * ln["formula"], 100 * (ln.get("macs_reduction_conv") or 0.0)
         else:
             x, exact = 100 * (ln.get("macs_reduction_conv_fc") or 0.0), None

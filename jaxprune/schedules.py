@@ -9,11 +9,12 @@ and is jittable. Epochs are counted from 0; ``total_epochs`` is T.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Union
 
 import jax
 import jax.numpy as jnp
+
+from jaxprune import validate
 
 Epoch = Union[int, float, jax.Array]
 Schedule = Callable[[Epoch], Union[float, jax.Array]]
@@ -29,19 +30,11 @@ def _is_traced(epoch: Epoch) -> bool:
 
 
 def _check_epochs(total_epochs: int) -> int:
-    if (
-        isinstance(total_epochs, bool)
-        or not isinstance(total_epochs, numbers.Integral)
-        or total_epochs < 1
-    ):
-        raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
-    return int(total_epochs)
+    return validate.positive_int(total_epochs, "total_epochs")
 
 
 def _check_rate(rate: float) -> float:
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"pruning rate must be a number in [0, 1), got {rate!r}")
-    return float(rate)
+    return validate.rate(rate, "pruning rate")
 
 
 def constant_rate(rate: float) -> Schedule:
@@ -80,11 +73,11 @@ def asfp_rate(rate: float, total_epochs: int, full_from: float | None = 0.95,
     """
     rate = _check_rate(rate)
     total_epochs = _check_epochs(total_epochs)
-    if shape not in ASFP_SHAPES:
-        raise ValueError(f"unknown ASFP rate shape {shape!r}; allowed: {', '.join(ASFP_SHAPES)}")
+    validate.one_of(shape, ASFP_SHAPES, "ASFP rate shape")
     k = math.log(4.0) / (total_epochs / 8.0)
-    if full_from is not None and not (isinstance(full_from, numbers.Real) and 0 < full_from <= 1):
-        raise ValueError(f"full_from must be a fraction of training in (0, 1] or None, got {full_from!r}")
+    if full_from is not None:
+        validate.fraction(full_from, "full_from (a fraction of training, or None)",
+                          closed_low=False, closed_high=True)
     force_at = math.inf if full_from is None else float(full_from) * total_epochs + 1.0
 
     def grow(t, xp):
@@ -122,10 +115,8 @@ def ghfp_hard_fraction(
     rise monotonically from ``h = 0`` at ``t = -1`` to exactly 1 from ``t + 1 = end * T`` on.
     """
     total_epochs = _check_epochs(total_epochs)
-    if isinstance(end, bool) or not isinstance(end, numbers.Real) or not 0.0 < end <= 1.0:
-        raise ValueError(f"end must be a fraction of training in (0, 1], got {end!r}")
-    if shape not in HARD_SHAPES:
-        raise ValueError(f"unknown ramp shape {shape!r}; allowed: {', '.join(HARD_SHAPES)}")
+    validate.fraction(end, "end (a fraction of training)", closed_low=False, closed_high=True)
+    validate.one_of(shape, HARD_SHAPES, "ramp shape")
     ramp_epochs = float(end) * total_epochs
     a = EXP_RAMP_STEEPNESS
 
@@ -163,16 +154,9 @@ def srfp_decay(
     as the mask entry of the selected channels (``jaxprune.masks``).
     """
     total_epochs = _check_epochs(total_epochs)
-    if isinstance(alpha0, bool) or not isinstance(alpha0, numbers.Real) or not 0.0 <= alpha0 <= 1.0:
-        raise ValueError(f"alpha0 must be in [0, 1], got {alpha0!r}")
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c >= 0.0:
-        raise ValueError(f"decay rate c must be >= 0, got {c!r}")
-    if (
-        isinstance(zero_fraction, bool)
-        or not isinstance(zero_fraction, numbers.Real)
-        or not 0.0 <= zero_fraction < 1.0
-    ):
-        raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
+    validate.fraction(alpha0, "alpha0", closed_high=True)
+    validate.finite_float(c, "decay rate c", minimum=0.0)
+    validate.fraction(zero_fraction, "zero_fraction")
     alpha0, c = float(alpha0), float(c)
     zero_from = srfp_zero_epoch(total_epochs, zero_fraction)
 
@@ -197,13 +181,11 @@ def srfp_decay_author(
     ``e = T``), and ``alpha = 0`` once ``e >= zero_from * T``.
     """
     total_epochs = _check_epochs(total_epochs)
-    if isinstance(alpha0, bool) or not isinstance(alpha0, numbers.Real) or not 0.0 <= alpha0 <= 1.0:
-        raise ValueError(f"alpha0 must be in [0, 1], got {alpha0!r}")
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not sigma > 0.0:
-        raise ValueError(f"sigma must be > 0, got {sigma!r}")
-    if (isinstance(zero_from, bool) or not isinstance(zero_from, numbers.Real)
-            or not 0.0 < zero_from <= 1.0):
-        raise ValueError(f"zero_from must be a fraction of training in (0, 1], got {zero_from!r}")
+    validate.fraction(alpha0, "alpha0", closed_high=True)
+    if validate.finite_float(sigma, "sigma", minimum=0.0) == 0.0:
+        validate.refuse("sigma", sigma, "a finite number > 0")
+    validate.fraction(zero_from, "zero_from (a fraction of training)", closed_low=False,
+                      closed_high=True)
     alpha0, sigma = float(alpha0), float(sigma)
     c = math.log((alpha0 + 0.01 * sigma) / sigma) / total_epochs
     zero_at = float(zero_from) * total_epochs

@@ -24,6 +24,8 @@ from typing import Collection, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxprune import validate
+
 Scores = Mapping[str, jax.Array]
 Masks = dict[str, jax.Array]
 
@@ -32,18 +34,7 @@ NORMALIZATIONS = ("max", "l2")
 
 
 def _check_rate(rate: float) -> float:
-    # The count must be static, so a traced rate is refused here rather than deep in jit.
-    try:
-        if isinstance(rate, bool):
-            raise TypeError
-        value = float(rate)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(
-            f"pruning rate must be a static number in [0, 1) (not traced), got {rate!r}"
-        ) from None
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        raise ValueError(f"pruning rate must be in [0, 1), got {rate!r}")
-    return value
+    return validate.rate(rate, "pruning rate")
 
 
 def num_pruned(size: int, rate: float, rounding: str = "sfp") -> int:
@@ -54,11 +45,8 @@ def num_pruned(size: int, rate: float, rounding: str = "sfp") -> int:
     reimplementation). The result is capped at ``size - 1``: at least one channel is kept.
     """
     rate = _check_rate(rate)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-        raise ValueError(f"group size must be a positive int, got {size!r}")
-    size = int(size)
+    validate.one_of(rounding, ROUNDINGS, "rounding")
+    size = validate.positive_int(size, "group size")
     if rounding == "sfp":
         n = int(size * rate)
     else:

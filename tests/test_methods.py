@@ -551,7 +551,7 @@ def test_asfp_cubic_rate_hand_values():
     traced = jax.jit(cubic)
     for t in (0, 1, 50, 120, 190, 191):
         assert float(traced(jnp.float32(t))) == pytest.approx(cubic(t), rel=1e-6)
-    with pytest.raises(ValueError, match="ASFP rate shape 'square'"):
+    with pytest.raises(ValueError, match="ASFP rate shape='square' is not allowed; expected one of"):
         schedules.asfp_rate(0.4, 200, shape="square")
 
 
