@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     # The engine: train steps per jitted device call (the largest divisor of the epoch's steps
     # up to this; 0 = the whole epoch; -1 = auto: 50 on accelerators, 1 on CPU, where XLA runs a
-    # rolled loop's convolutions ~35x slower). The progress bar and a stop signal act between
-    # calls; chunks agree with single steps to float rounding.
+    # rolled loop's convolutions far slower: BENCHMARKS.md). The progress bar and a stop signal
+    # act between calls; chunks agree with single steps to float rounding.
     c.steps_per_call = -1
     # Compute dtype: 'bfloat16' runs convolutions and activations in bf16 while params,
     # optimizer state, BN statistics, masks and the loss stay float32.

@@ -106,7 +106,7 @@ def check_finite(state: TrainState, train_metrics: Mapping[str, float], *, epoch
 
 def auto_steps_per_call() -> int:
     """The default chunk size: 50 steps per device call on accelerators; 1 on CPU, where XLA runs
-    the convolutions of a rolled loop body about 35x slower than straight-line code."""
+    the convolutions of a rolled loop body far slower than straight-line code (BENCHMARKS.md)."""
     return 1 if jax.default_backend() == "cpu" else 50
 
 

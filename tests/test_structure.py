@@ -254,3 +254,28 @@ def test_graph_and_compaction_import_jaxprune_at_module_level(package):
                              [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                     bad += [f"{m}.{fn.name}: {n}" for n in names if n.split(".")[0] == PACKAGE]
     assert not bad, bad
+
+
+def test_the_experiment_layer_is_thin():
+    """experiment.py holds setup / run / finish; the CLI commands, the resume policy, the
+    metrics log and the factories live in modules of their own."""
+    lines = len((ROOT / "experiment.py").read_text().splitlines())
+    assert lines < 500, f"experiment.py has {lines} lines"
+    tree = ast.parse((ROOT / "experiment.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for moved in ("model_info", "evaluate_path", "sensitivity_run", "import_weights", "compact_run",
+                  "restore_run", "check_resume", "load_trained", "make_method", "load_dataset"):
+        assert moved not in defined, moved
+
+
+def test_checkpoints_hold_training_checkpoints_only():
+    """The compact-model file format is `jaxprune.artifact`; checkpoints.py never touches it."""
+    tree = ast.parse((ROOT / "checkpoints.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    assert not defined & {"save_compact", "load", "verify_checksums", "CorruptArtifactError"}
+    assert "jaxprune.artifact" not in import_graph()["jaxprune.checkpoints"]
+
+
+def test_validate_imports_nothing_of_jaxprune():
+    """Every module may use `jaxprune.validate` (the methods too) without an import cycle."""
+    assert import_graph()["jaxprune.validate"] == set()
