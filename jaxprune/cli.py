@@ -108,15 +108,13 @@ def cmd_bench_widths(args, overrides) -> int:
     import jax
     import jax.numpy as jnp
 
-    from jaxprune import width_bench
+    from jaxprune import validate, width_bench
     from jaxprune.graph import trace_linen
     from jaxprune.models import MODEL_NAMES, get_model
 
-    if args.model not in MODEL_NAMES:
-        raise ValueError(f"model {args.model!r} is not a bundled model; allowed: {', '.join(MODEL_NAMES)}")
-    if args.batch < 1 or args.step < 1 or args.repeats < 1:
-        raise ValueError(f"--batch {args.batch}, --step {args.step}, --repeats {args.repeats}: "
-                         "expected positive integers")
+    validate.one_of(args.model, MODEL_NAMES, "model (a bundled model)")
+    for flag in ("batch", "step", "repeats"):
+        validate.positive_int(getattr(args, flag), f"--{flag}")
     size = args.input_size or (224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101",
                                                      "resnet152") else 32)
     model = get_model(args.model)

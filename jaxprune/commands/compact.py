@@ -14,7 +14,7 @@ import ml_collections
 
 from jaxprune import augment as augment_lib
 from jaxprune import config as config_lib
-from jaxprune import train_step
+from jaxprune import train_step, validate
 from jaxprune.experiment import RETRAIN_MODEL, Setup, finish, retraining_setup, setup
 from jaxprune.metrics_log import as_finetune_epoch
 from jaxprune.resume import run_config
@@ -81,8 +81,7 @@ def compact_run(run_dir: str | os.PathLike, which: str = "final") -> dict:
     (`jaxprune.runlock`) while it is written."""
     from jaxprune.runlock import RunLock
 
-    if which not in CHECKPOINT_CHOICES:
-        raise ValueError(f"checkpoint {which!r} is not allowed; expected one of {', '.join(CHECKPOINT_CHOICES)}")
+    validate.one_of(which, CHECKPOINT_CHOICES, "checkpoint")
     run_dir = Path(run_dir)
     with RunLock(run_dir):
         return _compact_locked(run_dir, which)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from jaxprune import augment as augment_lib
 from jaxprune import data as data_lib
-from jaxprune import evaluation
+from jaxprune import evaluation, validate
 from jaxprune.imagenet import StreamedDataset, load_imagenet
 
 
@@ -24,9 +24,7 @@ def evaluate_path(path: str | os.PathLike, data_dir: str | None = None, test_sub
     model, variables, meta = load(p)
     check_weights(variables, what=f"the model in {str(p)!r}")  # NaN weights: no accuracy to report
     name = meta.get("dataset", "cifar10")
-    if isinstance(test_subset, bool) or not isinstance(test_subset, int) or test_subset < 0:
-        raise ValueError(f"--test-subset {test_subset!r}: expected a non-negative integer (0: all)")
-    n = test_subset
+    n = validate.non_negative_int(test_subset, "--test-subset")
     if name == "digits":
         ds = data_lib.load_digits_dataset(image_size=int(meta["input_shape"][0]))
     elif name == "imagenet2012":

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxprune import augment as augment_lib
+from jaxprune import validate
 from jaxprune.experiment import setup
 from jaxprune.pretrained import baseline_provenance, load_trained
 
@@ -37,8 +38,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
     from jaxprune import cut_eval
     from jaxprune.methods import pfec
 
-    if convs not in SENSITIVITY_CONVS:
-        raise ValueError(f"convs={convs!r}: expected one of {', '.join(SENSITIVITY_CONVS)}")
+    validate.one_of(convs, SENSITIVITY_CONVS, "convs")
     trained_cfg, variables = load_trained(checkpoint)
     if trained_cfg.model != config.model:
         raise ValueError(f"config.model={config.model!r} but {str(checkpoint)!r} holds {trained_cfg.model!r}")
