@@ -514,14 +514,14 @@ def test_compact_model_files_are_checksummed_and_verified_at_load(run2, tmp_path
 
 def test_the_first_ctrl_c_during_compaction_is_not_called_a_second_one(run2, tmp_path, capsys,
                                                                         monkeypatch):
-    from jaxprune import experiment
+    from jaxprune.commands import compact as compact_command
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     work = _copy(run2, tmp_path)
     before = snapshot(work)
-    monkeypatch.setattr(experiment, "finish", interrupted)
+    monkeypatch.setattr(compact_command, "finish", interrupted)  # `jaxprune compact` compacts
     capsys.readouterr()
     assert cli.main(["compact", str(work)]) == cli.EXIT_INTERRUPTED
     err = _one_line(capsys)
