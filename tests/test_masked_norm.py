@@ -1,5 +1,6 @@
-"""Masked normalisation: channels summed over (LayerNorm, RMSNorm, channel means) pruned exactly:
-`trace(norms='masked')`, `jaxprune.masked_norm.masked_apply` and their compaction."""
+"""Masked normalisation: channels summed over (LayerNorm, RMSNorm, GroupNorm, channel means)
+pruned exactly: `trace(norms='masked')`, `jaxprune.masked_norm.masked_apply` and their
+compaction."""
 
 from __future__ import annotations
 
