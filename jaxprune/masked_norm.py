@@ -1,6 +1,7 @@
 """Masked normalisation: a model's apply whose sums over channels count the kept channels only.
 
-A LayerNorm, RMSNorm or any mean over the channel axis sums over channels; zeroing a pruned
+A LayerNorm, RMSNorm, GroupNorm (over each group's channels: `jaxprune.graph.tracer`'s
+``_group_norm_splits``) or any mean over the channel axis sums over channels; zeroing a pruned
 channel's weights leaves it in that sum's count, so the masked model and the compact one (which
 no longer has the channel) would compute different statistics. `trace(..., norms='masked')`
 lists the groups summed over in ``PruningGraph.normalised``; `masked_apply` turns the model's

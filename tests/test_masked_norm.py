@@ -1,5 +1,6 @@
-"""Masked normalisation: channels summed over (LayerNorm, RMSNorm, channel means) pruned exactly:
-`trace(norms='masked')`, `jaxprune.masked_norm.masked_apply` and their compaction."""
+"""Masked normalisation: channels summed over (LayerNorm, RMSNorm, GroupNorm, channel means)
+pruned exactly: `trace(norms='masked')`, `jaxprune.masked_norm.masked_apply` and their
+compaction."""
 
 from __future__ import annotations
 
@@ -152,11 +153,88 @@ def test_plain_graphs_run_apply_itself():
     np.testing.assert_array_equal(np.asarray(f(v, x, masks={})), np.asarray(model.apply(v, x)))
 
 
-def test_group_norm_stays_unprunable_and_bad_policy_is_refused():
+def test_group_norm_prunes_channel_j_of_every_group_and_is_refused_by_default():
     x, v, graph = _setup(GNNet())
-    assert "c1" not in graph.groups and "splits the channel axis" in graph.unprunable["c1"]
+    assert set(graph.groups) == {"c1"} and graph.normalised == {"c1"}
+    want = [[j, j + 4] for j in range(4)]  # 2 groups of 4: channel j of each group is one unit
+    assert {m.path[1:]: m.index.tolist() for m in graph.groups["c1"].members} == {
+        ("c1", "kernel"): want, ("c1", "bias"): want, ("gn", "scale"): want,
+        ("gn", "bias"): want, ("head", "kernel"): want}
+    refused = trace(GNNet().apply, v, x)
+    assert "c1" not in refused.groups
+    assert "splits the channel axis into groups" in refused.unprunable["c1"]
     with pytest.raises(ValueError, match="norms='sometimes'"):
         trace(GNNet().apply, v, x, norms="sometimes")
+
+
+def _np_group_norm(h, groups, scale, bias, eps=1e-6):
+    """GroupNorm of ``h [N, H, W, C]`` (numpy, float64) over ``groups`` equal groups."""
+    n, hh, w, c = h.shape
+    g = h.reshape(n, hh, w, groups, c // groups)
+    mu = g.mean((1, 2, 4), keepdims=True)
+    var = g.var((1, 2, 4), keepdims=True)
+    return ((g - mu) / np.sqrt(var + eps)).reshape(h.shape) * scale + bias
+
+
+def test_masked_group_norm_is_the_group_norm_of_the_kept_channels_and_compacts_narrow():
+    """Hand reference: GroupNorm (numpy) of the kept channels, 2 groups of 2; the compact
+    model equals it and its group reshape runs narrow ([.., 2 groups, 2 kept])."""
+    model = GNNet()
+    x, v, graph = _setup(model)
+    masks = {"c1": jnp.asarray([1.0, 0.0, 0.0, 1.0])}
+    kept = np.array([0, 3, 4, 7])
+    vm = apply_masks(v, masks, graph)
+    _, inter = masked_apply(
+        lambda vv, xx: model.apply(vv, xx, capture_intermediates=True, mutable=["intermediates"]),
+        graph)(vm, x, masks=masks)
+    h = model.apply(vm, x, capture_intermediates=True, mutable=["intermediates"])[1]
+    conv = np.asarray(h["intermediates"]["c1"]["__call__"][0], np.float64)[..., kept]
+    p = vm["params"]["gn"]
+    want = _np_group_norm(conv, 2, np.asarray(p["scale"])[kept], np.asarray(p["bias"])[kept])
+    got = np.asarray(inter["intermediates"]["gn"]["__call__"][0])
+    np.testing.assert_allclose(got[..., kept], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.delete(got, kept, axis=-1), 0.0)
+    res = compact(model, v, masks, graph, sample_input=x)
+    ref = masked_apply(model.apply, graph)(vm, x, masks=masks)
+    assert _close(np.asarray(res.model.apply(res.variables, x)), np.asarray(ref))
+    assert res.variables["params"]["gn"]["scale"].shape == (4,)
+    jaxpr = jax.make_jaxpr(res.model.apply)(res.variables, x)
+    shapes = [e.outvars[0].aval.shape for e in jaxpr.eqns if e.primitive.name == "reshape"]
+    assert (2, 8, 8, 2, 2) in shapes and not any(8 in s[3:] for s in shapes if len(s) == 5)
+
+
+def test_a_group_norm_channel_masked_then_unmasked_is_counted_again():
+    """SFP's re-selection: a channel whose mask comes back to 1 (its weights regrown) takes part
+    in its group's statistics again: the masked apply is then the plain model."""
+    model = GNNet()
+    x, v, graph = _setup(model)
+    f = masked_apply(model.apply, graph)
+    off = {"c1": jnp.asarray([1.0, 0.0, 1.0, 1.0])}
+    on = {"c1": jnp.ones(4)}
+    dropped = np.asarray(f(apply_masks(v, off, graph), x, masks=off))
+    back = np.asarray(f(v, x, masks=on))  # the same function: its cached plan reads the masks
+    np.testing.assert_array_equal(back, np.asarray(model.apply(v, x)))
+    assert not np.allclose(back, dropped, atol=1e-3)
+    # and it is differentiable in the regrown channel through the statistics
+    grad = jax.grad(lambda w: jnp.sum(f(w, x, masks=on) ** 2))(v)["params"]["c1"]["kernel"]
+    assert float(jnp.abs(grad[..., 1]).sum()) > 0 and float(jnp.abs(grad[..., 5]).sum()) > 0
+
+
+def test_a_channel_shuffle_next_to_a_norm_is_still_refused():
+    """A split of the channel axis that is not a GroupNorm (a ShuffleNet channel shuffle: no sum
+    over the split's inner part) stays unprunable, with norms='masked' and a LayerNorm nearby."""
+
+    class Shuffle(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.LayerNorm(name="ln")(nn.Conv(8, (3, 3), name="a")(x))
+            b, h, w, c = x.shape
+            x = x.reshape(b, h, w, 2, c // 2).transpose(0, 1, 2, 4, 3).reshape(b, h, w, c)
+            return nn.Dense(3, name="head")(nn.Conv(4, (1, 1), name="b")(x).mean((1, 2)))
+
+    x, v, graph = _setup(Shuffle())
+    assert "a" not in graph.groups and "splits the channel axis" in graph.unprunable["a"]
+    assert "b" in graph.groups
 
 
 def test_sums_inside_a_loop_are_refused_by_masked_apply():
@@ -260,7 +338,8 @@ class TinyViT(nn.Module):
 
 @pytest.mark.parametrize("einsum", [False, True])
 def test_tiny_vit_prunes_heads_mlp_units_and_the_normalised_width(einsum):
-    """Traced at batch 1 (plans for other batch sizes are not covered here)."""
+    """Traced and compacted at batch 1 (batches 1 and 3, both policies, export and save:
+    tests/test_norm_zoo.py)."""
     model = TinyViT(einsum=einsum)
     x, v, graph = _setup(model, (1, 8, 8, 3))
     members = lambda n: {(m.path[1:], m.axis, m.role) for m in graph.groups[n].members}  # noqa: E731

@@ -249,8 +249,10 @@ def compact_program(fn: Callable[..., Any], variables: Any, masks: Mapping[str, 
     if check:
         hard = binarize(masks)
         masked = apply_masks(variables, hard, graph)
-        ref = jax.tree_util.tree_leaves(masked_apply(fn, graph)(masked, *sample_args, masks=hard))
-        got = jax.tree_util.tree_leaves(program(small, *sample_args))
+        # jitted: one compilation each, not one per primitive and narrowed shape
+        ref = jax.tree_util.tree_leaves(jax.jit(
+            lambda v, m, *a: masked_apply(fn, graph)(v, *a, masks=m))(masked, hard, *sample_args))
+        got = jax.tree_util.tree_leaves(jax.jit(program)(small, *sample_args))
         for r, o in zip(ref, got):
             r, o = np.asarray(r, np.float32), np.asarray(o, np.float32)
             if r.shape != o.shape:

@@ -36,7 +36,8 @@ def trace(
       residual: ``'coupled'`` prunes every channel joined by a residual add with shared
         indices (policy b); ``'scatter'`` prunes each branch on its own and keeps the residual
         stream at full width (policy a, SFP's small model).
-      norms: channels summed over (a LayerNorm, RMSNorm or any mean over the channel axis):
+      norms: channels summed over (a LayerNorm, RMSNorm, GroupNorm or any mean over the
+        channel axis; a GroupNorm of G groups prunes channel j of every group as one unit):
         ``'refuse'`` reports them unprunable (removing a channel changes the statistic);
         ``'masked'`` prunes them, and the groups are listed in ``PruningGraph.normalised``: the
         masked model is then `jaxprune.masked_norm.masked_apply` of ``apply_fn`` (each such sum

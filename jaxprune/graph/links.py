@@ -110,13 +110,11 @@ def squeeze(t, eqn, ins, outs):
         t.link(a, b)
 
 
-def reshape(t, eqn, ins, outs):
-    """One-to-one axes are linked; merged or split channel axes are resolved after the walk."""
-    x, o = ins[0], outs[0]
-    if eqn.params.get("dimensions") is not None:
-        return t.lose_all(eqn, ins, outs)
-    xs = [len(a) for a in x]
-    os_ = [len(a) for a in o]
+def reshape_blocks(xs: Sequence[int], os_: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """The blocks of a reshape from shape ``xs`` to ``os_``: runs of consecutive operand axes
+    ``bi`` and result axes ``bj`` of equal total size (size-1 axes left out), e.g.
+    ``[2, 12] -> [2, 3, 4]``: ``([0], [0]), ([1], [1, 2])``."""
+    out = []
     i = j = 0
     while i < len(xs) or j < len(os_):
         bi, bj = [i], [j]
@@ -128,8 +126,19 @@ def reshape(t, eqn, ins, outs):
                 bi.append(i); pi *= xs[i]; i += 1
             else:
                 bj.append(j); pj *= os_[j]; j += 1
-        bi = [k for k in bi if k < len(xs) and xs[k] > 1]
-        bj = [k for k in bj if k < len(os_) and os_[k] > 1]
+        out.append(([k for k in bi if k < len(xs) and xs[k] > 1],
+                    [k for k in bj if k < len(os_) and os_[k] > 1]))
+    return out
+
+
+def reshape(t, eqn, ins, outs):
+    """One-to-one axes are linked; merged or split channel axes are resolved after the walk."""
+    x, o = ins[0], outs[0]
+    if eqn.params.get("dimensions") is not None:
+        return t.lose_all(eqn, ins, outs)
+    xs = [len(a) for a in x]
+    os_ = [len(a) for a in o]
+    for bi, bj in reshape_blocks(xs, os_):
         if len(bi) == 1 and len(bj) == 1:
             t.link(x[bi[0]], o[bj[0]])
         elif len(bi) > 1 and len(bj) == 1:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune.graph.links import reshape_blocks
 from jaxprune.models.common import gather_channels
 
 Keep = tuple  # per axis: np.ndarray of kept positions, or None (every position kept)
@@ -145,19 +146,48 @@ def broadcast_in_dim(eqn, vals, kin, kout):
 
 
 def reshape(eqn, vals, kin, kout):
-    """A reshape that only adds or drops size-1 axes, with its new sizes narrowed."""
+    """A reshape with its new sizes narrowed: one-to-one axes moved to the result's kept
+    positions; an axis split into several (``[.., C] -> [.., G, S]``: a GroupNorm's groups,
+    attention heads) moved to the product of the parts' kept positions, and several axes
+    merged into one (the way back) read as that product, then moved to the result's kept
+    positions. Regrouping several axes into several runs at full width (None)."""
     if eqn.params.get("dimensions") is not None or len(eqn.invars) != 1:
         return None
     shp_in, out = eqn.invars[0].aval.shape, eqn.outvars[0].aval
-    a = [i for i, d in enumerate(shp_in) if d != 1]
-    b = [i for i, d in enumerate(out.shape) if d != 1]
-    if [shp_in[i] for i in a] != [out.shape[j] for j in b]:
-        return None  # merges or splits axes
-    x, k = vals[0], kin[0]
+    x, k = vals[0], kin[0] or (None,) * len(shp_in)
     ko = kout[0] or (None,) * len(out.shape)
-    for i, j in zip(a, b):
-        x = move(x, i, k[i], ko[j], shp_in[i])
-    return bind(eqn, [x], dict(eqn.params, new_sizes=narrow_shape(out, kout[0])))
+    if any(d == 1 and a is not None and len(a) != 1
+           for d, a in list(zip(shp_in, k)) + list(zip(out.shape, ko))):
+        return None  # a size-1 axis with no position left
+    sizes = list(narrow_shape(out, kout[0]))
+    merges = []
+    for bi, bj in reshape_blocks(shp_in, out.shape):
+        if len(bi) == 1 and len(bj) == 1:
+            x = move(x, bi[0], k[bi[0]], ko[bj[0]], shp_in[bi[0]])
+        elif len(bi) == 1 and len(bj) > 1:
+            dst = _product([ko[j] for j in bj], [out.shape[j] for j in bj])
+            x = move(x, bi[0], k[bi[0]], dst, shp_in[bi[0]])
+        elif len(bi) > 1 and len(bj) == 1:
+            src = _product([k[i] for i in bi], [shp_in[i] for i in bi])
+            sizes[bj[0]] = out.shape[bj[0]] if src is None else len(src)
+            merges.append((bj[0], src))
+        elif bi and bj:
+            return None
+    y = bind(eqn, [x], dict(eqn.params, new_sizes=tuple(sizes)))[0]
+    for ax, src in merges:
+        y = move(y, ax, src, ko[ax], out.shape[ax])
+    return [y]
+
+
+def _product(keeps: Sequence[np.ndarray | None], sizes: Sequence[int]) -> np.ndarray | None:
+    """The positions of an axis of size ``prod(sizes)`` (row-major) whose index along each part
+    ``i`` (of size ``sizes[i]``) is kept by ``keeps[i]`` (None: all): ascending; None if every
+    position is kept."""
+    if all(a is None for a in keeps):
+        return None
+    grids = np.meshgrid(*[np.arange(n) if a is None else np.asarray(a, np.int64)
+                          for a, n in zip(keeps, sizes)], indexing="ij")
+    return np.ravel_multi_index([g.reshape(-1) for g in grids], tuple(sizes))
 
 
 def transpose(eqn, vals, kin, kout):

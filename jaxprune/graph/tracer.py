@@ -418,11 +418,12 @@ def run_tracer(apply_fn: Callable[..., Any], variables: Any, example_args: Seque
             channel = np.zeros(comp.max() + 1 if t.n else 1, bool)
             for ids in t.channel_ids:
                 channel[comp[ids]] = True
-        for axis, here in t.splits:  # GroupNorm, pixel shuffle: channels regrouped
-            if id(axis) not in heads and channel[comp[axis]].any():
-                t.poison.append((axis, f"a reshape splits the channel axis (e.g. GroupNorm) at {here}"))
+        grouped = _group_norm_splits(t, comp, channel, heads)
+        for axis, here in t.splits:  # pixel shuffle, channel shuffle: channels regrouped
+            if id(axis) not in heads | grouped and channel[comp[axis]].any():
+                t.poison.append((axis, f"a reshape splits the channel axis at {here}"))
         for merged, parts, sizes in t.reshapes:
-            if id(merged) in heads:
+            if id(merged) in heads | grouped:
                 continue
             live = [k for k, p in enumerate(parts) if channel[comp[p]].any()]
             if len(live) == 1:
@@ -463,3 +464,48 @@ def _head_splits(t: Tracer, comp: np.ndarray, channel: np.ndarray) -> set[int]:
         t.link(merged, parts[k][pos])
         done.add(id(merged))
     return done
+
+
+def _group_norm_splits(t: Tracer, comp: np.ndarray, channel: np.ndarray, done: set[int]
+                       ) -> set[int]:
+    """GroupNorm: a reshape that splits a channel axis into ``[.., G, S]`` (``G`` groups of
+    ``S`` channels) whose inner part ``S`` is summed over (the group's statistics) and whose
+    outer part ``G`` is not, and the merges ``[.., G, S] -> [.., C]`` of the per-group
+    statistics repeated over their group (an outer part in the same component as a split's
+    ``G``). Position ``j`` of ``S`` becomes one channel: the merged positions ``j, S + j, ...``
+    (channel ``j`` of every group) are linked to it, so pruning keeps the group count and the
+    same channels (hence as many) in every group, and the sums over ``S`` are statistics over
+    the channels (refused, or with ``norms='masked'`` taken over the kept ones). The split's
+    reason under ``norms='refuse'`` is put first in ``t.sums``. Returns the ``id`` of the
+    merged ids of each split and merge handled (skipping those in ``done``)."""
+    if not t.sums:
+        return set()
+    summed = np.zeros(len(channel), bool)
+    for ids, _ in t.sums:
+        summed[comp[ids]] = True
+    where = {id(axis): here for axis, here in t.splits}
+    handled: set[int] = set()
+    group_axes = np.zeros(len(channel), bool)
+    front = []
+    for merged, parts, sizes in t.reshapes:
+        if (id(merged) not in where or id(merged) in done or len(parts) != 2
+                or not channel[comp[merged]].any()):
+            continue
+        outer, inner = parts
+        if (summed[comp[inner]].all() and not summed[comp[outer]].any()
+                and not channel[comp[outer]].any() and not channel[comp[inner]].any()):
+            t.link(merged, inner[np.arange(len(merged)) % sizes[1]])
+            group_axes[comp[outer]] = True
+            handled.add(id(merged))
+            front.append((merged, "a reshape splits the channel axis into groups (a GroupNorm: "
+                                  f"trace with norms='masked' to prune it) at {where[id(merged)]}"))
+    for merged, parts, sizes in t.reshapes:
+        if (id(merged) in where or id(merged) in done or len(parts) != 2
+                or not channel[comp[merged]].any()):
+            continue
+        outer, inner = parts
+        if group_axes[comp[outer]].all() and not channel[comp[inner]].any():
+            t.link(merged, inner[np.arange(len(merged)) % sizes[1]])
+            handled.add(id(merged))
+    t.sums[:0] = front
+    return handled
