@@ -112,7 +112,7 @@ def cmd_bench_widths(args, overrides) -> int:
     from jaxprune.graph import trace_linen
     from jaxprune.models import MODEL_NAMES, get_model
 
-    validate.one_of(args.model, MODEL_NAMES, "model (a bundled model)")
+    validate.one_of(args.model, MODEL_NAMES, "model")
     for flag in ("batch", "step", "repeats"):
         validate.positive_int(getattr(args, flag), f"--{flag}")
     size = args.input_size or (224 if args.model in ("resnet18", "resnet34", "resnet50", "resnet101",
