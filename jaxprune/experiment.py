@@ -35,7 +35,8 @@ from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset, load_imagenet
 from jaxprune.masks import apply_masks, binarize
-from jaxprune.methods.base import MethodContext, final_roles
+from jaxprune.methods.base import final_roles
+from jaxprune.pruner import Pruner
 from jaxprune.models import get_model
 
 
@@ -50,7 +51,7 @@ class Setup:
     graph: Any
     optimizer: Any
     method: Any
-    ctx: MethodContext
+    pruner: Pruner  # ``method.pruner(graph, config.epochs, steps_per_epoch)``
     # (dense, pruned) costs of the original architecture when ``model`` is already the compact
     # one (`compact_for_retraining`); None: computed from ``graph`` and the final masks
     reference_costs: tuple[dict, dict] | None = None
@@ -59,9 +60,10 @@ class Setup:
 RETRAIN_MODEL = "retrain_model"  # the compact model a compact_before_retraining run retrains
 
 
-def compact_for_retraining(s: Setup, state: train_step.TrainState, workdir: Path
+def compact_for_retraining(s: Setup, pruned: train_step.TrainState, workdir: Path
                            ) -> tuple[Setup, train_step.TrainState]:
-    """PFEC's retraining of the physically smaller model: ``s.method.init`` prunes (one shot),
+    """PFEC's retraining of the physically smaller model: ``pruned`` is the state after the
+    pruner's ``init`` (one-shot pruning),
     `compact` removes the pruned filters, and the returned setup retrains that model with no
     masks (method ``dense``: nothing is pruned any more) from a fresh train state with the same
     RNG, so it computes what retraining the masked model computes, up to float rounding (tested).
@@ -74,7 +76,6 @@ def compact_for_retraining(s: Setup, state: train_step.TrainState, workdir: Path
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     where = workdir / RETRAIN_MODEL
     if not where.is_dir():
-        pruned = s.method.init(state, s.ctx)
         masks = binarize(pruned.masks)
         res = compact(s.model, pruned.variables, masks, s.graph)
         save_compact(where, res.model, res.variables, {
@@ -82,16 +83,15 @@ def compact_for_retraining(s: Setup, state: train_step.TrainState, workdir: Path
             "dense": costs(s.graph), "compact": costs(s.graph, masks)})
     model, variables, meta = load(where)
     graph = trace_linen(model, variables, x, residual=s.config.method.residual)
-    ctx = MethodContext(graph=graph, total_epochs=s.ctx.total_epochs,
-                        steps_per_epoch=s.ctx.steps_per_epoch)
-    small = dataclasses.replace(s, model=model, variables=variables, graph=graph,
-                                method=get_method("dense"), ctx=ctx,
+    dense = get_method("dense")
+    small = dataclasses.replace(s, model=model, variables=variables, graph=graph, method=dense,
+                                pruner=dense.pruner(graph, s.config.epochs),
                                 reference_costs=(meta["dense"], meta["compact"]))
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(s.config.seed), x,
                                           s.optimizer)
     fresh = fresh.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
                           batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})))
-    return small, fresh
+    return small, train_step.prune_init(small.pruner, fresh)
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data_lib.Dataset | StreamedDataset:
@@ -252,8 +252,8 @@ def setup(config: ml_collections.ConfigDict, data: data_lib.Dataset | None = Non
     method = make_method(config)
     if not _is_bundled(model):
         method = _own_model_method(method, config)
-    ctx = MethodContext(graph=graph, total_epochs=config.epochs, steps_per_epoch=steps)
-    return Setup(config, ds, model, variables, graph, optimizer, method, ctx)
+    pruner = method.pruner(graph, config.epochs, steps)
+    return Setup(config, ds, model, variables, graph, optimizer, method, pruner)
 
 
 def costs(graph, masks=None) -> dict[str, int]:
@@ -397,9 +397,11 @@ def _initial_params(s: Setup, state: train_step.TrainState) -> train_step.TrainS
                          batch_stats=put(restored["batch_stats"], state.batch_stats))
 
 
-def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict:
-    """``workdir/start.json``: test accuracy of the pretrained weights and of the same weights
-    right after the method's ``init`` (PFEC: pruned, not yet retrained), written once."""
+def _record_start(s: Setup, state: train_step.TrainState, pruned: train_step.TrainState,
+                  workdir: Path) -> dict:
+    """``workdir/start.json``: test accuracy of the pretrained weights (``state``) and of the
+    same weights right after the pruner's ``init`` (``pruned``; PFEC: pruned, not yet
+    retrained), written once."""
     path = workdir / "start.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -407,7 +409,6 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     ev = lambda v: evaluation.evaluate(s.model, v, *_test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                      preprocess=preprocess)["accuracy"]
-    pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
     rec = {"pretrained_accuracy": ev(state.variables),
            "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph,
@@ -418,22 +419,23 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     return rec
 
 
-def _fit_phase(s: Setup, state: train_step.TrainState, method: Any, ctx: MethodContext,
+def _fit_phase(s: Setup, state: train_step.TrainState, pruner: Pruner, method_name: str,
                optimizer: optax.GradientTransformation, *, epochs: int, seed: int, ckpt_dir: Path,
                writer, augment, preprocess, progress: bool) -> tuple[train_step.TrainState, list[dict]]:
-    """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``."""
+    """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``;
+    ``state`` is already after ``pruner.init`` (`train_step.prune_init`)."""
     from jaxprune.checkpoints import make_checkpoint_manager
 
     c, ds = s.config, s.dataset
     manager = make_checkpoint_manager(ckpt_dir, max_to_keep=c.keep_checkpoints, async_save=True)
     try:
         return training.fit(
-            s.model, s.graph, method, ctx, state, optimizer,
+            s.model, s.graph, pruner, state, optimizer,
             *_fit_sets(ds),
             epochs=epochs, batch_size=c.batch_size, seed=seed,
             augment=augment, preprocess=preprocess, checkpoint_manager=manager,
             metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
-            config=c.to_dict(),
+            config=c.to_dict(), run_init=False, method_name=method_name,
             steps_per_call=None if c.steps_per_call == -1 else c.steps_per_call)
     finally:
         manager.close()
@@ -450,22 +452,28 @@ def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, pre
     hard masks fixed (`jaxprune.methods.FixedMasks`), from fresh optimizer moments; its own
     checkpoints (``workdir/checkpoints_finetune``) so an interrupted fine-tuning resumes too.
     Epochs are logged after the main run's (``epoch`` continues counting, ``phase='finetune'``)."""
-    from jaxprune.methods import FixedMasks
-
     c = s.config
     o = c.optimizer
     optimizer = optim.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     state = state.replace(opt_state=optimizer.init(state.params))
-    ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
-                        steps_per_epoch=s.ctx.steps_per_epoch)
+    pruner, state = _finetune_start(s, state)
     relabel = functools.partial(_as_finetune_epoch, main_epochs=c.epochs)
     writer = _MetricsWriter(workdir, phase="finetune", relabel=relabel)
-    state, history = _fit_phase(s, state, FixedMasks(), ctx, optimizer, epochs=c.finetune_epochs,
+    state, history = _fit_phase(s, state, pruner, "finetune", optimizer, epochs=c.finetune_epochs,
                                 seed=c.seed + 1, ckpt_dir=workdir / "checkpoints_finetune",
                                 writer=writer, augment=augment,
                                 preprocess=preprocess, progress=progress)
     return state, [relabel(r) for r in history]
+
+
+def _finetune_start(s: Setup, state: train_step.TrainState) -> tuple[Pruner, train_step.TrainState]:
+    """The fine-tuning phase's pruner (`jaxprune.methods.FixedMasks` of the final masks) and
+    ``state`` after its ``init``."""
+    from jaxprune.methods import FixedMasks
+
+    pruner = FixedMasks(state.masks, state.hard).pruner(s.graph, s.config.finetune_epochs)
+    return pruner, train_step.prune_init(pruner, state)
 
 
 # config keys a resumed run may never change (the checkpoint's structure and meaning)...
@@ -651,8 +659,10 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         with open(workdir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    pruned = train_step.prune_init(s.pruner, state)  # the method's one init of the run
     if config.pretrained:
-        _record_start(s, state, workdir)
+        _record_start(s, state, pruned, workdir)
+    state = pruned
     if config.compact_before_retraining:
         s, state = compact_for_retraining(s, state, workdir)
     preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
@@ -663,7 +673,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         augment = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std,
                                     flip=augment_flag, pad=4 if augment_flag else 0,
                                     cutout_length=config.cutout)
-    state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
+    state, history = _fit_phase(s, state, s.pruner, s.method.name, s.optimizer, epochs=config.epochs,
                                 seed=config.seed, ckpt_dir=workdir / "checkpoints",
                                 writer=_MetricsWriter(workdir), augment=augment,
                                 preprocess=preprocess, progress=progress)
@@ -879,12 +889,12 @@ def restore_run(run_dir: Path):
     s = setup(cfg)
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(cfg.seed), x, s.optimizer)
+    if cfg.compact_before_retraining and not (run_dir / RETRAIN_MODEL).is_dir():
+        raise FileNotFoundError(f"{str(run_dir / RETRAIN_MODEL)!r} is missing: this run "
+                                "retrains a compact model and its checkpoints need it")
+    state = train_step.prune_init(s.pruner, state)  # the restore's structure target
     if cfg.compact_before_retraining:  # the checkpoints hold the compact model's state
-        if not (run_dir / RETRAIN_MODEL).is_dir():
-            raise FileNotFoundError(f"{str(run_dir / RETRAIN_MODEL)!r} is missing: this run "
-                                    "retrains a compact model and its checkpoints need it")
         s, state = compact_for_retraining(s, state, run_dir)
-    state = s.method.init(state, s.ctx)
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
     newest = mgr.latest_step()
     if newest is None:
@@ -954,11 +964,11 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     has_ft = ft_dir.is_dir() and any(p.name.isdigit() for p in ft_dir.iterdir())
     if which == "best" and not has_ft:
         state, meta, step, newest = _pick(run_dir / "checkpoints", state, which)
-    state = s.method.finalize(state, s.ctx)
+    state = train_step.prune_finalize(s.pruner, state)
     history = list(meta.get("history", []))
     tag = "step"
     if has_ft:
-        state, ft_meta, step, newest = _pick(ft_dir, state, which)
+        state, ft_meta, step, newest = _pick(ft_dir, _finetune_start(s, state)[1], which)
         history += [_as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
         tag = "finetune-step"
     fell_back = which == "final" and step != newest

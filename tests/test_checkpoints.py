@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,23 @@ from jaxprune import optim, train_step
 REPO = Path(__file__).resolve().parent.parent
 
 
+class TauState(NamedTuple):
+    """A pruning state with a method field (as HFP's threshold)."""
+
+    masks: dict
+    hard: dict
+    count: jax.Array
+    tau: jax.Array
+
+
+class ExtraState(NamedTuple):
+    masks: dict
+    hard: dict
+    count: jax.Array
+    tau: jax.Array
+    new: jax.Array
+
+
 def small_state(value: float = 1.0, out: int = 4) -> train_step.TrainState:
     """A TrainState with every kind of leaf (nested params, optax NamedTuples, empty dicts)."""
     params = {"conv": {"kernel": jnp.full((3, 3, 2, out), value)},
@@ -32,9 +50,11 @@ def small_state(value: float = 1.0, out: int = 4) -> train_step.TrainState:
     opt = optim.make_optimizer(0.1)
     return train_step.TrainState(
         step=jnp.asarray(int(value), jnp.int32), params=params, batch_stats={},
-        opt_state=opt.init(params), masks={"conv": jnp.ones((out,))},
-        hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
-        method_state={"tau": jnp.asarray(value * 0.5)}, rng=jax.random.PRNGKey(int(value)))
+        opt_state=opt.init(params),
+        prune=TauState(masks={"conv": jnp.ones((out,))},
+                       hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
+                       count=jnp.asarray(int(value), jnp.int32), tau=jnp.asarray(value * 0.5)),
+        rng=jax.random.PRNGKey(int(value)))
 
 
 def assert_trees_equal(a, b):
@@ -77,8 +97,9 @@ def test_restore_rejects_shape_mismatch_naming_the_leaf(tmp_path):
     with pytest.raises(ValueError, match=r"'params/conv/kernel' has shape \(3, 3, 2, 4\) on disk "
                                          r"but the target expects \(3, 3, 2, 5\)"):
         ck.restore_checkpoint(mgr, small_state(0.0, out=5))
-    extra = small_state(0.0).replace(method_state={"tau": jnp.zeros(()), "new": jnp.zeros(())})
-    with pytest.raises(ValueError, match=r"missing from the checkpoint.*method_state/new"):
+    zero = small_state(0.0)
+    extra = zero.replace(prune=ExtraState(*zero.prune, new=jnp.zeros(())))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint.*prune/new"):
         ck.restore_checkpoint(mgr, extra)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ck.restore_checkpoint(ck.make_checkpoint_manager(tmp_path / "empty"), small_state())

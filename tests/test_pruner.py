@@ -14,10 +14,8 @@ from flax.training import train_state
 
 from jaxprune import train_step as ts_lib
 from jaxprune.graph import trace_linen
-from jaxprune.masks import hard_masked, init_masks
+from jaxprune.masks import hard_masked
 from jaxprune.methods import get_method
-from jaxprune.methods.base import MethodContext
-from jaxprune.pruner import PruneState, pruner
 from test_training import TinyNet  # conv(4)-BN-ReLU-conv(6)-BN-ReLU-GAP-fc(3)
 
 EPOCHS, STEPS = 4, 2
@@ -40,25 +38,24 @@ METHODS = {"sfp": dict(rate=0.4), "asfp": dict(rate=0.4), "ghfp": dict(rate=0.5)
 
 
 def _jaxprune_loop(method, model, variables, graph, xs, ys):
-    ctx = MethodContext(graph=graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, EPOCHS, STEPS)
     state = ts_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                               batch_stats=variables["batch_stats"], opt_state=OPT.init(variables["params"]),
-                              masks=init_masks(graph), hard=init_masks(graph), method_state={},
-                              rng=jnp.zeros((2,), jnp.uint32))
-    state = method.init(state, ctx)
+                              prune=None, rng=jnp.zeros((2,), jnp.uint32))
+    state = ts_lib.prune_init(pr, state)  # the pruner's first selection fills ``prune``
     step = jax.jit(functools.partial(ts_lib.train_step, model=model, graph=graph, optimizer=OPT,
-                                     method=method, ctx=ctx))
+                                     pruner=pr))
     for e in range(EPOCHS):
         for k in range(STEPS):
             state, _ = step(state, xs[e * STEPS + k], ys[e * STEPS + k])
-        state = method.end_of_epoch(state, e, ctx)
-    return method.finalize(state, ctx)
+        state = ts_lib.prune_update(pr, state)
+    return ts_lib.prune_finalize(pr, state)
 
 
 def _user_loop(method, model, variables, graph, xs, ys):
     """What a user writes: a flax TrainState, their optimizer wrapped in hard_masked, the
     method's penalty added to their loss."""
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     variables, ps = pr.init(variables)
     tx = hard_masked(OPT, graph)
     state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
@@ -92,7 +89,8 @@ def test_a_user_loop_prunes_like_jaxprunes_own(name):
     method = get_method(name, **METHODS[name])
     ours = _jaxprune_loop(method, model, variables, graph, xs, ys)
     got_vars, got = _user_loop(method, model, variables, graph, xs, ys)
-    assert isinstance(got, PruneState)
+    assert type(got) is type(ours.prune)  # the method's own typed state
+    assert int(got.count) == EPOCHS
     for g in graph.groups:
         np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
         np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
@@ -104,7 +102,7 @@ def test_a_user_loop_prunes_like_jaxprunes_own(name):
 
 def test_pruner_names_a_bad_variables_tree():
     _, variables, graph, _, _ = _setup()
-    pr = pruner(get_method("sfp", rate=0.3), graph, total_epochs=2)
+    pr = get_method("sfp", rate=0.3).pruner(graph, total_epochs=2)
     with pytest.raises(ValueError, match="'params' collection"):
         pr.init(variables["params"])
 
@@ -115,7 +113,7 @@ def _nnx_loop(method, model, graph, xs, ys):
 
     from jaxprune.pruner import nnx_update, nnx_variables
 
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     variables, ps = pr.init(nnx_variables(model))
     nnx_update(model, variables)
     optimizer = nnx.Optimizer(model, hard_masked(OPT, graph), wrt=nnx.Param)
@@ -176,7 +174,7 @@ def test_a_user_composes_ghfp_over_asfp_with_fpgm_scores():
 
     model, variables, graph, xs, ys = _setup()
     method = GHFP(soft=SFP(rate=0.5, asymptotic=True, criterion="fpgm"), end=0.5)
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     v0, ps0 = pr.init(variables)
     assert int(ps0.count) == 0
     v1, ps1 = pr.update(v0, ps0)
