@@ -154,27 +154,29 @@ def srfp_zero_epoch(total_epochs: int, zero_fraction: float) -> int:
 
 
 def srfp_decay(
-    alpha0: float, c: float, total_epochs: int, zero_fraction: float = 0.15
+    alpha0: float, c: float | None, total_epochs: int, zero_fraction: float = 0.15
 ) -> Schedule:
     """SRFP's decay factor for soft-pruned filters: ``alpha_t = alpha0 exp(-c t)``.
 
-    ``alpha_t = 0`` for the last ``n0 = round(zero_fraction * T)`` epochs (``t >= T - n0``),
-    so the final pruned filters are exactly zero (methods.md section 3). The value is meant
-    as the mask entry of the selected channels (``jaxprune.masks``).
+    ``alpha_t = 0`` for the last ``n0 = round(zero_fraction * T)`` epochs (``t >= T - n0``,
+    `srfp_zero_epoch`), so the final pruned filters are exactly zero (methods.md section 3).
+    ``c=None`` picks ``c = 3 / t_zero`` (``t_zero`` that zero point), so ``alpha`` has fallen
+    to ``alpha0 e^-3`` when it is switched to 0. The value is meant as the mask entry of the
+    selected channels (``jaxprune.masks``).
     """
     total_epochs = _check_epochs(total_epochs)
     if isinstance(alpha0, bool) or not isinstance(alpha0, numbers.Real) or not 0.0 <= alpha0 <= 1.0:
         raise ValueError(f"alpha0 must be in [0, 1], got {alpha0!r}")
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not c >= 0.0:
-        raise ValueError(f"decay rate c must be >= 0, got {c!r}")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, numbers.Real) or not c >= 0.0):
+        raise ValueError(f"decay rate c must be >= 0 or None, got {c!r}")
     if (
         isinstance(zero_fraction, bool)
         or not isinstance(zero_fraction, numbers.Real)
         or not 0.0 <= zero_fraction < 1.0
     ):
         raise ValueError(f"zero_fraction must be in [0, 1), got {zero_fraction!r}")
-    alpha0, c = float(alpha0), float(c)
     zero_from = srfp_zero_epoch(total_epochs, zero_fraction)
+    alpha0, c = float(alpha0), float(3.0 / max(zero_from, 1) if c is None else c)
 
     def schedule(epoch: Epoch):
         if _is_traced(epoch):

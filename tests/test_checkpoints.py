@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 import jaxprune
 from jaxprune import checkpoints as ck
@@ -89,6 +90,47 @@ def test_save_restore_keeps_latest_and_best(tmp_path):
     assert_trees_equal(best, small_state(2.0))
     with pytest.raises(FileNotFoundError, match="step 1"):
         ck.restore_checkpoint(fresh, small_state(0.0), step=1)
+
+
+@struct.dataclass
+class OldState:
+    """The train state as older checkpoints hold it: ``masks``, ``hard``, ``method_state``."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+    masks: dict
+    hard: dict
+    method_state: dict
+    rng: jax.Array
+
+
+def as_old(state: train_step.TrainState) -> OldState:
+    p = state.prune
+    return OldState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                    opt_state=state.opt_state, masks=p.masks, hard=p.hard,
+                    method_state={"tau": p.tau, "dropped": jnp.zeros((2,))}, rng=state.rng)
+
+
+def test_checkpoints_of_the_older_layout_are_converted_at_restore(tmp_path):
+    """An epoch checkpoint and a preempted one written in the older layout restore into
+    today's state: masks, hard and the method state's fields land in the pruning state
+    (entries it has no field for are dropped), the count is the epochs done (the epoch
+    checkpoint's ``next_epoch``, the preempted epoch's index)."""
+    want = small_state(1.0)
+    mgr = ck.make_checkpoint_manager(tmp_path / "run")
+    ck.save_checkpoint(mgr, as_old(want), epoch=4, metrics={})
+    mgr.wait_until_finished()
+    got, meta = ck.restore_checkpoint(mgr, small_state(0.0))
+    assert meta["next_epoch"] == 5 and type(got.prune) is TauState
+    assert int(got.prune.count) == 5 and float(got.prune.tau) == 0.5
+    assert_trees_equal(got.replace(prune=got.prune._replace(count=want.prune.count)), want)
+    ck.save_preempt(tmp_path / "pre", as_old(want),
+                    {"epoch": 3, "resume_step": 2, "history": [], "step_metrics": [{}, {}]})
+    got, meta = ck.load_preempt(tmp_path / "pre", small_state(0.0), steps_per_epoch=5)
+    assert int(got.prune.count) == 3 and meta["resume_step"] == 2
+    assert_trees_equal(got.replace(prune=got.prune._replace(count=want.prune.count)), want)
 
 
 def test_restore_rejects_shape_mismatch_naming_the_leaf(tmp_path):

@@ -598,6 +598,10 @@ def test_srfp_zero_epoch_hand_values():
     assert s(6) > 0 and s(7) == 0.0
     assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(7, 10) == 0.0
     assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(6, 10) == 0.5 * math.exp(-3 / 7 * 6)
+    # c=None: c = 3 / t_zero, picked by the schedule itself (t_zero = 7 here)
+    auto = srfp_decay(0.5, None, 10, 0.25)
+    assert auto(6) == 0.5 * math.exp(-3 / 7 * 6) and auto(7) == 0.0
+    assert float(jax.jit(auto)(jnp.float32(2))) == pytest.approx(0.5 * math.exp(-3 / 7 * 2))
 
 
 def test_srfp_author_decay_hand_values():

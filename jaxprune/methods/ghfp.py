@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jaxprune import schedules, selection
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods.sfp import SFP, as_counts, harden, with_params
+from jaxprune.methods.sfp import SFP, SoftRule, as_counts, harden, with_params
 from jaxprune.pruner import (Pruner, check_variables, epoch_of, next_count, zero_count,
                              zero_penalty)
 from jaxprune.selection import is_traced
@@ -76,7 +76,9 @@ class GHFP:
     """Gradually Hard Filter Pruning on top of an SFP variant (see the module docstring).
 
     Attributes:
-      soft: the soft part, an `SFP` (its rate, criterion, exclude, ASFP/SRFP options).
+      soft: the soft part: an `SFP` (its rate, criterion, exclude, ASFP/SRFP options) or any
+        other `jaxprune.methods.sfp.SoftRule` (scores, counts and decay of a soft selection);
+        GHFP hardens its selections gradually (``selection.hard_first`` / ``grow_hard``).
       shape: the hard-fraction ramp, 'cubic', 'linear' or 'exp'.
       end: the fraction of training at which every pruned channel is hard (0.9).
       hard_count: 'selected' (``floor(h * int(N * P_t))``, methods.md) or 'layer'
@@ -102,8 +104,9 @@ class GHFP:
         return cls(soft=soft, shape="cubic", end=1.0, hard_count="layer", harden_at_init=True)
 
     def __post_init__(self):
-        if not isinstance(self.soft, SFP):
-            raise ValueError(f"soft must be an SFP instance, got {self.soft!r}")
+        if not isinstance(self.soft, SoftRule):
+            raise ValueError(f"soft must be a soft selection rule (SFP or another "
+                             f"methods.sfp.SoftRule), got {self.soft!r}")
         if self.shape not in schedules.HARD_SHAPES:
             raise ValueError(
                 f"unknown ramp shape {self.shape!r}; allowed: {', '.join(schedules.HARD_SHAPES)}")

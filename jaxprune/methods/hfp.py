@@ -4,8 +4,7 @@ The paper's formulation was not available and no public code exists; this is the
 interpretation of methods.md, with the choices below.
 
 - **Gates.** Every channel of a *gated* group has the score ``s_c = |gamma_c|``, its BN scale
-  (summed over the group's BN scales when a coupled group has several, as
-  ``criteria.bn_scale``). Gated groups: every group with a BN scale in ``'params'``, minus the
+  (summed over the group's BN scales when a coupled group has several: ``criteria.bn_scale``). Gated groups: every group with a BN scale in ``'params'``, minus the
   ones with a producer matched by ``exclude`` (paths / fnmatch patterns / predicate, as SFP).
   Other groups keep all their channels.
 - **Normalisation.** Scores are made comparable across layers by dividing by a per-group
@@ -67,11 +66,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import flops
+from jaxprune import criteria, flops
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import init_masks
 from jaxprune.methods.sfp import (check_exclude, check_rate, harden, is_excluded,
-                                  normalize_exclude)
+                                  normalize_exclude, subgraph)
 from jaxprune.pruner import Pruner, check_total_epochs, check_variables, next_count, zero_count
 
 BETA_STEP = 0.05
@@ -106,15 +105,6 @@ class Budget(NamedTuple):
     dense_params: int
     target_macs: float | None
     target_params: float | None
-
-
-def _leaf(tree: Any, path: Sequence[str]) -> jax.Array:
-    node = tree
-    for key in path:
-        node = node[key]
-    if not hasattr(node, "shape") and hasattr(node, "value"):
-        node = node.value
-    return node
 
 
 def _bn_scales(group) -> list:
@@ -197,17 +187,9 @@ class HFP:
 
     # -- gates
     def gates(self, params: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
-        """``|gamma|`` per channel (summed over the group's BN scales), float32 ``[C]``."""
-        out = {}
-        for n in names:
-            total = 0.0
-            for m in _bn_scales(graph.groups[n]):
-                leaf = jnp.asarray(_leaf(params, m.path[1:]), jnp.float32)
-                idx = np.asarray(m.index)
-                vals = jnp.take(leaf, idx.reshape(-1), axis=m.axis).reshape(idx.shape)
-                total = total + jnp.sum(jnp.abs(vals), axis=1)
-            out[n] = total
-        return out
+        """``|gamma|`` per channel (summed over the group's BN scales, `criteria.bn_scale`),
+        float32 ``[C]``, of the groups ``names``."""
+        return criteria.bn_scale({"params": params}, subgraph(graph, names))
 
     def soft_counts(self, params: Any, state: HFPState, graph: PruningGraph
                     ) -> dict[str, jax.Array]:

@@ -58,7 +58,7 @@ import dataclasses
 import fnmatch
 import functools
 import numbers
-from typing import Any, Callable, Mapping, NamedTuple, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -159,6 +159,39 @@ def with_params(variables: Any, params: Any, batch_stats: Any = None) -> dict:
     if batch_stats is not None and "batch_stats" in variables:
         out["batch_stats"] = batch_stats
     return out
+
+
+@runtime_checkable
+class SoftRule(Protocol):
+    """What a soft selection rule gives GHFP (`jaxprune.methods.ghfp`), which hardens any of
+    them gradually: `SFP` and its variants implement it, with any criterion."""
+
+    @property
+    def soft_roles(self) -> tuple[str, ...]:
+        """Member roles multiplied at a soft selection."""
+
+    def check(self, graph: PruningGraph, total_epochs: int) -> None:
+        """Host-side validation (ValueError)."""
+
+    def pruned_groups(self, graph: PruningGraph) -> tuple[str, ...]:
+        """The groups the rule prunes."""
+
+    def rate_at(self, t: Any, total_epochs: int) -> Any:
+        """The pruning rate after ``t`` completed epochs."""
+
+    def counts_at(self, graph: PruningGraph, names: Sequence[str], t: Any,
+                  total_epochs: int) -> dict[str, Any]:
+        """Per-group selected counts after ``t`` completed epochs."""
+
+    def alpha_at(self, t: Any, total_epochs: int) -> Any:
+        """The mask value of the selected channels after ``t`` completed epochs."""
+
+    def scores(self, variables: Any, graph: PruningGraph,
+               names: Sequence[str]) -> dict[str, jax.Array]:
+        """Scores of the groups ``names`` (lowest selected first)."""
+
+    def final_counts(self, graph: PruningGraph) -> dict[str, int]:
+        """Per-group pruned counts of the final selection."""
 
 
 class SFPState(NamedTuple):
@@ -280,9 +313,8 @@ class SFP:
             return 0.0
         if self.decay_form == "author":
             return schedules.srfp_decay_author(self.alpha0, total_epochs)(t)
-        zero_from = schedules.srfp_zero_epoch(total_epochs, self.zero_fraction)
-        c = self.decay_rate if self.decay_rate is not None else 3.0 / max(zero_from, 1)
-        return schedules.srfp_decay(self.alpha0, c, total_epochs, self.zero_fraction)(t)
+        return schedules.srfp_decay(self.alpha0, self.decay_rate, total_epochs,
+                                    self.zero_fraction)(t)
 
     def counts_at(self, graph: PruningGraph, names: Sequence[str], t: Any,
                   total_epochs: int) -> dict[str, Any]:
