@@ -36,8 +36,8 @@ from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset, load_imagenet
 from jaxprune.masks import apply_masks, binarize
 from jaxprune.methods.base import final_roles
-from jaxprune.pruner import Pruner
 from jaxprune.models import get_model
+from jaxprune.pruner import Pruner
 
 
 @dataclasses.dataclass(frozen=True)
