@@ -99,11 +99,11 @@ def main(argv=None) -> int:
     state = fresh()
     rec = {"test_images": int(ds.num_test), "steps": args.steps, "peak_lr": args.lr,
            "pretrained": acc(state.variables)}
-    state = s.method.init(state, s.ctx)
+    state = train_step.prune_init(s.pruner, state)
     start_masks = state.masks
     rec["after_init"] = both(state.variables)
     aug = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std, flip=True, pad=4)
-    step = train_step.make_train_step(s.model, s.graph, s.optimizer, s.method, s.ctx, augment=aug)
+    step = train_step.make_train_step(s.model, s.graph, s.optimizer, s.pruner, augment=aug)
     train_acc = []
     for _ in range(args.steps):
         idx = rng.choice(len(train_x), s.config.batch_size, replace=False)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         train_acc.append(float(met["accuracy"]))
     rec["train_accuracy_last_50_steps"] = float(np.mean(train_acc[-50:]))
     rec["soft"] = both(state.variables)
-    state = s.method.end_of_epoch(state, 0, s.ctx)
+    state = train_step.prune_update(s.pruner, state)  # the re-selection after epoch 0
     rec["reselected"] = both(state.variables)
     pruned = changed = 0
     for g, m in start_masks.items():

@@ -132,10 +132,11 @@ def run_case(name: str, workdir: Path) -> dict:
         restored = manager.restore(step, args=ocp.args.Composite(**{
             checkpoints.STATE_ITEM: ocp.args.StandardRestore()}))
         state = restored[checkpoints.STATE_ITEM]
+        prune = state.get("prune", state)  # the pruning state (older checkpoints: top level)
         epochs.append({
             "step": int(step),
-            "masks": {g: encode_mask(m) for g, m in sorted(state["masks"].items())},
-            "hard": {g: encode_mask(m) for g, m in sorted(state["hard"].items())},
+            "masks": {g: encode_mask(m) for g, m in sorted(prune["masks"].items())},
+            "hard": {g: encode_mask(m) for g, m in sorted(prune["hard"].items())},
         })
         params = list(_leaves(state["params"]))
     manager.close()

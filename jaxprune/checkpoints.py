@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune import state_migration as migration
 from jaxprune.graph import leaf_paths
 from jaxprune.tree_io import abstract_target, check_shapes, jsonable
 
@@ -122,7 +123,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
     """Restores ``(state, meta)`` of ``step`` (default: the latest) into ``target``'s structure.
 
     ``target`` is a state (arrays or ``ShapeDtypeStruct``s) with the expected structure and
-    shapes, e.g. the fresh state after ``method.init``. Its leaves are checked against the
+    shapes, e.g. the fresh state after the pruner's ``init`` (`jaxprune.train_step.prune_init`).
+    A checkpoint of the older layout (``masks``/``hard``/``method_state`` fields) is converted
+    (`jaxprune.state_migration`). Its leaves are checked against the
     stored metadata first (ValueError naming the leaf path and both shapes on any mismatch).
     With ``mesh`` the arrays come back replicated on it, else with the target leaves' shardings.
     """
@@ -137,14 +140,19 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: Any, *, step: int
     if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
         raise FileNotFoundError(f"checkpoint {manager.directory}/{step} has no array metadata "
                                 f"({STATE_ITEM}/_METADATA is missing or empty)")
-    check_shapes(getattr(stored, "tree", stored), target,
-                 what=f"checkpoint {manager.directory}/{step}")
+    tree = getattr(stored, "tree", stored)
+    legacy = migration.is_legacy(tree, target)
+    want = migration.legacy_target(tree, target) if legacy else target
+    check_shapes(tree, want, what=f"checkpoint {manager.directory}/{step}")
     sharding = NamedSharding(mesh, P()) if mesh is not None else None
     restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(abstract_target(target, sharding)),
+        STATE_ITEM: ocp.args.StandardRestore(abstract_target(want, sharding)),
         META_ITEM: ocp.args.JsonRestore(),
     }))
-    return restored[STATE_ITEM], dict(restored[META_ITEM])
+    state, meta = restored[STATE_ITEM], dict(restored[META_ITEM])
+    if legacy:
+        state = migration.from_legacy(state, target, meta["next_epoch"], sharding)
+    return state, meta
 
 
 class BadWeightsError(ValueError):
@@ -368,10 +376,17 @@ def load_preempt(directory: str | os.PathLike, target: Any, *,
         if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
             raise FileNotFoundError(f"preempted checkpoint {path} has no array metadata "
                                     "(state/_METADATA is missing or empty)")
-        check_shapes(getattr(stored, "tree", stored), target, what=f"preempted checkpoint {path}")
-        state = ckptr.restore(path / "state", abstract_target(target))
+        tree = getattr(stored, "tree", stored)
+        legacy = migration.is_legacy(tree, target)
+        want = migration.legacy_target(tree, target) if legacy else target
+        check_shapes(tree, want, what=f"preempted checkpoint {path}")
+        state = ckptr.restore(path / "state", abstract_target(want))
     finally:
         ckptr.close()
+    if legacy:
+        if not isinstance(meta.get("epoch"), int):
+            raise ValueError(f"{path / 'meta.json'} lacks 'epoch' or 'history'")
+        state = migration.from_legacy(state, target, meta["epoch"])
     rs, per_step, history = meta.get("resume_step"), meta.get("step_metrics"), meta.get("history")
     if isinstance(rs, bool) or not isinstance(rs, int) or rs < 1 or (
             steps_per_epoch is not None and rs >= steps_per_epoch):

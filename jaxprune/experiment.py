@@ -40,9 +40,10 @@ from jaxprune.factories import (fit_sets, for_compaction, is_bundled, load_datas
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset
 from jaxprune.masks import apply_masks, binarize
-from jaxprune.methods.base import MethodContext, final_roles
+from jaxprune.methods.base import final_roles
 from jaxprune.metrics_log import MetricsWriter, as_finetune_epoch
 from jaxprune.pretrained import baseline_provenance, load_trained, with_pretrained_normalization
+from jaxprune.pruner import Pruner
 from jaxprune.resume import check_resume, check_workdir, undo_refused_start
 
 
@@ -57,7 +58,7 @@ class Setup:
     graph: Any
     optimizer: Any
     method: Any
-    ctx: MethodContext
+    pruner: Pruner  # ``method.pruner(graph, config.epochs, steps_per_epoch)``
     # (dense, pruned) costs of the original architecture when ``model`` is already the compact
     # one (`compact_for_retraining`); None: computed from ``graph`` and the final masks
     reference_costs: tuple[dict, dict] | None = None
@@ -66,14 +67,13 @@ class Setup:
 RETRAIN_MODEL = "retrain_model"  # the compact model a compact_before_retraining run retrains
 
 
-def compact_for_retraining(s: Setup, state: train_step.TrainState
+def compact_for_retraining(s: Setup, pruned: train_step.TrainState
                            ) -> tuple[Setup, train_step.TrainState, Any]:
-    """PFEC's retraining of the physically smaller model, in memory: ``s.method.init`` prunes
-    (one shot), `compact` removes the pruned filters, and `retraining_setup` retrains that model
-    with no masks. Returns ``(setup, state, compacted)`` (``compacted``: the
+    """PFEC's retraining of the physically smaller model, in memory: ``pruned`` is the state
+    after the pruner's ``init`` (one-shot pruning), `compact` removes the pruned filters, and
+    `retraining_setup` retrains that model with no masks. Returns ``(setup, state, compacted)`` (``compacted``: the
     `jaxprune.compaction.CompactResult`, whose model a run saves as ``workdir/retrain_model``
     for `jaxprune compact` and `jaxprune eval`)."""
-    pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
     res = compact(s.model, pruned.variables, masks, s.graph)
     small, fresh = retraining_setup(s, res.model, res.variables,
@@ -92,16 +92,15 @@ def retraining_setup(s: Setup, model: Any, variables: Any, reference_costs: tupl
 
     x = jnp.zeros((1,) + s.dataset.image_shape, jnp.float32)
     graph = trace_linen(model, variables, x, residual=s.config.method.residual)
-    ctx = MethodContext(graph=graph, total_epochs=s.ctx.total_epochs,
-                        steps_per_epoch=s.ctx.steps_per_epoch)
-    small = dataclasses.replace(s, model=model, variables=variables, graph=graph,
-                                method=get_method("dense"), ctx=ctx,
+    dense = get_method("dense")
+    small = dataclasses.replace(s, model=model, variables=variables, graph=graph, method=dense,
+                                pruner=dense.pruner(graph, s.config.epochs),
                                 reference_costs=reference_costs)
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(s.config.seed), x,
                                           s.optimizer)
     fresh = fresh.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
                           batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})))
-    return small, fresh
+    return small, train_step.prune_init(small.pruner, fresh)
 
 
 def save_retrain_model(s: Setup, compacted: Any, workdir: Path) -> None:
@@ -143,8 +142,8 @@ def setup(config: ml_collections.ConfigDict, data: data_lib.Dataset | None = Non
     method = make_method(config)
     if not is_bundled(model):
         method = own_model_method(method, config)
-    ctx = MethodContext(graph=graph, total_epochs=config.epochs, steps_per_epoch=steps)
-    return Setup(config, ds, model, variables, graph, optimizer, method, ctx)
+    pruner = method.pruner(graph, config.epochs, steps)
+    return Setup(config, ds, model, variables, graph, optimizer, method, pruner)
 
 
 def costs(graph, masks=None) -> dict[str, int]:
@@ -173,9 +172,11 @@ def _initial_params(s: Setup, state: train_step.TrainState) -> train_step.TrainS
                          batch_stats=put(restored["batch_stats"], state.batch_stats))
 
 
-def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict:
-    """``workdir/start.json``: test accuracy of the pretrained weights and of the same weights
-    right after the method's ``init`` (PFEC: pruned, not yet retrained), written once."""
+def _record_start(s: Setup, state: train_step.TrainState, pruned: train_step.TrainState,
+                  workdir: Path) -> dict:
+    """``workdir/start.json``: test accuracy of the pretrained weights (``state``) and of the
+    same weights right after the pruner's ``init`` (``pruned``; PFEC: pruned, not yet
+    retrained), written once."""
     path = workdir / "start.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -183,7 +184,6 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     ev = lambda v: evaluation.evaluate(s.model, v, *test_set(ds), s.config.eval_batch_size,  # noqa: E731
                                      preprocess=preprocess)["accuracy"]
-    pruned = s.method.init(state, s.ctx)
     masks = binarize(pruned.masks)
     rec = {"pretrained_accuracy": ev(state.variables),
            "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph,
@@ -194,22 +194,23 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
     return rec
 
 
-def _fit_phase(s: Setup, state: train_step.TrainState, method: Any, ctx: MethodContext,
+def _fit_phase(s: Setup, state: train_step.TrainState, pruner: Pruner, method_name: str,
                optimizer: optax.GradientTransformation, *, epochs: int, seed: int, ckpt_dir: Path,
                writer, augment, preprocess, progress: bool) -> tuple[train_step.TrainState, list[dict]]:
-    """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``."""
+    """One `training.fit` phase of a run with its own Orbax checkpoints in ``ckpt_dir``;
+    ``state`` is already after ``pruner.init`` (`train_step.prune_init`)."""
     from jaxprune.checkpoints import make_checkpoint_manager
 
     c, ds = s.config, s.dataset
     manager = make_checkpoint_manager(ckpt_dir, max_to_keep=c.keep_checkpoints, async_save=True)
     try:
         return training.fit(
-            s.model, s.graph, method, ctx, state, optimizer,
+            s.model, s.graph, pruner, state, optimizer,
             *fit_sets(ds), training.FitOptions(
                 epochs=epochs, batch_size=c.batch_size, seed=seed,
                 augment=augment, preprocess=preprocess, checkpoint_manager=manager,
                 metrics_writer=writer, progress=progress, eval_batch_size=c.eval_batch_size,
-                config=c.to_dict(),
+                config=c.to_dict(), run_init=False, method_name=method_name,
                 steps_per_call=None if c.steps_per_call == -1 else c.steps_per_call))
     finally:
         manager.close()
@@ -221,22 +222,28 @@ def finetune(s: Setup, state: train_step.TrainState, workdir: Path, augment, pre
     hard masks fixed (`jaxprune.methods.FixedMasks`), from fresh optimizer moments; its own
     checkpoints (``workdir/checkpoints_finetune``) so an interrupted fine-tuning resumes too.
     Epochs are logged after the main run's (``epoch`` continues counting, ``phase='finetune'``)."""
-    from jaxprune.methods import FixedMasks
-
     c = s.config
     o = c.optimizer
     optimizer = optim.make_optimizer(optax.constant_schedule(c.finetune_lr), momentum=o.momentum,
                                         nesterov=o.nesterov, weight_decay=o.weight_decay)
     state = state.replace(opt_state=optimizer.init(state.params))
-    ctx = MethodContext(graph=s.graph, total_epochs=c.finetune_epochs,
-                        steps_per_epoch=s.ctx.steps_per_epoch)
+    pruner, state = finetune_start(s, state)
     relabel = functools.partial(as_finetune_epoch, main_epochs=c.epochs)
     writer = MetricsWriter(workdir, phase="finetune", relabel=relabel)
-    state, history = _fit_phase(s, state, FixedMasks(), ctx, optimizer, epochs=c.finetune_epochs,
+    state, history = _fit_phase(s, state, pruner, "finetune", optimizer, epochs=c.finetune_epochs,
                                 seed=c.seed + 1, ckpt_dir=workdir / "checkpoints_finetune",
                                 writer=writer, augment=augment,
                                 preprocess=preprocess, progress=progress)
     return state, [relabel(r) for r in history]
+
+
+def finetune_start(s: Setup, state: train_step.TrainState) -> tuple[Pruner, train_step.TrainState]:
+    """The fine-tuning phase's pruner (`jaxprune.methods.FixedMasks` of the final masks) and
+    ``state`` after its ``init``."""
+    from jaxprune.methods import FixedMasks
+
+    pruner = FixedMasks(state.masks, state.hard).pruner(s.graph, s.config.finetune_epochs)
+    return pruner, train_step.prune_init(pruner, state)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progress: bool = True,
@@ -307,8 +314,10 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         with open(workdir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
     (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    pruned = train_step.prune_init(s.pruner, state)  # the method's one init of the run
     if config.pretrained:
-        _record_start(s, state, workdir)
+        _record_start(s, state, pruned, workdir)
+    state = pruned
     if config.compact_before_retraining:
         s, state, compacted = compact_for_retraining(s, state)
         save_retrain_model(s, compacted, workdir)
@@ -320,7 +329,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         augment = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std,
                                     flip=augment_flag, pad=4 if augment_flag else 0,
                                     cutout_length=config.cutout)
-    state, history = _fit_phase(s, state, s.method, s.ctx, s.optimizer, epochs=config.epochs,
+    state, history = _fit_phase(s, state, s.pruner, s.method.name, s.optimizer, epochs=config.epochs,
                                 seed=config.seed, ckpt_dir=workdir / "checkpoints",
                                 writer=MetricsWriter(workdir), augment=augment,
                                 preprocess=preprocess, progress=progress)

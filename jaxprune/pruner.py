@@ -1,11 +1,15 @@
-"""The pruning methods as pure transforms for any training loop (optax style).
+"""Pruners: the pruning methods as pure transforms over the model's variables (optax style).
 
-`jaxprune.methods` objects speak to jaxprune's own ``TrainState``. `pruner` wraps one as a
-`Pruner`: four pure functions over the model's variables (``{'params': ..., 'batch_stats':
-...}``, any pytree with the graph's paths) and a small typed state, so that a loop built on
-``flax.training.train_state.TrainState``, an ``nnx.Optimizer`` or plain arrays can use it::
+Every method of `jaxprune.methods` is a frozen record of hyperparameters whose
+``.pruner(graph, total_epochs, steps_per_epoch=1)`` returns a `Pruner`: four pure functions
+over the model's variables (``{'params': ..., 'batch_stats': ...}``, any pytree with the
+graph's paths) and the method's own typed state (a NamedTuple with at least ``masks``,
+``hard`` and ``count``; e.g. `MaskState`, ``SFPState``, ``GHFPState``, ``HFPState``). It closes
+over the hyperparameters, the graph and the training length, so any loop can drive it:
+jaxprune's own trainer (`jaxprune.train_step`, `jaxprune.training.fit`), a
+``flax.training.train_state.TrainState``, an ``nnx.Optimizer`` or plain arrays::
 
-    pr = jaxprune.pruner.pruner(SFP(rate=0.3), graph, total_epochs=E)
+    pr = SFP(rate=0.3).pruner(graph, total_epochs=E)
     variables, ps = pr.init(variables)                  # SFP: the first selection
     tx = jaxprune.masks.hard_masked(optax.sgd(0.1, momentum=0.9), graph)
     for epoch in range(E):
@@ -18,10 +22,13 @@ For an NNX model, `nnx_variables` / `nnx_update` move its Params and BatchStats 
 such a variables dict, `trace_nnx` traces it, and ``hard_masked(tx, graph)`` goes into its
 ``nnx.Optimizer`` (``optimizer.update(model, grads, masks=ps.hard)``).
 
-``ps.hard`` is what the optimizer must freeze (`jaxprune.masks.hard_masked`); soft-pruned
-channels (``ps.masks == 0``, ``ps.hard == 1``) train normally, as in jaxprune's own step.
-``ps.count`` counts the epochs done, so ``update`` needs no epoch argument. Every function is
-jittable (the count is then traced; SFP's variants and GHFP re-select with traced counts).
+``ps.masks`` are the masks of the last selection (1 keep, 0 pruned, in between decayed; the
+forward pass of a soft method sees them through the zeroed filters). ``ps.hard`` is what the
+optimizer must freeze (`jaxprune.masks.hard_masked`); soft-pruned channels (``ps.masks == 0``,
+``ps.hard == 1``) train normally. ``ps.count`` counts the epochs done, so ``update`` needs no
+epoch argument. Every function is jittable (the count is then traced; SFP's variants and GHFP
+re-select with traced counts); called with a concrete count, the counts are computed on the
+host (float64), as jaxprune's trainer does.
 """
 
 from __future__ import annotations
@@ -33,87 +40,104 @@ import jax.numpy as jnp
 
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import init_masks
-from jaxprune.methods.base import MethodContext
 
 
-class PruneState(NamedTuple):
-    """What a method carries between calls.
+class MaskState(NamedTuple):
+    """The state of the methods whose masks change only at ``init`` (dense, PFEC, fine-tuning).
 
     Attributes:
       masks: group name -> float32 ``[C]``, the masks of the last selection.
       hard: group name -> float32 ``[C]``, 0 where a channel is hard-pruned (freeze it).
-      method_state: the method's own pytree (``{}`` if none), e.g. HFP's threshold.
-      count: int32 scalar, the epochs done (re-selections since ``init``); ``update`` reads
-        it as the epoch that just ended and adds 1.
+      count: int32 scalar, the epochs done (``update`` calls since ``init``).
     """
 
     masks: dict
     hard: dict
-    method_state: Any
-    count: Any = 0
+    count: Any
 
 
 class Pruner(NamedTuple):
-    """A method as pure functions; see the module docstring."""
+    """A method as pure functions (see the module docstring).
 
-    init: Callable[[Any], tuple[Any, PruneState]]
-    update: Callable[[Any, PruneState], tuple[Any, PruneState]]
-    finalize: Callable[[Any, PruneState], tuple[Any, PruneState]]
-    penalty: Callable[[Any, PruneState], tuple[jax.Array, dict]]
+    Attributes:
+      init: ``variables -> (variables, state)``: the selection before training.
+      update: ``(variables, state) -> (variables, state)``: the re-selection at an epoch's end
+        (``state.count`` is the epoch that just ended; the returned count is one more).
+      finalize: ``(variables, state) -> (variables, state)``: the final hard 0/1 masks
+        (``masks == hard``, the pruned channels zeroed).
+      penalty: ``(variables, state) -> (scalar, metrics)``: the extra loss term (HFP's
+        complexity penalty; zero for the other methods), differentiable in the params.
+      total_epochs: the training length the pruner's schedules were built for (None: any);
+        `jaxprune.training.fit` refuses another number of epochs.
+    """
+
+    init: Callable[[Any], tuple[Any, Any]]
+    update: Callable[[Any, Any], tuple[Any, Any]]
+    finalize: Callable[[Any, Any], tuple[Any, Any]]
+    penalty: Callable[[Any, Any], tuple[jax.Array, dict]]
+    total_epochs: int | None = None
 
 
-def _as_train_state(variables: Any, ps: PruneState):
-    from jaxprune.train_step import TrainState
-
-    if "params" not in variables:
+def check_variables(variables: Any) -> None:
+    """ValueError unless ``variables`` is a mapping with a ``'params'`` collection."""
+    if not hasattr(variables, "keys") or "params" not in variables:
+        keys = sorted(variables) if hasattr(variables, "keys") else type(variables).__name__
         raise ValueError("variables must be a mapping with a 'params' collection "
-                         f"(and 'batch_stats' for BN), got keys {sorted(variables)!r}")
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables.get("batch_stats", {}), opt_state=(),
-                      masks=ps.masks, hard=ps.hard, method_state=ps.method_state,
-                      rng=jnp.zeros((2,), jnp.uint32))
+                         f"(and 'batch_stats' for BN), got keys {keys!r}")
 
 
-def _back(variables: Any, ts, count: Any) -> tuple[Any, PruneState]:
-    out = dict(variables)
-    out["params"] = ts.params
-    if "batch_stats" in variables:
-        out["batch_stats"] = ts.batch_stats
-    return out, PruneState(ts.masks, ts.hard, ts.method_state, count)
+def check_total_epochs(total_epochs: Any) -> int:
+    """``total_epochs`` as a positive int; ValueError naming the value otherwise."""
+    if isinstance(total_epochs, bool) or not isinstance(total_epochs, int) or total_epochs < 1:
+        raise ValueError(f"total_epochs must be a positive int, got {total_epochs!r}")
+    return total_epochs
 
 
-def _epoch(count: Any) -> Any:
-    """The epoch that just ended: a Python int when ``count`` is concrete (the methods' host
-    arithmetic, float64), the traced value inside ``jit``."""
+def zero_count() -> jax.Array:
+    """The ``count`` of a fresh state: int32 0."""
+    return jnp.zeros((), jnp.int32)
+
+
+def next_count(count: Any) -> jax.Array:
+    """``count + 1`` as an int32 scalar (traced or concrete)."""
+    return jnp.asarray(count, jnp.int32) + 1
+
+
+def epoch_of(count: Any) -> Any:
+    """The epoch that just ended, read from ``count``: a Python int when it is concrete (the
+    methods' host arithmetic, float64), the traced value inside ``jit``."""
     if isinstance(count, jax.core.Tracer):
         return count
     return int(count)
 
 
-def pruner(method: Any, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
-    """`Pruner` of a `jaxprune.methods` object (SFP and its variants, GHFP, HFP, PFEC, ...).
+def zero_penalty(variables: Any, state: Any) -> tuple[jax.Array, dict]:
+    """The zero penalty of the methods that have none."""
+    del variables, state
+    return jnp.zeros((), jnp.float32), {}
 
-    ``total_epochs`` is the training length the method's schedules refer to (ASFP's rate,
-    GHFP's hard fraction); ``steps_per_epoch`` is used by HFP's penalty schedule.
-    """
-    ctx = MethodContext(graph=graph, total_epochs=total_epochs, steps_per_epoch=steps_per_epoch)
-    fresh = PruneState(init_masks(graph), init_masks(graph), {}, jnp.zeros((), jnp.int32))
+
+def fixed_pruner(masks: dict, hard: dict | None = None) -> Pruner:
+    """A `Pruner` whose masks never change: ``init`` returns a `MaskState` of ``masks`` and
+    ``hard`` (default: ``masks``), ``update`` only counts, ``finalize`` keeps the state."""
+    hard = dict(masks) if hard is None else hard
 
     def init(variables):
-        return _back(variables, method.init(_as_train_state(variables, fresh), ctx), fresh.count)
+        return variables, MaskState(masks, hard, zero_count())
 
-    def update(variables, ps):
-        ts = method.end_of_epoch(_as_train_state(variables, ps), _epoch(ps.count), ctx)
-        return _back(variables, ts, jnp.asarray(ps.count, jnp.int32) + 1)
+    def update(variables, state):
+        return variables, state._replace(count=next_count(state.count))
 
-    def finalize(variables, ps):
-        return _back(variables, method.finalize(_as_train_state(variables, ps), ctx), ps.count)
+    def finalize(variables, state):
+        return variables, state
 
-    def penalty(variables, ps):
-        return method.penalty(variables["params"], variables.get("batch_stats", {}),
-                              ps.method_state, ctx)
+    return Pruner(init, update, finalize, zero_penalty)
 
-    return Pruner(init, update, finalize, penalty)
+
+def dense_pruner(graph: PruningGraph) -> Pruner:
+    """The `Pruner` of no pruning: masks and hard all ones."""
+    ones = init_masks(graph) if graph is not None else {}
+    return fixed_pruner(ones, dict(ones))
 
 
 # ----------------------------------------------------------------------------- NNX models

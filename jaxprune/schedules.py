@@ -145,20 +145,23 @@ def srfp_zero_epoch(total_epochs: int, zero_fraction: float) -> int:
 
 
 def srfp_decay(
-    alpha0: float, c: float, total_epochs: int, zero_fraction: float = 0.15
+    alpha0: float, c: float | None, total_epochs: int, zero_fraction: float = 0.15
 ) -> Schedule:
     """SRFP's decay factor for soft-pruned filters: ``alpha_t = alpha0 exp(-c t)``.
 
-    ``alpha_t = 0`` for the last ``n0 = round(zero_fraction * T)`` epochs (``t >= T - n0``),
-    so the final pruned filters are exactly zero (methods.md section 3). The value is meant
-    as the mask entry of the selected channels (``jaxprune.masks``).
+    ``alpha_t = 0`` for the last ``n0 = round(zero_fraction * T)`` epochs (``t >= T - n0``,
+    `srfp_zero_epoch`), so the final pruned filters are exactly zero (methods.md section 3).
+    ``c=None`` picks ``c = 3 / t_zero`` (``t_zero`` that zero point), so ``alpha`` has fallen
+    to ``alpha0 e^-3`` when it is switched to 0. The value is meant as the mask entry of the
+    selected channels (``jaxprune.masks``).
     """
     total_epochs = _check_epochs(total_epochs)
     validate.fraction(alpha0, "alpha0", closed_high=True)
-    validate.finite_float(c, "decay rate c", minimum=0.0)
+    if c is not None:
+        validate.finite_float(c, "decay rate c", minimum=0.0)
     validate.fraction(zero_fraction, "zero_fraction")
-    alpha0, c = float(alpha0), float(c)
     zero_from = srfp_zero_epoch(total_epochs, zero_fraction)
+    alpha0, c = float(alpha0), float(3.0 / max(zero_from, 1) if c is None else c)
 
     def schedule(epoch: Epoch):
         if _is_traced(epoch):

@@ -1,10 +1,12 @@
 """The train state and the jitted train step: one step (`make_train_step`) or many in one call
 over data that lives on the devices (`make_train_chunk`), for one run or R runs together.
 
-`train_step` (pure): forward with ``train=True``, cross-entropy + ``method.penalty``, the
-optimizer wrapped in `jaxprune.masks.hard_masked` with ``state.hard`` (updates and optimizer
-moments of hard-pruned channels masked), then the new params and BN running
-statistics multiplied by ``state.hard``, so a hard channel stays exactly zero, while
+The trainer is built on the `jaxprune.pruner.Pruner` API: ``state.prune`` is the pruner's
+typed state, `prune_init` / `prune_update` / `prune_finalize` apply the pruner's functions to
+the state's variables. `train_step` (pure): forward with ``train=True``, cross-entropy +
+``pruner.penalty``, the optimizer wrapped in `jaxprune.masks.hard_masked` with the pruning
+state's hard set (updates and optimizer moments of hard-pruned channels masked), then the new
+params and BN running statistics multiplied by it, so a hard channel stays exactly zero, while
 soft-pruned channels train normally.
 """
 
@@ -24,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import HardMaskedState, apply_masks, hard_masked, init_masks
 from jaxprune.parallel import DATA_AXIS, check_batch, make_mesh, replicate, shard_batch
+from jaxprune.pruner import MaskState, Pruner, zero_count
 
 
 # (rng, uint8 images [B,H,W,C]) -> float images; e.g. partial(augment.augment_batch, mean=.., std=..)
@@ -38,9 +41,9 @@ class TrainState:
       params: the model's ``'params'`` collection (full width, never compacted during training).
       batch_stats: the ``'batch_stats'`` collection (``{}`` for models without BN).
       opt_state: the optax state of ``params``.
-      masks: group name -> float32 ``[C]``, the masks of the last selection.
-      hard: group name -> float32 ``[C]``, 0 where a channel is hard-pruned, else 1.
-      method_state: method-specific pytree (``{}`` if none), e.g. HFP's threshold.
+      prune: the pruner's state (`jaxprune.pruner`): a NamedTuple with ``masks`` (the masks of
+        the last selection), ``hard`` (0 where a channel is hard-pruned) and ``count`` (epochs
+        done), plus what the method needs (e.g. HFP's threshold).
       rng: PRNG key for dropout-free models' augmentation etc.
     """
 
@@ -48,10 +51,18 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    masks: dict
-    hard: dict
-    method_state: Any
+    prune: Any
     rng: jax.Array
+
+    @property
+    def masks(self) -> dict:
+        """``prune.masks``: group name -> float32 ``[C]``, the masks of the last selection."""
+        return self.prune.masks
+
+    @property
+    def hard(self) -> dict:
+        """``prune.hard``: group name -> float32 ``[C]``, 0 where a channel is hard-pruned."""
+        return self.prune.hard
 
     @property
     def variables(self) -> dict:
@@ -60,6 +71,29 @@ class TrainState:
         if self.batch_stats:
             out["batch_stats"] = self.batch_stats
         return out
+
+
+def _pruned(state: TrainState, variables: Any, prune: Any) -> TrainState:
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         prune=prune)
+
+
+def prune_init(pruner: Pruner, state: TrainState) -> TrainState:
+    """``state`` after ``pruner.init`` of its variables (the selection before training)."""
+    return _pruned(state, *pruner.init({"params": state.params, "batch_stats": state.batch_stats}))
+
+
+def prune_update(pruner: Pruner, state: TrainState) -> TrainState:
+    """``state`` after ``pruner.update`` (the re-selection at the end of epoch
+    ``state.prune.count``)."""
+    return _pruned(state, *pruner.update({"params": state.params, "batch_stats": state.batch_stats},
+                                         state.prune))
+
+
+def prune_finalize(pruner: Pruner, state: TrainState) -> TrainState:
+    """``state`` after ``pruner.finalize`` (the final hard masks)."""
+    return _pruned(state, *pruner.finalize(
+        {"params": state.params, "batch_stats": state.batch_stats}, state.prune))
 
 def call_kwargs(model: Any, train: bool) -> dict:
     """``{'train': train}`` if ``model.__call__`` takes ``train``, else ``{}``."""
@@ -75,7 +109,8 @@ def _init_variables(model: Any, rng: jax.Array, x: jax.Array) -> Any:
 def create_train_state(model: Any, graph: Any, rng: jax.Array, sample_input: Any,
                        optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
                        ) -> TrainState:
-    """A fresh `TrainState`: initialised variables, ``masks`` and ``hard`` all ones, no method state.
+    """A fresh `TrainState`: initialised variables, a `MaskState` of ones (`prune_init` with
+    the method's pruner replaces it).
 
     Args:
       model: a Flax Linen module called as ``model.apply(variables, x, train=...)``.
@@ -106,9 +141,7 @@ def create_train_state(model: Any, graph: Any, rng: jax.Array, sample_input: Any
         params=params,
         batch_stats=batch_stats,
         opt_state=optimizer.init(params),
-        masks=masks,
-        hard=dict(masks),
-        method_state={},
+        prune=MaskState(masks, dict(masks), zero_count()),
         rng=state_rng,
     )
     return replicate(mesh, state) if mesh is not None else state
@@ -118,15 +151,16 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model: Any,
-               graph: Any, optimizer: optax.GradientTransformation, method: Any, ctx: Any,
+               graph: Any, optimizer: optax.GradientTransformation, pruner: Pruner,
                augment: Augment | None = None, mask_hard: bool = True
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step (pure; `make_train_step` jits and shards it).
 
     ``images [B, H, W, C]`` (uint8 with ``augment``, else already preprocessed floats),
     ``labels int [B]``. The loss is the mean cross-entropy plus
-    ``method.penalty(params, batch_stats, method_state, ctx)``, differentiated with respect
-    to ``params`` only (the batch statistics and the method state are constants of the step).
+    ``pruner.penalty({'params': params, 'batch_stats': batch_stats}, state.prune)``,
+    differentiated with respect to ``params`` only (the batch statistics and the pruning state
+    are constants of the step).
     With ``mask_hard`` (and a graph), the optimizer runs as ``jaxprune.masks.hard_masked(
     optimizer, graph, mask_gradients=False)`` with ``masks=state.hard`` (the same result for
     the element-wise optimizers of `jaxprune.optim`): hard-pruned channels (``state.hard ==
@@ -163,7 +197,8 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
         else:
             logits, new_bs = apply(variables, x, **kwargs), state.batch_stats
         ce = jnp.mean(cross_entropy(logits, labels))
-        penalty, pen_metrics = method.penalty(params, state.batch_stats, state.method_state, ctx)
+        penalty, pen_metrics = pruner.penalty({"params": params, "batch_stats": state.batch_stats},
+                                              state.prune)
         penalty = jnp.asarray(penalty, jnp.float32)
         return ce + penalty, (ce, penalty, pen_metrics, logits, new_bs)
 
@@ -192,7 +227,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *, model
     return new_state, metrics
 
 def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformation,
-                    method: Any, ctx: Any, *, mesh: Mesh | None = None,
+                    pruner: Pruner, *, mesh: Mesh | None = None,
                     augment: Augment | None = None, mask_hard: bool = True,
                     donate: bool = False) -> Callable[[TrainState, Any, Any],
                                                       tuple[TrainState, dict]]:
@@ -217,7 +252,7 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
     # convolutions of a loop body, even a one-trip one, ~35x slower).
     def fn(big, small, images, labels):
         return train_step(TrainState(*big, *small), images, labels, model=model, graph=graph,
-                          optimizer=optimizer, method=method, ctx=ctx, augment=augment,
+                          optimizer=optimizer, pruner=pruner, augment=augment,
                           mask_hard=mask_hard)
 
     jitted = jax.jit(fn, in_shardings=(repl, repl, batch, batch), out_shardings=(repl, repl),
@@ -229,7 +264,7 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
         else:
             check_batch(mesh, images.shape[0] // jax.process_count())
         big = (state.step, state.params, state.batch_stats, state.opt_state)
-        small = (state.masks, state.hard, state.method_state, state.rng)
+        small = (state.prune, state.rng)
         return jitted(big, small, images, labels)
 
     step.mesh = mesh
@@ -262,7 +297,7 @@ def unstack_runs(stacked: Any) -> list[Any]:
     return [jax.tree.map(lambda x, r=r: x[r], stacked) for r in range(n.pop())]
 
 def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransformation,
-                     method: Any, ctx: Any, *, steps: int, mesh: Mesh | None = None,
+                     pruner: Pruner, *, steps: int, mesh: Mesh | None = None,
                      augment: Augment | None = None, donate: bool = False,
                      runs: int = 0) -> Callable:
     """``steps`` train steps in one jitted call over data that already lives on the devices.
@@ -302,7 +337,7 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
             x = jax.lax.with_sharding_constraint(images[idx], batch)
             y = jax.lax.with_sharding_constraint(labels[idx], batch)
             return train_step(state, x, y, model=model, graph=graph, optimizer=optimizer,
-                              method=method, ctx=ctx, augment=augment)
+                              pruner=pruner, augment=augment)
 
         if runs:
             rows = jnp.swapaxes(jax.lax.dynamic_slice_in_dim(order, start, steps, axis=1), 0, 1)
@@ -317,7 +352,7 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
         else:
             state, metrics = jax.lax.scan(body, TrainState(*big, *small), rows)
         return ((state.step, state.params, state.batch_stats, state.opt_state),
-                (state.masks, state.hard, state.method_state, state.rng), metrics, start + steps)
+                (state.prune, state.rng), metrics, start + steps)
 
     jitted = jax.jit(fn, in_shardings=(repl, repl, repl, repl, repl, repl),
                      out_shardings=(repl, repl, repl, repl),
@@ -326,12 +361,12 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
     def chunk(state: TrainState, images: jax.Array, labels: jax.Array, order: jax.Array,
               start: jax.Array):
         big = (state.step, state.params, state.batch_stats, state.opt_state)
-        small = (state.masks, state.hard, state.method_state, state.rng)
+        small = (state.prune, state.rng)
         big, small, metrics, nxt = jitted(big, small, images, labels, order, start)
         return TrainState(*big, *small), metrics, nxt
 
     chunk.mesh, chunk.jitted, chunk.steps = mesh, jitted, steps
-    chunk.with_steps = lambda n: make_train_chunk(model, graph, optimizer, method, ctx, steps=n,
+    chunk.with_steps = lambda n: make_train_chunk(model, graph, optimizer, pruner, steps=n,
                                                   mesh=mesh, augment=augment, donate=donate,
                                                   runs=runs)
     return chunk
@@ -341,6 +376,9 @@ __all__ = [
     "Augment",
     "TrainState",
     "create_train_state",
+    "prune_finalize",
+    "prune_init",
+    "prune_update",
     "cross_entropy",
     "train_step",
     "make_train_step",

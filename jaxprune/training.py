@@ -25,6 +25,7 @@ from jaxprune import train_step as _ts
 from jaxprune.evaluation import Preprocess, is_stream, evaluate, make_eval_fn, put_eval_data
 from jaxprune.parallel import (check_batch, process_rows, make_mesh, put_replicated, replicate,
                                shard_batch)
+from jaxprune.pruner import Pruner
 from jaxprune.train_step import Augment, TrainState, chunk_steps
 
 
@@ -136,10 +137,10 @@ def _mean_metrics(chunks: list[dict]) -> dict[str, float]:
 
 @dataclasses.dataclass(frozen=True)
 class FitOptions:
-    """How `fit` trains: everything but the model, method, state, optimizer and data.
+    """How `fit` trains: everything but the model, pruner, state, optimizer and data.
 
     Attributes:
-      epochs: epochs to train (>= 1; equals ``ctx.total_epochs``).
+      epochs: epochs to train (>= 1; equals the pruner's ``total_epochs``).
       batch_size: the global batch (every step; the incomplete last batch is dropped).
       seed: the batch order is ``epoch_batches(N, batch_size, seed, epoch)``.
       augment: ``augment(rng, uint8 images) -> float images`` on the devices (None: cast).
@@ -152,9 +153,10 @@ class FitOptions:
       mesh: the data-parallel mesh (None: `jaxprune.parallel.make_mesh`).
       eval_batch_size: evaluation batch (None: ``batch_size``).
       config: JSON-safe config recorded with each checkpoint (the resume reference).
-      run_init: run ``method.init`` before the first epoch.
-      run_finalize: run ``method.finalize`` after the last epoch.
+      run_init: run ``pruner.init`` before the first epoch.
+      run_finalize: run ``pruner.finalize`` after the last epoch.
       steps_per_call: steps per jitted call (None: `auto_steps_per_call`).
+      method_name: recorded with each checkpoint; a checkpoint of another method is refused.
     """
 
     epochs: int
@@ -171,13 +173,13 @@ class FitOptions:
     run_init: bool = True
     run_finalize: bool = True
     steps_per_call: int | None = None
+    method_name: str | None = None
 
 
 def fit(
     model: Any,
     graph: Any,
-    method: Any,
-    ctx: Any,
+    pruner: Pruner,
     state: TrainState,
     optimizer: optax.GradientTransformation,
     train_data: Any,
@@ -188,7 +190,7 @@ def fit(
 
     Example::
 
-        state, history = fit(model, graph, method, ctx, state, optimizer, (x, y), (xt, yt),
+        state, history = fit(model, graph, pruner, state, optimizer, (x, y), (xt, yt),
                              FitOptions(epochs=2, batch_size=128, progress=False))
 
     The names below are `FitOptions` fields.
@@ -200,15 +202,18 @@ def fit(
     and ``augment``-ed on the devices, metrics fetched once per chunk; the progress bar
     advances per chunk, a stop signal is honoured between chunks).
 
-    Before the first epoch ``method.init`` runs (``run_init``). Per epoch: the chunks, then
-    ``method.end_of_epoch(state, epoch, ctx)``, then `evaluate` on ``test_data`` (with
-    ``preprocess``), then a checkpoint of the state with its meta (epoch, the epoch to resume
-    at, metrics, history, ``config``, method name), then ``metrics_writer(record)``. After the
-    last epoch ``method.finalize`` runs (``run_finalize``).
+    ``pruner`` is the method as a `jaxprune.pruner.Pruner` built for ``epochs`` epochs
+    (``method.pruner(graph, epochs, steps_per_epoch)``). Before the first epoch
+    ``pruner.init`` runs (``run_init``; `prune_init`). Per epoch: the chunks, then
+    ``pruner.update`` (`prune_update`: the re-selection after ``state.prune.count`` epochs),
+    then `evaluate` on ``test_data`` (with ``preprocess``), then a checkpoint of the state with
+    its meta (epoch, the epoch to resume at, metrics, history, ``config``, ``method_name``),
+    then ``metrics_writer(record)``. After the last epoch ``pruner.finalize`` runs
+    (``run_finalize``). A checkpoint written by another ``method_name`` is refused.
 
     If ``checkpoint_manager`` (`jaxprune.checkpoints.make_checkpoint_manager`) already holds a
     checkpoint, the run resumes from the latest one: the passed ``state`` (after
-    ``method.init``) serves only as the structure and shape target of the restore, and training
+    ``pruner.init``) serves only as the structure and shape target of the restore, and training
     continues at the next epoch with the restored history. Because the batch order is a pure
     function of ``(seed, epoch)`` and the augmentation key lives in the state, a resumed run
     reproduces the uninterrupted one exactly.
@@ -221,7 +226,7 @@ def fit(
     ``augment`` gets the stream's already-augmented uint8 images (pass the normalisation). The
     data position is the step: a preempted epoch resumes with ``iter_from(step)``, reading
     exactly the remaining batches. A streamed ``test_data`` is evaluated batch by batch.
-    ``ctx.total_epochs`` must equal ``epochs``. An epoch has ``batching.num_batches(N, batch_size)``
+    An epoch has ``batching.num_batches(N, batch_size)``
     steps (the incomplete last batch is dropped: one compiled shape, even device shards), which
     is the ``steps_per_epoch`` an LR schedule must use. Checkpoints are written
     asynchronously while the next epoch runs (Orbax commits a step only once it is complete, so
@@ -237,11 +242,12 @@ def fit(
     checkpoint_manager, metrics_writer = options.checkpoint_manager, options.metrics_writer
     progress, eval_batch_size, config = options.progress, options.eval_batch_size, options.config
     run_init, run_finalize, steps_per_call = options.run_init, options.run_finalize, options.steps_per_call
+    method_name = options.method_name
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if getattr(ctx, "total_epochs", epochs) != epochs:
-        raise ValueError(f"ctx.total_epochs={ctx.total_epochs} but fit was asked for epochs={epochs}; "
-                         "the method's schedules would not line up")
+    if getattr(pruner, "total_epochs", None) not in (None, epochs):
+        raise ValueError(f"the pruner was built for total_epochs={pruner.total_epochs} but fit was "
+                         f"asked for epochs={epochs}; the method's schedules would not line up")
     streamed = is_stream(train_data)
     if streamed:
         if train_data.batch_size != batch_size:
@@ -258,14 +264,13 @@ def fit(
     check_batch(mesh, batch_size // jax.process_count())
     process_rows(batch_size)  # the global batch splits over the processes
     main_process = jax.process_index() == 0
-    method_name = getattr(method, "name", type(method).__name__)
     k = chunk_steps(steps_per_epoch, auto_steps_per_call() if steps_per_call is None else steps_per_call)
 
     if streamed:
-        step_fn = _ts.make_train_step(model, graph, optimizer, method, ctx, mesh=mesh,
+        step_fn = _ts.make_train_step(model, graph, optimizer, pruner, mesh=mesh,
                                       augment=augment, donate=True)
     else:
-        chunks = {k: _ts.make_train_chunk(model, graph, optimizer, method, ctx, steps=k, mesh=mesh,
+        chunks = {k: _ts.make_train_chunk(model, graph, optimizer, pruner, steps=k, mesh=mesh,
                                           augment=augment, donate=True)}
         x_dev, y_dev = put_replicated(mesh, x_train, np.asarray(y_train).astype(np.int32))
     eval_fn = eval_data = None
@@ -275,7 +280,7 @@ def fit(
             mesh, test_data[0], test_data[1], eval_batch_size or batch_size)
 
     if run_init:
-        state = method.init(state, ctx)
+        state = _ts.prune_init(pruner, state)
     # the steps donate their input state: work on a copy so the caller's state stays valid
     state = jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x,
                          replicate(mesh, state))
@@ -284,7 +289,7 @@ def fit(
     if checkpoint_manager is not None and checkpoint_manager.latest_step() is not None:
         state, meta, _ = restore_latest_good(checkpoint_manager, state, mesh=mesh,
                                              warn=lambda m: print(f"warning: {m}", flush=True))
-        if meta.get("method") not in (None, method_name):
+        if method_name is not None and meta.get("method") not in (None, method_name):
             raise ValueError(f"the checkpoint in {checkpoint_manager.directory} was written by method "
                              f"{meta.get('method')!r}, not {method_name!r}")
         start_epoch = int(meta["next_epoch"])
@@ -339,7 +344,7 @@ def fit(
                 _preempt(stop.received, checkpoint_manager, state, epoch, i, step_metrics, history,
                          config)
             state, history = _end_epoch(
-                state, history, step_metrics, epoch, t0, method=method, ctx=ctx, mesh=mesh,
+                state, history, step_metrics, epoch, t0, pruner=pruner, graph=graph, mesh=mesh,
                 eval_fn=eval_fn, eval_data=eval_data,
                 checkpoint_manager=checkpoint_manager, config=config,
                 method_name=method_name, metrics_writer=metrics_writer,
@@ -360,7 +365,7 @@ def fit(
 
             clear_preempt(preempt_dir)  # superseded by the committed epoch checkpoint
     if run_finalize:
-        state = replicate(mesh, method.finalize(state, ctx))
+        state = replicate(mesh, _ts.prune_finalize(pruner, state))
     return state, history
 
 
@@ -432,7 +437,7 @@ def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
     raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
 
 
-def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, eval_fn,
+def _end_epoch(state, history, step_metrics, epoch, t0, *, pruner, graph, mesh, eval_fn,
                eval_data, checkpoint_manager, config, method_name, metrics_writer, show, epochs):
     """End of an epoch: finiteness check, the method's re-selection, evaluation, an
     asynchronous checkpoint (which supersedes a preempted one once committed), metrics."""
@@ -440,11 +445,15 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, method, ctx, mesh, ev
 
     train = _mean_metrics(step_metrics)
     check_finite(state, train, epoch=epoch)  # before anything is saved from this state
-    state = replicate(mesh, method.end_of_epoch(state, epoch, ctx))
+    done = int(jax.device_get(state.prune.count))
+    if done != epoch:  # the re-selection reads the epoch from the count
+        raise ValueError(f"the pruning state counts {done} epochs done at the end of epoch "
+                         f"{epoch}; expected {epoch}")
+    state = replicate(mesh, _ts.prune_update(pruner, state))
     record: dict[str, Any] = {"epoch": epoch, "step": int(jax.device_get(state.step))}
     record.update({f"train_{k}": v for k, v in train.items()})
     if eval_fn is not None:
-        normalised = getattr(ctx, "graph", None) is not None and bool(ctx.graph.normalised)
+        normalised = graph is not None and bool(graph.normalised)
         ev = evaluate(None, state.variables, eval_data, None, 0, step=eval_fn,
                       masks=state.masks if normalised else None)
         record.update(test_accuracy=ev["accuracy"], test_top5=ev["top5"], test_loss=ev["loss"])

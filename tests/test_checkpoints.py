@@ -12,11 +12,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import struct
 
 import jaxprune
 from jaxprune import artifact as art
@@ -26,6 +28,23 @@ from jaxprune import optim, train_step
 REPO = Path(__file__).resolve().parent.parent
 
 
+class TauState(NamedTuple):
+    """A pruning state with a method field (as HFP's threshold)."""
+
+    masks: dict
+    hard: dict
+    count: jax.Array
+    tau: jax.Array
+
+
+class ExtraState(NamedTuple):
+    masks: dict
+    hard: dict
+    count: jax.Array
+    tau: jax.Array
+    new: jax.Array
+
+
 def small_state(value: float = 1.0, out: int = 4) -> train_step.TrainState:
     """A TrainState with every kind of leaf (nested params, optax NamedTuples, empty dicts)."""
     params = {"conv": {"kernel": jnp.full((3, 3, 2, out), value)},
@@ -33,9 +52,11 @@ def small_state(value: float = 1.0, out: int = 4) -> train_step.TrainState:
     opt = optim.make_optimizer(0.1)
     return train_step.TrainState(
         step=jnp.asarray(int(value), jnp.int32), params=params, batch_stats={},
-        opt_state=opt.init(params), masks={"conv": jnp.ones((out,))},
-        hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
-        method_state={"tau": jnp.asarray(value * 0.5)}, rng=jax.random.PRNGKey(int(value)))
+        opt_state=opt.init(params),
+        prune=TauState(masks={"conv": jnp.ones((out,))},
+                       hard={"conv": jnp.ones((out,)).at[0].set(0.0)},
+                       count=jnp.asarray(int(value), jnp.int32), tau=jnp.asarray(value * 0.5)),
+        rng=jax.random.PRNGKey(int(value)))
 
 
 def assert_trees_equal(a, b):
@@ -72,14 +93,56 @@ def test_save_restore_keeps_latest_and_best(tmp_path):
         ck.restore_checkpoint(fresh, small_state(0.0), step=1)
 
 
+@struct.dataclass
+class OldState:
+    """The train state as older checkpoints hold it: ``masks``, ``hard``, ``method_state``."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+    masks: dict
+    hard: dict
+    method_state: dict
+    rng: jax.Array
+
+
+def as_old(state: train_step.TrainState) -> OldState:
+    p = state.prune
+    return OldState(step=state.step, params=state.params, batch_stats=state.batch_stats,
+                    opt_state=state.opt_state, masks=p.masks, hard=p.hard,
+                    method_state={"tau": p.tau, "dropped": jnp.zeros((2,))}, rng=state.rng)
+
+
+def test_checkpoints_of_the_older_layout_are_converted_at_restore(tmp_path):
+    """An epoch checkpoint and a preempted one written in the older layout restore into
+    today's state: masks, hard and the method state's fields land in the pruning state
+    (entries it has no field for are dropped), the count is the epochs done (the epoch
+    checkpoint's ``next_epoch``, the preempted epoch's index)."""
+    want = small_state(1.0)
+    mgr = ck.make_checkpoint_manager(tmp_path / "run")
+    ck.save_checkpoint(mgr, as_old(want), epoch=4, metrics={})
+    mgr.wait_until_finished()
+    got, meta = ck.restore_checkpoint(mgr, small_state(0.0))
+    assert meta["next_epoch"] == 5 and type(got.prune) is TauState
+    assert int(got.prune.count) == 5 and float(got.prune.tau) == 0.5
+    assert_trees_equal(got.replace(prune=got.prune._replace(count=want.prune.count)), want)
+    ck.save_preempt(tmp_path / "pre", as_old(want),
+                    {"epoch": 3, "resume_step": 2, "history": [], "step_metrics": [{}, {}]})
+    got, meta = ck.load_preempt(tmp_path / "pre", small_state(0.0), steps_per_epoch=5)
+    assert int(got.prune.count) == 3 and meta["resume_step"] == 2
+    assert_trees_equal(got.replace(prune=got.prune._replace(count=want.prune.count)), want)
+
+
 def test_restore_rejects_shape_mismatch_naming_the_leaf(tmp_path):
     mgr = ck.make_checkpoint_manager(tmp_path / "run")
     ck.save_checkpoint(mgr, small_state(1.0, out=4), epoch=0, metrics={})
     with pytest.raises(ValueError, match=r"'params/conv/kernel' has shape \(3, 3, 2, 4\) on disk "
                                          r"but the target expects \(3, 3, 2, 5\)"):
         ck.restore_checkpoint(mgr, small_state(0.0, out=5))
-    extra = small_state(0.0).replace(method_state={"tau": jnp.zeros(()), "new": jnp.zeros(())})
-    with pytest.raises(ValueError, match=r"missing from the checkpoint.*method_state/new"):
+    zero = small_state(0.0)
+    extra = zero.replace(prune=ExtraState(*zero.prune, new=jnp.zeros(())))
+    with pytest.raises(ValueError, match=r"missing from the checkpoint.*prune/new"):
         ck.restore_checkpoint(mgr, extra)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ck.restore_checkpoint(ck.make_checkpoint_manager(tmp_path / "empty"), small_state())

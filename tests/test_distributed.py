@@ -28,22 +28,21 @@ _SCRIPT = textwrap.dedent(r"""
     from tests.test_training import TinyNet, ToyPrune, AUGMENT, PREPROCESS, _batch
     from jaxprune.checkpoints import make_checkpoint_manager, restore_checkpoint
     from jaxprune.graph import trace_linen
-    from jaxprune.methods.base import MethodContext
 
     assert jax.device_count() == 2, jax.devices()
     model = TinyNet()
     x0 = np.zeros((1, 8, 8, 3), np.float32)
     graph = trace_linen(model, jax.eval_shape(functools.partial(model.init, train=False),
                                               jax.random.PRNGKey(0), x0), x0)
-    ctx = MethodContext(graph, total_epochs=2, steps_per_epoch=3)
+    pruner = ToyPrune().pruner(graph, 2, 3)
     opt = optim.make_optimizer(0.1)
     train, test = _batch(48, seed=6), _batch(20, seed=7)
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
     mgr = make_checkpoint_manager(ckpt_dir, async_save=True)
-    state, hist = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, tr.FitOptions(
+    state, hist = tr.fit(model, graph, pruner, fresh, opt, train, test, tr.FitOptions(
         epochs=2, batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
         progress=False, checkpoint_manager=mgr, steps_per_call=1))
-    restored, meta = restore_checkpoint(mgr, ToyPrune().init(fresh, ctx))
+    restored, meta = restore_checkpoint(mgr, train_step.prune_init(pruner, fresh))
     mgr.close()
     same = all(np.array_equal(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params)))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from jaxprune import batching, evaluation, optim, parallel, train_step, training as tr
-from jaxprune.methods.base import MethodContext
 from tests.test_training import AUGMENT, PREPROCESS, ToyPrune, _batch, tiny  # noqa: F401
 
 
@@ -27,13 +26,12 @@ def test_chunk_steps_picks_the_largest_divisor():
 
 def _setup(tiny, epochs=2, steps=3):
     model, graph = tiny
-    ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=steps)
     opt = optim.make_optimizer(optim.step_schedule(steps, base_lr=0.1, boundaries=(1,), factor=0.5))
     mesh = parallel.make_mesh(jax.devices()[:1])
-    method = ToyPrune()
+    method = ToyPrune().pruner(graph, epochs, steps)  # the method as a Pruner
     train = _batch(16 * steps, seed=6)
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
-    return model, graph, ctx, opt, mesh, method, train, fresh
+    return model, graph, opt, mesh, method, train, fresh
 
 
 def _leaves_equal(a, b):
@@ -50,11 +48,11 @@ def test_chunk_equals_stepping_one_by_one(tiny):
     """4 one-step chunks == 4 calls of the per-step program on host batches, bitwise (the same
     straight-line program); 2 chunks of 2 steps (a rolled loop, which XLA compiles otherwise)
     agree to float rounding (measured: 4e-8). Hard masking included; metrics stacked."""
-    model, graph, ctx, opt, mesh, method, (x, y), fresh = _setup(tiny, steps=4)
-    state0 = parallel.replicate(mesh, method.init(fresh, ctx))
+    model, graph, opt, mesh, method, (x, y), fresh = _setup(tiny, steps=4)
+    state0 = parallel.replicate(mesh, train_step.prune_init(method, fresh))
     order = batching.epoch_batches(len(y), 16, seed=2, epoch=0).astype(np.int32)
 
-    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
+    step = train_step.make_train_step(model, graph, opt, method, mesh=mesh, augment=AUGMENT)
     one, per_step = state0, []
     for idx in order:
         one, m = step(one, x[idx], y[idx])
@@ -63,7 +61,7 @@ def test_chunk_equals_stepping_one_by_one(tiny):
     xd, yd = parallel.put_replicated(mesh, x, y)
     od = parallel.replicate(mesh, order)
     for k, same in ((1, _leaves_equal), (2, _allclose)):
-        chunk = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=k, mesh=mesh,
+        chunk = train_step.make_train_chunk(model, graph, opt, method, steps=k, mesh=mesh,
                                             augment=AUGMENT)
         pos = parallel.replicate(mesh, np.int32(0))
         st, ms = state0, []
@@ -78,10 +76,10 @@ def test_chunk_equals_stepping_one_by_one(tiny):
 
 
 def _fit(tiny, steps_per_call, guard="allow"):
-    model, graph, ctx, opt, mesh, method, train, fresh = _setup(tiny)
+    model, graph, opt, mesh, method, train, fresh = _setup(tiny)
     test = _batch(20, seed=7)
     with jax.transfer_guard_host_to_device(guard):
-            return tr.fit(model, graph, method, ctx, fresh, opt, train, test, tr.FitOptions(
+            return tr.fit(model, graph, method, fresh, opt, train, test, tr.FitOptions(
                 epochs=2, batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
                 progress=False, mesh=mesh, steps_per_call=steps_per_call))
 
@@ -114,13 +112,13 @@ def test_fit_result_does_not_depend_on_the_chunk_size(tiny, monkeypatch):
         assert a["test_accuracy"] == b["test_accuracy"]
         np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
 
-    model, graph, ctx, opt, mesh, method, (x, y), fresh = _setup(tiny)
-    step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
-    st = parallel.replicate(mesh, method.init(fresh, ctx))
+    model, graph, opt, mesh, method, (x, y), fresh = _setup(tiny)
+    step = train_step.make_train_step(model, graph, opt, method, mesh=mesh, augment=AUGMENT)
+    st = parallel.replicate(mesh, train_step.prune_init(method, fresh))
     for epoch in range(2):
         for idx in batching.epoch_batches(len(y), 16, seed=3, epoch=epoch):
             st, _ = step(st, x[idx], y[idx])
-        st = method.end_of_epoch(st, epoch, ctx)
+        st = train_step.prune_update(method, st)
     _leaves_equal(st, single)
 
 
@@ -142,7 +140,7 @@ def test_fit_makes_no_implicit_host_transfer(tiny, monkeypatch):
 
 
 def test_evaluate_on_device_is_one_call(tiny):
-    model, graph, ctx, opt, mesh, method, train, fresh = _setup(tiny)
+    model, graph, opt, mesh, method, train, fresh = _setup(tiny)
     ev = evaluation.make_eval_fn(model, mesh, PREPROCESS)
     x, y = _batch(37, seed=4)
     d = evaluation.put_eval_data(mesh, x, y, 16)
@@ -191,17 +189,17 @@ def test_runs_together_equal_runs_one_by_one(tiny):
     """3 seeds vectorised over a run axis (own init, own batch order each) == each trained
     alone, to float rounding (the vmapped convolutions are batched into one: measured
     differences ~1e-7), and hard-pruned channels stay exactly zero in every run."""
-    model, graph, ctx, opt, mesh, method, (x, y), _ = _setup(tiny, steps=3)
+    model, graph, opt, mesh, method, (x, y), _ = _setup(tiny, steps=3)
     seeds = (0, 1, 2)
-    states = [parallel.replicate(mesh, method.init(
-        train_step.create_train_state(model, graph, jax.random.PRNGKey(s), x, opt), ctx)) for s in seeds]
+    states = [parallel.replicate(mesh, train_step.prune_init(method,
+        train_step.create_train_state(model, graph, jax.random.PRNGKey(s), x, opt))) for s in seeds]
     orders = [batching.epoch_batches(len(y), 16, seed=s, epoch=0).astype(np.int32) for s in seeds]
     xd, yd = parallel.put_replicated(mesh, x, y)
     zero = parallel.replicate(mesh, np.int32(0))
 
-    alone = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh, augment=AUGMENT)
+    alone = train_step.make_train_chunk(model, graph, opt, method, steps=3, mesh=mesh, augment=AUGMENT)
     singles = [alone(st, xd, yd, parallel.replicate(mesh, o), zero) for st, o in zip(states, orders)]
-    together = train_step.make_train_chunk(model, graph, opt, method, ctx, steps=3, mesh=mesh,
+    together = train_step.make_train_chunk(model, graph, opt, method, steps=3, mesh=mesh,
                                    augment=AUGMENT, runs=3)
     st, metrics, pos = together(train_step.stack_runs(states), xd, yd, parallel.replicate(mesh, np.stack(orders)), zero)
     assert int(pos) == 3 and metrics["loss"].shape == (3, 3)

@@ -247,7 +247,6 @@ def _restore_target():
     from jaxprune import train_step
     from jaxprune.graph import trace_linen
     from jaxprune.methods import get_method
-    from jaxprune.methods.base import MethodContext
     from jaxprune.models import get_model
 
     model = get_model("resnet20")
@@ -256,8 +255,7 @@ def _restore_target():
     graph = trace_linen(model, variables, x)
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x,
                                           optim.make_optimizer(0.05))
-    return get_method("sfp", rate=0.3).init(state, MethodContext(graph=graph, total_epochs=3,
-                                                                 steps_per_epoch=2))
+    return train_step.prune_init(get_method("sfp", rate=0.3).pruner(graph, 3, 2), state)
 
 
 def test_an_edited_resume_step_is_refused_not_skipped(tmp_path):

@@ -18,6 +18,7 @@ from conftest import tiny_config_source
 from jaxprune import augment, cli, evaluation, optim, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
+from jaxprune.pruner import MaskState, zero_count
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.models import get_model
 
@@ -69,7 +70,7 @@ def test_divergence_stops_with_a_clear_error_and_writes_nothing_from_it(tiny_con
 
 def test_check_finite_names_the_quantity():
     state = train_step.TrainState(step=jnp.int32(7), params={"w": jnp.array([1.0, jnp.nan])},
-                                batch_stats={}, opt_state=(), masks={}, hard={}, method_state={},
+                                batch_stats={}, opt_state=(), prune=MaskState({}, {}, zero_count()),
                                 rng=jax.random.PRNGKey(0))
     with pytest.raises(training.DivergenceError, match=r"params .* after epoch 3 \(optimizer step 7\)"):
         training.check_finite(state, {"loss": 0.5}, epoch=2)
@@ -183,7 +184,6 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     from jaxprune import data as data_lib
     from jaxprune.checkpoints import make_checkpoint_manager
     from jaxprune.methods import get_method
-    from jaxprune.methods.base import MethodContext
 
     ds = data_lib.load_digits_dataset(image_size=8)
     model = get_model("resnet20")
@@ -192,10 +192,10 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     graph = trace_linen(model, variables, x)
     opt = optim.make_optimizer(0.05)
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x, opt)
-    ctx = MethodContext(graph=graph, total_epochs=epochs, steps_per_epoch=2)
+    pruner = get_method("sfp", rate=0.3).pruner(graph, epochs, 2)
     mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=5)
     try:
-        return training.fit(model, graph, get_method("sfp", rate=0.3), ctx, state, opt,
+        return training.fit(model, graph, pruner, state, opt,
                             (ds.x_train[:128], ds.y_train[:128]), None, training.FitOptions(
             epochs=epochs, batch_size=64,
             augment=functools.partial(augment.augment_batch, mean=ds.mean, std=ds.std, pad=0,

@@ -153,7 +153,8 @@ TINY_FROM_PRETRAINED = tiny_config_source(name="from_import", epochs=1, train_su
                                           method__rate=0.0)
 
 
-def test_a_run_from_imported_weights_inherits_their_normalisation_and_records_provenance(tmp_path):
+def test_a_run_from_imported_weights_inherits_their_normalisation_and_records_provenance(
+        tmp_path, monkeypatch):
     src = tmp_path / "r20.npz"
     np.savez(src, **torch_state_dict(20))
     imp = tmp_path / "imp"
@@ -164,10 +165,15 @@ def test_a_run_from_imported_weights_inherits_their_normalisation_and_records_pr
     from jaxprune import config as config_lib
     from jaxprune.experiment import run
 
+    from jaxprune import train_step
+
     cfg = config_lib.load_config(cfg_file)
     cfg.pretrained = str(imp)
     work = tmp_path / "run"
+    inits, real_init = [], train_step.prune_init
+    monkeypatch.setattr(train_step, "prune_init", lambda p, st: inits.append(p) or real_init(p, st))
     rec = run(cfg, work, progress=False)
+    assert len(inits) == 1  # the method's init runs once: start.json and training share it
     written = json.loads((work / "config.json").read_text())
     assert written["mean"] == [0.5, 0.5, 0.5] and written["std"] == [0.25, 0.25, 0.25]
     assert rec["normalization"]["mean"] == [0.5, 0.5, 0.5]

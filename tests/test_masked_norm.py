@@ -17,7 +17,6 @@ from jaxprune.graph import leaf_paths, trace, trace_linen
 from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import apply_masks, binarize, init_masks
 from jaxprune.methods import SFP
-from jaxprune.methods.base import MethodContext
 
 
 class ConvNeXtBlock(nn.Module):
@@ -277,11 +276,11 @@ def test_sfp_trains_a_layernorm_model_and_its_compact_model_matches_the_masked_o
     assert graph.normalised == {"c1", "c2"}
     epochs, bs = 2, 32
     steps = -(-len(x_train) // bs)
-    ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=steps)
+    pruner = SFP(rate=0.5, final_bn="zero").pruner(graph, epochs, steps)
     opt = optim.make_optimizer(optim.step_schedule(epochs, base_lr=0.1, boundaries=(), factor=1.0))
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x_train[:1], opt)
-    state, hist = tr.fit(model, graph, SFP(rate=0.5, final_bn="zero"), ctx, state, opt,
+    state, hist = tr.fit(model, graph, pruner, state, opt,
                          (x_train, ds.y_train), (x_test, ds.y_test),
                          tr.FitOptions(epochs=epochs, batch_size=bs, progress=False, mesh=mesh))
     masks = binarize(state.masks)

@@ -5,6 +5,7 @@ ResNet-20 at 8x8 inputs for residual groups, compaction and HFP's targets.
 """
 
 import math
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -14,11 +15,13 @@ import optax
 import pytest
 
 from jaxprune import compaction, flops
+from jaxprune import train_step as ts
 from jaxprune.graph import trace_linen
 from jaxprune.masks import HardMaskedState, apply_masks, hard_masked, init_masks
-from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, MethodContext, PFECConfig,
+from jaxprune.methods import (GHFP, FixedMasks, HFP, METHODS, PFEC, SFP, Dense, PFECConfig,
                               get_method, pfec_masks)
 from jaxprune.models import get_model
+from jaxprune.pruner import MaskState, zero_count
 from jaxprune.train_step import TrainState
 
 P = 0.3
@@ -80,8 +83,38 @@ def make_state(variables, graph, momentum=0.9):
     opt = optax.sgd(0.05, momentum=momentum)
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                       batch_stats=variables.get("batch_stats", {}),
-                      opt_state=opt.init(variables["params"]), masks=init_masks(graph),
-                      hard=init_masks(graph), method_state={}, rng=jnp.zeros((2,), jnp.uint32))
+                      opt_state=opt.init(variables["params"]),
+                      prune=MaskState(init_masks(graph), init_masks(graph), zero_count()),
+                      rng=jnp.zeros((2,), jnp.uint32))
+
+
+class Ctx(NamedTuple):
+    """What a test builds a method's pruner with."""
+
+    graph: Any
+    total_epochs: int
+    steps_per_epoch: int = 1
+
+
+def pruner_of(method, ctx):
+    return method.pruner(ctx.graph, ctx.total_epochs, ctx.steps_per_epoch)
+
+
+def init(method, state, ctx):
+    """The train state after the method's pruner's ``init``."""
+    return ts.prune_init(pruner_of(method, ctx), state)
+
+
+def end_of_epoch(method, state, epoch, ctx):
+    """The train state after the pruner's ``update`` at the end of epoch ``epoch`` (the
+    state's count set to it; ``epoch`` may be traced)."""
+    state = state.replace(prune=state.prune._replace(count=epoch))
+    return ts.prune_update(pruner_of(method, ctx), state)
+
+
+def finalize(method, state, ctx):
+    """The train state after the pruner's ``finalize``."""
+    return ts.prune_finalize(pruner_of(method, ctx), state)
 
 
 def leaf_at(tree, path):
@@ -181,9 +214,9 @@ def sgd_steps(model, state, graph, steps=3, lr=0.05, seed=0):
 
 def test_sfp_init_prunes_int_np_lowest_l2_and_zeroes_only_filters(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=10)
+    ctx = Ctx(graph, total_epochs=10)
     state = make_state(variables, graph)
-    out = SFP(rate=P).init(state, ctx)
+    out = init(SFP(rate=P), state, ctx)
     for name, n in SIZES.items():
         expected = lowest(l2(state, name), int(n * P))
         assert zeros_of(out.masks[name]) == expected
@@ -203,7 +236,7 @@ def test_sfp_init_prunes_int_np_lowest_l2_and_zeroes_only_filters(tiny):
 def test_sfp_mask_bn_also_zeroes_bn(tiny):
     _, variables, graph = tiny
     state = make_state(variables, graph)
-    out = SFP(rate=P, mask_bn=True).init(state, MethodContext(graph, 10))
+    out = init(SFP(rate=P, mask_bn=True), state, Ctx(graph, 10))
     for name in SIZES:
         pruned = sorted(zeros_of(out.masks[name]))
         bn = out.params["bn" + name[-1]]
@@ -215,13 +248,13 @@ def test_sfp_mask_bn_also_zeroes_bn(tiny):
 
 def test_sfp_reselects_every_epoch_on_current_weights(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=10)
+    ctx = Ctx(graph, total_epochs=10)
     method = SFP(rate=P)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     for epoch in range(4):
         state = perturb(state, epoch)  # pruned filters grow back from zero
         before = {name: l2(state, name) for name in SIZES}
-        state = method.end_of_epoch(state, epoch, ctx)
+        state = end_of_epoch(method, state, epoch, ctx)
         for name, n in SIZES.items():
             expected = lowest(before[name], int(n * P))
             assert zeros_of(state.masks[name]) == expected, (epoch, name)
@@ -230,9 +263,9 @@ def test_sfp_reselects_every_epoch_on_current_weights(tiny):
 
 def test_sfp_pruned_filters_receive_updates_and_can_return(tiny):
     model, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=10)
+    ctx = Ctx(graph, total_epochs=10)
     method = SFP(rate=P)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     pruned = sorted(zeros_of(state.masks["conv1"]))
     trained = sgd_steps(model, state, graph, steps=3)
     k = kernel(trained, "conv1")
@@ -243,7 +276,7 @@ def test_sfp_pruned_filters_receive_updates_and_can_return(tiny):
     params["conv1"] = {"kernel": trained.params["conv1"]["kernel"].at[..., back].set(1.0)}
     trained = trained.replace(params=params)
     expected = lowest(l2(trained, "conv1"), int(10 * P))
-    after = method.end_of_epoch(trained, 0, ctx)
+    after = end_of_epoch(method, trained, 0, ctx)
     assert back not in zeros_of(after.masks["conv1"])
     assert zeros_of(after.masks["conv1"]) == expected
 
@@ -251,21 +284,21 @@ def test_sfp_pruned_filters_receive_updates_and_can_return(tiny):
 def test_asfp_rate_per_epoch_follows_formula(tiny):
     _, variables, graph = tiny
     total = 16
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     method = get_method("asfp", rate=0.5)
     k = math.log(4.0) / (total / 8)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     for name in SIZES:
         assert zeros_of(state.masks[name]) == set()  # P_0 = 0
     for epoch in range(total):
-        state = method.end_of_epoch(perturb(state, epoch), epoch, ctx)
+        state = end_of_epoch(method, perturb(state, epoch), epoch, ctx)
         # the full rate from the epoch index 0.95 T on (the public ASFP code), else the formula
         rate = 0.5 if epoch >= 0.95 * total else 0.5 * (1.0 - math.exp(-k * (epoch + 1)))
         for name, n in SIZES.items():
             assert len(zeros_of(state.masks[name])) == int(n * rate), (epoch, name)
     # P_t = 0.75 P at t = T / 8
     assert 0.5 * (1 - math.exp(-k * total / 8)) == pytest.approx(0.375)
-    final = method.finalize(state, ctx)
+    final = finalize(method, state, ctx)
     for name, n in SIZES.items():
         assert len(zeros_of(final.masks[name])) == int(n * 0.5)
 
@@ -283,10 +316,10 @@ def test_asfp_reaches_the_full_count_at_95_percent():
 def test_srfp_decays_selected_filters_then_zeroes(tiny):
     _, variables, graph = tiny
     total = 10
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     method = get_method("srfp", rate=P, alpha0=0.8, decay_rate=0.2, zero_fraction=0.2)
     state = make_state(variables, graph)
-    out = method.init(state, ctx)  # t = 0: alpha_0
+    out = init(method, state, ctx)  # t = 0: alpha_0
     expected = lowest(l2(state, "conv1"), 3)
     m = np.asarray(out.masks["conv1"])
     assert set(np.flatnonzero(m != 1).tolist()) == expected
@@ -296,7 +329,7 @@ def test_srfp_decays_selected_filters_then_zeroes(tiny):
     state = out
     for epoch in range(total):
         before = state
-        state = method.end_of_epoch(state, epoch, ctx)
+        state = end_of_epoch(method, state, epoch, ctx)
         t = epoch + 1
         alpha = 0.0 if t >= total - 2 else 0.8 * math.exp(-0.2 * t)  # last round(0.2 T) = 2
         sel = lowest(l2(before, "conv1"), 3)
@@ -307,20 +340,20 @@ def test_srfp_decays_selected_filters_then_zeroes(tiny):
                                    rtol=1e-5, atol=1e-7)
         if alpha > 0:
             assert np.all(kernel(state, "conv1")[..., sorted(sel)] != 0)  # decayed, not zeroed
-    final = method.finalize(state, ctx)
+    final = finalize(method, state, ctx)
     assert set(np.unique(np.asarray(final.masks["conv1"])).tolist()) <= {0.0, 1.0}
 
 
 def test_end_of_epoch_is_jittable_with_traced_epoch(tiny):
     _, variables, graph = tiny
     total = 8
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     for method in (get_method("asfp", rate=0.5), get_method("ghfp", rate=0.5, soft="asfp")):
-        state = method.init(make_state(variables, graph), ctx)
-        step = jax.jit(lambda s, e, m=method: m.end_of_epoch(s, e, ctx))
+        state = init(method, make_state(variables, graph), ctx)
+        step = jax.jit(lambda s, e, m=method: end_of_epoch(m, s, e, ctx))
         host = traced = state
         for epoch in range(total):
-            host = method.end_of_epoch(perturb(host, epoch), epoch, ctx)
+            host = end_of_epoch(method, perturb(host, epoch), epoch, ctx)
             traced = step(perturb(traced, epoch), jnp.int32(epoch))
             for name in SIZES:
                 np.testing.assert_allclose(traced.masks[name], host.masks[name], rtol=1e-6)
@@ -337,14 +370,14 @@ def test_sfp_finalize_is_hard_and_matches_compaction(final_bn):
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 8, 8, 3)), jnp.float32)
     variables = random_variables(model, x[:1])
     graph = trace_linen(model, variables, x[:1], residual="scatter")
-    ctx = MethodContext(graph, total_epochs=2)
+    ctx = Ctx(graph, total_epochs=2)
     method = SFP(rate=0.4, final_bn=final_bn)
     state = make_state(variables, graph)
-    state = method.init(state, ctx)
-    state = method.end_of_epoch(perturb_all(state, 1), 0, ctx)
+    state = init(method, state, ctx)
+    state = end_of_epoch(method, perturb_all(state, 1), 0, ctx)
     # momentum that finalize must clear on the pruned channels
     state = state.replace(opt_state=jax.tree_util.tree_map(jnp.ones_like, state.opt_state))
-    final = method.finalize(state, ctx)
+    final = finalize(method, state, ctx)
     assert method.pruned_groups(graph) == tuple(graph.conv_groups())
     for name, g in graph.groups.items():
         m = np.asarray(final.masks[name])
@@ -395,7 +428,7 @@ def test_sfp_coupled_groups_score_all_producers():
     variables = random_variables(model, x, seed=1)
     graph = trace_linen(model, variables, x, residual="coupled")
     state = make_state(variables, graph)
-    out = SFP(rate=P).init(state, MethodContext(graph, 10))
+    out = init(SFP(rate=P), state, Ctx(graph, 10))
     multi = [g for g in graph.groups.values() if len(g.producers) > 1]
     assert multi
     for g in multi:
@@ -409,14 +442,14 @@ def test_sfp_coupled_groups_score_all_producers():
 
 def test_sfp_exclude_patterns_and_predicate(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, 10)
+    ctx = Ctx(graph, 10)
     state = make_state(variables, graph)
     for exclude in (("conv2",), ("conv[2]",), lambda p: p == "conv2"):
-        out = SFP(rate=P, exclude=exclude).init(state, ctx)
+        out = init(SFP(rate=P, exclude=exclude), state, ctx)
         assert zeros_of(out.masks["conv2"]) == set()
         assert len(zeros_of(out.masks["conv1"])) == 3
     with pytest.raises(ValueError, match="conv9"):
-        SFP(rate=P, exclude=("conv9",)).init(state, ctx)
+        init(SFP(rate=P, exclude=("conv9",)), state, ctx)
     with pytest.raises(ValueError, match="rate"):
         SFP(rate=1.0)
     with pytest.raises(ValueError, match="criterion"):
@@ -436,7 +469,7 @@ def test_sfp_imagenet_option_skips_projection_groups():
 def test_fpgm_criterion(tiny):
     _, variables, graph = tiny
     state = make_state(variables, graph)
-    out = SFP(rate=P, criterion="fpgm").init(state, MethodContext(graph, 10))
+    out = init(SFP(rate=P, criterion="fpgm"), state, Ctx(graph, 10))
     k = kernel(state, "conv1").reshape(-1, 10).T
     dist = np.sqrt(((k[:, None, :] - k[None, :, :]) ** 2).sum(-1)).sum(1)
     assert zeros_of(out.masks["conv1"]) == lowest(dist, 3)
@@ -449,9 +482,9 @@ def test_fpgm_criterion(tiny):
 def test_ghfp_hard_share_follows_schedule_and_hard_stays_hard(tiny, shape):
     _, variables, graph = tiny
     total, rate = 10, 0.5
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     method = GHFP(soft=SFP(rate=rate), shape=shape)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     for name in SIZES:
         assert zeros_of(state.hard[name]) == set()  # h = 0 before training
     prev_hard = {name: set() for name in SIZES}
@@ -460,7 +493,7 @@ def test_ghfp_hard_share_follows_schedule_and_hard_stays_hard(tiny, shape):
         # hard filters stay zero under training (the trainer masks them); make them large in
         # the scores anyway to prove they are not re-selected by score
         before = {name: l2(state, name) for name in SIZES}
-        state = method.end_of_epoch(state, epoch, ctx)
+        state = end_of_epoch(method, state, epoch, ctx)
         u = min(1.0, (epoch + 1) / (0.9 * total))
         h = 1 - (1 - u) ** 3 if shape == "cubic" else u
         for name, n in SIZES.items():
@@ -482,7 +515,7 @@ def test_ghfp_hard_share_follows_schedule_and_hard_stays_hard(tiny, shape):
             assert np.all(np.asarray(state.params["bn" + name[-1]]["scale"])[idx] == 0)
             prev_hard[name] = hard
     assert all(len(prev_hard[name]) == int(n * rate) for name, n in SIZES.items())
-    final = method.finalize(state, ctx)
+    final = finalize(method, state, ctx)
     for name, n in SIZES.items():
         np.testing.assert_array_equal(final.masks[name], final.hard[name])
         assert zeros_of(final.hard[name]) == prev_hard[name]
@@ -491,10 +524,10 @@ def test_ghfp_hard_share_follows_schedule_and_hard_stays_hard(tiny, shape):
 def test_ghfp_soft_channels_can_return_hard_cannot(tiny):
     model, variables, graph = tiny
     total = 10
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     method = get_method("ghfp", rate=0.5)
-    state = method.init(make_state(variables, graph), ctx)
-    state = method.end_of_epoch(perturb(state, 0), 2, ctx)  # h = 1 - (2/3)^3 = 0.70 -> 3 of 5
+    state = init(method, make_state(variables, graph), ctx)
+    state = end_of_epoch(method, perturb(state, 0), 2, ctx)  # h = 1 - (2/3)^3 = 0.70 -> 3 of 5
     hard = zeros_of(state.hard["conv1"])
     soft = zeros_of(state.masks["conv1"]) - hard
     assert len(hard) == 3 and len(soft) == 2
@@ -507,17 +540,17 @@ def test_ghfp_soft_channels_can_return_hard_cannot(tiny):
     for j in list(soft) + list(hard):
         big = big.at[..., j].set(1.0)  # even a large hard filter stays hard
     params["conv1"] = {"kernel": big}
-    after = method.end_of_epoch(trained.replace(params=params), 3, ctx)
+    after = end_of_epoch(method, trained.replace(params=params), 3, ctx)
     assert not (soft & zeros_of(after.masks["conv1"]))  # the soft ones came back
     assert hard <= zeros_of(after.hard["conv1"])
 
 
 def test_ghfp_with_srfp_soft_part(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=10)
+    ctx = Ctx(graph, total_epochs=10)
     method = get_method("ghfp", rate=0.5, soft="srfp", alpha0=0.5, decay_rate=0.1)
-    state = method.init(make_state(variables, graph), ctx)
-    state = method.end_of_epoch(perturb(state, 0), 1, ctx)  # t = 2: alpha = 0.5 e^-0.2
+    state = init(method, make_state(variables, graph), ctx)
+    state = end_of_epoch(method, perturb(state, 0), 1, ctx)  # t = 2: alpha = 0.5 e^-0.2
     m = np.asarray(state.masks["conv1"])
     hard = zeros_of(state.hard["conv1"])
     soft = set(np.flatnonzero((m != 0) & (m != 1)).tolist())
@@ -565,6 +598,10 @@ def test_srfp_zero_epoch_hand_values():
     assert s(6) > 0 and s(7) == 0.0
     assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(7, 10) == 0.0
     assert SFP(rate=0.3, decay=True, zero_fraction=0.25).alpha_at(6, 10) == 0.5 * math.exp(-3 / 7 * 6)
+    # c=None: c = 3 / t_zero, picked by the schedule itself (t_zero = 7 here)
+    auto = srfp_decay(0.5, None, 10, 0.25)
+    assert auto(6) == 0.5 * math.exp(-3 / 7 * 6) and auto(7) == 0.0
+    assert float(jax.jit(auto)(jnp.float32(2))) == pytest.approx(0.5 * math.exp(-3 / 7 * 2))
 
 
 def test_srfp_author_decay_hand_values():
@@ -606,17 +643,17 @@ def test_ghfp_author_counts_match_the_authors_formulas(resnet20_scatter, rate, t
 def test_ghfp_author_variant_selects_and_hardens_by_its_counts(tiny):
     _, variables, graph = tiny
     total, rate = 10, 0.5
-    ctx = MethodContext(graph, total_epochs=total)
+    ctx = Ctx(graph, total_epochs=total)
     method = get_method("ghfp", rate=rate, soft="asfp", rate_shape="cubic", end=1.0,
                         hard_count="layer", harden_at_init=True)
     assert method == GHFP.author(rate)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     prev_hard = {name: zeros_of(state.hard[name]) for name in SIZES}
     for name, n in SIZES.items():
         assert (len(zeros_of(state.masks[name])), len(prev_hard[name])) == _author_counts(n, rate, total, 0)
     for epoch in range(total):
         before = {name: l2(perturb(state, epoch), name) for name in SIZES}
-        state = method.end_of_epoch(perturb(state, epoch), epoch, ctx)
+        state = end_of_epoch(method, perturb(state, epoch), epoch, ctx)
         for name, n in SIZES.items():
             n_pruned, n_hard = _author_counts(n, rate, total, epoch)
             hard, pruned = zeros_of(state.hard[name]), zeros_of(state.masks[name])
@@ -666,27 +703,27 @@ def resnet20_scatter():
 
 def test_hfp_final_masks_meet_both_targets(resnet20_scatter):
     _, variables, graph = resnet20_scatter
-    ctx = MethodContext(graph, total_epochs=4)
+    ctx = Ctx(graph, total_epochs=4)
     dense = flops.count(graph, None, "conv_fc")
     method = get_method("hfp", macs_reduction=0.5, params_reduction=0.4)
-    state = method.init(make_state(variables, graph), ctx)
+    state = init(method, make_state(variables, graph), ctx)
     # tau's selection (float32) meets the targets on the current scores
     at_tau = flops.count(graph, state.masks, "conv_fc")
     assert at_tau.macs <= 0.5 * dense.macs * (1 + 1e-4)
     assert at_tau.params <= 0.6 * dense.params * (1 + 1e-4)
-    final = method.finalize(state, ctx)
+    final = finalize(method, state, ctx)
     cost = flops.count(graph, final.masks, "conv_fc")
     macs_share, params_share = cost.macs / dense.macs, cost.params / dense.params
     assert 0.5 - 0.005 <= macs_share <= 0.5
     assert 0.6 - 0.005 <= params_share <= 0.6
-    alloc = method.allocation(final, ctx)
+    alloc = method.allocation(final.masks, graph)
     assert all(kept >= 1 for kept, _ in alloc.values())
     assert any(kept < total for kept, total in alloc.values())
     assert {n: t for n, (_, t) in alloc.items()} == graph.group_sizes()
     for name in graph.groups:
         np.testing.assert_array_equal(final.masks[name], final.hard[name])
     assert_pruned_slices_zero(final.params, final.hard, graph)
-    report = method.cost_report(final, ctx)
+    report = method.cost_report(final.masks, graph)
     assert report["macs"] == cost.macs and report["params"] == cost.params
     # only a MACs target: met to within one channel, params free
     only = HFP(macs_reduction=0.5).final_masks(variables["params"], graph)[0]
@@ -695,13 +732,14 @@ def test_hfp_final_masks_meet_both_targets(resnet20_scatter):
 
 def test_hfp_penalty_pushes_bn_scales_down_and_vanishes_under_target(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=4)
+    ctx = Ctx(graph, total_epochs=4)
     method = HFP(macs_reduction=0.5, params_reduction=0.4)
-    state = method.init(make_state(variables, graph), ctx)
-    ms = state.method_state
+    state = init(method, make_state(variables, graph), ctx)
+    ms = state.prune
+    pr = pruner_of(method, ctx)
 
-    def penalty(params, method_state):
-        return method.penalty(params, state.batch_stats, method_state, ctx)[0]
+    def penalty(params, prune_state):
+        return pr.penalty({"params": params, "batch_stats": state.batch_stats}, prune_state)[0]
 
     pen, grad = jax.jit(penalty), jax.jit(jax.grad(penalty))
     value = pen(state.params, ms)
@@ -721,18 +759,18 @@ def test_hfp_penalty_pushes_bn_scales_down_and_vanishes_under_target(tiny):
     step = jax.tree_util.tree_map(lambda p, g: p - 0.01 * g, state.params, grads)
     assert pen(step, ms) < value
     # under target (a high threshold counts few channels): zero penalty, zero gradient
-    under = dict(ms, tau=jnp.float32(5.0))
+    under = ms._replace(tau=jnp.float32(5.0))
     macs, params = method.soft_cost(state.params, under, graph)
     budget = method.budget(graph)
     assert macs < budget.target_macs and params < budget.target_params
     assert float(pen(state.params, under)) == 0.0
     assert all(float(jnp.abs(l).sum()) == 0
                for l in jax.tree_util.tree_leaves(grad(state.params, under)))
-    # end_of_epoch re-targets on the same scores: same tau; params untouched
-    nxt = method.end_of_epoch(state, 0, ctx)
+    # update re-targets on the same scores: same tau; params untouched
+    nxt = end_of_epoch(method, state, 0, ctx)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(
         lambda a, b: bool(jnp.array_equal(a, b)), nxt.params, state.params))
-    np.testing.assert_allclose(nxt.method_state["tau"], ms["tau"], rtol=1e-6)
+    np.testing.assert_allclose(nxt.prune.tau, ms.tau, rtol=1e-6)
 
 
 def test_hfp_validation(resnet20_scatter):
@@ -744,7 +782,7 @@ def test_hfp_validation(resnet20_scatter):
     with pytest.raises(ValueError, match="not both"):
         HFP(macs_reduction=0.5, target_macs=10)
     with pytest.raises(ValueError, match="unreachable"):
-        HFP(target_params=10).init(make_state(variables, graph), MethodContext(graph, 2))
+        init(HFP(target_params=10), make_state(variables, graph), Ctx(graph, 2))
 
 
 # ----------------------------------------------------------------------------- PFEC, dense
@@ -752,12 +790,12 @@ def test_hfp_validation(resnet20_scatter):
 
 def test_pfec_method_is_one_shot_hard(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, 5)
+    ctx = Ctx(graph, 5)
     cfg = PFECConfig("tiny", layer_rates=((1, 0.35), (2, 0.5)))
     method = get_method("pfec", config=cfg)
     state = make_state(variables, graph)
     state = state.replace(opt_state=jax.tree_util.tree_map(jnp.ones_like, state.opt_state))
-    out = method.init(state, ctx)
+    out = init(method, state, ctx)
     for name, rate in (("conv1", 0.35), ("conv2", 0.5)):
         n = SIZES[name]
         k = kernel(state, name)
@@ -771,20 +809,21 @@ def test_pfec_method_is_one_shot_hard(tiny):
     mom = hard_masked_moments(out, graph)["conv1"]["kernel"]
     assert np.all(np.asarray(mom)[..., pruned] == 0)
     assert np.all(np.asarray(mom)[..., [i for i in range(10) if i not in pruned]] != 0)
-    assert method.end_of_epoch(out, 0, ctx) is out
-    assert method.finalize(out, ctx) is out
+    for after in (end_of_epoch(method, out, 0, ctx), finalize(method, out, ctx)):
+        assert after.params is out.params and after.batch_stats is out.batch_stats
+        assert after.masks is out.masks and after.hard is out.hard
 
 
 def test_dense_method(tiny):
     _, variables, graph = tiny
-    ctx = MethodContext(graph, 3)
+    ctx = Ctx(graph, 3)
     method = get_method("dense", rate=0.0, criterion="l2", exclude=())
     assert isinstance(method, Dense)
-    state = method.finalize(method.end_of_epoch(method.init(make_state(variables, graph), ctx),
+    state = finalize(method, end_of_epoch(method, init(method, make_state(variables, graph), ctx),
                                                 0, ctx), ctx)
     for name, n in SIZES.items():
         np.testing.assert_array_equal(state.masks[name], np.ones(n))
-    assert float(method.penalty(state.params, state.batch_stats, {}, ctx)[0]) == 0.0
+    assert float(pruner_of(method, ctx).penalty(state.variables, state.prune)[0]) == 0.0
 
 
 # ----------------------------------------------------------------------------- registry
@@ -820,18 +859,21 @@ def test_registry():
 
 def test_fixed_masks_keep_the_final_hard_selection_through_training(tiny):
     model, variables, graph = tiny
-    ctx = MethodContext(graph, total_epochs=2)
-    final = SFP(rate=P).finalize(SFP(rate=P).init(make_state(variables, graph), ctx), ctx)
-    ft = FixedMasks()
+    ctx = Ctx(graph, total_epochs=2)
+    final = finalize(SFP(rate=P), init(SFP(rate=P), make_state(variables, graph), ctx), ctx)
+    ft = FixedMasks(final.masks, final.hard)
     assert ft.name == "finetune"
-    state = ft.init(final, ctx)
-    assert state is final
+    state = init(ft, final, ctx)
+    assert state.params is final.params and state.batch_stats is final.batch_stats
+    assert state.masks == final.masks and state.hard == final.hard
     trained = sgd_steps(model, state, graph, steps=3)
-    assert ft.end_of_epoch(trained, 0, ctx) is trained and ft.finalize(trained, ctx) is trained
+    for after in (end_of_epoch(ft, trained, 0, ctx), finalize(ft, trained, ctx)):
+        assert after.params is trained.params and after.batch_stats is trained.batch_stats
+        assert after.masks == trained.masks and after.hard == trained.hard
     assert_pruned_slices_zero(trained.params, final.hard, graph)
     kept = np.flatnonzero(np.asarray(final.hard["conv1"]) == 1)
     assert np.any(kernel(trained, "conv1")[..., kept] != kernel(final, "conv1")[..., kept])
-    pen, metrics = ft.penalty(trained.params, trained.batch_stats, trained.method_state, ctx)
+    pen, metrics = pruner_of(ft, ctx).penalty(trained.variables, trained.prune)
     assert float(pen) == 0.0 and metrics == {}
 
 
@@ -849,15 +891,15 @@ def test_rounded_final_selection_keeps_compact_equal_to_masked(method_name, kwar
     x = jnp.asarray(np.random.default_rng(3).normal(size=(4, 8, 8, 3)), jnp.float32)
     variables = random_variables(model, x[:1], seed=11)
     graph = trace_linen(model, variables, x[:1], residual=residual)
-    ctx = MethodContext(graph, total_epochs=3)
+    ctx = Ctx(graph, total_epochs=3)
     exact = get_method(method_name, **kwargs)
     rounded = get_method(method_name, width={"round_to": 8}, **kwargs)
     finals = {}
     for tag, method in (("exact", exact), ("rounded", rounded)):
-        state = method.init(make_state(variables, graph), ctx)
+        state = init(method, make_state(variables, graph), ctx)
         for epoch in range(3):
-            state = method.end_of_epoch(state, epoch, ctx)
-        finals[tag] = method.finalize(state, ctx)
+            state = end_of_epoch(method, state, epoch, ctx)
+        finals[tag] = finalize(method, state, ctx)
     names = exact.soft.pruned_groups(graph) if method_name == "ghfp" else exact.pruned_groups(graph)
     for name in names:
         size = graph.groups[name].size
@@ -907,10 +949,10 @@ def test_width_policy_rejects_methods_without_it():
 @pytest.mark.parametrize("round_to, slack", [(4, 0.005), (8, 0.01)])
 def test_hfp_with_rounded_widths_still_meets_both_targets(resnet20_scatter, round_to, slack):
     _, variables, graph = resnet20_scatter
-    ctx = MethodContext(graph, total_epochs=4)
+    ctx = Ctx(graph, total_epochs=4)
     dense = flops.count(graph, None, "conv_fc")
     method = get_method("hfp", macs_reduction=0.5, params_reduction=0.4, width=round_to)
-    final = method.finalize(method.init(make_state(variables, graph), ctx), ctx)
+    final = finalize(method, init(method, make_state(variables, graph), ctx), ctx)
     cost = flops.count(graph, final.masks, "conv_fc")
     macs_share, params_share = cost.macs / dense.macs, cost.params / dense.params
     assert 0.5 - slack <= macs_share <= 0.5, macs_share

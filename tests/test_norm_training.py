@@ -19,7 +19,6 @@ from jaxprune.graph import trace_linen
 from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import apply_masks, binarize
 from jaxprune.methods import HFP, SFP
-from jaxprune.methods.base import MethodContext
 
 
 class DigitsConvNeXt(nn.Module):
@@ -83,7 +82,7 @@ def test_training_with_masked_norms_gives_a_compact_model_equal_to_the_masked_on
     vit = model_cls is DigitsViT
     epochs, bs = (5, 16) if vit else (3, 32)
     steps = -(-len(x_train) // bs)
-    ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=steps)
+    pruner = _method(method, vit).pruner(graph, epochs, steps)
     if vit:  # a transformer: Adam (SGD barely moves it in a few epochs)
         opt = optax.adam(3e-3)
     else:
@@ -91,8 +90,8 @@ def test_training_with_masked_norms_gives_a_compact_model_equal_to_the_masked_on
                                                        factor=1.0))
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x_train[:1], opt)
-    state, hist = tr.fit(model, graph, _method(method, vit), ctx, state, opt, (x_train, y_train),
-                         (x_test, y_test), epochs=epochs, batch_size=bs, progress=False, mesh=mesh)
+    state, hist = tr.fit(model, graph, pruner, state, opt, (x_train, y_train), (x_test, y_test),
+                         tr.FitOptions(epochs=epochs, batch_size=bs, progress=False, mesh=mesh))
     assert len(hist) == epochs
     masks = binarize(state.masks)
     pruned = {n for n, m in masks.items() if float(np.min(np.asarray(m))) == 0.0}

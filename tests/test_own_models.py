@@ -144,9 +144,10 @@ def test_own_model_end_to_end_on_the_command_line(tmp_path, capsys, model, resid
     from jaxprune.commands.compact import restore_run
     from jaxprune.masks import apply_masks, binarize
     from jaxprune.methods.base import final_roles
+    from jaxprune.train_step import prune_finalize
 
     s, state, _, _, _ = restore_run(work)
-    state = s.method.finalize(state, s.ctx)
+    state = prune_finalize(s.pruner, state)
     masked = apply_masks(state.variables, binarize(state.masks), s.graph, roles=final_roles(s.method))
     mean, std = np.array(s.dataset.mean), np.array(s.dataset.std)
     ref = s.model.apply(masked, jnp.asarray((x / 255 - mean) / std, jnp.float32), train=False)

@@ -364,7 +364,7 @@ def test_retraining_the_compact_model_equals_retraining_the_masked_one(tmp_path)
     from jaxprune.commands.compact import compact_run
     from jaxprune.experiment import RETRAIN_MODEL, run, setup
     from jaxprune.masks import binarize
-    from jaxprune.train_step import create_train_state
+    from jaxprune.train_step import create_train_state, prune_init
 
     res = {}
     for flag in (False, True):
@@ -378,7 +378,7 @@ def test_retraining_the_compact_model_equals_retraining_the_masked_one(tmp_path)
     s = setup(config)
     state = create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed),
                                jnp.zeros((1,) + s.dataset.image_shape), s.optimizer)
-    one_shot = s.method.init(state, s.ctx)
+    one_shot = prune_init(s.pruner, state)
     want = compact(s.model, one_shot.variables, binarize(one_shot.masks), s.graph).variables
     _, start, _ = jaxprune.load(tmp_path / "runTrue" / RETRAIN_MODEL)
     jax.tree.map(np.testing.assert_array_equal, start, want)
@@ -414,18 +414,18 @@ def test_a_compact_retraining_step_is_the_masked_step(tmp_path):
     from jaxprune.compaction import slice_tree, surgery
     from jaxprune.experiment import compact_for_retraining, setup
     from jaxprune.masks import binarize
-    from jaxprune.train_step import create_train_state, make_train_chunk
+    from jaxprune.train_step import create_train_state, make_train_chunk, prune_init
 
     config = _pfec_tiny_config(tmp_path, "c", compact_before_retraining=True)
     s = setup(config)
     ds = s.dataset
     state = create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed),
                                jnp.zeros((1,) + ds.image_shape), s.optimizer)
-    small, small_state, _ = compact_for_retraining(s, state)  # its fresh state: the template
-    masked = s.method.init(state, s.ctx)
+    masked = prune_init(s.pruner, state)
+    small, small_state, _ = compact_for_retraining(s, masked)  # its fresh state: the template
     axis_keep, _, _ = surgery(binarize(masked.masks), s.graph)
     aug = functools.partial(augment_lib.augment_batch, mean=ds.mean, std=ds.std, flip=False, pad=0)
-    step_m, step_c = (make_train_chunk(m.model, m.graph, m.optimizer, m.method, m.ctx, steps=1,
+    step_m, step_c = (make_train_chunk(m.model, m.graph, m.optimizer, m.pruner, steps=1,
                                        augment=aug) for m in (s, small))
     images, labels = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train, jnp.int32)
     order = jnp.asarray(epoch_batches(len(ds.x_train), config.batch_size, config.seed, 0), jnp.int32)

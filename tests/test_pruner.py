@@ -3,6 +3,7 @@ jaxprune.masks.hard_masked) do what jaxprune's own train step does, step by step
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -14,10 +15,8 @@ from flax.training import train_state
 
 from jaxprune import train_step as ts_lib
 from jaxprune.graph import trace_linen
-from jaxprune.masks import hard_masked, init_masks
-from jaxprune.methods import get_method
-from jaxprune.methods.base import MethodContext
-from jaxprune.pruner import PruneState, pruner
+from jaxprune.masks import hard_masked
+from jaxprune.methods import SFP, get_method
 from test_training import TinyNet  # conv(4)-BN-ReLU-conv(6)-BN-ReLU-GAP-fc(3)
 
 EPOCHS, STEPS = 4, 2
@@ -39,26 +38,27 @@ METHODS = {"sfp": dict(rate=0.4), "asfp": dict(rate=0.4), "ghfp": dict(rate=0.5)
            "hfp": dict(macs_reduction=0.4, params_reduction=0.3)}
 
 
-def _jaxprune_loop(method, model, variables, graph, xs, ys):
-    ctx = MethodContext(graph=graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+def _jaxprune_loop(method, model, variables, graph, xs, ys, record=None):
+    pr = method.pruner(graph, EPOCHS, STEPS)
     state = ts_lib.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                               batch_stats=variables["batch_stats"], opt_state=OPT.init(variables["params"]),
-                              masks=init_masks(graph), hard=init_masks(graph), method_state={},
-                              rng=jnp.zeros((2,), jnp.uint32))
-    state = method.init(state, ctx)
+                              prune=None, rng=jnp.zeros((2,), jnp.uint32))
+    state = ts_lib.prune_init(pr, state)  # the pruner's first selection fills ``prune``
     step = jax.jit(functools.partial(ts_lib.train_step, model=model, graph=graph, optimizer=OPT,
-                                     method=method, ctx=ctx))
+                                     pruner=pr))
     for e in range(EPOCHS):
         for k in range(STEPS):
             state, _ = step(state, xs[e * STEPS + k], ys[e * STEPS + k])
-        state = method.end_of_epoch(state, e, ctx)
-    return method.finalize(state, ctx)
+        state = ts_lib.prune_update(pr, state)
+        if record is not None:
+            record.append((state.masks, state.hard))
+    return ts_lib.prune_finalize(pr, state)
 
 
-def _user_loop(method, model, variables, graph, xs, ys):
+def _user_loop(method, model, variables, graph, xs, ys, record=None):
     """What a user writes: a flax TrainState, their optimizer wrapped in hard_masked, the
     method's penalty added to their loss."""
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     variables, ps = pr.init(variables)
     tx = hard_masked(OPT, graph)
     state = train_state.TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx)
@@ -83,6 +83,8 @@ def _user_loop(method, model, variables, graph, xs, ys):
             state, batch_stats = step(state, batch_stats, ps, xs[e * STEPS + k], ys[e * STEPS + k])
         variables, ps = pr.update({"params": state.params, "batch_stats": batch_stats}, ps)
         state, batch_stats = state.replace(params=variables["params"]), variables["batch_stats"]
+        if record is not None:
+            record.append((ps.masks, ps.hard))
     return pr.finalize({"params": state.params, "batch_stats": batch_stats}, ps)
 
 
@@ -92,7 +94,8 @@ def test_a_user_loop_prunes_like_jaxprunes_own(name):
     method = get_method(name, **METHODS[name])
     ours = _jaxprune_loop(method, model, variables, graph, xs, ys)
     got_vars, got = _user_loop(method, model, variables, graph, xs, ys)
-    assert isinstance(got, PruneState)
+    assert type(got) is type(ours.prune)  # the method's own typed state
+    assert int(got.count) == EPOCHS
     for g in graph.groups:
         np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
         np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
@@ -104,7 +107,7 @@ def test_a_user_loop_prunes_like_jaxprunes_own(name):
 
 def test_pruner_names_a_bad_variables_tree():
     _, variables, graph, _, _ = _setup()
-    pr = pruner(get_method("sfp", rate=0.3), graph, total_epochs=2)
+    pr = get_method("sfp", rate=0.3).pruner(graph, total_epochs=2)
     with pytest.raises(ValueError, match="'params' collection"):
         pr.init(variables["params"])
 
@@ -115,7 +118,7 @@ def _nnx_loop(method, model, graph, xs, ys):
 
     from jaxprune.pruner import nnx_update, nnx_variables
 
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     variables, ps = pr.init(nnx_variables(model))
     nnx_update(model, variables)
     optimizer = nnx.Optimizer(model, hard_masked(OPT, graph), wrt=nnx.Param)
@@ -176,7 +179,7 @@ def test_a_user_composes_ghfp_over_asfp_with_fpgm_scores():
 
     model, variables, graph, xs, ys = _setup()
     method = GHFP(soft=SFP(rate=0.5, asymptotic=True, criterion="fpgm"), end=0.5)
-    pr = pruner(method, graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
+    pr = method.pruner(graph, total_epochs=EPOCHS, steps_per_epoch=STEPS)
     v0, ps0 = pr.init(variables)
     assert int(ps0.count) == 0
     v1, ps1 = pr.update(v0, ps0)
@@ -189,9 +192,16 @@ def test_a_user_composes_ghfp_over_asfp_with_fpgm_scores():
         kernel = variables["params"][name]["kernel"]
         assert zeros(ps1.masks[name]) == _fpgm_lowest(kernel, n), name
         assert len(zeros(ps1.hard[name])) == int(np.floor(h0 * n)), name
-    ours = _jaxprune_loop(method, model, variables, graph, xs, ys)
-    got_vars, got = _user_loop(method, model, variables, graph, xs, ys)
-    assert int(got.count) == EPOCHS
+    ours_epochs, got_epochs = [], []
+    builtin = get_method("ghfp", soft="asfp", rate=0.5, criterion="fpgm", end=0.5)  # a config's
+    assert builtin == method
+    ours = _jaxprune_loop(builtin, model, variables, graph, xs, ys, ours_epochs)
+    got_vars, got = _user_loop(method, model, variables, graph, xs, ys, got_epochs)
+    assert int(got.count) == EPOCHS and len(got_epochs) == len(ours_epochs) == EPOCHS
+    for e, ((om, oh), (gm, gh)) in enumerate(zip(ours_epochs, got_epochs)):  # every epoch
+        for g in graph.groups:
+            np.testing.assert_array_equal(np.asarray(gm[g]), np.asarray(om[g]), err_msg=f"{e} {g}")
+            np.testing.assert_array_equal(np.asarray(gh[g]), np.asarray(oh[g]), err_msg=f"{e} {g}")
     for g in graph.groups:
         np.testing.assert_array_equal(np.asarray(got.masks[g]), np.asarray(ours.masks[g]), err_msg=g)
         np.testing.assert_array_equal(np.asarray(got.hard[g]), np.asarray(ours.hard[g]), err_msg=g)
@@ -202,3 +212,60 @@ def test_a_user_composes_ghfp_over_asfp_with_fpgm_scores():
 
 def zeros(mask):
     return np.flatnonzero(np.asarray(mask) == 0).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class L1Rule:
+    """A soft selection rule of the user's own: SFP's counts and decay, its own L1 scores
+    (``sum |w|`` over each filter, written here, not jaxprune's criterion)."""
+
+    base: SFP
+
+    @property
+    def soft_roles(self):
+        return self.base.soft_roles
+
+    def check(self, graph, total_epochs):
+        self.base.check(graph, total_epochs)
+
+    def pruned_groups(self, graph):
+        return self.base.pruned_groups(graph)
+
+    def rate_at(self, t, total_epochs):
+        return self.base.rate_at(t, total_epochs)
+
+    def counts_at(self, graph, names, t, total_epochs):
+        return self.base.counts_at(graph, names, t, total_epochs)
+
+    def alpha_at(self, t, total_epochs):
+        return self.base.alpha_at(t, total_epochs)
+
+    def final_counts(self, graph):
+        return self.base.final_counts(graph)
+
+    def scores(self, variables, graph, names):
+        return {n: jnp.sum(jnp.abs(variables["params"][n]["kernel"]), axis=(0, 1, 2)) for n in names}
+
+
+def test_ghfp_hardens_any_soft_rule():
+    """GHFP is a gradual-hardening wrapper over any soft rule (`SoftRule`), not only SFP's: over
+    a rule of the user's own it selects and hardens, epoch by epoch, what it does over SFP with
+    jaxprune's L1 criterion."""
+    from jaxprune.methods import GHFP
+    from jaxprune.methods.sfp import SoftRule
+
+    model, variables, graph, xs, ys = _setup()
+    asfp = SFP(rate=0.5, asymptotic=True)
+    assert isinstance(L1Rule(asfp), SoftRule) and not isinstance(object(), SoftRule)
+    with pytest.raises(ValueError, match="soft must be a soft selection rule"):
+        GHFP(soft=object())
+    theirs, ours = [], []
+    _, got = _user_loop(GHFP(soft=L1Rule(asfp), end=0.5), model, variables, graph, xs, ys, theirs)
+    _, want = _user_loop(GHFP(soft=SFP(rate=0.5, asymptotic=True, criterion="l1"), end=0.5),
+                         model, variables, graph, xs, ys, ours)
+    for e, ((gm, gh), (wm, wh)) in enumerate(zip(theirs + [(got.masks, got.hard)],
+                                                 ours + [(want.masks, want.hard)])):
+        for g in graph.groups:
+            np.testing.assert_array_equal(np.asarray(gm[g]), np.asarray(wm[g]), err_msg=f"{e} {g}")
+            np.testing.assert_array_equal(np.asarray(gh[g]), np.asarray(wh[g]), err_msg=f"{e} {g}")
+    assert 0 < sum(len(zeros(m)) for m in theirs[1][1].values()) < sum(len(zeros(m)) for m in got.hard.values())

@@ -16,7 +16,6 @@ import pytest
 
 from jaxprune import data, evaluation, imagenet, optim, parallel, train_step
 from jaxprune import training as tr
-from jaxprune.methods.base import MethodContext
 from tests.test_training import PREPROCESS, ToyPrune, _batch, tiny  # noqa: F401
 
 
@@ -82,7 +81,7 @@ def test_streamed_evaluation_equals_in_memory_evaluation_and_counts_top5():
 def _stream_fit(tiny, manager=None, stop_after=None, monkeypatch=None):
     model, graph = tiny
     stream = _train_stream()
-    ctx = MethodContext(graph, total_epochs=2, steps_per_epoch=len(stream))
+    pruner = ToyPrune().pruner(graph, 2, len(stream))
     opt = optim.make_optimizer(optim.step_schedule(len(stream), base_lr=0.1, boundaries=(1,), factor=0.5))
     mesh = parallel.make_mesh(jax.devices()[:1])
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11),
@@ -107,7 +106,7 @@ def _stream_fit(tiny, manager=None, stop_after=None, monkeypatch=None):
     test = imagenet.imagenet_pipeline("validation", 16, image_size=8, resize_size=8, train=False,
                                       source=_source(20, 9), backend="threads")
     augment = lambda rng, images: PREPROCESS(images)  # noqa: E731  (the stream augments)
-    return tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, stream, test, tr.FitOptions(
+    return tr.fit(model, graph, pruner, fresh, opt, stream, test, tr.FitOptions(
         epochs=2, batch_size=16, seed=3, augment=augment, preprocess=PREPROCESS, progress=False,
         mesh=mesh, checkpoint_manager=manager))
 
@@ -149,7 +148,7 @@ def test_fit_on_a_stream_resumes_mid_epoch_exactly(tiny, tmp_path, monkeypatch):
 def test_fit_refuses_a_stream_of_another_batch_size(tiny):
     model, graph = tiny
     with pytest.raises(ValueError, match="batches of 16, but fit was asked for batch_size=8"):
-        tr.fit(model, graph, ToyPrune(), MethodContext(graph, 1, 3), None, None, _train_stream(),
+        tr.fit(model, graph, ToyPrune().pruner(graph, 1, 3), None, None, _train_stream(),
                None, tr.FitOptions(epochs=1, batch_size=8))
 
 

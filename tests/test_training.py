@@ -10,9 +10,11 @@ import os
 import subprocess
 import sys
 import textwrap
+from typing import NamedTuple
 from pathlib import Path
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,8 @@ from jaxprune import augment, evaluation, optim, parallel, train_step, training 
 from jaxprune.checkpoints import make_checkpoint_manager
 from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
-from jaxprune.methods.base import MethodContext, no_penalty
+from jaxprune.masks import init_masks
+from jaxprune.pruner import MaskState, Pruner, next_count, zero_count, zero_penalty
 
 REPO = Path(__file__).resolve().parent.parent
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
@@ -41,21 +44,22 @@ class TinyNet(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class NoPrune:
-    """The Method protocol with no pruning at all."""
+    """A method record whose pruner does no pruning at all."""
 
     name: str = "none"
 
-    def init(self, state, ctx):
-        return state
+    def penalty(self, variables, state):
+        return zero_penalty(variables, state)
 
-    def end_of_epoch(self, state, epoch, ctx):
-        return state
+    def pruner(self, graph, total_epochs, steps_per_epoch=1):
+        def init(variables):
+            ones = init_masks(graph)
+            return variables, MaskState(ones, dict(ones), zero_count())
 
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
+        def update(variables, state):
+            return variables, state._replace(count=next_count(state.count))
 
-    def finalize(self, state, ctx):
-        return state
+        return Pruner(init, update, lambda v, s: (v, s), self.penalty, total_epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,34 +68,47 @@ class L2Penalty(NoPrune):
 
     coef: float = 0.0
 
-    def penalty(self, params, batch_stats, method_state, ctx):
-        sq = sum(jnp.sum(p**2) for p in jax.tree.leaves(params))
+    def penalty(self, variables, state):
+        sq = sum(jnp.sum(p**2) for p in jax.tree.leaves(variables["params"]))
         return 0.5 * self.coef * sq, {"sq_norm": sq}
+
+
+class ToyState(NamedTuple):
+    masks: dict
+    hard: dict
+    count: jax.Array
+    calls: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyPrune(NoPrune):
     """Hard-prunes conv1 channel 0 at init; every epoch soft-zeroes conv2's lowest-L2 filter and
-    counts its calls in method_state. ``crash_at``: raise at the end of that epoch."""
+    counts its calls in its state. ``crash_at``: raise at the end of that epoch."""
 
     name: str = "toy"
     crash_at: int = -1
 
-    def init(self, state, ctx):
-        hard = dict(state.hard, conv1=state.hard["conv1"].at[0].set(0.0))
-        params = apply_masks(state.params, hard, ctx.graph, prefix=("params",))
-        return state.replace(hard=hard, masks=dict(hard), params=params,
-                             method_state={"calls": jnp.zeros((), jnp.int32)})
+    def pruner(self, graph, total_epochs, steps_per_epoch=1):
+        def init(variables):
+            ones = init_masks(graph)
+            hard = dict(ones, conv1=ones["conv1"].at[0].set(0.0))
+            params = apply_masks(variables["params"], hard, graph, prefix=("params",))
+            return (dict(variables, params=params),
+                    ToyState(dict(hard), hard, zero_count(), jnp.zeros((), jnp.int32)))
 
-    def end_of_epoch(self, state, epoch, ctx):
-        if epoch == self.crash_at:
-            raise RuntimeError(f"simulated crash in epoch {epoch}")
-        norms = jnp.sqrt(jnp.sum(state.params["conv2"]["kernel"] ** 2, axis=(0, 1, 2)))
-        soft = jnp.ones(6).at[jnp.argmin(norms)].set(0.0)
-        masks = dict(state.hard, conv2=soft)
-        params = apply_masks(state.params, masks, ctx.graph, roles={"out"}, prefix=("params",))
-        return state.replace(masks=masks, params=params,
-                             method_state={"calls": state.method_state["calls"] + 1})
+        def update(variables, state):
+            epoch = int(state.count)
+            if epoch == self.crash_at:
+                raise RuntimeError(f"simulated crash in epoch {epoch}")
+            norms = jnp.sqrt(jnp.sum(variables["params"]["conv2"]["kernel"] ** 2, axis=(0, 1, 2)))
+            soft = jnp.ones(6).at[jnp.argmin(norms)].set(0.0)
+            masks = dict(state.hard, conv2=soft)
+            params = apply_masks(variables["params"], masks, graph, roles={"out"},
+                                 prefix=("params",))
+            return dict(variables, params=params), state._replace(
+                masks=masks, count=next_count(state.count), calls=state.calls + 1)
+
+        return Pruner(init, update, lambda v, s: (v, s), self.penalty, total_epochs)
 
 
 @pytest.fixture(scope="module")
@@ -188,11 +205,11 @@ def _mask_leaves(state):
 def test_hard_channels_stay_zero_soft_channels_learn(tiny):
     model, graph = tiny
     opt = optim.make_optimizer(0.1, weight_decay=5e-4)
-    ctx = MethodContext(graph, total_epochs=1)
+    pruner = NoPrune().pruner(graph, total_epochs=1)
     images, labels = _batch()
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(1), images, opt, mesh=mesh)
-    step = train_step.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT)
+    step = train_step.make_train_step(model, graph, opt, pruner, mesh=mesh, augment=AUGMENT)
     for _ in range(2):  # build up momentum everywhere first
         state, _ = step(state, images, labels)
     assert all(np.any(np.asarray(v) != 0) for v in _mask_leaves(state).values())
@@ -201,11 +218,11 @@ def test_hard_channels_stay_zero_soft_channels_learn(tiny):
     hard = {"conv1": jnp.asarray([0.0, 0.0, 1.0, 1.0]), "conv2": jnp.ones(6)}
     masks = {"conv1": jnp.asarray([0.0, 0.0, 0.0, 1.0]), "conv2": jnp.ones(6)}
     params = apply_masks(state.params, masks, graph, roles={"out"}, prefix=("params",))
-    pruned = state.replace(hard=hard, masks=masks, params=params)
+    pruned = state.replace(prune=state.prune._replace(hard=hard, masks=masks), params=params)
     assert np.all(np.asarray(pruned.params["conv1"]["kernel"][..., 2]) == 0)
 
     masked = plain = pruned
-    plain_step = train_step.make_train_step(model, graph, opt, NoPrune(), ctx, mesh=mesh, augment=AUGMENT,
+    plain_step = train_step.make_train_step(model, graph, opt, pruner, mesh=mesh, augment=AUGMENT,
                                     mask_hard=False)
     for _ in range(4):
         masked, metrics = step(masked, images, labels)
@@ -225,7 +242,6 @@ def test_hard_channels_stay_zero_soft_channels_learn(tiny):
 def test_penalty_is_differentiated(tiny):
     """A penalty coef/2 ||p||^2 with no weight decay == weight decay coef with no penalty."""
     model, graph = tiny
-    ctx = MethodContext(graph, total_epochs=1)
     images, labels = _batch()
     x = PREPROCESS(images)
     mesh = parallel.make_mesh(jax.devices()[:1])
@@ -233,7 +249,7 @@ def test_penalty_is_differentiated(tiny):
     for method, wd in ((L2Penalty(coef=0.05), 0.0), (NoPrune(), 0.05)):
         opt = optim.make_optimizer(0.1, weight_decay=wd)
         state = train_step.create_train_state(model, graph, jax.random.PRNGKey(2), x, opt, mesh=mesh)
-        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh)
+        step = train_step.make_train_step(model, graph, opt, method.pruner(graph, 1), mesh=mesh)
         for _ in range(2):
             state, metrics = step(state, x, labels)
         results.append((state, metrics))
@@ -248,7 +264,7 @@ def test_integer_images_need_augment(tiny):
     images, labels = _batch()
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), images, opt, mesh=mesh)
-    step = train_step.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh)
+    step = train_step.make_train_step(model, graph, opt, NoPrune().pruner(graph, 1), mesh=mesh)
     with pytest.raises(TypeError, match="augment"):
         step(state, images, labels)
 
@@ -261,7 +277,7 @@ def test_evaluate_partial_batch_matches_numpy(tiny):
     images, labels = _batch(16, seed=3)
     mesh = parallel.make_mesh(jax.devices()[:1])
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(3), images, opt, mesh=mesh)
-    step = train_step.make_train_step(model, graph, opt, NoPrune(), MethodContext(graph, 1), mesh=mesh,
+    step = train_step.make_train_step(model, graph, opt, NoPrune().pruner(graph, 1), mesh=mesh,
                               augment=AUGMENT)
     state, _ = step(state, images, labels)  # non-trivial BN statistics
     test_x, test_y = _batch(37, seed=4)
@@ -292,22 +308,21 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     from tests.test_training import TinyNet, ToyPrune, AUGMENT, PREPROCESS, _batch
     from jaxprune import evaluation, optim, parallel, train_step
     from jaxprune.graph import trace_linen
-    from jaxprune.methods.base import MethodContext
 
     assert jax.device_count() == 8, jax.devices()
     model = TinyNet()
     x0 = np.zeros((1, 8, 8, 3), np.float32)
     graph = trace_linen(model, jax.eval_shape(functools.partial(model.init, train=False),
                                               jax.random.PRNGKey(0), x0), x0)
-    ctx = MethodContext(graph, total_epochs=1)
-    method = ToyPrune()
+    pruner = ToyPrune().pruner(graph, total_epochs=1)
     opt = optim.make_optimizer(0.1, weight_decay=5e-4)
     images, labels = _batch(32, seed=5)
-    fresh = method.init(train_step.create_train_state(model, graph, jax.random.PRNGKey(7), images, opt), ctx)
+    fresh = train_step.prune_init(
+        pruner, train_step.create_train_state(model, graph, jax.random.PRNGKey(7), images, opt))
     out = {}
     for n in (8, 1):
         mesh = parallel.make_mesh(jax.devices()[:n])
-        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=AUGMENT)
+        step = train_step.make_train_step(model, graph, opt, pruner, mesh=mesh, augment=AUGMENT)
         state = parallel.replicate(mesh, fresh)
         for i in range(3):
             state, metrics = step(state, images, labels)
@@ -365,7 +380,8 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
     epochs, bs = 3, 16
     train = _batch(48, seed=6)
     test = _batch(20, seed=7)
-    ctx = MethodContext(graph, total_epochs=epochs, steps_per_epoch=3)
+    toy = functools.partial(ToyPrune().pruner, graph, epochs)
+    crash = lambda epoch: ToyPrune(crash_at=epoch).pruner(graph, epochs)  # noqa: E731
     opt = optim.make_optimizer(optim.step_schedule(3, base_lr=0.1, boundaries=(1, 2), factor=0.5))
     mesh = parallel.make_mesh(jax.devices()[:1])
     fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
@@ -373,33 +389,98 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
                   progress=False, mesh=mesh, config={"run": "test"})
 
     records = []
-    full, hist_full = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test, tr.FitOptions(
+    full, hist_full = tr.fit(model, graph, toy(), fresh, opt, train, test, tr.FitOptions(
         checkpoint_manager=make_checkpoint_manager(tmp_path / "a"),
         metrics_writer=records.append, **dict(common, progress=True)))
     assert [r["epoch"] for r in hist_full] == [0, 1, 2] and records == hist_full
 
     mgr = make_checkpoint_manager(tmp_path / "b")
     with pytest.raises(RuntimeError, match="crash in epoch 2"):
-        tr.fit(model, graph, ToyPrune(crash_at=2), ctx, fresh, opt, train, test,
+        tr.fit(model, graph, crash(2), fresh, opt, train, test,
                tr.FitOptions(checkpoint_manager=mgr, **common))
     assert mgr.latest_step() == 2  # epochs 0 and 1 are on disk
     written = []
-    resumed, hist_resumed = tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test,
+    resumed, hist_resumed = tr.fit(model, graph, toy(), fresh, opt, train, test,
                                    tr.FitOptions(checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
                                                  metrics_writer=written.append, **common))
     assert [r["epoch"] for r in written] == [2]  # only the missing epoch was trained
 
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert int(resumed.step) == 9 and int(resumed.method_state["calls"]) == 3
+    assert int(resumed.step) == 9 and int(resumed.prune.calls) == 3 and int(resumed.prune.count) == 3
     assert np.all(np.asarray(resumed.params["conv1"]["kernel"][..., 0]) == 0)
     strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
     assert strip(hist_resumed) == strip(hist_full)
     # a finished run resumes to "nothing left to do"
-    again, hist_again = tr.fit(model, graph, ToyPrune(crash_at=0), ctx, fresh, opt, train, test,
+    again, hist_again = tr.fit(model, graph, crash(0), fresh, opt, train, test,
                                tr.FitOptions(checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
                                              **common))
     assert strip(hist_again) == strip(hist_full)
     with pytest.raises(ValueError, match="total_epochs"):
-        tr.fit(model, graph, ToyPrune(), ctx, fresh, opt, train, test,
+        tr.fit(model, graph, toy(), fresh, opt, train, test,
                tr.FitOptions(**dict(common, epochs=2)))
+
+
+@struct.dataclass
+class OldTrainState:
+    """The train state as older checkpoints hold it: the pruning state in three fields."""
+
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: tuple
+    masks: dict
+    hard: dict
+    method_state: dict
+    rng: jax.Array
+
+
+def test_a_checkpoint_of_the_older_layout_resumes_exactly(tiny, tmp_path):
+    """A checkpoint written before the pruning state was one typed field (``masks``, ``hard``
+    and a ``method_state`` dict at the top of the train state) resumes under today's code: its
+    masks, hard set and method state land in the pruner's state, the epoch count comes from the
+    checkpoint's meta, and the continuation equals the uninterrupted run bitwise."""
+    from jaxprune.checkpoints import restore_checkpoint, save_checkpoint
+
+    model, graph = tiny
+    epochs, bs = 3, 16
+    train, test = _batch(48, seed=6), _batch(20, seed=7)
+    opt = optim.make_optimizer(optim.step_schedule(3, base_lr=0.1, boundaries=(1, 2), factor=0.5))
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
+    common = dict(epochs=epochs, batch_size=bs, seed=3, augment=AUGMENT, preprocess=PREPROCESS,
+                  progress=False, mesh=mesh, steps_per_call=1)
+    toy = ToyPrune().pruner(graph, epochs)
+    full_mgr = make_checkpoint_manager(tmp_path / "full", max_to_keep=5)
+    full, hist_full = tr.fit(model, graph, toy, fresh, opt, train, test,
+                             tr.FitOptions(checkpoint_manager=full_mgr, **common))
+    # the uninterrupted run's state after 2 epochs, written again in the older layout
+    target = train_step.prune_init(toy, fresh)
+    two, meta = restore_checkpoint(full_mgr, target, step=2)
+    full_mgr.close()
+    assert int(two.prune.count) == 2 and int(two.prune.calls) == 2
+    old = OldTrainState(step=two.step, params=two.params, batch_stats=two.batch_stats,
+                        opt_state=two.opt_state, masks=two.prune.masks, hard=two.prune.hard,
+                        method_state={"calls": two.prune.calls}, rng=two.rng)
+    old_mgr = make_checkpoint_manager(tmp_path / "old")
+    save_checkpoint(old_mgr, old, epoch=1, metrics=meta["metrics"], history=meta["history"])
+    old_mgr.wait_until_finished()
+    stored = old_mgr.item_metadata(2)["state"]
+    assert {"masks", "hard", "method_state"} <= set(getattr(stored, "tree", stored))
+    # restored alone: the older fields are today's pruning state
+    back, back_meta = restore_checkpoint(old_mgr, target)
+    assert back_meta["next_epoch"] == 2 and type(back.prune) is type(target.prune)
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # resumed by fit: only the last epoch is trained, and it ends where the full run ended
+    written = []
+    resumed, hist_resumed = tr.fit(model, graph, toy, fresh, opt, train, test,
+                                   tr.FitOptions(checkpoint_manager=old_mgr,
+                                                 metrics_writer=written.append, **common))
+    old_mgr.close()
+    assert [r["epoch"] for r in written] == [2]
+    assert int(resumed.prune.count) == 3 and int(resumed.prune.calls) == 3
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
+    assert strip(hist_resumed) == strip(hist_full)

@@ -19,7 +19,7 @@ from jaxprune import methods, optim, parallel, train_step as step_lib
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
 from jaxprune.masks import init_masks
-from jaxprune.methods.base import MethodContext
+from jaxprune.pruner import Pruner
 from jaxprune.models import get_model
 
 IMAGE = (32, 32, 3)
@@ -64,17 +64,18 @@ def with_variables(state: step_lib.TrainState, variables: Any, optimizer) -> ste
                          opt_state=optimizer.init(params))
 
 
-def method_state(s: Setup, method: Any, total_epochs: int = 200) -> tuple[Any, MethodContext]:
-    """A train state over ``s.variables`` after ``method.init`` (its first selection)."""
-    ctx = MethodContext(graph=s.graph, total_epochs=total_epochs, steps_per_epoch=390)
+def method_state(s: Setup, method: Any, total_epochs: int = 200) -> tuple[Any, Pruner]:
+    """A train state over ``s.variables`` after the method's pruner's ``init`` (its first
+    selection), and the pruner."""
+    pr = method.pruner(s.graph, total_epochs, 390)
     st = with_variables(fresh_state(s, graph=s.graph), s.variables, s.optimizer)
-    return method.init(st, ctx), ctx
+    return step_lib.prune_init(pr, st), pr
 
 
 def final_masks(s: Setup, method: Any) -> dict[str, jax.Array]:
     """The method's final hard masks (``finalize`` right after ``init``) on ``s.variables``."""
-    st, ctx = method_state(s, method)
-    return method.finalize(st, ctx).hard
+    st, pr = method_state(s, method)
+    return step_lib.prune_finalize(pr, st).hard
 
 
 def sfp_masks(s: Setup, rate: float) -> dict[str, jax.Array]:
@@ -94,14 +95,14 @@ class Compiled:
 
 
 def train_step(model: Any, graph: Any, state: step_lib.TrainState, optimizer, x, y, *,
-               mask_hard: bool, method: Any = None, ctx: Any = None) -> Compiled:
+               mask_hard: bool, pruner: Any = None) -> Compiled:
     """The library's jitted train step of ``model``, compiled once (lower + compile timed)."""
-    method = methods.get_method("dense") if method is None else method
-    step = step_lib.make_train_step(model, graph, optimizer, method, ctx, mask_hard=mask_hard)
+    pruner = methods.get_method("dense").pruner(graph, 1) if pruner is None else pruner
+    step = step_lib.make_train_step(model, graph, optimizer, pruner, mask_hard=mask_hard)
     state = parallel.replicate(step.mesh, state)
     x, y = parallel.shard_batch(step.mesh, x, y)
     args = ((state.step, state.params, state.batch_stats, state.opt_state),
-            (state.masks, state.hard, state.method_state, state.rng), x, y)
+            (state.prune, state.rng), x, y)
     lower_s, compile_s, compiled = H.compile_seconds(step.jitted, *args)
     box = [args]
 

@@ -89,7 +89,6 @@ def bench_inference(depth: int, batch: int, rate: float, repeats: int, inner: in
 
 def bench_mask_overhead(depth: int, batch: int, repeats: int, inner: int) -> dict:
     from jaxprune import methods, optim, train_step
-    from jaxprune.methods.base import MethodContext
 
     model = get_model(f"resnet{depth}")
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, 32, 32, 3))
@@ -97,12 +96,11 @@ def bench_mask_overhead(depth: int, batch: int, repeats: int, inner: int) -> dic
     variables = model.init(jax.random.PRNGKey(1), x[:1])
     graph = trace_linen(model, variables, x[:1], residual="scatter")
     opt = optim.make_optimizer(0.1)
-    method = methods.get_method("dense")
-    ctx = MethodContext(graph=graph, total_epochs=1)
+    pr = methods.get_method("dense").pruner(graph, 1)
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(3), x[:1], opt)
     steps = {
-        "plain": train_step.make_train_step(model, graph, opt, method, ctx, mask_hard=False),
-        "masked": train_step.make_train_step(model, graph, opt, method, ctx, mask_hard=True),
+        "plain": train_step.make_train_step(model, graph, opt, pr, mask_hard=False),
+        "masked": train_step.make_train_step(model, graph, opt, pr, mask_hard=True),
     }
     samples = {k: [] for k in steps}
 

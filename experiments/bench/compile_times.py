@@ -5,7 +5,7 @@ Per model (batch 128 steps, fresh compilations: no persistent cache):
 - **trace**: `jaxprune.graph.trace_linen` (jaxpr tracing + channel propagation), policy 'scatter';
 - **train step**: ``make_train_step(..., mask_hard=True).jitted`` lower + compile;
 - **evaluation**: ``make_eval_fn(...).jitted`` (the whole-set scan, 4 batches) lower + compile;
-- **re-selection**: SFP's jitted ``end_of_epoch`` (traced epoch) lower + compile;
+- **re-selection**: SFP's jitted pruner ``update`` (traced epoch count) lower + compile;
 - **compaction**: ``compact(model, variables, masks, graph)`` with SFP's masks (host surgery
   + slicing, first call, so it includes the small jitted slicing programs it runs).
 
@@ -52,12 +52,12 @@ def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
     x, y = S.batch(batch_size)
 
     method = methods.get_method("sfp", rate=rate)
-    st, ctx = S.method_state(s, method)
-    step = train_step.make_train_step(model, graph, s.optimizer, method, ctx, mask_hard=True)
+    st, pr = S.method_state(s, method)
+    step = train_step.make_train_step(model, graph, s.optimizer, pr, mask_hard=True)
     rst = parallel.replicate(step.mesh, st)
     xs, ys = parallel.shard_batch(step.mesh, x, y)
     lo, co, _ = H.compile_seconds(step.jitted, (rst.step, rst.params, rst.batch_stats, rst.opt_state),
-                                  (rst.masks, rst.hard, rst.method_state, rst.rng), xs, ys)
+                                  (rst.prune, rst.rng), xs, ys)
     out["train step: lower"], out["train step: compile"] = lo, co
 
     ev = evaluation.make_eval_fn(model)
@@ -67,11 +67,12 @@ def measure(name: str, batch_size: int, rate: float) -> dict[str, float]:
                                   data.labels)
     out["eval step: lower"], out["eval step: compile"] = lo, co
 
-    jitted = jax.jit(lambda state, e: method.end_of_epoch(state, e, ctx))
+    jitted = jax.jit(lambda state, e: train_step.prune_update(
+        pr, state.replace(prune=state.prune._replace(count=e))))
     lo, co, _ = H.compile_seconds(jitted, st, jnp.asarray(3, jnp.int32))
     out["re-selection: lower"], out["re-selection: compile"] = lo, co
 
-    masks = method.finalize(st, ctx).hard
+    masks = train_step.prune_finalize(pr, st).hard
     t0 = time.perf_counter()
     res = compact(model, variables, masks, graph)
     H.block(res.variables)

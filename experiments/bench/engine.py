@@ -64,7 +64,6 @@ def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[st
 
     from jaxprune import augment as aug, batching, data, methods, optim, parallel, train_step
     from jaxprune.graph import trace_linen
-    from jaxprune.methods.base import MethodContext
     from jaxprune.models import get_model
 
     n = steps * batch
@@ -122,11 +121,10 @@ def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[st
     for label, dtype, k in dtypes:
         m = get_model(name, dtype=dtype)
         graph = trace_linen(m, variables, x1)
-        method = methods.get_method("sfp", rate=0.0)
-        ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
+        pr = methods.get_method("sfp", rate=0.0).pruner(graph, 1, steps)
         st = train_step.create_train_state(m, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
-        st = parallel.replicate(mesh, method.init(st, ctx))
-        chunk = train_step.make_train_chunk(m, graph, opt, method, ctx, steps=k, mesh=mesh,
+        st = parallel.replicate(mesh, train_step.prune_init(pr, st))
+        chunk = train_step.make_train_chunk(m, graph, opt, pr, steps=k, mesh=mesh,
                                           augment=augment, donate=True)
         od = parallel.replicate(mesh, order_host)
         box = [st]
@@ -142,13 +140,12 @@ def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[st
 
     # -- jaxprune per-step on host batches (the engine before)
     graph = trace_linen(model, variables, x1)
-    method = methods.get_method("sfp", rate=0.0)
-    ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=steps)
+    pr = methods.get_method("sfp", rate=0.0).pruner(graph, 1, steps)
     if "host" in variants:
         st = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt, mesh=mesh)
-        step = train_step.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=augment,
+        step = train_step.make_train_step(model, graph, opt, pr, mesh=mesh, augment=augment,
                                         donate=True)
-        box = [parallel.replicate(mesh, method.init(st, ctx))]
+        box = [parallel.replicate(mesh, train_step.prune_init(pr, st))]
 
         def run_host():
             s, m = box[0], None
@@ -167,11 +164,10 @@ def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[st
             continue
         m = get_model(name, dtype=dtype)
         g = trace_linen(m, variables, x1)
-        method = methods.get_method("sfp", rate=0.0)
-        ctx = MethodContext(g, total_epochs=1, steps_per_epoch=steps)
-        chunk = train_step.make_train_chunk(m, g, opt, method, ctx, steps=k, mesh=mesh,
+        pr = methods.get_method("sfp", rate=0.0).pruner(g, 1, steps)
+        chunk = train_step.make_train_chunk(m, g, opt, pr, steps=k, mesh=mesh,
                                           augment=augment, donate=True, runs=runs)
-        sts = [method.init(train_step.create_train_state(m, g, jax.random.PRNGKey(r), x1, opt), ctx)
+        sts = [train_step.prune_init(pr, train_step.create_train_state(m, g, jax.random.PRNGKey(r), x1, opt))
                for r in range(runs)]
         orders = np.stack([batching.epoch_batches(n, batch, seed=r, epoch=0) for r in range(runs)])
         od = parallel.replicate(mesh, orders.astype(np.int32))

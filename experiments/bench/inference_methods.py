@@ -3,9 +3,9 @@
 One row per paper setting, each method's own selection code on random-init weights (the
 masks' STRUCTURE, not accuracy, decides the speed):
 
-- **SFP** ResNet-20/32/110 at 30%, ResNet-56 at 40% (L2, policy 'scatter'): ``finalize`` of
+- **SFP** ResNet-20/32/110 at 30%, ResNet-56 at 40% (L2, policy 'scatter'): the pruner's ``finalize`` of
   the SFP method (its final selection at the full rate).
-- **GHFP**: its final masks are SFP's at the same rate (``GHFP.finalize``: everything selected
+- **GHFP**: its final masks are SFP's at the same rate (GHFP's ``finalize``: everything selected
   at the full rate becomes hard), so the SFP rows are GHFP's; ``--ghfp`` measures them anyway.
 - **PFEC** ResNet-56-A/B, ResNet-110-A/B, VGG-16-A: the PFEC method's ``init`` (one-shot L1
   selection of the named `PFEC_CONFIGS`, policy 'scatter').

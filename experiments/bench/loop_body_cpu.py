@@ -9,22 +9,21 @@ import time, functools, jax, jax.numpy as jnp, numpy as np
 
 from jaxprune import augment, batching, data, methods, optim, parallel, train_step as ts
 from jaxprune.graph import trace_linen
-from jaxprune.methods.base import MethodContext
 from jaxprune.models import get_model
 B, S = 128, 5
 model = get_model("resnet20"); x1 = jnp.zeros((1, 32, 32, 3))
 variables = jax.jit(functools.partial(model.init, train=False))(jax.random.PRNGKey(0), x1)
 graph = trace_linen(model, variables, x1)
-method = methods.get_method("sfp", rate=0.0); ctx = MethodContext(graph, total_epochs=1, steps_per_epoch=S)
+pr = methods.get_method("sfp", rate=0.0).pruner(graph, 1, S)
 opt = optim.make_optimizer(0.01); mesh = parallel.make_mesh()
 aug = functools.partial(augment.augment_batch, mean=data.CIFAR10_MEAN, std=data.CIFAR10_STD)
 rs = np.random.RandomState(0); xh = rs.randint(0, 256, (S * B, 32, 32, 3)).astype(np.uint8); yh = rs.randint(0, 10, S * B).astype(np.int32)
-st0 = parallel.replicate(mesh, method.init(ts.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt), ctx))
+st0 = parallel.replicate(mesh, ts.prune_init(pr, ts.create_train_state(model, graph, jax.random.PRNGKey(0), x1, opt)))
 order = batching.epoch_batches(S * B, B, 0, 0).astype(np.int32)
 # straight-line jit (old style)
-sl = jax.jit(lambda s, x, y: ts.train_step(s, x, y, model=model, graph=graph, optimizer=opt, method=method, ctx=ctx, augment=aug))
-step = ts.make_train_step(model, graph, opt, method, ctx, mesh=mesh, augment=aug)
-chunk = ts.make_train_chunk(model, graph, opt, method, ctx, steps=S, mesh=mesh, augment=aug)
+sl = jax.jit(lambda s, x, y: ts.train_step(s, x, y, model=model, graph=graph, optimizer=opt, pruner=pr, augment=aug))
+step = ts.make_train_step(model, graph, opt, pr, mesh=mesh, augment=aug)
+chunk = ts.make_train_chunk(model, graph, opt, pr, steps=S, mesh=mesh, augment=aug)
 xd, yd = parallel.put_replicated(mesh, xh, yh); od = parallel.replicate(mesh, order)
 def t_sl():
     s = st0

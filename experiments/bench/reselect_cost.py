@@ -1,9 +1,9 @@
 """Benchmark: cost of one mask re-selection relative to one epoch of training.
 
-SFP and GHFP re-select their masks at the end of every epoch (``method.end_of_epoch``:
+SFP and GHFP re-select their masks at the end of every epoch (the pruner's ``update``:
 score every filter, rank, build masks, zero the selected filters; GHFP also grows the hard
 set and zeroes optimizer moments). Timed here jitted with a traced epoch
-(``jax.jit(lambda s, e: method.end_of_epoch(s, e, ctx))``, one compilation for every epoch),
+(``jax.jit`` of ``prune_update`` with a traced epoch count, one compilation for every epoch),
 steady state, round-robin with the library's train step of the same model (``mask_hard=True``
 as `jaxprune.training.fit` runs it) in one process; one epoch = 390 steps of batch 128
 (CIFAR's 50,000 images, drop-last), estimated from the measured step time.
@@ -34,8 +34,9 @@ def bench(model_name: str, rate: float, batch_size: int, repeats: int, inner: in
     fns, compile_s = {}, {}
     for mname in ("sfp", "ghfp"):
         method = methods.get_method(mname, rate=rate)
-        st, ctx = S.method_state(s, method, total_epochs=200)
-        jitted = jax.jit(lambda state, e, m=method, c=ctx: m.end_of_epoch(state, e, c))
+        st, pr = S.method_state(s, method, total_epochs=200)
+        jitted = jax.jit(lambda state, e, p=pr: S.step_lib.prune_update(
+            p, state.replace(prune=state.prune._replace(count=e))))
         epoch = jnp.asarray(10, jnp.int32)
         _, compile_s[f"{mname} re-selection"], compiled = H.compile_seconds(jitted, st, epoch)
         box = [st]
@@ -47,11 +48,11 @@ def bench(model_name: str, rate: float, batch_size: int, repeats: int, inner: in
         H.block(fn())
         fns[f"{mname} re-selection"] = fn
         if mname == "sfp":
-            sfp_state, sfp_ctx, sfp_method = st, ctx, method
+            sfp_state, sfp_pruner = st, pr
     step_t = None
     if with_step:
         c = S.train_step(s.model, s.graph, sfp_state, s.optimizer, x, y, mask_hard=True,
-                         method=sfp_method, ctx=sfp_ctx)
+                         pruner=sfp_pruner)
         fns["train step"] = c.fn
         compile_s["train step"] = c.compile_s
     t = H.interleave(fns, repeats, inner, warmup=False)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     r = bench(a.model, a.rate, a.batch, a.repeats, 1, a.steps_per_epoch)
     lines = [f"### Mask re-selection cost vs one training epoch ({a.model}, rate {a.rate:.0%}, "
              f"batch {a.batch})", "",
-             f"Jitted `method.end_of_epoch` (traced epoch), steady state, round-robin with the "
+             f"Jitted pruner `update` (traced epoch count), steady state, round-robin with the "
              f"library train step in one process, median of {a.repeats} repeats; epoch = "
              f"{a.steps_per_epoch} steps x the measured step time.", "",
              "| operation | ms per call | per epoch of training | compile s |", "|---|---:|---:|---:|"]

@@ -333,14 +333,14 @@ def jax_workload(spec: dict):
     info: dict = {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
     if impl == "lib" and mode == "step":
-        step = train_step.make_train_step(model, None, opt, methods.get_method("dense"), None,
+        step = train_step.make_train_step(model, None, opt, methods.get_method("dense").pruner(None, 1),
                                         mask_hard=False, donate=bool(spec.get("donate")))
         # placed as the step's outputs will be, so that the one compiled executable serves
         # every call (an uncommitted first input would otherwise compile a second one)
         state = parallel.replicate(step.mesh, state)
         x, y = parallel.shard_batch(step.mesh, x, y)
         args = ((state.step, state.params, state.batch_stats, state.opt_state),
-                (state.masks, state.hard, state.method_state, state.rng), x, y)
+                (state.prune, state.rng), x, y)
         lower_s, compile_s, compiled = H.compile_seconds(step.jitted, *args)
         info.update(lower_s=round(lower_s, 2), compile_s=round(compile_s, 2))
         box = [args]

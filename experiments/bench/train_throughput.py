@@ -46,8 +46,8 @@ def bench_model(name: str, batch_size: int, repeats: int, inner: int, rate: floa
     s = S.setup(name, residual="scatter")
     x, y = S.batch(batch_size)
     method = S.methods.get_method("sfp", rate=rate)
-    st, ctx = S.method_state(s, method)
-    masked_state = method.finalize(st, ctx)  # masks == hard, pruned slices and moments zeroed
+    st, pr = S.method_state(s, method)
+    masked_state = S.step_lib.prune_finalize(pr, st)  # masks == hard, pruned slices and moments zeroed
     masks = masked_state.hard
     res, compact_s = S.compact_setup(s, masks)
     dense_state = S.with_variables(S.fresh_state(s), s.variables, s.optimizer)

@@ -15,7 +15,8 @@ import ml_collections
 from jaxprune import augment as augment_lib
 from jaxprune import config as config_lib
 from jaxprune import train_step, validate
-from jaxprune.experiment import RETRAIN_MODEL, Setup, finish, retraining_setup, setup
+from jaxprune.experiment import (RETRAIN_MODEL, Setup, finetune_start, finish, retraining_setup,
+                                 setup)
 from jaxprune.metrics_log import as_finetune_epoch
 from jaxprune.resume import run_config
 
@@ -49,8 +50,10 @@ def restore_run(run_dir: str | os.PathLike
         from jaxprune.artifact import load
 
         model, variables, meta = load(run_dir / RETRAIN_MODEL)
+        # already after the dense pruner's init: the restore's structure target
         s, state = retraining_setup(s, model, variables, (meta["dense"], meta["compact"]))
-    state = s.method.init(state, s.ctx)
+    else:
+        state = train_step.prune_init(s.pruner, state)  # the restore's structure target
     mgr = make_checkpoint_manager(run_dir / "checkpoints")
     newest = mgr.latest_step()
     if newest is None:
@@ -119,11 +122,11 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     has_ft = ft_dir.is_dir() and any(p.name.isdigit() for p in ft_dir.iterdir())
     if which == "best" and not has_ft:
         state, meta, step, newest = _pick(run_dir / "checkpoints", state, which)
-    state = s.method.finalize(state, s.ctx)
+    state = train_step.prune_finalize(s.pruner, state)
     history = list(meta.get("history", []))
     tag = "step"
     if has_ft:
-        state, ft_meta, step, newest = _pick(ft_dir, state, which)
+        state, ft_meta, step, newest = _pick(ft_dir, finetune_start(s, state)[1], which)
         history += [as_finetune_epoch(r, s.config.epochs) for r in ft_meta.get("history", [])]
         tag = "finetune-step"
     fell_back = which == "final" and step != newest

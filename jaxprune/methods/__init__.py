@@ -1,5 +1,8 @@
 """Pruning methods (design.md section 7) and their registry.
 
+A method is a frozen record of its hyperparameters; ``method.pruner(graph, total_epochs,
+steps_per_epoch=1)`` gives it as a `jaxprune.pruner.Pruner` (pure ``init``/``update``/
+``finalize``/``penalty`` over the model's variables and the method's typed state).
 ``get_method(name, **kwargs)`` builds a method by name (``METHODS``):
 
 =========  ==============================================================================
@@ -29,38 +32,50 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from jaxprune.masks import init_masks
-from jaxprune.methods.base import MasksSetAtInit, Method, MethodContext, final_roles
-from jaxprune.methods.ghfp import GHFP
-from jaxprune.methods.hfp import HFP
+from jaxprune.graph import PruningGraph
+from jaxprune.methods.base import final_roles
+from jaxprune.methods.ghfp import GHFP, GHFPState
+from jaxprune.methods.hfp import HFP, HFPState
 from jaxprune.methods.pfec import PFEC, PFEC_CONFIGS, PFECConfig, pfec_masks
-from jaxprune.methods.sfp import SFP, check_rate, is_projection, make_soft
+from jaxprune.methods.sfp import SFP, SFPState, check_rate, is_projection, make_soft
+from jaxprune.pruner import MaskState, Pruner, check_total_epochs, dense_pruner, fixed_pruner
 
 
 @dataclasses.dataclass(frozen=True)
-class Dense(MasksSetAtInit):
+class Dense:
     """No pruning: masks and hard are all ones; the baseline runs use it."""
 
     name: str = "dense"
 
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        ones = init_masks(ctx.graph)
-        return state.replace(masks=ones, hard=dict(ones), method_state={})
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """`jaxprune.pruner.dense_pruner`: a `MaskState` of ones that never changes."""
+        del steps_per_epoch
+        check_total_epochs(total_epochs)
+        return dense_pruner(graph)._replace(total_epochs=total_epochs)
 
 
-@dataclasses.dataclass(frozen=True)
-class FixedMasks(MasksSetAtInit):
-    """Fine-tuning after a method's final hard pruning: the state's masks stay as they are.
+@dataclasses.dataclass(frozen=True, eq=False)
+class FixedMasks:
+    """Fine-tuning after a method's final hard pruning: ``masks`` and ``hard`` stay as they are.
 
-    ``init``/``end_of_epoch``/``finalize`` return the state unchanged, so the train step's hard
-    masking (``state.hard``) keeps every pruned slice exactly zero while the rest trains.
+    Its pruner's ``init`` gives a `MaskState` of them, ``update``/``finalize`` keep them, so the
+    train step's hard masking keeps every pruned slice exactly zero while the rest trains.
+
+    Attributes:
+      masks: group name -> float32 ``[C]``, the final masks of the pruned run.
+      hard: group name -> float32 ``[C]``, its hard set (default: ``masks``).
     """
 
+    masks: Any
+    hard: Any = None
     name: str = "finetune"
 
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        del ctx
-        return state
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """`jaxprune.pruner.fixed_pruner` of ``masks`` and ``hard``."""
+        del graph, steps_per_epoch
+        check_total_epochs(total_epochs)
+        hard = None if self.hard is None else dict(self.hard)
+        return fixed_pruner(dict(self.masks), hard)._replace(total_epochs=total_epochs)
 
 
 _SOFT_KEYS = ("rate", "criterion", "exclude", "mask_bn", "alpha0", "decay_rate", "zero_fraction",
@@ -151,7 +166,7 @@ METHODS: dict[str, Callable[..., Any]] = {
 }
 
 
-def get_method(name: str, **kwargs: Any) -> Method:
+def get_method(name: str, **kwargs: Any) -> Any:
     """The method registered under ``name`` (one of ``METHODS``) built with ``kwargs``.
 
     A mapping with a ``'name'`` key (e.g. a run config's ``method`` section, whose ``kwargs``
@@ -173,13 +188,15 @@ __all__ = [
     "Dense",
     "FixedMasks",
     "GHFP",
+    "GHFPState",
     "HFP",
-    "Method",
-    "MethodContext",
+    "HFPState",
+    "MaskState",
     "PFEC",
     "PFECConfig",
     "PFEC_CONFIGS",
     "SFP",
+    "SFPState",
     "final_roles",
     "get_method",
     "is_projection",

@@ -20,7 +20,7 @@ follows the public code of the same first author:
 - The author's variant (`GHFP.author`): the soft part is ASFP with the cubic rate, the ramp
   ends at T (``end=1``), ``hard_count='layer'`` and ``harden_at_init=True`` (methods.md
   section 7). Its recipe differs too (Cutout, no warm-up epoch): see the GHFP configs.
-- Hard channels get 0 in ``state.masks`` and ``state.hard``; every member slice of them (filters,
+- Hard channels get 0 in the state's ``masks`` and ``hard``; every member slice of them (filters,
   BN parameters and statistics, consumers' inputs) is zeroed (`jaxprune.masks.zero_channels`),
   and the train step's ``hard_masked`` optimizer masks their updates and moments from then on. The soft rest of ``S_t`` is treated as the soft variant
   treats it (zeroed filters, or multiplied by ``alpha_t`` for SRFP/ASRFP); it may come back at
@@ -28,7 +28,8 @@ follows the public code of the same first author:
 - finalize: one last selection at the full rate ``P`` (hard channels first) and everything
   selected becomes hard, so the final model is exactly the hard-pruned one (``masks == hard``).
 
-``end_of_epoch`` is jittable with a traced epoch: the selection is `jaxprune.selection`'s
+``GHFP(...).pruner(graph, total_epochs)`` is the method as a `jaxprune.pruner.Pruner` over a
+`GHFPState`; its ``update`` is jittable with a traced count: the selection is `jaxprune.selection`'s
 (``hard_first``, ``prune_by_count``, ``grow_hard``), whose counts are data, not shapes; see
 `jaxprune.methods.sfp` for the host/traced arithmetic.
 """
@@ -39,18 +40,35 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxprune import schedules, selection
+from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods.base import MethodContext, no_penalty
-from jaxprune.methods.sfp import SFP, as_counts, harden
+from jaxprune.methods.sfp import SFP, SoftRule, as_counts, harden, with_params
+from jaxprune.pruner import (Pruner, check_variables, epoch_of, next_count, zero_count,
+                             zero_penalty)
 from jaxprune.selection import is_traced
 
 HARD_COUNTS = ("selected", "layer")
+
+
+class GHFPState(NamedTuple):
+    """The state of GHFP.
+
+    Attributes:
+      masks: group name -> float32 ``[C]``: 0 hard, ``alpha_t`` (0 unless SRFP) soft-selected,
+        1 kept.
+      hard: group name -> float32 ``[C]``, 0 where a channel is hard-pruned; only grows.
+      count: int32 scalar, the epochs done.
+    """
+
+    masks: dict
+    hard: dict
+    count: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +76,9 @@ class GHFP:
     """Gradually Hard Filter Pruning on top of an SFP variant (see the module docstring).
 
     Attributes:
-      soft: the soft part, an `SFP` (its rate, criterion, exclude, ASFP/SRFP options).
+      soft: the soft part: an `SFP` (its rate, criterion, exclude, ASFP/SRFP options) or any
+        other `jaxprune.methods.sfp.SoftRule` (scores, counts and decay of a soft selection);
+        GHFP hardens its selections gradually (``selection.hard_first`` / ``grow_hard``).
       shape: the hard-fraction ramp, 'cubic', 'linear' or 'exp'.
       end: the fraction of training at which every pruned channel is hard (0.9).
       hard_count: 'selected' (``floor(h * int(N * P_t))``, methods.md) or 'layer'
@@ -84,8 +104,9 @@ class GHFP:
         return cls(soft=soft, shape="cubic", end=1.0, hard_count="layer", harden_at_init=True)
 
     def __post_init__(self):
-        if not isinstance(self.soft, SFP):
-            raise ValueError(f"soft must be an SFP instance, got {self.soft!r}")
+        if not isinstance(self.soft, SoftRule):
+            raise ValueError(f"soft must be a soft selection rule (SFP or another "
+                             f"methods.sfp.SoftRule), got {self.soft!r}")
         if self.shape not in schedules.HARD_SHAPES:
             raise ValueError(
                 f"unknown ramp shape {self.shape!r}; allowed: {', '.join(schedules.HARD_SHAPES)}")
@@ -102,24 +123,40 @@ class GHFP:
         """``h`` after the end of epoch ``epoch`` (0-based); a Python float for a Python epoch."""
         return schedules.ghfp_hard_fraction(total_epochs, self.end, self.shape)(epoch)
 
-    # -- the Method protocol
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        self.soft.check(ctx)
-        ones = init_masks(ctx.graph)
-        state = state.replace(masks=ones, hard=dict(ones), method_state={})
-        return self._select(state, 0, ctx)
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """This method as a `jaxprune.pruner.Pruner` over a `GHFPState`.
 
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        return self._select(state, epoch + 1, ctx)
+        Args:
+          graph: the model's `jaxprune.graph.PruningGraph`.
+          total_epochs: the training length ``T`` of the rate schedule and the hard ramp.
+          steps_per_epoch: unused (the methods share one signature).
 
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
+        Returns:
+          ``Pruner(init, update, finalize, penalty)``; the penalty is zero.
+        """
+        del steps_per_epoch
+        self.soft.check(graph, total_epochs)
 
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        counts = self.soft.final_counts(ctx.graph)  # int(N P), then the width policy
-        # Everything selected becomes hard: the hard count equals the pruned count.
-        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(counts),
-                            jnp.float32(0.0))
+        def init(variables):
+            check_variables(variables)
+            ones = init_masks(graph)
+            return self._select(variables, GHFPState(ones, dict(ones), zero_count()), graph, 0,
+                                total_epochs)
+
+        def update(variables, state):
+            variables, new = self._select(variables, state, graph, epoch_of(state.count) + 1,
+                                          total_epochs)
+            return variables, new._replace(count=next_count(state.count))
+
+        def finalize(variables, state):
+            counts = self.soft.final_counts(graph)  # int(N P), then the width policy
+            # Everything selected becomes hard: the hard count equals the pruned count.
+            variables, masks, hard = _ghfp_select(self, graph, variables, state.hard,
+                                                  as_counts(counts), as_counts(counts),
+                                                  jnp.float32(0.0))
+            return variables, state._replace(masks=masks, hard=hard)
+
+        return Pruner(init, update, finalize, zero_penalty, total_epochs)
 
     def counts_at(self, graph: Any, t: Any, total_epochs: int) -> tuple[dict, dict]:
         """``(pruned, hard)``: per pruned group, the size of ``S_t`` and the hard count of the
@@ -149,32 +186,33 @@ class GHFP:
                 hard_counts[n] = min(math.floor(base * h), final[n])
         return counts, hard_counts
 
-    def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
-        counts, hard_counts = self.counts_at(ctx.graph, t, ctx.total_epochs)
-        alpha = jnp.asarray(self.soft.alpha_at(t, ctx.total_epochs), jnp.float32)
-        return _ghfp_select(self, ctx, state, as_counts(counts), as_counts(hard_counts), alpha)
+    def _select(self, variables: Any, state: GHFPState, graph: PruningGraph, t: Any,
+                total_epochs: int) -> tuple[Any, GHFPState]:
+        counts, hard_counts = self.counts_at(graph, t, total_epochs)
+        alpha = jnp.asarray(self.soft.alpha_at(t, total_epochs), jnp.float32)
+        variables, masks, hard = _ghfp_select(self, graph, variables, state.hard,
+                                              as_counts(counts), as_counts(hard_counts), alpha)
+        return variables, state._replace(masks=masks, hard=hard)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _ghfp_select(method: GHFP, ctx: MethodContext, state: Any, counts: dict, hard_counts: dict,
-                 alpha: jax.Array):
-    graph = ctx.graph
+def _ghfp_select(method: GHFP, graph: PruningGraph, variables: Any, hard_before: dict,
+                 counts: dict, hard_counts: dict, alpha: jax.Array):
     names = method.soft.pruned_groups(graph)
-    scores = method.soft.scores(state, graph, names)
-    hard_now = {n: state.hard[n] for n in names}
+    scores = method.soft.scores(variables, graph, names)
+    hard_now = {n: hard_before[n] for n in names}
     n_hard = {n: jnp.sum(hard_now[n] == 0).astype(jnp.int32) for n in names}
     # hard stays hard: hard channels rank first and count towards S_t (extended to hold them)
     first = selection.hard_first(scores, hard_now)
     in_s = selection.prune_by_count(first, {n: jnp.maximum(counts[n], n_hard[n]) for n in names})
     grown = selection.grow_hard(first, in_s, hard_now, counts={n: hard_counts[n] for n in names})
-    hard = dict(state.hard)
+    hard = dict(hard_before)
     hard.update(grown)
     masks = init_masks(graph)
     for n in names:
         masks[n] = jnp.where(hard[n] == 0, 0.0,
                              jnp.where(in_s[n] == 0, alpha, 1.0)).astype(jnp.float32)
     soft_masks = {n: jnp.where(hard[n] == 0, 1.0, masks[n]) for n in masks}
-    params = apply_masks(state.params, soft_masks, graph, roles=method.soft.soft_roles,
+    params = apply_masks(variables["params"], soft_masks, graph, roles=method.soft.soft_roles,
                          prefix=("params",))
-    state = state.replace(params=params, masks=masks, hard=hard)
-    return harden(state, hard, graph)
+    return harden(with_params(variables, params), hard, graph), masks, hard

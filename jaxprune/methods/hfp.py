@@ -4,13 +4,12 @@ The paper's formulation was not available and no public code exists; this is the
 interpretation of methods.md, with the choices below.
 
 - **Gates.** Every channel of a *gated* group has the score ``s_c = |gamma_c|``, its BN scale
-  (summed over the group's BN scales when a coupled group has several, as
-  ``criteria.bn_scale``). Gated groups: every group with a BN scale in ``'params'``, minus the
+  (summed over the group's BN scales when a coupled group has several: ``criteria.bn_scale``). Gated groups: every group with a BN scale in ``'params'``, minus the
   ones with a producer matched by ``exclude`` (paths / fnmatch patterns / predicate, as SFP).
   Other groups keep all their channels.
 - **Normalisation.** Scores are made comparable across layers by dividing by a per-group
   reference ``ref_g = max_c s_c`` (``norm_c = s_c / ref_g`` in [0, 1]). ``ref_g`` is held in
-  ``method_state['ref']`` and refreshed at every ``init``/``end_of_epoch``, so it is a constant
+  the state's ``ref`` and refreshed at every ``init``/``update``, so it is a constant
   inside the train step: the penalty's gradient never flows through the normaliser, and every
   BN scale receives a gradient of the sign of ``gamma`` (descent shrinks ``|gamma|``).
 - **Soft counts and cost.** ``n_g = sum_c sigmoid((norm_c - tau) / temperature)``; MACs and
@@ -19,7 +18,7 @@ interpretation of methods.md, with the choices below.
 - **Penalty.** ``lam * (relu(MACs / target_macs - 1) + relu(Params / target_params - 1))``
   (a term is left out when its target is not set); zero, with zero gradient, under target.
 - **Threshold rule (tau).** ``tau`` is a global threshold over the normalised scores, held in
-  ``method_state['tau']`` and updated at ``init`` and at every epoch end (jittable, float32):
+  the state's ``tau`` and updated at ``init`` and at every epoch end (jittable, float32):
   first the hard threshold ``tau_hard`` that meets the targets on the current scores is found
   (prune the globally lowest normalised scores, each group's best channel protected, until
   both targets are met; ``tau_hard`` is the midpoint between the last pruned and the first
@@ -30,7 +29,7 @@ interpretation of methods.md, with the choices below.
   they have been pushed well below it (the scores polarise, the hard pruning then removes
   channels that no longer matter). Centring the sigmoid at ``tau_hard`` itself would make the
   smoothed count of clustered scores (BN scales all near 1 when training from scratch) fall
-  below the target, and the penalty would never act. ``state.masks`` holds the selection at
+  below the target, and the penalty would never act. The state's ``masks`` hold the selection at
   ``tau_hard`` as information (params are never modified during training; ``hard`` stays 1).
 - **Final hard pruning (finalize).** Host side, exact integer costs (``flops.count``): with
   the channels ordered by normalised score (each group's best channel last, never pruned, so
@@ -44,15 +43,16 @@ interpretation of methods.md, with the choices below.
   (step 0.05 up to 4, then bisection between neighbouring grid points where the binding
   target switches) that puts both figures within ``tolerance`` of their targets is used; if
   none does (targets too coarse for the channel granularity), the one with the smallest
-  worst slack. ``method_state['beta']`` records it.
+  worst slack. The state's ``beta`` records it.
   Then ``masks == hard`` and every slice of the pruned channels is zeroed (the masked model
   equals the compacted model; the train step's ``hard_masked`` clears their moments).
 - Targets: ``macs_reduction`` / ``params_reduction`` (fractions of the dense figure to remove)
   or ``target_macs`` / ``target_params`` (absolute, per example). An unreachable target
   (even with one channel per gated group) raises ValueError at ``init``.
 
-`allocation` reports the per-group ``(kept, total)`` of ``state.masks``; `cost_report` the
-exact MACs/params against the targets.
+``HFP(...).pruner(graph, total_epochs, steps_per_epoch)`` is the method as a
+`jaxprune.pruner.Pruner` over an `HFPState`. `allocation` reports the per-group ``(kept,
+total)`` of a state's masks; `cost_report` the exact MACs/params against the targets.
 """
 
 from __future__ import annotations
@@ -66,15 +66,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import flops
+from jaxprune import criteria, flops
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import init_masks
-from jaxprune.methods.base import MethodContext
 from jaxprune.methods.sfp import (check_exclude, check_rate, harden, is_excluded,
-                                  normalize_exclude)
+                                  normalize_exclude, subgraph)
+from jaxprune.pruner import Pruner, check_total_epochs, check_variables, next_count, zero_count
 
 BETA_STEP = 0.05
 BETA_MAX = 4.0
+
+
+class HFPState(NamedTuple):
+    """The state of HFP.
+
+    Attributes:
+      masks: group name -> float32 ``[C]``: the hard selection at ``tau_hard`` (information;
+        the final 0/1 masks after ``finalize``).
+      hard: group name -> float32 ``[C]``: all ones until ``finalize`` (then ``masks``).
+      count: int32 scalar, the epochs done.
+      tau: float32 scalar, the sigmoid's centre over the normalised scores.
+      ref: gated group name -> float32 scalar, the normaliser ``max_c s_c``.
+      beta: float32 scalar, the final order's tilt (0 before ``finalize``).
+    """
+
+    masks: dict
+    hard: dict
+    count: Any
+    tau: Any
+    ref: dict
+    beta: Any
 
 
 class Budget(NamedTuple):
@@ -84,15 +105,6 @@ class Budget(NamedTuple):
     dense_params: int
     target_macs: float | None
     target_params: float | None
-
-
-def _leaf(tree: Any, path: Sequence[str]) -> jax.Array:
-    node = tree
-    for key in path:
-        node = node[key]
-    if not hasattr(node, "shape") and hasattr(node, "value"):
-        node = node.value
-    return node
 
 
 def _bn_scales(group) -> list:
@@ -175,37 +187,62 @@ class HFP:
 
     # -- gates
     def gates(self, params: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
-        """``|gamma|`` per channel (summed over the group's BN scales), float32 ``[C]``."""
-        out = {}
-        for n in names:
-            total = 0.0
-            for m in _bn_scales(graph.groups[n]):
-                leaf = jnp.asarray(_leaf(params, m.path[1:]), jnp.float32)
-                idx = np.asarray(m.index)
-                vals = jnp.take(leaf, idx.reshape(-1), axis=m.axis).reshape(idx.shape)
-                total = total + jnp.sum(jnp.abs(vals), axis=1)
-            out[n] = total
-        return out
+        """``|gamma|`` per channel (summed over the group's BN scales, `criteria.bn_scale`),
+        float32 ``[C]``, of the groups ``names``."""
+        return criteria.bn_scale({"params": params}, subgraph(graph, names))
 
-    def soft_counts(self, params: Any, method_state: Any, graph: PruningGraph
+    def soft_counts(self, params: Any, state: HFPState, graph: PruningGraph
                     ) -> dict[str, jax.Array]:
         """``n_g = sum_c sigmoid((s_c / ref_g - tau) / temperature)`` for every gated group."""
         names = self.gated_groups(graph)
         gates = self.gates(params, graph, names)
-        tau = method_state["tau"]
-        return {n: jnp.sum(jax.nn.sigmoid((gates[n] / method_state["ref"][n] - tau)
+        tau = state.tau
+        return {n: jnp.sum(jax.nn.sigmoid((gates[n] / state.ref[n] - tau)
                                           / self.temperature)) for n in names}
 
-    def soft_cost(self, params: Any, method_state: Any, graph: PruningGraph):
+    def soft_cost(self, params: Any, state: HFPState, graph: PruningGraph):
         """Differentiable ``(macs, params)`` of the soft counts."""
         counts: dict[str, Any] = {n: float(g.size) for n, g in graph.groups.items()}
-        counts.update(self.soft_counts(params, method_state, graph))
+        counts.update(self.soft_counts(params, state, graph))
         return flops.soft_cost(graph, counts, self.convention)
 
-    # -- the Method protocol
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        graph = ctx.graph
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """This method as a `jaxprune.pruner.Pruner` over an `HFPState`.
+
+        Args:
+          graph: the model's `jaxprune.graph.PruningGraph`.
+          total_epochs: the training length (checked; HFP's rule does not depend on it).
+          steps_per_epoch: unused (the methods share one signature).
+
+        Returns:
+          ``Pruner(init, update, finalize, penalty)``; ``init`` raises ValueError when the
+          targets are unreachable.
+        """
+        del steps_per_epoch
+        check_total_epochs(total_epochs)
         check_exclude(self.exclude, graph)
+
+        def init(variables):
+            check_variables(variables)
+            return self._init(variables, graph)
+
+        def update(variables, state):
+            return variables, _hfp_retarget(self, graph, variables["params"], state)._replace(
+                count=next_count(state.count))
+
+        def finalize(variables, state):
+            masks, beta = self.final_masks(variables["params"], graph)
+            state = state._replace(masks=masks, hard=dict(masks),
+                                   beta=jnp.asarray(beta, jnp.float32))
+            return harden(variables, masks, graph), state
+
+        def penalty(variables, state):
+            return self.penalty(variables["params"], state, graph)
+
+        return Pruner(init, update, finalize, penalty, total_epochs)
+
+    def _init(self, variables: Any, graph: PruningGraph) -> tuple[Any, HFPState]:
+        """The first retarget, after checking that the targets are reachable."""
         names = self.gated_groups(graph)
         if not names:
             raise ValueError("HFP found no group with a BatchNorm scale to gate "
@@ -221,20 +258,18 @@ class HFP:
                 f"still has {macs} MACs / {params} params; targets {budget.target_macs} MACs / "
                 f"{budget.target_params} params")
         ones = init_masks(graph)
-        state = state.replace(masks=ones, hard=dict(ones),
-                              method_state={"tau": jnp.zeros((), jnp.float32),
-                                            "ref": {n: jnp.ones((), jnp.float32) for n in names},
-                                            "beta": jnp.zeros((), jnp.float32)})
-        return _hfp_retarget(self, ctx, state)
+        state = HFPState(masks=ones, hard=dict(ones), count=zero_count(),
+                         tau=jnp.zeros((), jnp.float32),
+                         ref={n: jnp.ones((), jnp.float32) for n in names},
+                         beta=jnp.zeros((), jnp.float32))
+        return variables, _hfp_retarget(self, graph, variables["params"], state)
 
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        del epoch
-        return _hfp_retarget(self, ctx, state)
-
-    def penalty(self, params, batch_stats, method_state, ctx: MethodContext):
-        del batch_stats
-        budget = self.budget(ctx.graph)
-        macs, n_params = self.soft_cost(params, method_state, ctx.graph)
+    def penalty(self, params: Any, state: HFPState, graph: PruningGraph
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``lam * (relu(MACs / target_macs - 1) + relu(Params / target_params - 1))`` of the
+        soft counts and its metrics (differentiable in ``params``)."""
+        budget = self.budget(graph)
+        macs, n_params = self.soft_cost(params, state, graph)
         pen = jnp.zeros((), jnp.float32)
         if budget.target_macs is not None:
             pen = pen + jax.nn.relu(macs / budget.target_macs - 1.0)
@@ -242,26 +277,20 @@ class HFP:
             pen = pen + jax.nn.relu(n_params / budget.target_params - 1.0)
         pen = self.lam * pen
         metrics = {"hfp_penalty": pen, "hfp_macs": macs, "hfp_params": n_params,
-                   "hfp_tau": method_state["tau"]}
+                   "hfp_tau": state.tau}
         return pen, metrics
 
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        masks, beta = self.final_masks(state.params, ctx.graph)
-        ms = dict(state.method_state)
-        ms["beta"] = jnp.asarray(beta, jnp.float32)
-        state = state.replace(masks=masks, hard=dict(masks), method_state=ms)
-        return harden(state, masks, ctx.graph)
-
     # -- reports
-    def allocation(self, state: Any, ctx: MethodContext) -> dict[str, tuple[int, int]]:
-        """Group name -> ``(kept, total)`` channels of ``state.masks``."""
-        return {n: (int(np.count_nonzero(np.asarray(state.masks[n]))), g.size)
-                for n, g in ctx.graph.groups.items()}
+    def allocation(self, masks: Mapping[str, Any], graph: PruningGraph
+                   ) -> dict[str, tuple[int, int]]:
+        """Group name -> ``(kept, total)`` channels of ``masks``."""
+        return {n: (int(np.count_nonzero(np.asarray(masks[n]))), g.size)
+                for n, g in graph.groups.items()}
 
-    def cost_report(self, state: Any, ctx: MethodContext) -> dict[str, float]:
-        """Exact MACs/params of ``state.masks`` against the dense figures and the targets."""
-        b = self.budget(ctx.graph)
-        macs, params = self._exact(ctx.graph, state.masks)
+    def cost_report(self, masks: Mapping[str, Any], graph: PruningGraph) -> dict[str, float]:
+        """Exact MACs/params of ``masks`` against the dense figures and the targets."""
+        b = self.budget(graph)
+        macs, params = self._exact(graph, masks)
         return {"macs": macs, "params": params, "dense_macs": b.dense_macs,
                 "dense_params": b.dense_params,
                 "target_macs": b.target_macs, "target_params": b.target_params,
@@ -278,19 +307,16 @@ class HFP:
         return ((b.target_macs is None or macs <= b.target_macs)
                 and (b.target_params is None or params <= b.target_params))
 
-    def _retarget(self, state: Any, ctx: MethodContext) -> Any:
+    def _retarget(self, params: Any, state: HFPState, graph: PruningGraph) -> HFPState:
         """Refreshes ``ref`` and ``tau`` and records the hard selection at ``tau`` (jittable)."""
-        graph = ctx.graph
         names = self.gated_groups(graph)
-        gates = self.gates(state.params, graph, names)
+        gates = self.gates(params, graph, names)
         ref = {n: jnp.maximum(jnp.max(gates[n]), 1e-12) for n in names}
         norm = {n: gates[n] / ref[n] for n in names}
         tau, keep = self._threshold(norm, graph, names)
         masks = init_masks(graph)
         masks.update(keep)
-        ms = dict(state.method_state)
-        ms.update(tau=tau, ref=ref)
-        return state.replace(masks=masks, method_state=ms)
+        return state._replace(masks=masks, tau=tau, ref=ref)
 
     def _threshold(self, norm: Mapping[str, jax.Array], graph: PruningGraph,
                    names: Sequence[str]) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -442,8 +468,8 @@ class HFP:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _hfp_retarget(method: HFP, ctx: MethodContext, state: Any) -> Any:
-    return method._retarget(state, ctx)
+def _hfp_retarget(method: HFP, graph: PruningGraph, params: Any, state: HFPState) -> HFPState:
+    return method._retarget(params, state, graph)
 
 
 @functools.lru_cache(maxsize=64)

@@ -4,7 +4,7 @@ One-shot hard pruning by the L1 norm of each filter: `pfec_masks` prunes, in eve
 layer, all but ``int(N * (1 - p))`` filters (the kept count is floored: ``selection``
 rounding ``'pfec'``), the lowest-L1 ones (ties to the lower index). The `PFEC` method applies
 it at ``init`` (``masks == hard``, every slice of the pruned channels zeroed; the train
-step's ``hard_masked`` clears their optimizer moments); ``end_of_epoch`` and ``finalize`` leave the state as it is, so training is
+step's ``hard_masked`` clears their optimizer moments); the pruner's ``update`` and ``finalize`` leave the masks as they are, so training is
 the fine-tuning (retraining) phase.
 
 Layer numbering (`layer_numbers`): every convolution counts, from 1 at the stem, in forward
@@ -48,8 +48,9 @@ from jaxprune import criteria, flops
 from jaxprune import selection as sel
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods.base import MasksSetAtInit, MethodContext
 from jaxprune.methods.sfp import check_rate, harden, is_projection, subgraph
+from jaxprune.pruner import (MaskState, Pruner, check_total_epochs, check_variables, next_count,
+                             zero_count, zero_penalty)
 
 SELECTIONS = ("independent", "greedy")
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -275,8 +276,12 @@ def table1_cost(graph: PruningGraph, masks: Mapping[str, Any] | None = None) -> 
 
 
 @dataclasses.dataclass(frozen=True)
-class PFEC(MasksSetAtInit):
+class PFEC:
     """One-shot PFEC pruning at ``init``; training afterwards is the retraining phase.
+
+    ``PFEC(...).pruner(graph, total_epochs)`` is the method as a `jaxprune.pruner.Pruner` over
+    a `jaxprune.pruner.MaskState`: ``init`` prunes (hard), ``update`` and ``finalize`` keep
+    the masks.
 
     Attributes:
       config: a ``PFEC_CONFIGS`` name or a `PFECConfig`.
@@ -298,11 +303,34 @@ class PFEC(MasksSetAtInit):
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection {self.selection!r}; allowed: {', '.join(SELECTIONS)}")
 
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        masks = pfec_masks(state.variables, ctx.graph, self.config, self.criterion, self.selection,
-                           self.width)
-        state = state.replace(masks=masks, hard=dict(masks), method_state={})
-        return harden(state, masks, ctx.graph)
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """This method as a `jaxprune.pruner.Pruner` over a `jaxprune.pruner.MaskState`.
+
+        Args:
+          graph: the model's `jaxprune.graph.PruningGraph`.
+          total_epochs: the retraining length (checked only).
+          steps_per_epoch: unused (the methods share one signature).
+
+        Returns:
+          ``Pruner(init, update, finalize, penalty)``; the penalty is zero.
+        """
+        del steps_per_epoch
+        check_total_epochs(total_epochs)
+
+        def init(variables):
+            check_variables(variables)
+            model_vars = {k: v for k, v in variables.items() if k == "params" or v}
+            masks = pfec_masks(model_vars, graph, self.config, self.criterion, self.selection,
+                               self.width)
+            return harden(variables, masks, graph), MaskState(masks, dict(masks), zero_count())
+
+        def update(variables, state):
+            return variables, state._replace(count=next_count(state.count))
+
+        def finalize(variables, state):
+            return variables, state
+
+        return Pruner(init, update, finalize, zero_penalty, total_epochs)
 
 
 # ----------------------------------------------------------------------------- sensitivity

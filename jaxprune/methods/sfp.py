@@ -6,7 +6,10 @@ score the filters of every pruned group (L2 norm by default; any of
 official rounding, ``selection.num_pruned(..., 'sfp')``) and zero them. Between selections
 the zeroed filters are trained normally (soft): gradients, momentum and weight decay are not
 masked, so a filter may grow back and escape the next selection. ``state.hard`` stays all
-ones until `SFP.finalize`.
+ones until the pruner's ``finalize``.
+
+``SFP(...).pruner(graph, total_epochs)`` is the method as a `jaxprune.pruner.Pruner` over the
+model's variables and an `SFPState` (masks, hard, count).
 
 Interpretations (documented choices):
 
@@ -20,8 +23,8 @@ Interpretations (documented choices):
   setting "every conv but the projection convs"), or a predicate ``path -> bool``. A group
   with several producers (a coupled residual group) is skipped if ANY producer is excluded,
   since its slices can only be removed together.
-- **Epoch counting.** ``init`` is the selection after 0 completed epochs, ``end_of_epoch(e)``
-  the selection after ``t = e + 1`` completed epochs, which governs training epoch ``e + 1``.
+- **Epoch counting.** ``init`` is the selection after 0 completed epochs, ``update`` with
+  ``state.count == e`` the selection after ``t = e + 1`` completed epochs, which governs training epoch ``e + 1``.
   ASFP's rate is ``P_t = P (1 - exp(-k t))`` with this ``t`` (``schedules.asfp_rate``; so
   ``P_0 = 0``: nothing is pruned at init), and SRFP's decay factor is ``alpha_t``
   (``schedules.srfp_decay``), which is 0 from ``t = T - round(zero_fraction T)`` on: exactly the
@@ -40,12 +43,12 @@ Interpretations (documented choices):
   BN scale/bias and running statistics, the consumers' input slices; their optimizer moments
   are the train step's: ``jaxprune.masks.hard_masked`` clears them). A hard fine-tuning after either (``FixedMasks``) zeroes every slice of the hard channels.
 
-Jit: every function is pure and ``end_of_epoch`` is jittable with ``epoch`` a traced scalar,
-``jax.jit(lambda s, e: method.end_of_epoch(s, e, ctx))``. The per-group counts are DATA, not
+Jit: every function is pure and ``update`` is jittable with a traced ``state.count``,
+``jax.jit(pruner.update)``. The per-group counts are DATA, not
 shapes: ``jaxprune.selection.prune_by_count`` selects a channel when its rank in a stable
 ascending sort of the scores is below the count (``selection.pruned_count``), so a count that changes with the epoch (ASFP) neither needs Python branching nor
-retraces. With a Python ``epoch`` the counts are computed on the host in float64, exactly
-``int(N * P_t)``; with a traced ``epoch`` in float32 (identical except when ``N * P_t`` lies
+retraces. With a concrete count the counts are computed on the host in float64, exactly
+``int(N * P_t)``; with a traced count in float32 (identical except when ``N * P_t`` lies
 within float32 rounding of an integer). Constant-rate counts are always host integers.
 """
 
@@ -55,7 +58,7 @@ import dataclasses
 import fnmatch
 import functools
 import numbers
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +66,8 @@ import jax.numpy as jnp
 from jaxprune import criteria, schedules, selection
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks, zero_channels
-from jaxprune.methods.base import MethodContext, no_penalty
+from jaxprune.pruner import (Pruner, check_total_epochs, check_variables, epoch_of, next_count,
+                             zero_count, zero_penalty)
 
 Exclude = Union[Sequence[str], Callable[[str], bool]]
 
@@ -133,17 +137,75 @@ def subgraph(graph: PruningGraph, names: Sequence[str]) -> PruningGraph:
     return dataclasses.replace(graph, groups={n: graph.groups[n] for n in names})
 
 
-def harden(state: Any, hard: Mapping[str, jax.Array], graph: PruningGraph) -> Any:
-    """``state`` with every member slice of the hard-pruned channels (0 in ``hard``) zeroed in
-    its params and BN statistics (`jaxprune.masks.zero_channels`); the optimizer state is not
-    touched: the train step's `jaxprune.masks.hard_masked` clears their moments."""
-    return _harden(graph, state, hard)
+def harden(variables: Any, hard: Mapping[str, jax.Array], graph: PruningGraph) -> Any:
+    """``variables`` with every member slice of the hard-pruned channels (0 in ``hard``) zeroed
+    in its params and BN statistics (`jaxprune.masks.zero_channels`); the optimizer state is
+    not the pruner's: the train step's `jaxprune.masks.hard_masked` clears their moments."""
+    return _harden(graph, variables, hard)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _harden(graph: PruningGraph, state: Any, hard: Mapping[str, jax.Array]) -> Any:
-    v = zero_channels({"params": state.params, "batch_stats": state.batch_stats}, hard, graph)
-    return state.replace(params=v["params"], batch_stats=v["batch_stats"])
+def _harden(graph: PruningGraph, variables: Any, hard: Mapping[str, jax.Array]) -> Any:
+    v = zero_channels({"params": variables["params"],
+                       "batch_stats": variables.get("batch_stats", {})}, hard, graph)
+    return with_params(variables, v["params"], v["batch_stats"])
+
+
+def with_params(variables: Any, params: Any, batch_stats: Any = None) -> dict:
+    """``variables`` (a mapping) with new ``params`` (and ``batch_stats`` when given and
+    ``variables`` has that collection)."""
+    out = dict(variables)
+    out["params"] = params
+    if batch_stats is not None and "batch_stats" in variables:
+        out["batch_stats"] = batch_stats
+    return out
+
+
+@runtime_checkable
+class SoftRule(Protocol):
+    """What a soft selection rule gives GHFP (`jaxprune.methods.ghfp`), which hardens any of
+    them gradually: `SFP` and its variants implement it, with any criterion."""
+
+    @property
+    def soft_roles(self) -> tuple[str, ...]:
+        """Member roles multiplied at a soft selection."""
+
+    def check(self, graph: PruningGraph, total_epochs: int) -> None:
+        """Host-side validation (ValueError)."""
+
+    def pruned_groups(self, graph: PruningGraph) -> tuple[str, ...]:
+        """The groups the rule prunes."""
+
+    def rate_at(self, t: Any, total_epochs: int) -> Any:
+        """The pruning rate after ``t`` completed epochs."""
+
+    def counts_at(self, graph: PruningGraph, names: Sequence[str], t: Any,
+                  total_epochs: int) -> dict[str, Any]:
+        """Per-group selected counts after ``t`` completed epochs."""
+
+    def alpha_at(self, t: Any, total_epochs: int) -> Any:
+        """The mask value of the selected channels after ``t`` completed epochs."""
+
+    def scores(self, variables: Any, graph: PruningGraph,
+               names: Sequence[str]) -> dict[str, jax.Array]:
+        """Scores of the groups ``names`` (lowest selected first)."""
+
+    def final_counts(self, graph: PruningGraph) -> dict[str, int]:
+        """Per-group pruned counts of the final selection."""
+
+
+class SFPState(NamedTuple):
+    """The state of SFP and its variants.
+
+    Attributes:
+      masks: group name -> float32 ``[C]``, the last selection (0 or ``alpha_t`` selected).
+      hard: group name -> float32 ``[C]``; all ones until ``finalize`` (then ``masks``).
+      count: int32 scalar, the epochs done.
+    """
+
+    masks: dict
+    hard: dict
+    count: Any
 
 
 # ----------------------------------------------------------------------------- SFP
@@ -251,9 +313,8 @@ class SFP:
             return 0.0
         if self.decay_form == "author":
             return schedules.srfp_decay_author(self.alpha0, total_epochs)(t)
-        zero_from = schedules.srfp_zero_epoch(total_epochs, self.zero_fraction)
-        c = self.decay_rate if self.decay_rate is not None else 3.0 / max(zero_from, 1)
-        return schedules.srfp_decay(self.alpha0, c, total_epochs, self.zero_fraction)(t)
+        return schedules.srfp_decay(self.alpha0, self.decay_rate, total_epochs,
+                                    self.zero_fraction)(t)
 
     def counts_at(self, graph: PruningGraph, names: Sequence[str], t: Any,
                   total_epochs: int) -> dict[str, Any]:
@@ -261,29 +322,47 @@ class SFP:
         rate = self.rate_at(t, total_epochs)
         return {n: selection.pruned_count(graph.groups[n].size, rate) for n in names}
 
-    def scores(self, state: Any, graph: PruningGraph, names: Sequence[str]) -> dict[str, jax.Array]:
-        """Criterion scores of the groups ``names`` on the current weights."""
+    def scores(self, variables: Any, graph: PruningGraph,
+               names: Sequence[str]) -> dict[str, jax.Array]:
+        """Criterion scores of the groups ``names`` on the current weights ``variables``."""
         fn = criteria.get_criterion(self.criterion)
-        return fn(state.variables, subgraph(graph, names))
+        return fn(_model_variables(variables), subgraph(graph, names))
 
-    def check(self, ctx: MethodContext) -> None:
-        """Host-side validation against the graph (raises ValueError)."""
-        check_exclude(self.exclude, ctx.graph)
-        if not isinstance(ctx.total_epochs, int) or ctx.total_epochs < 1:
-            raise ValueError(f"total_epochs must be a positive int, got {ctx.total_epochs!r}")
+    def check(self, graph: PruningGraph, total_epochs: int) -> None:
+        """Host-side validation against the graph and the training length (ValueError)."""
+        check_exclude(self.exclude, graph)
+        check_total_epochs(total_epochs)
 
-    # -- the Method protocol
-    def init(self, state: Any, ctx: MethodContext) -> Any:
-        self.check(ctx)
-        ones = init_masks(ctx.graph)
-        state = state.replace(masks=ones, hard=dict(ones), method_state={})
-        return self._select(state, 0, ctx)
+    def pruner(self, graph: PruningGraph, total_epochs: int, steps_per_epoch: int = 1) -> Pruner:
+        """This method as a `jaxprune.pruner.Pruner` over an `SFPState`.
 
-    def end_of_epoch(self, state: Any, epoch: Any, ctx: MethodContext) -> Any:
-        return self._select(state, epoch + 1, ctx)
+        Args:
+          graph: the model's `jaxprune.graph.PruningGraph`.
+          total_epochs: the training length ``T`` the schedules refer to (ASFP, SRFP).
+          steps_per_epoch: unused (the methods share one signature).
 
-    def penalty(self, params, batch_stats, method_state, ctx):
-        return no_penalty(params, batch_stats, method_state, ctx)
+        Returns:
+          ``Pruner(init, update, finalize, penalty)``; the penalty is zero.
+        """
+        del steps_per_epoch
+        self.check(graph, total_epochs)
+
+        def init(variables):
+            check_variables(variables)
+            variables, masks = self._select(variables, graph, 0, total_epochs)
+            return variables, SFPState(masks, init_masks(graph), zero_count())
+
+        def update(variables, state):
+            t = epoch_of(state.count) + 1
+            variables, masks = self._select(variables, graph, t, total_epochs)
+            return variables, state._replace(masks=masks, count=next_count(state.count))
+
+        def finalize(variables, state):
+            counts = as_counts(self.final_counts(graph))
+            variables, masks = _sfp_finalize(self, graph, variables, counts)
+            return variables, state._replace(masks=masks, hard=dict(masks))
+
+        return Pruner(init, update, finalize, zero_penalty, total_epochs)
 
     def final_counts(self, graph: PruningGraph) -> dict[str, int]:
         """Pruned count per group of the final selection: ``int(N P)``, then the width policy."""
@@ -291,20 +370,17 @@ class SFP:
         counts = {n: selection.num_pruned(graph.groups[n].size, self.rate, "sfp") for n in names}
         return self.width.pruned_counts(counts, {n: graph.groups[n].size for n in names})
 
-    def finalize(self, state: Any, ctx: MethodContext) -> Any:
-        return _sfp_finalize(self, ctx, state, as_counts(self.final_counts(ctx.graph)))
+    def _select(self, variables: Any, graph: PruningGraph, t: Any, total_epochs: int):
+        names = self.pruned_groups(graph)
+        counts = self.counts_at(graph, names, t, total_epochs)
+        alpha = jnp.asarray(self.alpha_at(t, total_epochs), jnp.float32)
+        return _sfp_select(self, graph, variables, as_counts(counts), alpha)
 
-    def _select(self, state: Any, t: Any, ctx: MethodContext) -> Any:
-        names = self.pruned_groups(ctx.graph)
-        counts = self.counts_at(ctx.graph, names, t, ctx.total_epochs)
-        alpha = jnp.asarray(self.alpha_at(t, ctx.total_epochs), jnp.float32)
-        return _sfp_select(self, ctx, state, as_counts(counts), alpha)
-
-    def selection_masks(self, state: Any, graph: PruningGraph, counts: Mapping[str, Any],
+    def selection_masks(self, variables: Any, graph: PruningGraph, counts: Mapping[str, Any],
                         alpha: Any) -> dict[str, jax.Array]:
         """Masks with the ``counts[g]`` lowest-scoring channels of each pruned group at ``alpha``."""
         names = self.pruned_groups(graph)
-        scores = self.scores(state, graph, names)
+        scores = self.scores(variables, graph, names)
         masks = init_masks(graph)
         selected = selection.prune_by_count(scores, {n: counts[n] for n in names})
         for n in names:
@@ -317,23 +393,32 @@ def as_counts(counts: Mapping[str, Any]) -> dict[str, jax.Array]:
     return {n: jnp.asarray(c, jnp.int32) for n, c in counts.items()}
 
 
+def _model_variables(variables: Any) -> dict:
+    """``variables`` as ``model.apply`` wants them: no empty ``batch_stats`` collection."""
+    out = {"params": variables["params"]}
+    if variables.get("batch_stats"):
+        out["batch_stats"] = variables["batch_stats"]
+    return out
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _sfp_select(method: SFP, ctx: MethodContext, state: Any, counts: dict, alpha: jax.Array):
+def _sfp_select(method: SFP, graph: PruningGraph, variables: Any, counts: dict,
+                alpha: jax.Array):
     # Counts and alpha are traced: one compilation serves every epoch (ASFP, SRFP included).
-    masks = method.selection_masks(state, ctx.graph, counts, alpha)
-    params = apply_masks(state.params, masks, ctx.graph, roles=method.soft_roles,
+    masks = method.selection_masks(variables, graph, counts, alpha)
+    params = apply_masks(variables["params"], masks, graph, roles=method.soft_roles,
                          prefix=("params",))
-    return state.replace(params=params, masks=masks)
+    return with_params(variables, params), masks
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _sfp_finalize(method: SFP, ctx: MethodContext, state: Any, counts: dict):
-    masks = method.selection_masks(state, ctx.graph, counts, jnp.float32(0.0))
-    state = state.replace(masks=masks, hard=dict(masks))
+def _sfp_finalize(method: SFP, graph: PruningGraph, variables: Any, counts: dict):
+    masks = method.selection_masks(variables, graph, counts, jnp.float32(0.0))
     if method.final_roles is not None:
-        return state.replace(params=apply_masks(state.params, masks, ctx.graph,
-                                                roles=method.final_roles, prefix=("params",)))
-    return harden(state, masks, ctx.graph)
+        params = apply_masks(variables["params"], masks, graph, roles=method.final_roles,
+                             prefix=("params",))
+        return with_params(variables, params), masks
+    return harden(variables, masks, graph), masks
 
 
 def make_soft(variant: str = "sfp", **kwargs: Any) -> SFP:
