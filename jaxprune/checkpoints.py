@@ -28,7 +28,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.export  # noqa: F401  (jax < 0.8 does not import the submodule by itself)
@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxprune.files import naming_writes
 from jaxprune.graph import leaf_paths
 from jaxprune.models.common import CARRY
 
@@ -151,43 +152,103 @@ def _abstract(target: Any, sharding: Any = None) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+class Retention(NamedTuple):
+    """Which training checkpoints a run keeps: the ``max_to_keep`` latest steps AND the
+    ``keep_best`` best by ``metrics[best_metric]`` (``best_mode`` 'max' or 'min')."""
+
+    max_to_keep: int = 3
+    keep_best: int = 1
+    best_metric: str = "test_accuracy"
+    best_mode: str = "max"
+
+    def score(self, metrics: Mapping[str, Any] | None) -> float:
+        """The ranking value of a step's metrics (the worst value when the metric is missing)."""
+        value = metrics.get(self.best_metric) if metrics else None
+        if value is None:
+            return -math.inf if self.best_mode == "max" else math.inf
+        return float(value)
+
+
+def retained_steps(policy: Retention, metrics: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
+    """The steps of ``metrics`` (step -> its metrics, None when none were recorded) that
+    ``policy`` keeps: the latest ``max_to_keep``, the best ``keep_best`` (ties: the earlier
+    step ranks lower, as in Orbax's ``BestN`` and ``best_step``) and every step without metrics."""
+    steps = sorted(metrics)
+    ranked = sorted((s for s in steps if metrics[s] is not None),
+                    key=lambda s: policy.score(metrics[s]), reverse=policy.best_mode == "min")
+    best = ranked[-policy.keep_best:] if policy.keep_best else []
+    return set(steps[-policy.max_to_keep:]) | set(best) | {s for s in steps if metrics[s] is None}
+
+
+class RunCheckpointManager(ocp.CheckpointManager):
+    """An Orbax ``CheckpointManager`` that knows its `Retention` policy, so that a resumed run
+    can apply it again to what an interrupted one left (`apply_retention`), and that reports a
+    failed write of a step (a full disk; it may surface from the background save at the next
+    ``save``, ``wait_until_finished`` or ``close``) as `jaxprune.files.WriteFailed` naming the
+    path, or this directory when the error names none. A failed step is never committed: the
+    previous one stays the latest, and its temporary directory is removed on the next open."""
+
+    def __init__(self, directory: Any, *, retention: Retention, **kwargs: Any):
+        super().__init__(directory, **kwargs)
+        self.retention = retention
+
+    def save(self, *args: Any, **kwargs: Any) -> bool:
+        with naming_writes(self.directory):
+            return super().save(*args, **kwargs)
+
+    def wait_until_finished(self) -> None:
+        with naming_writes(self.directory):
+            super().wait_until_finished()
+
+    def apply_retention(self) -> list[int]:
+        """Deletes the steps `retained_steps` does not keep and returns them. A kill between a
+        save and Orbax's clean-up leaves a step too many, which no later save removes when the
+        run has no epoch left; the writer of a run calls this once it has resumed (after a
+        damaged step was set aside). The latest and the best step are always kept."""
+        self.wait_until_finished()
+        metrics = {s: self.metrics(s) for s in self.all_steps()}
+        keep = retained_steps(self.retention, metrics)
+        gone = [s for s in sorted(metrics) if s not in keep]
+        for step in gone:
+            self.delete(step)
+        return gone
+
+
 def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
                             keep_best: int = 1, best_metric: str = "test_accuracy",
                             best_mode: str = "max", async_save: bool = False
-                            ) -> ocp.CheckpointManager:
+                            ) -> RunCheckpointManager:
     """An Orbax ``CheckpointManager`` for `save_checkpoint` / `restore_checkpoint`.
 
     Keeps the ``max_to_keep`` latest steps AND the ``keep_best`` best by ``metrics[best_metric]``
     (``best_mode`` 'max' or 'min'); ``manager.best_step()`` names the best one. (Orbax's own
     ``max_to_keep`` + ``best_fn`` would keep only the N best and could delete the latest, which
     resuming needs; hence the explicit preservation policy.) Stale temporary directories of an
-    interrupted save are removed on creation. ``async_save`` lets training continue while the
-    arrays are written (`fit` waits at the end).
+    interrupted save are removed on creation; steps an interrupted clean-up left are removed by
+    ``manager.apply_retention()`` (`RunCheckpointManager`). ``async_save`` lets training
+    continue while the arrays are written (`fit` waits at the end).
     """
     if max_to_keep < 1 or keep_best < 0:
         raise ValueError(f"max_to_keep must be >= 1 and keep_best >= 0, got {max_to_keep}, {keep_best}")
     if best_mode not in ("max", "min"):
         raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    worst = -math.inf if best_mode == "max" else math.inf
-
-    def best_fn(metrics: Mapping[str, Any]) -> float:
-        value = metrics.get(best_metric) if metrics else None
-        return worst if value is None else float(value)
+    retention = Retention(max_to_keep, keep_best, best_metric, best_mode)
 
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
         policies.append(ocp.checkpoint_managers.BestN(
-            get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best))
+            get_metric_fn=retention.score, reverse=best_mode == "min", n=keep_best))
     options = ocp.CheckpointManagerOptions(
-        best_fn=best_fn,
+        best_fn=retention.score,
         best_mode=best_mode,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(
+    return RunCheckpointManager(
         Path(directory).absolute(),
+        retention=retention,
         options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        META_ITEM: ocp.JsonCheckpointHandler()},
@@ -660,6 +721,9 @@ __all__ = [
     "META_ITEM",
     "check_shapes",
     "make_checkpoint_manager",
+    "Retention",
+    "retained_steps",
+    "RunCheckpointManager",
     "save_checkpoint",
     "restore_checkpoint",
     "restore_latest_good",

@@ -29,6 +29,7 @@ from typing import Sequence
 EXIT_USAGE = 2  # a bad input, a missing or unusable file: nothing was written
 EXIT_DIVERGED = 3  # training diverged (non-finite loss or params); the last good checkpoint stays
 EXIT_PREEMPTED = 4  # SIGTERM / SIGINT: stopped at a step boundary, checkpoint saved; rerun to resume
+EXIT_WRITE_FAILED = 5  # a write failed (disk full): nothing written before was replaced; rerun to resume
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once
 
 
@@ -344,10 +345,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_absl() -> None:
     """No ``WARNING:absl`` lines from libraries (Orbax, TensorFlow Datasets) on the console:
-    absl logs errors only; jaxprune reports what matters itself."""
+    absl logs errors only; jaxprune reports what matters itself. Orbax's own error lines (with
+    tracebacks, from its background save threads) are dropped too: the failure they describe
+    is raised to the command, which reports it in one line."""
     import logging
+    import os
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    orbax_dir = f"{os.sep}orbax{os.sep}"
+
+    def not_from_orbax(record) -> bool:  # the caller's frames: the logger class may be plain
+        frame = sys._getframe(1)
+        while frame is not None and orbax_dir not in frame.f_code.co_filename:
+            frame = frame.f_back
+        return frame is None
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.setLevel(logging.ERROR)
+    if not any(getattr(f, "__name__", "") == "not_from_orbax" for f in absl_logger.filters):
+        absl_logger.addFilter(not_from_orbax)
     try:
         from absl import logging as absl_logging
 
@@ -356,19 +371,61 @@ def _quiet_absl() -> None:
         pass
 
 
+def _quiet_late_async_errors() -> None:
+    """No ``RuntimeError: Event loop is closed`` tracebacks on the console: when one write of
+    an Orbax save fails (a full disk), Orbax closes that save's event loop while TensorStore
+    still completes its other writes, and each completion is reported as an unraisable error.
+    The failure itself reaches the command. Every other unraisable error is shown as usual."""
+    import os
+
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_late_async_errors", False):
+        return  # installed by an earlier call in this process
+    where = os.path.join("asyncio", "base_events.py")
+
+    def hook(unraisable):
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        late = (isinstance(unraisable.exc_value, RuntimeError)
+                and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+                and tb.tb_frame.f_code.co_filename.endswith(where))
+        if not late:
+            previous(unraisable)
+
+    hook.quiet_late_async_errors = True
+    sys.unraisablehook = hook
+
+
+def _write_failed_line(command: str, failed) -> str:
+    where = f"cannot write {failed.filename}" if failed.filename else "a write failed"
+    return (f"jaxprune {command}: error: {where}: {failed.strerror} (errno {failed.errno}); nothing "
+            "written before was replaced: free space and rerun the same command (a run resumes "
+            "from its last checkpoint)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_absl()
+    _quiet_late_async_errors()
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
     from jaxprune._optional import MissingExtraError
     from jaxprune.checkpoints import BadWeightsError
+    from jaxprune.files import write_failure
     from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
 
     try:
-        return args.func(args, overrides)
+        try:
+            return args.func(args, overrides)
+        except Exception as e:  # a full disk, wherever it struck: one line, exit 5
+            failed = write_failure(e)
+            if failed is None:
+                raise
+            print(_write_failed_line(args.command, failed), file=sys.stderr)
+            return EXIT_WRITE_FAILED
     except BadWeightsError as e:  # eval: the model is diverged; elsewhere: unusable input
         print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if args.command == "eval" else EXIT_USAGE

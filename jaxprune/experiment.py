@@ -32,6 +32,7 @@ from jaxprune import data as data_lib
 from jaxprune import augment as augment_lib
 from jaxprune import evaluation, flops, optim, parallel, train_step, training
 from jaxprune.compaction import compact
+from jaxprune.files import append_text, naming_writes, write_text_atomic
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset, load_imagenet
 from jaxprune.masks import apply_masks, binarize
@@ -288,14 +289,14 @@ class _MetricsWriter:
         if jax.process_index() != 0:
             return
         record = self.relabel(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tb is not None:
             step = int(record.get("epoch", 0)) + 1
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            with naming_writes(self.path.parent / "tb"):
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.tb.add_scalar(k, v, step)
+                self.tb.flush()
 
     def rebuild(self, history: list[dict]) -> None:
         """Rewrites metrics.jsonl: this phase's lines become ``history`` (atomically)."""
@@ -312,9 +313,7 @@ class _MetricsWriter:
                     others.append(line)
         mine = [json.dumps(self.relabel(h)) for h in history]
         lines = mine + others if self.phase is None else others + mine
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
 
 def _pretrained_dir(path: str | os.PathLike) -> Path:
@@ -650,7 +649,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
     if changes:
         with open(workdir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=list))
     if config.pretrained:
         _record_start(s, state, workdir)
     if config.compact_before_retraining:
@@ -672,7 +671,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         history = history + tuned
     record = finish(s, state, workdir, preprocess, history=history)
     record["wall_time_s"] = round(time.time() - t0, 1)
-    (workdir / "result.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(workdir / "result.json", json.dumps(record, indent=2))
     return record
 
 
@@ -968,7 +967,7 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     rec = finish(s, state, run_dir, preprocess, history=history, which=which, compact_dir=compact_dir)
     rec["from_state"].update(checkpoint_step=int(step), newest_step=int(newest))
     rec["compact_dir"], rec["result_file"] = compact_dir, result_file
-    (run_dir / result_file).write_text(json.dumps(rec, indent=2))
+    write_text_atomic(run_dir / result_file, json.dumps(rec, indent=2))
     return rec
 
 
