@@ -179,7 +179,7 @@ def test_eval_batch_is_a_device_multiple_bounded_by_the_request(requested, n, de
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
+def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None, max_to_keep=5):
     from jaxprune import data as data_lib
     from jaxprune.checkpoints import make_checkpoint_manager
     from jaxprune.methods import get_method
@@ -193,7 +193,7 @@ def _tiny_fit(tmp_path, epochs, ckpt_dir, writer=None):
     opt = optim.make_optimizer(0.05)
     state = train_step.create_train_state(model, graph, jax.random.PRNGKey(0), x, opt)
     ctx = MethodContext(graph=graph, total_epochs=epochs, steps_per_epoch=2)
-    mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=5)
+    mgr = make_checkpoint_manager(ckpt_dir, max_to_keep=max_to_keep)
     try:
         return training.fit(model, graph, get_method("sfp", rate=0.3), ctx, state, opt,
                             (ds.x_train[:128], ds.y_train[:128]), None, epochs=epochs, batch_size=64,
@@ -362,6 +362,23 @@ def test_retention_is_reapplied_by_the_next_save_after_a_kill(tmp_path):
     ck.save_checkpoint(mgr, small_state(4.0), epoch=3, metrics={"test_accuracy": 0.1})
     assert list(mgr.all_steps()) == [3, 4]
     mgr.close()
+
+
+def test_retention_is_reapplied_on_resume_when_no_save_follows(tmp_path, two_epoch_checkpoints):
+    """A kill after the last epoch's step committed, before Orbax's clean-up: the resumed run
+    has no epoch left to save, so the resume itself applies the policy (here: the latest step
+    only, no metrics to rank); the run's result and the kept step are unchanged."""
+    import shutil
+
+    from jaxprune.checkpoints import read_step_meta
+
+    ckpts = tmp_path / "ck"
+    shutil.copytree(two_epoch_checkpoints, ckpts)  # saved under max_to_keep=5: steps 1 and 2
+    before = snapshot(ckpts / "2")
+    _, history = _tiny_fit(tmp_path, 2, ckpts, max_to_keep=1)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["2"]
+    assert snapshot(ckpts / "2") == before
+    assert history == read_step_meta(two_epoch_checkpoints, 2)["history"]
 
 
 @pytest.mark.slow
