@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -83,6 +84,36 @@ def verify_checksums(path: str | os.PathLike) -> None:
                                        "checksum (damaged or edited)")
 _VARIABLES_ITEM = "variables"
 _MODEL_ITEM = "model"
+
+
+def quiet_late_async_errors() -> None:
+    """Drops the ``RuntimeError: Event loop is closed`` tracebacks of TensorStore operations
+    that complete after Orbax gave up on them: when one read or write of an Orbax restore or
+    save fails (a damaged step, a full disk) or is interrupted (Ctrl-C), Orbax closes that
+    operation's event loop while TensorStore still finishes the others, and each completion is
+    reported as an unraisable error (``sys.unraisablehook``, with no object). The failure itself
+    is raised to the caller. Every other unraisable error is reported as before. Installed once
+    per process, when this module is imported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_late_async_errors", False):
+        return
+    where = os.path.join("asyncio", "base_events.py")
+
+    def hook(unraisable: Any) -> None:
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        late = (unraisable.object is None and type(unraisable.exc_value) is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+                and tb.tb_frame.f_code.co_filename.endswith(where))
+        if not late:
+            previous(unraisable)
+
+    hook.drops_late_async_errors = True
+    sys.unraisablehook = hook
+
+
+quiet_late_async_errors()
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,6 +752,7 @@ __all__ = [
     "META_ITEM",
     "check_shapes",
     "make_checkpoint_manager",
+    "quiet_late_async_errors",
     "Retention",
     "retained_steps",
     "RunCheckpointManager",

@@ -371,32 +371,6 @@ def _quiet_absl() -> None:
         pass
 
 
-def _quiet_late_async_errors() -> None:
-    """No ``RuntimeError: Event loop is closed`` tracebacks on the console: when one write of
-    an Orbax save fails (a full disk), Orbax closes that save's event loop while TensorStore
-    still completes its other writes, and each completion is reported as an unraisable error.
-    The failure itself reaches the command. Every other unraisable error is shown as usual."""
-    import os
-
-    previous = sys.unraisablehook
-    if getattr(previous, "quiet_late_async_errors", False):
-        return  # installed by an earlier call in this process
-    where = os.path.join("asyncio", "base_events.py")
-
-    def hook(unraisable):
-        tb = unraisable.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        late = (isinstance(unraisable.exc_value, RuntimeError)
-                and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
-                and tb.tb_frame.f_code.co_filename.endswith(where))
-        if not late:
-            previous(unraisable)
-
-    hook.quiet_late_async_errors = True
-    sys.unraisablehook = hook
-
-
 def _write_failed_line(command: str, failed) -> str:
     where = f"cannot write {failed.filename}" if failed.filename else "a write failed"
     return (f"jaxprune {command}: error: {where}: {failed.strerror} (errno {failed.errno}); nothing "
@@ -407,7 +381,6 @@ def _write_failed_line(command: str, failed) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_absl()
-    _quiet_late_async_errors()
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
