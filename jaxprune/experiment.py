@@ -327,24 +327,27 @@ def _pretrained_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
-    """``(config, variables)`` of a trained model directory: a run directory (its latest training
-    checkpoint) or a directory written by ``jaxprune import`` (its dense ``compact/`` model)."""
+def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """``(config, variables, weights_from)`` of a trained model directory: a run directory (its
+    newest readable training checkpoint) or a directory written by ``jaxprune import`` (its
+    dense ``compact/`` model). ``weights_from`` says which: ``{'checkpoint_step': k,
+    'newest_step': n}`` (``k < n``: it fell back past a damaged step) or ``{'compact': dir}``."""
     from jaxprune.checkpoints import check_weights, load
 
     p = _pretrained_dir(path)
     cfg = ml_collections.ConfigDict(config_lib.with_defaults(json.loads((p / "config.json").read_text())))
     ckpts = p / "checkpoints"
     if ckpts.is_dir() and any(c.name.isdigit() for c in ckpts.iterdir()):
-        _, state, _ = _restore_run(p)  # its weights are checked as they are restored
-        return cfg, {"params": state.params, "batch_stats": state.batch_stats}
+        _, state, _, step, newest = restore_run(p)  # its weights are checked as they are restored
+        return (cfg, {"params": state.params, "batch_stats": state.batch_stats},
+                {"checkpoint_step": int(step), "newest_step": int(newest)})
     if (p / "compact").is_dir():
         model, variables, _ = load(p / "compact")
         if getattr(model, "keep_out", None):
             raise ValueError(f"{str(p)!r} holds a pruned (compact) model; a pretrained start needs "
                              "the dense weights")
         check_weights(variables, what=f"the trained model in {str(p / 'compact')!r}")
-        return cfg, variables
+        return cfg, variables, {"compact": str(p / "compact")}
     raise FileNotFoundError(f"{str(p)!r} holds neither a training checkpoint nor a compact model")
 
 
@@ -377,28 +380,30 @@ def baseline_provenance(path: str | os.PathLike) -> dict:
     return rec
 
 
-def _initial_params(s: Setup, state: train_step.TrainState) -> train_step.TrainState:
-    """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set.
+def _initial_params(s: Setup, state: train_step.TrainState) -> tuple[train_step.TrainState, dict]:
+    """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set; returns the
+    state and where its weights came from (`load_trained`'s ``weights_from``; {} when unset).
 
     Only params and batch stats are taken (a fresh optimizer, masks and step), so the
     pretrained run may have used another method or residual policy.
     """
     path = s.config.pretrained
     if not path:
-        return state
-    _, restored = load_trained(path)
+        return state, {}
+    _, restored, weights_from = load_trained(path)
     from jaxprune.checkpoints import check_shapes
 
     check_shapes(restored["params"], state.params, what=f"pretrained params of {path!r}")
     check_shapes(restored["batch_stats"], state.batch_stats, what=f"pretrained batch stats of {path!r}")
     put = lambda t, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), t, like)  # noqa: E731
     return state.replace(params=put(restored["params"], state.params),
-                         batch_stats=put(restored["batch_stats"], state.batch_stats))
+                         batch_stats=put(restored["batch_stats"], state.batch_stats)), weights_from
 
 
-def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict:
+def _record_start(s: Setup, state: train_step.TrainState, workdir: Path, weights_from: dict) -> dict:
     """``workdir/start.json``: test accuracy of the pretrained weights and of the same weights
-    right after the method's ``init`` (PFEC: pruned, not yet retrained), written once."""
+    right after the method's ``init`` (PFEC: pruned, not yet retrained), and which checkpoint
+    of the pretrained run they are (``weights_from``, see `load_trained`), written once."""
     path = workdir / "start.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -412,8 +417,8 @@ def _record_start(s: Setup, state: train_step.TrainState, workdir: Path) -> dict
            "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph,
                                                  roles=final_roles(s.method))),
            "after_init_costs": costs(s.graph, masks), "dense_costs": costs(s.graph),
-           "test_images": int(ds.num_test)}
-    path.write_text(json.dumps(rec, indent=2))
+           "test_images": int(ds.num_test), "weights_from": weights_from}
+    write_text_atomic(path, json.dumps(rec, indent=2))
     return rec
 
 
@@ -627,7 +632,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float,
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
-    state = _initial_params(s, state)
+    state, weights_from = _initial_params(s, state)
     # everything checkable is checked: only now is the run directory written
     created = not workdir.exists()
     before = {n: (workdir / n).read_bytes() if (workdir / n).is_file() else None
@@ -636,14 +641,16 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float,
     if lock is not None:
         lock.acquire()  # a new directory: as soon as it exists
     try:
-        return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress)
+        return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress,
+                                 weights_from=weights_from)
     except (ValueError, KeyError, TypeError, FileNotFoundError):
         _undo_refused_start(workdir, created, before)
         raise
 
 
 def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collections.ConfigDict,
-                      workdir: Path, changes: dict, t0: float, *, progress: bool) -> dict:
+                      workdir: Path, changes: dict, t0: float, *, progress: bool,
+                      weights_from: dict) -> dict:
     """The writing part of `run`: records, training phases, compaction, result."""
     ds = s.dataset
     if changes:
@@ -651,7 +658,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
     write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=list))
     if config.pretrained:
-        _record_start(s, state, workdir)
+        _record_start(s, state, workdir, weights_from)
     if config.compact_before_retraining:
         s, state = compact_for_retraining(s, state, workdir)
     preprocess = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
@@ -1030,7 +1037,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
 
     if convs not in SENSITIVITY_CONVS:
         raise ValueError(f"convs={convs!r}: expected one of {', '.join(SENSITIVITY_CONVS)}")
-    trained_cfg, variables = load_trained(checkpoint)
+    trained_cfg, variables, weights_from = load_trained(checkpoint)
     if trained_cfg.model != config.model:
         raise ValueError(f"config.model={config.model!r} but {str(checkpoint)!r} holds {trained_cfg.model!r}")
     config = ml_collections.ConfigDict(config.to_dict())
@@ -1079,7 +1086,8 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
         with partial_path.open("a", newline="") as f:
             csv.writer(f).writerow([label, group, *accs])
 
-    provenance = {**settings, "checkpoint": str(checkpoint), "criterion": "l1"}
+    provenance = {**settings, "checkpoint": str(checkpoint), "criterion": "l1",
+                  "weights_from": weights_from}
     if (Path(checkpoint) / "import.json").is_file() or (Path(checkpoint) / "checkpoints").is_dir():
         provenance["baseline"] = baseline_provenance(checkpoint)
     t0 = time.time()
@@ -1088,7 +1096,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
     provenance["baseline_accuracy"] = table.baseline
     provenance["wall_time_s"] = round(time.time() - t0, 1)
     pfec.write_sensitivity_csv(table, str(out / "sensitivity.csv"))
-    (out / "sensitivity.json").write_text(json.dumps(provenance, indent=2))
+    write_text_atomic(out / "sensitivity.json", json.dumps(provenance, indent=2))
     subset = "" if ds.num_test >= 10000 else f", first {ds.num_test} test images"
     which = {"first": "first conv of each block", "second": "second conv of each block",
              "all": "every conv"}[convs]

@@ -112,6 +112,25 @@ def test_an_unreadable_best_checkpoint_is_refused_in_one_line(run2, tmp_path, ca
     assert snapshot(work) == before
 
 
+def test_a_start_or_sensitivity_from_a_damaged_run_records_the_step_it_used(run2, cfg_file,
+                                                                            tmp_path, capsys):
+    from jaxprune.experiment import load_trained as ck_load_trained
+
+    src = _copy(run2, tmp_path)
+    _truncate_largest(src / "checkpoints" / "2" / "state")
+    """Both read the weights with `load_trained` (a healthy run's ``weights_from`` in
+    sensitivity.json: `test_cli.py::test_train_compact_eval_info_on_tiny_config`)."""
+    used = {"checkpoint_step": 1, "newest_step": 2}
+    work = tmp_path / "pruned"
+    capsys.readouterr()
+    assert cli.main(["prune", str(src), "--config", str(cfg_file), "--workdir", str(work),
+                     "--no-progress", "--config.epochs=1"]) == 0
+    assert "checkpoint step 2" in capsys.readouterr().out
+    assert json.loads((work / "start.json").read_text())["weights_from"] == used
+    assert ck_load_trained(src)[2] == used
+    assert (src / "checkpoints" / "2").is_dir()  # read-only: the damaged step is not moved
+
+
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(run2, cfg_file, tmp_path, capsys):
     work = _copy(run2, tmp_path)
     before = snapshot(work)
