@@ -385,10 +385,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
-    from jaxprune._optional import MissingExtraError
-    from jaxprune.checkpoints import BadWeightsError
-    from jaxprune.files import write_failure
-    from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
+    try:  # imports take seconds (jax, Orbax): a Ctrl-C may land here
+        from jaxprune._optional import MissingExtraError
+        from jaxprune.checkpoints import BadWeightsError
+        from jaxprune.files import write_failure
+        from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
+    except KeyboardInterrupt:
+        print(f"jaxprune {args.command}: interrupted by Ctrl-C while starting (nothing was "
+              "written)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     try:
         try:
