@@ -554,6 +554,23 @@ def test_the_cli_drops_orbax_log_lines_only(caplog):
     assert "from elsewhere" in caplog.text and "from orbax" not in caplog.text
 
 
+def test_a_ctrl_c_while_the_cli_starts_is_one_line(monkeypatch, capsys, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def interrupted(name, *a, **k):  # the imports of a fresh process take seconds
+        if name == "jaxprune.files":
+            raise KeyboardInterrupt
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    rc = cli.main(["compact", str(tmp_path)])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == cli.EXIT_INTERRUPTED and err.count("\n") == 1 and "while starting" in err, err
+
+
 @pytest.mark.slow
 def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(tmp_path):
     """The long kill sweep: SIGKILL at random times (startup, mid-epoch, inside saves), resume
