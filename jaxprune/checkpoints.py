@@ -87,26 +87,44 @@ _MODEL_ITEM = "model"
 
 
 def quiet_late_async_errors() -> None:
-    """Drops the ``RuntimeError: Event loop is closed`` tracebacks of TensorStore operations
-    that complete after Orbax gave up on them: when one read or write of an Orbax restore or
-    save fails (a damaged step, a full disk) or is interrupted (Ctrl-C), Orbax closes that
-    operation's event loop while TensorStore still finishes the others, and each completion is
-    reported as an unraisable error (``sys.unraisablehook``, with no object). The failure itself
-    is raised to the caller. Every other unraisable error is reported as before. Installed once
-    per process, when this module is imported."""
+    """Drops the reports of Orbax operations abandoned after a failure: when one TensorStore read
+    or write of an Orbax restore or save fails (a damaged step, a full disk) or is interrupted
+    (Ctrl-C), Orbax closes that operation's event loop while the others are still pending.
+    TensorStore then reports each late completion (``RuntimeError: Event loop is closed``, with
+    no object), and each pending Orbax coroutine, closed when it is garbage collected (possibly
+    hours later, in a resumed run), raises a wrapper error of its ``GeneratorExit`` (``Exception
+    ignored in: <coroutine object _read_array_index_and_device_put>`` with the whole TensorStore
+    spec). Both come through ``sys.unraisablehook``; the failure itself was already raised to the
+    caller. Every other unraisable error is reported as before. Installed once per process, when
+    this module is imported."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_late_async_errors", False):
         return
-    where = os.path.join("asyncio", "base_events.py")
+    asyncio_file = os.path.join("asyncio", "base_events.py")
+    orbax_dir = f"{os.sep}orbax{os.sep}"
 
-    def hook(unraisable: Any) -> None:
+    def closed_loop(unraisable: Any) -> bool:
         tb = unraisable.exc_traceback
         while tb is not None and tb.tb_next is not None:
             tb = tb.tb_next
-        late = (unraisable.object is None and type(unraisable.exc_value) is RuntimeError
+        return (unraisable.object is None and type(unraisable.exc_value) is RuntimeError
                 and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
-                and tb.tb_frame.f_code.co_filename.endswith(where))
-        if not late:
+                and tb.tb_frame.f_code.co_filename.endswith(asyncio_file))
+
+    def abandoned_orbax_coroutine(unraisable: Any) -> bool:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or orbax_dir not in code.co_filename:
+            return False
+        e, seen = unraisable.exc_value, set()
+        while e is not None and id(e) not in seen:  # raised while it was being closed
+            seen.add(id(e))
+            if isinstance(e, GeneratorExit):
+                return True
+            e = e.__cause__ or e.__context__
+        return False
+
+    def hook(unraisable: Any) -> None:
+        if not (closed_loop(unraisable) or abandoned_orbax_coroutine(unraisable)):
             previous(unraisable)
 
     hook.drops_late_async_errors = True

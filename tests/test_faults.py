@@ -499,7 +499,8 @@ def test_a_full_disk_while_tensorboard_writes_names_its_directory(tmp_path, monk
 def test_late_completions_of_an_abandoned_orbax_operation_are_dropped_and_nothing_else(monkeypatch):
     """What Orbax leaves when one TensorStore read or write of a save or restore fails (a damaged
     step, a full disk, Ctrl-C): it closes the event loop while another TensorStore future is
-    still pending, whose completion then cannot be delivered (an unraisable RuntimeError)."""
+    still pending, whose completion then cannot be delivered (an unraisable RuntimeError), and
+    its pending coroutines raise when they are collected (an unraisable wrapper of GeneratorExit)."""
     import asyncio
     import gc
     import sys
@@ -538,6 +539,26 @@ def test_late_completions_of_an_abandoned_orbax_operation_are_dropped_and_nothin
     Broken()
     gc.collect()
     assert seen == ["RuntimeError('Event loop is closed')"]
+
+    # a pending Orbax read, closed when collected, wraps its GeneratorExit as Orbax's does
+    source = (
+        "class Pending:\n"
+        "    def __await__(self):\n"
+        "        yield\n"
+        "async def read_array_index():\n"
+        "    try:\n"
+        "        await Pending()\n"
+        "    except BaseException as e:\n"
+        "        raise Exception('Encountered error while reading array index') from e\n")
+    for where in ("/site-packages/orbax/checkpoint/_src/serialization/serialization.py",
+                  "/site-packages/elsewhere/serialization.py"):
+        namespace: dict = {}
+        exec(compile(source, where, "exec"), namespace)
+        pending_read = namespace["read_array_index"]()
+        pending_read.send(None)  # suspended at its await, as in a gather that another read failed
+        del pending_read
+        gc.collect()
+    assert seen[1:] == ["Exception('Encountered error while reading array index')"]  # elsewhere's
 
 
 def test_the_cli_drops_orbax_log_lines_only(caplog):
