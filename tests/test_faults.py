@@ -213,7 +213,7 @@ def two_epoch_checkpoints(tmp_path_factory):
 
 @pytest.mark.parametrize("damage", ["truncate_array", "garbage_meta", "drop_meta"])
 def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capfd, damage,
-                                                                two_epoch_checkpoints):
+                                                                two_epoch_checkpoints, unraisables):
     import shutil
 
     ckpts = tmp_path / "ck"
@@ -232,6 +232,10 @@ def test_resume_falls_back_past_a_corrupt_step_and_sets_it_aside(tmp_path, capfd
     _, hist3 = _tiny_fit(tmp_path, 3, ckpts)
     out, err = capfd.readouterr()
     assert_quiet(err)
+    import gc
+
+    gc.collect()
+    assert unraisables == []
     assert "checkpoint step 2" in out and "unreadable" in out and "resuming from step 1" in out
     assert [h["epoch"] for h in hist3] == [0, 1, 2]  # epoch 1 redone from step 1
     assert (ckpts / "corrupt-2-0").is_dir(), "the damaged step is kept, set aside"
@@ -393,6 +397,27 @@ def assert_quiet(err: str) -> None:
     assert not [n for n in NOISE if n in err], err
 
 
+@pytest.fixture
+def unraisables():
+    """The unraisable errors (``Exception ignored in ...``) that would reach the console during
+    the test, after jaxprune's filter (`quiet_late_async_errors`); pytest would turn them into
+    warnings instead. Collected garbage included."""
+    import gc
+    import sys
+
+    from jaxprune.checkpoints import quiet_late_async_errors
+
+    seen: list[str] = []
+    before = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(f"{type(u.exc_value).__name__}: {u.exc_value}"[:300])
+    quiet_late_async_errors()
+    try:
+        yield seen
+    finally:
+        gc.collect()
+        sys.unraisablehook = before
+
+
 def _strip_times(records):
     return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
 
@@ -441,7 +466,7 @@ def _fill_the_disk_in_epoch_2(monkeypatch, where: str) -> None:
 
 @pytest.mark.parametrize("where", ["checkpoint", "metrics"])
 def test_a_full_disk_mid_run_is_one_line_keeps_what_was_good_and_the_rerun_resumes_exactly(
-        disk_ref, tmp_path, monkeypatch, capfd, where):
+        disk_ref, tmp_path, monkeypatch, capfd, where, unraisables):
     cfg, ref = disk_ref
     work = tmp_path / "full"
     args = ["train", "--config", str(cfg), "--workdir", str(work), "--no-progress"]
@@ -476,6 +501,10 @@ def test_a_full_disk_mid_run_is_one_line_keeps_what_was_good_and_the_rerun_resum
     assert {k: v for k, v in rec_a.items() if k != "wall_time_s"} == \
         {k: v for k, v in rec_b.items() if k != "wall_time_s"}
     assert not [p.name for p in (work / "checkpoints").iterdir() if "tmp" in p.name]
+    import gc
+
+    gc.collect()
+    assert unraisables == []
 
 
 def test_a_full_disk_while_tensorboard_writes_names_its_directory(tmp_path, monkeypatch):
