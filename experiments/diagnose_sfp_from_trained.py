@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     ds = s.dataset
     x0 = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     fresh = lambda: experiment._initial_params(s, train_step.create_train_state(  # noqa: E731
-        s.model, s.graph, jax.random.PRNGKey(0), x0, s.optimizer))
+        s.model, s.graph, jax.random.PRNGKey(0), x0, s.optimizer))[0]
     pre = functools.partial(augment_lib.normalize, mean=ds.mean, std=ds.std)
     test_x, test_y = factories.test_set(ds)
     (train_x, train_y), _ = factories.fit_sets(ds)

@@ -22,9 +22,10 @@ import json
 import math
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -33,6 +34,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxprune import state_migration as migration
+from jaxprune.files import naming_writes
 from jaxprune.graph import leaf_paths
 from jaxprune.tree_io import abstract_target, check_shapes, jsonable
 
@@ -40,6 +42,52 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 
 
+def quiet_late_async_errors() -> None:
+    """Drops the reports of Orbax operations abandoned after a failure: when one TensorStore read
+    or write of an Orbax restore or save fails (a damaged step, a full disk) or is interrupted
+    (Ctrl-C), Orbax closes that operation's event loop while the others are still pending.
+    TensorStore then reports each late completion (``RuntimeError: Event loop is closed``, with
+    no object), and each pending Orbax coroutine, closed when it is garbage collected (possibly
+    hours later, in a resumed run), raises a wrapper error of its ``GeneratorExit`` (``Exception
+    ignored in: <coroutine object _read_array_index_and_device_put>`` with the whole TensorStore
+    spec). Both come through ``sys.unraisablehook``; the failure itself was already raised to the
+    caller. Every other unraisable error is reported as before. Installed once per process, when
+    this module is imported."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_late_async_errors", False):
+        return
+    asyncio_file = os.path.join("asyncio", "base_events.py")
+    orbax_dir = f"{os.sep}orbax{os.sep}"
+
+    def closed_loop(unraisable: Any) -> bool:
+        tb = unraisable.exc_traceback
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        return (unraisable.object is None and type(unraisable.exc_value) is RuntimeError
+                and str(unraisable.exc_value) == "Event loop is closed" and tb is not None
+                and tb.tb_frame.f_code.co_filename.endswith(asyncio_file))
+
+    def abandoned_orbax_coroutine(unraisable: Any) -> bool:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or orbax_dir not in code.co_filename:
+            return False
+        e, seen = unraisable.exc_value, set()
+        while e is not None and id(e) not in seen:  # raised while it was being closed
+            seen.add(id(e))
+            if isinstance(e, GeneratorExit):
+                return True
+            e = e.__cause__ or e.__context__
+        return False
+
+    def hook(unraisable: Any) -> None:
+        if not (closed_loop(unraisable) or abandoned_orbax_coroutine(unraisable)):
+            previous(unraisable)
+
+    hook.drops_late_async_errors = True
+    sys.unraisablehook = hook
+
+
+quiet_late_async_errors()
 
 
 # --------------------------------------------------------------------------------------------
@@ -47,43 +95,103 @@ META_ITEM = "meta"
 # --------------------------------------------------------------------------------------------
 
 
+class Retention(NamedTuple):
+    """Which training checkpoints a run keeps: the ``max_to_keep`` latest steps AND the
+    ``keep_best`` best by ``metrics[best_metric]`` (``best_mode`` 'max' or 'min')."""
+
+    max_to_keep: int = 3
+    keep_best: int = 1
+    best_metric: str = "test_accuracy"
+    best_mode: str = "max"
+
+    def score(self, metrics: Mapping[str, Any] | None) -> float:
+        """The ranking value of a step's metrics (the worst value when the metric is missing)."""
+        value = metrics.get(self.best_metric) if metrics else None
+        if value is None:
+            return -math.inf if self.best_mode == "max" else math.inf
+        return float(value)
+
+
+def retained_steps(policy: Retention, metrics: Mapping[int, Mapping[str, Any] | None]) -> set[int]:
+    """The steps of ``metrics`` (step -> its metrics, None when none were recorded) that
+    ``policy`` keeps: the latest ``max_to_keep``, the best ``keep_best`` (ties: the earlier
+    step ranks lower, as in Orbax's ``BestN`` and ``best_step``) and every step without metrics."""
+    steps = sorted(metrics)
+    ranked = sorted((s for s in steps if metrics[s] is not None),
+                    key=lambda s: policy.score(metrics[s]), reverse=policy.best_mode == "min")
+    best = ranked[-policy.keep_best:] if policy.keep_best else []
+    return set(steps[-policy.max_to_keep:]) | set(best) | {s for s in steps if metrics[s] is None}
+
+
+class RunCheckpointManager(ocp.CheckpointManager):
+    """An Orbax ``CheckpointManager`` that knows its `Retention` policy, so that a resumed run
+    can apply it again to what an interrupted one left (`apply_retention`), and that reports a
+    failed write of a step (a full disk; it may surface from the background save at the next
+    ``save``, ``wait_until_finished`` or ``close``) as `jaxprune.files.WriteFailed` naming the
+    path, or this directory when the error names none. A failed step is never committed: the
+    previous one stays the latest, and its temporary directory is removed on the next open."""
+
+    def __init__(self, directory: Any, *, retention: Retention, **kwargs: Any):
+        super().__init__(directory, **kwargs)
+        self.retention = retention
+
+    def save(self, *args: Any, **kwargs: Any) -> bool:
+        with naming_writes(self.directory):
+            return super().save(*args, **kwargs)
+
+    def wait_until_finished(self) -> None:
+        with naming_writes(self.directory):
+            super().wait_until_finished()
+
+    def apply_retention(self) -> list[int]:
+        """Deletes the steps `retained_steps` does not keep and returns them. A kill between a
+        save and Orbax's clean-up leaves a step too many, which no later save removes when the
+        run has no epoch left; the writer of a run calls this once it has resumed (after a
+        damaged step was set aside). The latest and the best step are always kept."""
+        self.wait_until_finished()
+        metrics = {s: self.metrics(s) for s in self.all_steps()}
+        keep = retained_steps(self.retention, metrics)
+        gone = [s for s in sorted(metrics) if s not in keep]
+        for step in gone:
+            self.delete(step)
+        return gone
+
+
 def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 3,
                             keep_best: int = 1, best_metric: str = "test_accuracy",
                             best_mode: str = "max", async_save: bool = False
-                            ) -> ocp.CheckpointManager:
+                            ) -> RunCheckpointManager:
     """An Orbax ``CheckpointManager`` for `save_checkpoint` / `restore_checkpoint`.
 
     Keeps the ``max_to_keep`` latest steps AND the ``keep_best`` best by ``metrics[best_metric]``
     (``best_mode`` 'max' or 'min'); ``manager.best_step()`` names the best one. (Orbax's own
     ``max_to_keep`` + ``best_fn`` would keep only the N best and could delete the latest, which
     resuming needs; hence the explicit preservation policy.) Stale temporary directories of an
-    interrupted save are removed on creation. ``async_save`` lets training continue while the
-    arrays are written (`fit` waits at the end).
+    interrupted save are removed on creation; steps an interrupted clean-up left are removed by
+    ``manager.apply_retention()`` (`RunCheckpointManager`). ``async_save`` lets training
+    continue while the arrays are written (`fit` waits at the end).
     """
     if max_to_keep < 1 or keep_best < 0:
         raise ValueError(f"max_to_keep must be >= 1 and keep_best >= 0, got {max_to_keep}, {keep_best}")
     if best_mode not in ("max", "min"):
         raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
-    worst = -math.inf if best_mode == "max" else math.inf
-
-    def best_fn(metrics: Mapping[str, Any]) -> float:
-        value = metrics.get(best_metric) if metrics else None
-        return worst if value is None else float(value)
+    retention = Retention(max_to_keep, keep_best, best_metric, best_mode)
 
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
     if keep_best:
         policies.append(ocp.checkpoint_managers.BestN(
-            get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best))
+            get_metric_fn=retention.score, reverse=best_mode == "min", n=keep_best))
     options = ocp.CheckpointManagerOptions(
-        best_fn=best_fn,
+        best_fn=retention.score,
         best_mode=best_mode,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(
+    return RunCheckpointManager(
         Path(directory).absolute(),
+        retention=retention,
         options=options,
         item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(),
                        META_ITEM: ocp.JsonCheckpointHandler()},
@@ -440,6 +548,10 @@ __all__ = [
     "STATE_ITEM",
     "META_ITEM",
     "make_checkpoint_manager",
+    "quiet_late_async_errors",
+    "Retention",
+    "retained_steps",
+    "RunCheckpointManager",
     "save_checkpoint",
     "restore_checkpoint",
     "restore_latest_good",

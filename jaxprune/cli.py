@@ -30,6 +30,7 @@ from typing import Sequence
 EXIT_USAGE = 2  # a bad input, a missing or unusable file: nothing was written
 EXIT_DIVERGED = 3  # training diverged (non-finite loss or params); the last good checkpoint stays
 EXIT_PREEMPTED = 4  # SIGTERM / SIGINT: stopped at a step boundary, checkpoint saved; rerun to resume
+EXIT_WRITE_FAILED = 5  # a write failed (disk full): nothing written before was replaced; rerun to resume
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: stopped at once
 
 
@@ -343,16 +344,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_absl() -> None:
     """No ``WARNING:absl`` lines from libraries (Orbax, TensorFlow Datasets) on the console:
-    absl logs errors only; jaxprune reports what matters itself."""
+    absl logs errors only; jaxprune reports what matters itself. Orbax's own error lines (with
+    tracebacks, from its background save threads) are dropped too: the failure they describe
+    is raised to the command, which reports it in one line."""
     import logging
+    import os
 
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    orbax_dir = f"{os.sep}orbax{os.sep}"
+
+    def not_from_orbax(record) -> bool:  # the caller's frames: the logger class may be plain
+        frame = sys._getframe(1)
+        while frame is not None and orbax_dir not in frame.f_code.co_filename:
+            frame = frame.f_back
+        return frame is None
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.setLevel(logging.ERROR)
+    if not any(getattr(f, "__name__", "") == "not_from_orbax" for f in absl_logger.filters):
+        absl_logger.addFilter(not_from_orbax)
     try:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.ERROR)
     except ImportError:  # pragma: no cover - absl comes with jax's dependencies
         pass
+
+
+def _write_failed_line(command: str, failed) -> str:
+    where = f"cannot write {failed.filename}" if failed.filename else "a write failed"
+    return (f"jaxprune {command}: error: {where}: {failed.strerror} (errno {failed.errno}); nothing "
+            "written before was replaced: free space and rerun the same command (a run resumes "
+            "from its last checkpoint)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -362,12 +384,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if not a.startswith("--config.")]
     args = build_parser().parse_args(rest)
     _use_fast_cpu_flags(args)
-    from jaxprune._optional import MissingExtraError
-    from jaxprune.checkpoints import BadWeightsError
-    from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
+    try:  # imports take seconds (jax, Orbax): a Ctrl-C may land here
+        from jaxprune._optional import MissingExtraError
+        from jaxprune.checkpoints import BadWeightsError
+        from jaxprune.files import write_failure
+        from jaxprune.training import DivergenceError, Preempted, SecondInterrupt
+    except KeyboardInterrupt:
+        print(f"jaxprune {args.command}: interrupted by Ctrl-C while starting (nothing was "
+              "written)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
     try:
-        return args.func(args, overrides)
+        try:
+            return args.func(args, overrides)
+        except Exception as e:  # a full disk, wherever it struck: one line, exit 5
+            failed = write_failure(e)
+            if failed is None:
+                raise
+            print(_write_failed_line(args.command, failed), file=sys.stderr)
+            return EXIT_WRITE_FAILED
     except BadWeightsError as e:  # eval: the model is diverged; elsewhere: unusable input
         print(f"jaxprune {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED if args.command == "eval" else EXIT_USAGE

@@ -37,6 +37,7 @@ from jaxprune.compaction import compact
 from jaxprune.factories import (fit_sets, for_compaction, is_bundled, load_dataset, make_method,
                                 make_model, make_schedule, own_model_method, soft_methods,
                                 test_set)
+from jaxprune.files import write_text_atomic
 from jaxprune.graph import trace_linen
 from jaxprune.imagenet import StreamedDataset
 from jaxprune.masks import apply_masks, binarize
@@ -153,30 +154,32 @@ def costs(graph, masks=None) -> dict[str, int]:
     return {"macs_conv": conv.macs, "macs_conv_fc": conv_fc.macs, "params": conv.params}
 
 
-def _initial_params(s: Setup, state: train_step.TrainState) -> train_step.TrainState:
-    """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set.
+def _initial_params(s: Setup, state: train_step.TrainState) -> tuple[train_step.TrainState, dict]:
+    """Starts from the weights of ``config.pretrained`` (see `load_trained`) if set; returns the
+    state and where its weights came from (`load_trained`'s ``weights_from``; {} when unset).
 
     Only params and batch stats are taken (a fresh optimizer, masks and step), so the
     pretrained run may have used another method or residual policy.
     """
     path = s.config.pretrained
     if not path:
-        return state
-    _, restored = load_trained(path)
+        return state, {}
+    _, restored, weights_from = load_trained(path)
     from jaxprune.tree_io import check_shapes
 
     check_shapes(restored["params"], state.params, what=f"pretrained params of {path!r}")
     check_shapes(restored["batch_stats"], state.batch_stats, what=f"pretrained batch stats of {path!r}")
     put = lambda t, like: jax.tree.map(lambda a, b: jnp.asarray(a, b.dtype), t, like)  # noqa: E731
     return state.replace(params=put(restored["params"], state.params),
-                         batch_stats=put(restored["batch_stats"], state.batch_stats))
+                         batch_stats=put(restored["batch_stats"], state.batch_stats)), weights_from
 
 
 def _record_start(s: Setup, state: train_step.TrainState, pruned: train_step.TrainState,
-                  workdir: Path) -> dict:
+                  workdir: Path, weights_from: dict) -> dict:
     """``workdir/start.json``: test accuracy of the pretrained weights (``state``) and of the
     same weights right after the pruner's ``init`` (``pruned``; PFEC: pruned, not yet
-    retrained), written once."""
+    retrained), and which checkpoint of the pretrained run they are (``weights_from``, see
+    `load_trained`), written once."""
     path = workdir / "start.json"
     if path.is_file():
         return json.loads(path.read_text())
@@ -189,8 +192,8 @@ def _record_start(s: Setup, state: train_step.TrainState, pruned: train_step.Tra
            "after_init_accuracy": ev(apply_masks(pruned.variables, masks, s.graph,
                                                  roles=final_roles(s.method))),
            "after_init_costs": costs(s.graph, masks), "dense_costs": costs(s.graph),
-           "test_images": int(ds.num_test)}
-    path.write_text(json.dumps(rec, indent=2))
+           "test_images": int(ds.num_test), "weights_from": weights_from}
+    write_text_atomic(path, json.dumps(rec, indent=2))
     return rec
 
 
@@ -291,7 +294,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float,
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)
     state = train_step.create_train_state(s.model, s.graph, jax.random.PRNGKey(config.seed), x, s.optimizer)
-    state = _initial_params(s, state)
+    state, weights_from = _initial_params(s, state)
     # everything checkable is checked: only now is the run directory written
     created = not workdir.exists()
     before = {n: (workdir / n).read_bytes() if (workdir / n).is_file() else None
@@ -300,23 +303,25 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float,
     if lock is not None:
         lock.acquire()  # a new directory: as soon as it exists
     try:
-        return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress)
+        return _train_and_finish(s, state, config, workdir, changes, t0, progress=progress,
+                                 weights_from=weights_from)
     except (ValueError, KeyError, TypeError, FileNotFoundError):
         undo_refused_start(workdir, created, before)
         raise
 
 
 def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collections.ConfigDict,
-                      workdir: Path, changes: dict, t0: float, *, progress: bool) -> dict:
+                      workdir: Path, changes: dict, t0: float, *, progress: bool,
+                      weights_from: dict) -> dict:
     """The writing part of `run`: records, training phases, compaction, result."""
     ds = s.dataset
     if changes:
         with open(workdir / "config_changes.jsonl", "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": changes}) + "\n")
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    write_text_atomic(workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=list))
     pruned = train_step.prune_init(s.pruner, state)  # the method's one init of the run
     if config.pretrained:
-        _record_start(s, state, pruned, workdir)
+        _record_start(s, state, pruned, workdir, weights_from)
     state = pruned
     if config.compact_before_retraining:
         s, state, compacted = compact_for_retraining(s, state)
@@ -338,7 +343,7 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
         history = history + tuned
     record = finish(s, state, workdir, preprocess, history=history)
     record["wall_time_s"] = round(time.time() - t0, 1)
-    (workdir / "result.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(workdir / "result.json", json.dumps(record, indent=2))
     return record
 
 

@@ -4,10 +4,11 @@ in ``tb/``), rebuilt from a checkpoint's history on resume."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
+
+from jaxprune.files import append_text, naming_writes, write_text_atomic
 
 
 class MetricsWriter:
@@ -35,14 +36,14 @@ class MetricsWriter:
         if jax.process_index() != 0:
             return
         record = self.relabel(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         if self.tb is not None:
             step = int(record.get("epoch", 0)) + 1
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+            with naming_writes(self.path.parent / "tb"):
+                for k, v in record.items():
+                    if isinstance(v, (int, float)) and k != "epoch":
+                        self.tb.add_scalar(k, v, step)
+                self.tb.flush()
 
     def rebuild(self, history: list[dict]) -> None:
         """Rewrites metrics.jsonl: this phase's lines become ``history`` (atomically)."""
@@ -59,9 +60,7 @@ class MetricsWriter:
                     others.append(line)
         mine = [json.dumps(self.relabel(h)) for h in history]
         lines = mine + others if self.phase is None else others + mine
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
 
 def as_finetune_epoch(record: dict, main_epochs: int) -> dict:

@@ -38,11 +38,13 @@ def variables_target(config: ml_collections.ConfigDict) -> Any:
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(config.seed), x, train=False), x)
 
 
-def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any]:
-    """``(config, variables)`` of a trained model directory: a run directory (the params and
-    batch statistics of its newest readable training checkpoint, read against
+def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any, dict]:
+    """``(config, variables, weights_from)`` of a trained model directory: a run directory (the
+    params and batch statistics of its newest readable training checkpoint, read against
     `variables_target` of the config recorded with it) or a directory written by ``jaxprune
-    import`` (its dense ``compact/`` model). The weights are checked (`check_weights`)."""
+    import`` (its dense ``compact/`` model). The weights are checked (`check_weights`).
+    ``weights_from`` says which: ``{'checkpoint_step': k, 'newest_step': n}`` (``k < n``: it
+    fell back past a damaged step) or ``{'compact': dir}``."""
     from jaxprune.artifact import load
     from jaxprune.checkpoints import check_weights, restore_weights
     from jaxprune.resume import run_config
@@ -57,16 +59,17 @@ def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, An
                              "needs the dense weights")
         target = variables_target(trained)
         target = {"params": target["params"], "batch_stats": target.get("batch_stats", {})}
-        variables, _ = restore_weights(ckpts, target,
-                                       warn=lambda m: print(f"warning: {m}", flush=True))
-        return cfg, variables
+        variables, step = restore_weights(ckpts, target,
+                                          warn=lambda m: print(f"warning: {m}", flush=True))
+        newest = max(int(c.name) for c in ckpts.iterdir() if c.name.isdigit())
+        return cfg, variables, {"checkpoint_step": int(step), "newest_step": newest}
     if (p / "compact").is_dir():
         model, variables, _ = load(p / "compact")
         if getattr(model, "keep_out", None):
             raise ValueError(f"{str(p)!r} holds a pruned (compact) model; a pretrained start needs "
                              "the dense weights")
         check_weights(variables, what=f"the trained model in {str(p / 'compact')!r}")
-        return cfg, variables
+        return cfg, variables, {"compact": str(p / "compact")}
     raise FileNotFoundError(f"{str(p)!r} holds neither a training checkpoint nor a compact model")
 
 

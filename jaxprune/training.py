@@ -316,6 +316,8 @@ def fit(
             carried, history = list(pmeta["step_metrics"]), list(pmeta["history"])
             if main_process and progress:
                 print(f"resuming a preempted epoch {start_epoch + 1} at step {resume_step}")
+    if checkpoint_manager is not None and hasattr(checkpoint_manager, "apply_retention"):
+        checkpoint_manager.apply_retention()  # steps a kill before Orbax's clean-up left behind
 
     stop = _StopSignals()
     with stop:

@@ -134,6 +134,43 @@ def test_checkpoints_of_the_older_layout_are_converted_at_restore(tmp_path):
     assert_trees_equal(got.replace(prune=got.prune._replace(count=want.prune.count)), want)
 
 
+@pytest.mark.parametrize("policy, metrics, kept", [
+    # the 2 latest (4, 5), the best (2) and a step without metrics (1)
+    (ck.Retention(2, 1), {1: None, 2: {"test_accuracy": 0.9}, 3: {"test_accuracy": 0.4},
+                          4: {"test_accuracy": 0.6}, 5: {"test_accuracy": 0.5}}, {1, 2, 4, 5}),
+    # ties: the later step is the better one (as Orbax's best_step); a missing metric is worst
+    (ck.Retention(1, 1), {1: {"test_accuracy": 0.7}, 2: {"test_accuracy": 0.7}, 3: {}}, {2, 3}),
+    # 'min' mode on another metric; keep_best=0 keeps only the latest
+    (ck.Retention(1, 2, "loss", "min"), {1: {"loss": 0.3}, 2: {"loss": 0.1}, 3: {"loss": 0.2},
+                                         4: {"loss": 0.9}}, {2, 3, 4}),
+    (ck.Retention(1, 0), {1: {"test_accuracy": 0.9}, 2: {"test_accuracy": 0.1}}, {2}),
+])
+def test_retained_steps_by_hand(policy, metrics, kept):
+    assert ck.retained_steps(policy, metrics) == kept
+
+
+def test_retention_is_reapplied_to_the_steps_an_interrupted_clean_up_left(tmp_path):
+    """Orbax deletes old steps after a save commits; a kill in between leaves them. Applying
+    the policy again leaves what Orbax leaves when nothing interrupts it."""
+    accs = [0.5, 0.9, 0.3, 0.2, 0.4]
+    left = ck.make_checkpoint_manager(tmp_path / "killed", max_to_keep=10, keep_best=0)
+    clean = ck.make_checkpoint_manager(tmp_path / "clean", max_to_keep=2, keep_best=1)
+    for epoch, acc in enumerate(accs):
+        for mgr in (left, clean):
+            ck.save_checkpoint(mgr, small_state(epoch + 1.0), epoch=epoch,
+                               metrics={"test_accuracy": acc})
+    left.close()
+    resumed = ck.make_checkpoint_manager(tmp_path / "killed", max_to_keep=2, keep_best=1)
+    assert list(resumed.all_steps()) == [1, 2, 3, 4, 5]  # opening alone deletes nothing
+    assert resumed.apply_retention() == [1, 3]
+    assert list(resumed.all_steps()) == list(clean.all_steps()) == [2, 4, 5]
+    assert resumed.best_step() == 2 and resumed.latest_step() == 5
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir() if p.name.isdigit()) == ["2", "4", "5"]
+    assert resumed.apply_retention() == []
+    resumed.close()
+    clean.close()
+
+
 def test_restore_rejects_shape_mismatch_naming_the_leaf(tmp_path):
     mgr = ck.make_checkpoint_manager(tmp_path / "run")
     ck.save_checkpoint(mgr, small_state(1.0, out=4), epoch=0, metrics={})

@@ -109,6 +109,8 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     half = tmp_path / "half"
     half.mkdir()
     settings = json.loads((sens / "sensitivity.json").read_text())
+    newest = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert settings["weights_from"] == {"checkpoint_step": newest, "newest_step": newest}
     keys = ("checkpoint", "model", "convs", "test_images", "rates", "batch_size", "normalization")
     before = dict({k: settings[k] for k in keys}, checkpoint=str(work.resolve()))
     (half / "sensitivity.partial.json").write_text(json.dumps(before))

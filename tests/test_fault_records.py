@@ -24,7 +24,7 @@ from jaxprune import checkpoints as ck
 from jaxprune import cli, optim, selection
 from jaxprune.masks import check_hard_masks
 from jaxprune.runlock import RunDirLocked, RunLock
-from test_faults import _tiny_fit, snapshot
+from test_faults import _tiny_fit, snapshot, unraisables  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,30 @@ def test_an_unreadable_best_checkpoint_is_refused_in_one_line(run2, tmp_path, ca
     err = _one_line(capsys)
     assert f"best checkpoint, step {best}" in err and "unreadable" in err
     assert snapshot(work) == before
+
+
+def test_a_start_or_sensitivity_from_a_damaged_run_records_the_step_it_used(run2, cfg_file,
+                                                                            tmp_path, capsys,
+                                                                            unraisables):
+    from jaxprune.experiment import load_trained as ck_load_trained
+
+    src = _copy(run2, tmp_path)
+    _truncate_largest(src / "checkpoints" / "2" / "state")
+    """Both read the weights with `load_trained` (a healthy run's ``weights_from`` in
+    sensitivity.json: `test_cli.py::test_train_compact_eval_info_on_tiny_config`)."""
+    used = {"checkpoint_step": 1, "newest_step": 2}
+    work = tmp_path / "pruned"
+    capsys.readouterr()
+    assert cli.main(["prune", str(src), "--config", str(cfg_file), "--workdir", str(work),
+                     "--no-progress", "--config.epochs=1"]) == 0
+    assert "checkpoint step 2" in capsys.readouterr().out
+    assert json.loads((work / "start.json").read_text())["weights_from"] == used
+    assert ck_load_trained(src)[2] == used
+    assert (src / "checkpoints" / "2").is_dir()  # read-only: the damaged step is not moved
+    import gc
+
+    gc.collect()  # Orbax's reads abandoned after the damaged one print nothing when collected
+    assert unraisables == []
 
 
 def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(run2, cfg_file, tmp_path, capsys):

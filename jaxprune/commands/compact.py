@@ -17,6 +17,7 @@ from jaxprune import config as config_lib
 from jaxprune import train_step, validate
 from jaxprune.experiment import (RETRAIN_MODEL, Setup, finetune_start, finish, retraining_setup,
                                  setup)
+from jaxprune.files import write_text_atomic
 from jaxprune.metrics_log import as_finetune_epoch
 from jaxprune.resume import run_config
 
@@ -136,5 +137,5 @@ def _compact_locked(run_dir: Path, which: str) -> dict:
     rec = finish(s, state, run_dir, preprocess, history=history, which=which, compact_dir=compact_dir)
     rec["from_state"].update(checkpoint_step=int(step), newest_step=int(newest))
     rec["compact_dir"], rec["result_file"] = compact_dir, result_file
-    (run_dir / result_file).write_text(json.dumps(rec, indent=2))
+    write_text_atomic(run_dir / result_file, json.dumps(rec, indent=2))
     return rec

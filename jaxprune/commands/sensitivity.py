@@ -14,6 +14,7 @@ import ml_collections
 from jaxprune import augment as augment_lib
 from jaxprune import validate
 from jaxprune.experiment import setup
+from jaxprune.files import write_text_atomic
 from jaxprune.pretrained import baseline_provenance, load_trained
 
 
@@ -39,7 +40,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
     from jaxprune.methods import pfec
 
     validate.one_of(convs, SENSITIVITY_CONVS, "convs")
-    trained_cfg, variables = load_trained(checkpoint)
+    trained_cfg, variables, weights_from = load_trained(checkpoint)
     if trained_cfg.model != config.model:
         raise ValueError(f"config.model={config.model!r} but {str(checkpoint)!r} holds {trained_cfg.model!r}")
     config = ml_collections.ConfigDict(config.to_dict())
@@ -88,7 +89,8 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
         with partial_path.open("a", newline="") as f:
             csv.writer(f).writerow([label, group, *accs])
 
-    provenance = {**settings, "checkpoint": str(checkpoint), "criterion": "l1"}
+    provenance = {**settings, "checkpoint": str(checkpoint), "criterion": "l1",
+                  "weights_from": weights_from}
     if (Path(checkpoint) / "import.json").is_file() or (Path(checkpoint) / "checkpoints").is_dir():
         provenance["baseline"] = baseline_provenance(checkpoint)
     t0 = time.time()
@@ -97,7 +99,7 @@ def sensitivity_run(config: ml_collections.ConfigDict, checkpoint: str | os.Path
     provenance["baseline_accuracy"] = table.baseline
     provenance["wall_time_s"] = round(time.time() - t0, 1)
     pfec.write_sensitivity_csv(table, str(out / "sensitivity.csv"))
-    (out / "sensitivity.json").write_text(json.dumps(provenance, indent=2))
+    write_text_atomic(out / "sensitivity.json", json.dumps(provenance, indent=2))
     subset = "" if ds.num_test >= 10000 else f", first {ds.num_test} test images"
     which = {"first": "first conv of each block", "second": "second conv of each block",
              "all": "every conv"}[convs]
