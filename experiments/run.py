@@ -69,6 +69,7 @@ if str(REPO) not in sys.path:  # `python experiments/run.py` from a checkout wit
 import ml_collections  # noqa: E402
 
 from jaxprune import config as config_lib  # noqa: E402
+from jaxprune.files import write_failure  # noqa: E402
 from jaxprune.training import Preempted  # noqa: E402
 
 CONFIG_DIR = REPO / "jaxprune" / "configs"
@@ -419,6 +420,14 @@ def run_jobs(jobs: Sequence[Job], opts: Options, stop_after: float | None = None
                 print(f"--- {job.row} seed {job.seed}: {status[key]}", flush=True)
                 break
             except Exception as e:  # noqa: BLE001 - reported, the other rows go on
+                failed = write_failure(e)
+                if failed is not None:  # a full disk: every later row would fail too; stop
+                    where = f"cannot write {failed.filename}" if failed.filename else "a write failed"
+                    status[key] = (f"write failed: {where}: {failed.strerror} (errno {failed.errno}); "
+                                   "nothing written before was replaced: free space and rerun "
+                                   "the same command to resume")
+                    print(f"--- {job.row} seed {job.seed}: {status[key]}", flush=True)
+                    break
                 traceback.print_exc()
                 status[key] = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         print(f"--- {job.row} seed {job.seed}: {status[key]}", flush=True)
@@ -522,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    " [--all-rows --out RESULTS.md --plots experiments/plots]"))
     if any(s.startswith("stopped") for s in status.values()):
         return 4  # as the CLI: stopped by a signal with a checkpoint saved; rerun to resume
+    if any(s.startswith("write failed") for s in status.values()):
+        return 5  # as the CLI: a write failed (disk full); rerun to resume
     return 1 if failed else 0
 
 

@@ -51,8 +51,8 @@ def quiet_late_async_errors() -> None:
     hours later, in a resumed run), raises a wrapper error of its ``GeneratorExit`` (``Exception
     ignored in: <coroutine object _read_array_index_and_device_put>`` with the whole TensorStore
     spec). Both come through ``sys.unraisablehook``; the failure itself was already raised to the
-    caller. Every other unraisable error is reported as before. Installed once per process, when
-    this module is imported."""
+    caller. Every other unraisable error is reported as before. Installed once per process by the
+    first `make_checkpoint_manager`, `restore_weights` or `load_preempt` call (not at import)."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_late_async_errors", False):
         return
@@ -86,8 +86,6 @@ def quiet_late_async_errors() -> None:
     hook.drops_late_async_errors = True
     sys.unraisablehook = hook
 
-
-quiet_late_async_errors()
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +169,7 @@ def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int = 
     ``manager.apply_retention()`` (`RunCheckpointManager`). ``async_save`` lets training
     continue while the arrays are written (`fit` waits at the end).
     """
+    quiet_late_async_errors()
     if max_to_keep < 1 or keep_best < 0:
         raise ValueError(f"max_to_keep must be >= 1 and keep_best >= 0, got {max_to_keep}, {keep_best}")
     if best_mode not in ("max", "min"):
@@ -397,6 +396,7 @@ def restore_weights(directory: str | os.PathLike, target: Mapping[str, Any], *,
     and both shapes). Read-only: an unreadable step, or one whose weights fail `check_weights`,
     is reported through ``warn`` and the next older one is read. Raises FileNotFoundError when
     ``directory`` holds no step, `CorruptCheckpointError` when none is readable."""
+    quiet_late_async_errors()
     import warnings
 
     directory = Path(directory).absolute()
@@ -472,6 +472,7 @@ def load_preempt(directory: str | os.PathLike, target: Any, *,
     per-step metrics, and, when epochs precede it, equal the optimizer steps taken since the
     last epoch's record; the weights must pass `check_weights`. Any failure (a damaged file, a
     missing ``meta.json`` or ``_METADATA``, an edited ``resume_step``) raises."""
+    quiet_late_async_errors()
     path = Path(directory).absolute() / PREEMPT_DIR
     if not path.exists():
         return None

@@ -196,11 +196,14 @@ def nnx_apply(model: Any) -> Callable[..., Any]:
     return apply
 
 
-def trace_nnx(model: Any, x: Any, residual: str = "coupled", **call_kwargs: Any) -> PruningGraph:
+def trace_nnx(model: Any, x: Any, residual: str = "coupled", norms: str = "refuse",
+              **call_kwargs: Any) -> PruningGraph:
     """`jaxprune.graph.trace` of an NNX model over its `nnx_variables`, in inference mode
     (``model(x, **call_kwargs)``; call ``model.eval()`` first where it has BatchNorm or
-    Dropout)."""
+    Dropout). ``residual`` and ``norms`` are `trace`'s (``norms='masked'``: channels under a
+    LayerNorm / RMSNorm / GroupNorm are prunable, see `jaxprune.masked_norm`)."""
     from jaxprune.graph import trace
 
     apply = nnx_apply(model)
-    return trace(lambda v, a: apply(v, a, **call_kwargs), nnx_variables(model), x, residual=residual)
+    return trace(lambda v, a: apply(v, a, **call_kwargs), nnx_variables(model), x,
+                 residual=residual, norms=norms)

@@ -242,6 +242,32 @@ def test_a_preempted_run_stops_the_runner_in_one_line(tmp_path, monkeypatch, cap
     assert "Traceback" not in capsys.readouterr().out
 
 
+def test_a_full_disk_stops_the_runner_in_one_line(tmp_path, monkeypatch, capsys):
+    """A failed write inside a run (ENOSPC, the path named) stops the runner with one line and
+    no traceback, no later row started, and ``main`` exits 5 (as the CLI)."""
+    import errno
+
+    jobs = runner.plan(["sfp_resnet20_cifar10", "sfp_resnet32_cifar10"], _opts(tmp_path, tiny=True),
+                       seeds=1)
+    started = []
+
+    def execute(job, opts, data):
+        started.append(job.row)
+        raise RuntimeError("saving failed") from OSError(errno.ENOSPC, "No space left on device",
+                                                         "/runs/x/metrics.jsonl")
+
+    monkeypatch.setattr(runner, "execute", execute)
+    status = runner.run_jobs(jobs, _opts(tmp_path, tiny=True))
+    assert started == ["sfp_resnet20_cifar10"]
+    (line,) = status.values()
+    assert line.startswith("write failed: cannot write /runs/x/metrics.jsonl: No space left on "
+                           f"device (errno {errno.ENOSPC})")
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert runner.main(["sfp_resnet20_cifar10", "--tiny", "--seeds", "1", "--runs-dir",
+                        str(tmp_path / "r"), "--records", str(tmp_path / "rec")]) == 5
+
+
 def test_overrides_reach_dependencies_only_for_environment_keys(tmp_path):
     jobs = runner.plan(["sfp_resnet56_cifar10_pretrained"],
                        _opts(tmp_path, overrides=("data_dir=/x", "batch_size=64")), only_seed=0)

@@ -395,3 +395,37 @@ def test_masked_apply_takes_train_mode_calls_with_mutable_state_and_rngs():
     got, _ = f(apply_masks(v, masks, graph), x, masks=masks, train=True, mutable=["batch_stats"],
                rngs={"dropout": jax.random.PRNGKey(3)})
     assert np.all(np.isfinite(np.asarray(got)))
+
+
+def test_trace_nnx_takes_norms_and_its_masked_layernorm_is_over_the_kept_channels():
+    """An NNX model (conv -> LayerNorm -> mean -> linear): `trace_nnx` refuses the normalised
+    conv by default and prunes it with ``norms='masked'``; the masked model's output equals a
+    numpy reference whose LayerNorm runs over the kept channels only."""
+    from flax import nnx
+
+    from jaxprune.pruner import nnx_apply, nnx_variables, trace_nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.conv = nnx.Conv(3, 8, (3, 3), rngs=rngs)
+            self.ln = nnx.LayerNorm(8, rngs=rngs)
+            self.head = nnx.Linear(8, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.ln(self.conv(x)).mean((1, 2)))
+
+    model = Net(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 6, 3))
+    assert "conv" not in trace_nnx(model, x).groups
+    graph = trace_nnx(model, x, norms="masked")
+    assert set(graph.groups) == {"conv"} and graph.normalised == {"conv"}
+    v = nnx_variables(model)
+    masks = {"conv": jnp.asarray([1, 0, 1, 1, 0, 1, 0, 1], jnp.float32)}
+    got = masked_apply(nnx_apply(model), graph)(apply_masks(v, masks, graph), x, masks=masks)
+    kept = np.flatnonzero(np.asarray(masks["conv"]))
+    p = {k: {n: np.asarray(a, np.float64) for n, a in d.items()} for k, d in v["params"].items()}
+    h = np.asarray(model.conv(x), np.float64)[..., kept]
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-6)
+    h = h * p["ln"]["scale"][kept] + p["ln"]["bias"][kept]
+    want = h.mean((1, 2)) @ p["head"]["kernel"][kept] + p["head"]["bias"]
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)

@@ -668,14 +668,36 @@ def test_ghfp_author_variant_selects_and_hardens_by_its_counts(tiny):
 
 
 def test_ghfp_and_soft_options_are_validated():
-    with pytest.raises(ValueError, match="hard_count must be one of selected, layer, got 'all'"):
+    with pytest.raises(ValueError, match="^hard_count='all' is not allowed; expected one of selected, layer$"):
         GHFP(hard_count="all")
     with pytest.raises(ValueError, match="rate_shape='cubic' needs a growing rate"):
         SFP(rate=0.3, rate_shape="cubic")
     with pytest.raises(ValueError, match="decay_form='author' needs decayed filters"):
         SFP(rate=0.3, decay_form="author")
-    with pytest.raises(ValueError, match="rate_shape must be one of exp, cubic, got 'x'"):
+    with pytest.raises(ValueError, match="^rate_shape='x' is not allowed; expected one of exp, cubic$"):
         SFP(rate=0.3, asymptotic=True, rate_shape="x")
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: SFP(rate=float("nan")), "SFP rate=nan is not allowed; expected a number in [0, 1)"),
+    (lambda: SFP(rate=0.3, decay=True, alpha0=float("nan")), "alpha0=nan is not allowed"),
+    (lambda: SFP(rate=0.3, decay=True, decay_rate=float("inf")),
+     "decay_rate=inf is not allowed; expected a finite number >= 0"),
+    (lambda: GHFP(end=0.0), "end=0.0 is not allowed; expected a number in (0, 1]"),
+    (lambda: GHFP(shape="square"), "ramp shape='square' is not allowed; expected one of"),
+    (lambda: HFP(macs_reduction=0.5, lam=float("inf")), "lam=inf is not allowed"),
+    (lambda: HFP(macs_reduction=0.5, temperature=0.0),
+     "temperature=0.0 is not allowed; expected a finite number > 0"),
+    (lambda: HFP(macs_reduction=0.5, tolerance=1.0), "tolerance=1.0 is not allowed"),
+    (lambda: HFP(target_macs=float("nan")), "target_macs=nan is not allowed"),
+    (lambda: HFP(macs_reduction=0.5, convention="flops"), "convention='flops' is not allowed"),
+])
+def test_method_hyperparameters_are_refused_in_one_line_naming_the_value(build, message):
+    """Non-finite and out-of-range hyperparameters are refused where the method is built,
+    through `jaxprune.validate` (one line: the name, the value and what is allowed)."""
+    with pytest.raises(ValueError) as e:
+        build()
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- HFP
@@ -839,7 +861,7 @@ def test_registry():
     assert isinstance(get_method("pfec", config="resnet56-B"), PFEC)
     assert get_method({"name": "sfp", "rate": 0.2, "criterion": "l2", "exclude": (),
                        "residual": "scatter", "kwargs": {"mask_bn": True}}).mask_bn
-    with pytest.raises(ValueError, match=r"unknown method 'obd'.*dense.*pfec"):
+    with pytest.raises(ValueError, match=r"^method='obd' is not allowed; expected one of dense, .*pfec"):
         get_method("obd")
     with pytest.raises(ValueError, match=r"1\.5"):
         get_method("sfp", rate=1.5)

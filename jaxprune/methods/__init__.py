@@ -32,12 +32,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+from jaxprune import validate
 from jaxprune.graph import PruningGraph
 from jaxprune.methods.base import final_roles
 from jaxprune.methods.ghfp import GHFP, GHFPState
 from jaxprune.methods.hfp import HFP, HFPState
 from jaxprune.methods.pfec import PFEC, PFEC_CONFIGS, PFECConfig, pfec_masks
-from jaxprune.methods.sfp import SFP, SFPState, check_rate, is_projection, make_soft
+from jaxprune.methods.sfp import SFP, SFPState, is_projection, make_soft
 from jaxprune.pruner import MaskState, Pruner, check_total_epochs, dense_pruner, fixed_pruner
 
 
@@ -93,7 +94,7 @@ def _neutral(method: str, kwargs: dict, ignore: tuple[str, ...] = ()) -> dict:
     if "rate" in kwargs:
         rate = kwargs.pop("rate")
         if rate is not None:
-            check_rate(rate, "rate")
+            validate.rate(rate, "rate")
             if rate != 0:
                 raise ValueError(f"method {method!r} does not take a uniform rate (got "
                                  f"rate={rate!r}); leave it at 0")
@@ -117,7 +118,7 @@ def _soft_factory(variant: str) -> Callable[..., SFP]:
     def build(**kwargs: Any) -> SFP:
         _check_keys(variant, kwargs, _SOFT_KEYS)
         if "rate" in kwargs:
-            check_rate(kwargs["rate"], f"{variant} rate")
+            validate.rate(kwargs["rate"], f"{variant} rate")
         return make_soft(variant, **kwargs)
 
     build.__doc__ = f"The {variant.upper()} method; options {', '.join(_SOFT_KEYS)}."
@@ -136,7 +137,7 @@ def _ghfp(**kwargs: Any) -> GHFP:
     _check_keys("ghfp", kwargs, allowed)
     soft_kwargs, rest = _split(kwargs, _SOFT_KEYS)
     if "rate" in soft_kwargs:
-        check_rate(soft_kwargs["rate"], "ghfp rate")
+        validate.rate(soft_kwargs["rate"], "ghfp rate")
     variant = rest.pop("soft", "sfp")
     return GHFP(soft=make_soft(variant, **soft_kwargs), **rest)
 
@@ -178,8 +179,7 @@ def get_method(name: str, **kwargs: Any) -> Any:
         cfg.pop("residual", None)  # a tracing option, not the method's
         name = cfg.pop("name", None)
         kwargs = {**cfg, **extra, **kwargs}
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(METHODS)}")
+    validate.one_of(name, METHODS, "method")
     return METHODS[name](**kwargs)
 
 

@@ -39,13 +39,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxprune import schedules, selection
+from jaxprune import schedules, selection, validate
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
 from jaxprune.methods.sfp import SFP, SoftRule, as_counts, harden, with_params
@@ -107,15 +106,9 @@ class GHFP:
         if not isinstance(self.soft, SoftRule):
             raise ValueError(f"soft must be a soft selection rule (SFP or another "
                              f"methods.sfp.SoftRule), got {self.soft!r}")
-        if self.shape not in schedules.HARD_SHAPES:
-            raise ValueError(
-                f"unknown ramp shape {self.shape!r}; allowed: {', '.join(schedules.HARD_SHAPES)}")
-        if (isinstance(self.end, bool) or not isinstance(self.end, numbers.Real)
-                or not 0.0 < self.end <= 1.0):
-            raise ValueError(f"end must be a fraction of training in (0, 1], got {self.end!r}")
-        if self.hard_count not in HARD_COUNTS:
-            raise ValueError(f"hard_count must be one of {', '.join(HARD_COUNTS)}, "
-                             f"got {self.hard_count!r}")
+        validate.one_of(self.shape, schedules.HARD_SHAPES, "ramp shape")
+        validate.fraction(self.end, "end", closed_low=False, closed_high=True)
+        validate.one_of(self.hard_count, HARD_COUNTS, "hard_count")
         if not isinstance(self.harden_at_init, bool):
             raise ValueError(f"harden_at_init must be True or False, got {self.harden_at_init!r}")
 

@@ -59,17 +59,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import criteria, flops
+from jaxprune import criteria, flops, validate
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import init_masks
-from jaxprune.methods.sfp import (check_exclude, check_rate, harden, is_excluded,
+from jaxprune.methods.sfp import (check_exclude, harden, is_excluded,
                                   normalize_exclude, subgraph)
 from jaxprune.pruner import Pruner, check_total_epochs, check_variables, next_count, zero_count
 
@@ -151,25 +150,19 @@ class HFP:
             if red is not None and absolute is not None:
                 raise ValueError(f"give either {what}_reduction or target_{what}, not both")
             if red is not None:
-                check_rate(red, f"{what}_reduction")
-            if absolute is not None and (isinstance(absolute, bool)
-                                         or not isinstance(absolute, numbers.Real)
-                                         or not absolute > 0):
-                raise ValueError(f"target_{what} must be a positive number, got {absolute!r}")
+                validate.rate(red, f"{what}_reduction")
+            if absolute is not None and not validate.finite_float(absolute, f"target_{what}") > 0:
+                validate.refuse(f"target_{what}", absolute, "a positive number")
         if all(v is None for v in (self.macs_reduction, self.params_reduction,
                                    self.target_macs, self.target_params)):
             raise ValueError("HFP needs a target: macs_reduction/target_macs and/or "
                              "params_reduction/target_params")
-        if not (isinstance(self.lam, numbers.Real) and self.lam >= 0):
-            raise ValueError(f"lam must be a number >= 0, got {self.lam!r}")
-        if not (isinstance(self.margin, numbers.Real) and self.margin >= 0):
-            raise ValueError(f"margin must be a number >= 0, got {self.margin!r}")
-        if not (isinstance(self.temperature, numbers.Real) and self.temperature > 0):
-            raise ValueError(f"temperature must be a number > 0, got {self.temperature!r}")
-        if self.convention not in flops.CONVENTIONS:
-            raise ValueError(f"convention={self.convention!r}: expected one of {flops.CONVENTIONS}")
-        if not (isinstance(self.tolerance, numbers.Real) and 0 < self.tolerance < 1):
-            raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        validate.finite_float(self.lam, "lam", minimum=0.0)
+        validate.finite_float(self.margin, "margin", minimum=0.0)
+        if not validate.finite_float(self.temperature, "temperature") > 0:
+            validate.refuse("temperature", self.temperature, "a finite number > 0")
+        validate.one_of(self.convention, flops.CONVENTIONS, "convention")
+        validate.fraction(self.tolerance, "tolerance", closed_low=False)
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
         from jaxprune.selection import as_width_policy
 

@@ -44,11 +44,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from jaxprune import criteria, flops
+from jaxprune import criteria, flops, validate
 from jaxprune import selection as sel
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks
-from jaxprune.methods.sfp import check_rate, harden, is_projection, subgraph
+from jaxprune.methods.sfp import harden, is_projection, subgraph
 from jaxprune.pruner import (MaskState, Pruner, check_total_epochs, check_variables, next_count,
                              zero_count, zero_penalty)
 
@@ -85,12 +85,12 @@ class PFECConfig:
             object.__setattr__(self, f, tuple(tuple(v) if isinstance(v, list) else v
                                               for v in getattr(self, f)))
         for r in self.stage_rates:
-            check_rate(r, f"PFEC config {self.name!r}: stage rate")
+            validate.rate(r, f"PFEC config {self.name!r}: stage rate")
         for layer, r in self.layer_rates:
             _check_layer(layer, self.name)
-            check_rate(r, f"PFEC config {self.name!r}: rate of layer {layer}")
+            validate.rate(r, f"PFEC config {self.name!r}: rate of layer {layer}")
         for path, r in self.producer_rates:
-            check_rate(r, f"PFEC config {self.name!r}: rate of {path!r}")
+            validate.rate(r, f"PFEC config {self.name!r}: rate of {path!r}")
         for layer in tuple(self.skip) + tuple(self.stage_ends):
             _check_layer(layer, self.name)
         if self.stage_rates and len(self.stage_rates) != len(self.stage_ends) + 1:
@@ -400,7 +400,7 @@ def sensitivity(evaluate_fn: Callable[[Any], float], variables: Any, graph: Prun
     """
     from tqdm import tqdm
 
-    rates = tuple(check_rate(r, "sensitivity rate") for r in rates)
+    rates = tuple(validate.rate(r, "sensitivity rate") for r in rates)
     numbering = layer_numbers(graph)
     rows = [_resolve_layer(layer, graph, numbering) for layer in layers]
     done = dict(done or {})

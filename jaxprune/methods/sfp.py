@@ -57,13 +57,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import functools
-import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Protocol, Sequence, Union, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
-from jaxprune import criteria, schedules, selection
+from jaxprune import criteria, schedules, selection, validate
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import apply_masks, init_masks, zero_channels
 from jaxprune.pruner import (Pruner, check_total_epochs, check_variables, epoch_of, next_count,
@@ -79,13 +78,6 @@ DECAY_FORMS = ("sfp", "author")
 
 
 # ----------------------------------------------------------------------------- shared helpers
-
-
-def check_rate(rate: Any, what: str = "rate") -> float:
-    """``rate`` as a float in [0, 1); ValueError naming ``what`` and the value otherwise."""
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1), got {rate!r}")
-    return float(rate)
 
 
 def normalize_exclude(exclude: Exclude | None) -> tuple[str, ...] | Callable[[str], bool]:
@@ -251,18 +243,13 @@ class SFP:
     name: str = ""
 
     def __post_init__(self):
-        check_rate(self.rate, "SFP rate")
-        if self.final_bn not in FINAL_BN:
-            raise ValueError(f"final_bn must be one of {', '.join(FINAL_BN)}, got {self.final_bn!r}")
+        validate.rate(self.rate, "SFP rate")
+        validate.one_of(self.final_bn, FINAL_BN, "final_bn")
         object.__setattr__(self, "width", selection.as_width_policy(self.width))
         criteria.get_criterion(self.criterion)
         object.__setattr__(self, "exclude", normalize_exclude(self.exclude))
-        if self.rate_shape not in schedules.ASFP_SHAPES:
-            raise ValueError(f"rate_shape must be one of {', '.join(schedules.ASFP_SHAPES)}, "
-                             f"got {self.rate_shape!r}")
-        if self.decay_form not in DECAY_FORMS:
-            raise ValueError(f"decay_form must be one of {', '.join(DECAY_FORMS)}, "
-                             f"got {self.decay_form!r}")
+        validate.one_of(self.rate_shape, schedules.ASFP_SHAPES, "rate_shape")
+        validate.one_of(self.decay_form, DECAY_FORMS, "decay_form")
         if self.rate_shape != "exp" and not self.asymptotic:
             raise ValueError(f"rate_shape={self.rate_shape!r} needs a growing rate: use 'asfp' or "
                              "'asrfp' (SFP's rate is constant)")
@@ -270,15 +257,10 @@ class SFP:
             raise ValueError(f"decay_form={self.decay_form!r} needs decayed filters: use 'srfp' or "
                              "'asrfp'")
         if self.decay:
-            if (isinstance(self.alpha0, bool) or not isinstance(self.alpha0, numbers.Real)
-                    or not 0.0 <= self.alpha0 <= 1.0):
-                raise ValueError(f"alpha0 must be in [0, 1], got {self.alpha0!r}")
-            if self.decay_rate is not None and not (
-                    isinstance(self.decay_rate, numbers.Real) and self.decay_rate >= 0):
-                raise ValueError(f"decay_rate must be >= 0 or None, got {self.decay_rate!r}")
-            if not (isinstance(self.zero_fraction, numbers.Real)
-                    and 0.0 <= self.zero_fraction < 1.0):
-                raise ValueError(f"zero_fraction must be in [0, 1), got {self.zero_fraction!r}")
+            validate.fraction(self.alpha0, "alpha0", closed_high=True)
+            if self.decay_rate is not None:
+                validate.finite_float(self.decay_rate, "decay_rate", minimum=0.0)
+            validate.fraction(self.zero_fraction, "zero_fraction")
         if not self.name:
             name = ("a" if self.asymptotic else "") + ("srfp" if self.decay else "sfp")
             object.__setattr__(self, "name", name)
