@@ -351,18 +351,41 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
     shapes is not corruption: that ValueError is raised at once. Raises
     `CorruptCheckpointError` when no step is readable, FileNotFoundError when there is none.
     """
-    import warnings
-
     steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+
+    def read(step):
+        state, meta = restore_checkpoint(manager, target, step=step, mesh=mesh)
+        if not isinstance(meta, dict) or "next_epoch" not in meta:
+            raise ValueError("its meta item has no 'next_epoch'")
+        check_weights(_weights_of(state), what="its state")
+        return state, meta
+
+    step, (state, meta), bad = _newest_readable(
+        steps, read, manager.directory, warn,
+        then="resuming from step {step}" if set_aside else "reading step {step} instead")
+    if set_aside:
+        for b in bad:
+            _set_aside(Path(str(manager.directory)), b)
+        if bad:
+            manager.reload()
+    return state, meta, step
+
+
+def _newest_readable(steps: list[int], read: Any, directory: Any, warn: Any,
+                     then: str = "reading step {step} instead") -> tuple[int, Any, list[int]]:
+    """``(step, read(step), unreadable steps)`` of the first of ``steps`` (newest first) that
+    ``read`` reads: a step whose read raises (any error but a structure/shape mismatch, which is
+    raised at once) is reported through ``warn`` (default: a Python warning) naming it and its
+    error, and the next one is tried. `CorruptCheckpointError` naming every step when none
+    reads."""
+    import warnings
+
     problems = []
     for step in steps:
         try:
-            state, meta = restore_checkpoint(manager, target, step=step, mesh=mesh)
-            if not isinstance(meta, dict) or "next_epoch" not in meta:
-                raise ValueError("its meta item has no 'next_epoch'")
-            check_weights(_weights_of(state), what="its state")
+            out = read(step)
         except ValueError as e:
             if "does not match" in str(e):
                 raise
@@ -371,17 +394,12 @@ def restore_latest_good(manager: ocp.CheckpointManager, target: Any, *,
             problems.append((step, e))
         else:
             for bad, e in problems:
-                then = f"resuming from step {step}" if set_aside else f"reading step {step} instead"
-                msg = (f"checkpoint step {bad} in {manager.directory} is unreadable "
-                       f"({type(e).__name__}: {first_line(e)}); {then}")
-                (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
-                if set_aside:
-                    _set_aside(Path(str(manager.directory)), bad)
-            if problems and set_aside:
-                manager.reload()
-            return state, meta, step
+                msg = (f"checkpoint step {bad} in {directory} is unreadable "
+                       f"({type(e).__name__}: {first_line(e)}); {then.format(step=step)}")
+                (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=4)))(msg)
+            return step, out, [bad for bad, _ in problems]
     detail = "; ".join(f"step {st}: {type(e).__name__}: {first_line(e, 160)}" for st, e in problems)
-    raise CorruptCheckpointError(f"no readable checkpoint in {manager.directory} ({detail})")
+    raise CorruptCheckpointError(f"no readable checkpoint in {directory} ({detail})")
 
 
 
@@ -397,16 +415,14 @@ def restore_weights(directory: str | os.PathLike, target: Mapping[str, Any], *,
     is reported through ``warn`` and the next older one is read. Raises FileNotFoundError when
     ``directory`` holds no step, `CorruptCheckpointError` when none is readable."""
     quiet_late_async_errors()
-    import warnings
-
     directory = Path(directory).absolute()
     steps = sorted((int(p.name) for p in directory.iterdir() if p.name.isdigit()), reverse=True) \
         if directory.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     target = dict(target)
-    problems = []
-    for step in steps:
+
+    def read(step):
         path = directory / str(step) / STATE_ITEM
         ckptr = ocp.PyTreeCheckpointer()
         try:
@@ -420,22 +436,12 @@ def restore_weights(directory: str | os.PathLike, target: Mapping[str, Any], *,
                 item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
                 partial_restore=True))
             check_weights(weights, what="its state")
-        except ValueError as e:
-            if "does not match" in str(e):
-                raise
-            problems.append((step, e))
-        except Exception as e:  # noqa: BLE001 - tensorstore / JSON / OS errors all mean unreadable
-            problems.append((step, e))
-        else:
-            for bad, e in problems:
-                msg = (f"checkpoint step {bad} in {directory} is unreadable "
-                       f"({type(e).__name__}: {first_line(e)}); reading step {step} instead")
-                (warn or (lambda m: warnings.warn(m, RuntimeWarning, stacklevel=3)))(msg)
-            return dict(weights), step
+            return dict(weights)
         finally:
             ckptr.close()
-    detail = "; ".join(f"step {st}: {type(e).__name__}: {first_line(e, 160)}" for st, e in problems)
-    raise CorruptCheckpointError(f"no readable checkpoint in {directory} ({detail})")
+
+    step, weights, _ = _newest_readable(steps, read, directory, warn)
+    return weights, step
 
 
 PREEMPT_DIR = "preempt"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from tests.compact_checks import assert_pruned_tensors_shrink, random_masks
 from jaxprune import criteria, load
 from jaxprune.artifact import save_compact
 from jaxprune.compaction import compact
@@ -40,17 +41,6 @@ def tree_err(a, b):
     return max(rel_err(x, y) for x, y in zip(la, lb))
 
 
-def _masks(graph, rate, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, g in graph.groups.items():
-        m = np.zeros(g.size, np.float32)
-        dead = min(g.size - 1, max(1, int(round(rate * g.size))))  # at least one pruned
-        m[rng.choice(g.size, g.size - dead, replace=False)] = 1
-        out[name] = m
-    return out
-
-
 def _filled(shapes, seed=0):
     """Variables of the shapes ``shapes`` filled with numpy random values (no jitted init):
     N(0, 0.5), BN variances in [0.5, 2]."""
@@ -69,30 +59,17 @@ def _x(batch, shape=(8, 8, 3), seed=1):
     return jax.random.normal(jax.random.key(seed), (batch,) + shape)
 
 
-def _check_shrinks(res, variables, graph, masks):
-    small = dict(zip(leaf_paths(res.variables), jax.tree_util.tree_leaves(res.variables)))
-    dense = dict(zip(leaf_paths(variables), jax.tree_util.tree_leaves(variables)))
-    shrink = {}
-    for name, g in graph.groups.items():
-        dead = int((masks[name] == 0).sum())
-        for m in g.members:
-            shrink[m.path, m.axis] = shrink.get((m.path, m.axis), 0) + dead * m.index.shape[1]
-    assert any(shrink.values())
-    for (path, axis), n in shrink.items():
-        assert small[path].shape[axis] == dense[path].shape[axis] - n, (path, axis)
-
-
 def _check(model, variables, graph, dense_apply, sample_batch, **kwargs):
     """Compacts at every rate on a batch of ``sample_batch`` and compares at batches 1 and 3."""
     results = []
     for rate in RATES:
-        masks = _masks(graph, rate)
+        masks = random_masks(graph, rate)
         res = compact(model, variables, masks, graph, sample_input=_x(sample_batch), **kwargs)
         masked = apply_masks(variables, masks, graph)
         for b in (1, 3):
             x = _x(b, seed=b)
             assert tree_err(res.model.apply(res.variables, x), dense_apply(masked, x)) <= 1e-5
-        _check_shrinks(res, variables, graph, masks)
+        assert any(assert_pruned_tensors_shrink(res.variables, variables, graph, masks).values())
         results.append((res, masks))
     return results
 
@@ -160,7 +137,7 @@ def test_vit_cls_broadcast_compacts_at_any_batch(vit, residual, sample_batch):
 def test_vit_dataclass_output_exports_and_saves(vit, tmp_path):
     m, v = vit
     graph = trace_linen(m, v, _x(1), deterministic=True)
-    res = compact(m, v, _masks(graph, 0.5), graph, sample_input=_x(2), deterministic=True)
+    res = compact(m, v, random_masks(graph, 0.5), graph, sample_input=_x(2), deterministic=True)
     assert res.model.kwargs == {"deterministic": True}
     out = res.model.apply(res.variables, _x(3))
     assert isinstance(out, Output)  # the compact model returns the model's own type

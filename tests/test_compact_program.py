@@ -15,9 +15,10 @@ import pytest
 import flax.linen as nn
 from flax import nnx
 
+from tests.compact_checks import assert_pruned_tensors_shrink
 from jaxprune.compaction import compact
 from jaxprune.compaction import ExportedModel, ProgramModel
-from jaxprune.graph import leaf_paths, trace_linen
+from jaxprune.graph import trace_linen
 from jaxprune.masks import apply_masks
 from jaxprune.models import gather_channels
 from jaxprune.pruner import nnx_variables, trace_nnx
@@ -158,17 +159,7 @@ def _check_compact(model, variables, x, graph, rate, apply_dense):
     out = jax.jit(res.model.apply)(res.variables, x)
     ref = apply_dense(apply_masks(variables, masks, graph), x)
     assert rel_err(out, ref) <= 1e-5
-    # every pruned leaf shrinks by exactly the pruned counts of the groups along each axis
-    # (a leaf axis can hold several groups: a conv reading a concatenation)
-    small = dict(zip(leaf_paths(res.variables), jax.tree_util.tree_leaves(res.variables)))
-    dense = dict(zip(leaf_paths(variables), jax.tree_util.tree_leaves(variables)))
-    shrink = {}
-    for name, g in graph.groups.items():
-        dead = int((masks[name] == 0).sum())
-        for m in g.members:
-            shrink[m.path, m.axis] = shrink.get((m.path, m.axis), 0) + dead * m.index.shape[1]
-    for (path, axis), n in shrink.items():
-        assert small[path].shape[axis] == dense[path].shape[axis] - n, (path, axis)
+    assert_pruned_tensors_shrink(res.variables, variables, graph, masks)
     return res, masks
 
 

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import random_variables
+from tests.compact_checks import assert_pruned_tensors_shrink, random_masks
 from jaxprune import load
 from jaxprune.checkpoints import save_compact
 from jaxprune.compaction import compact
-from jaxprune.graph import leaf_paths, trace
+from jaxprune.graph import trace
 from jaxprune.masked_norm import masked_apply
 from jaxprune.masks import apply_masks
 
@@ -103,33 +104,9 @@ def zoo(request):
     return request.param, model, random_variables(model, _x(1))
 
 
-def _masks(graph, rate, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, g in graph.groups.items():
-        m = np.zeros(g.size, np.float32)
-        dead = min(g.size - 1, max(1, int(round(rate * g.size))))  # at least one pruned
-        m[rng.choice(g.size, g.size - dead, replace=False)] = 1
-        out[name] = m
-    return out
-
-
 def _rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(1e-12, np.max(np.abs(b))))
-
-
-def _check_shrinks(res, variables, graph, masks):
-    small = dict(zip(leaf_paths(res.variables), jax.tree_util.tree_leaves(res.variables)))
-    dense = dict(zip(leaf_paths(variables), jax.tree_util.tree_leaves(variables)))
-    shrink = {}
-    for name, g in graph.groups.items():
-        dead = int((masks[name] == 0).sum())
-        for m in g.members:
-            shrink[m.path, m.axis] = shrink.get((m.path, m.axis), 0) + dead * m.index.shape[1]
-    assert shrink and all(shrink.values())
-    for (path, axis), n in shrink.items():
-        assert small[path].shape[axis] == dense[path].shape[axis] - n, (path, axis)
 
 
 @pytest.mark.parametrize("residual, rates", [
@@ -149,7 +126,7 @@ def test_compact_equals_masked_model_at_every_rate_and_batch(zoo, residual, rate
         assert {"patch", "attn/query", "fc1"} <= set(graph.groups)
     ref = jax.jit(lambda w, x, m: masked_apply(model.apply, graph)(w, x, masks=m))
     for rate in rates:
-        masks = _masks(graph, rate)
+        masks = random_masks(graph, rate)
         masked = apply_masks(v, masks, graph)
         for sample in ((1, 3) if name == "tiny_vit" else (3,)):
             res = compact(model, v, masks, graph, sample_input=_x(sample, seed=7))
@@ -157,7 +134,8 @@ def test_compact_equals_masked_model_at_every_rate_and_batch(zoo, residual, rate
             for b in (1, 3):
                 x = _x(b)
                 assert _rel(run(res.variables, x), ref(masked, x, masks)) <= 1e-5, (rate, sample, b)
-        _check_shrinks(res, v, graph, masks)
+        shrunk = assert_pruned_tensors_shrink(res.variables, v, graph, masks)
+        assert shrunk and all(shrunk.values())
         if rate == 0.5 and residual == "coupled":
             _check_saved(res, tmp_path)
 
