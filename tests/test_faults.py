@@ -512,10 +512,10 @@ def test_a_full_disk_while_tensorboard_writes_names_its_directory(tmp_path, monk
     import errno
     import os
 
-    from jaxprune.experiment import _MetricsWriter
     from jaxprune.files import WriteFailed
+    from jaxprune.metrics_log import MetricsWriter
 
-    writer = _MetricsWriter(tmp_path)
+    writer = MetricsWriter(tmp_path)
 
     def full():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -22,7 +22,7 @@ import pytest
 from conftest import random_variables
 from tests.compact_checks import assert_pruned_tensors_shrink, random_masks
 from jaxprune import load
-from jaxprune.checkpoints import save_compact
+from jaxprune.artifact import save_compact
 from jaxprune.compaction import compact
 from jaxprune.graph import trace
 from jaxprune.masked_norm import masked_apply

@@ -35,8 +35,10 @@ def installed(tmp_path_factory):
     env_dir = root / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-          str(wheel)], cwd=root, env=dict(os.environ))
+    # --ignore-installed: an editable install of this checkout in the base environment (visible
+    # through --system-site-packages) must not make pip skip the wheel
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+          "--ignore-installed", "-q", str(wheel)], cwd=root, env=dict(os.environ))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAXPRUNE_DATA_DIR")}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}", XDG_CACHE_HOME=str(root / "cache"))
     work = root / "user"
