@@ -14,7 +14,6 @@ from typing import NamedTuple
 from pathlib import Path
 
 import flax.linen as nn
-from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -421,25 +420,12 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
                tr.FitOptions(**dict(common, epochs=2)))
 
 
-@struct.dataclass
-class OldTrainState:
-    """The train state as older checkpoints hold it: the pruning state in three fields."""
-
-    step: jax.Array
-    params: dict
-    batch_stats: dict
-    opt_state: tuple
-    masks: dict
-    hard: dict
-    method_state: dict
-    rng: jax.Array
-
-
 def test_a_checkpoint_of_the_older_layout_resumes_exactly(tiny, tmp_path):
     """A checkpoint written before the pruning state was one typed field (``masks``, ``hard``
     and a ``method_state`` dict at the top of the train state) resumes under today's code: its
     masks, hard set and method state land in the pruner's state, the epoch count comes from the
     checkpoint's meta, and the continuation equals the uninterrupted run bitwise."""
+    from tests.test_checkpoints import OldState  # the older layout, written out by hand
     from jaxprune.checkpoints import restore_checkpoint, save_checkpoint
 
     model, graph = tiny
@@ -459,7 +445,7 @@ def test_a_checkpoint_of_the_older_layout_resumes_exactly(tiny, tmp_path):
     two, meta = restore_checkpoint(full_mgr, target, step=2)
     full_mgr.close()
     assert int(two.prune.count) == 2 and int(two.prune.calls) == 2
-    old = OldTrainState(step=two.step, params=two.params, batch_stats=two.batch_stats,
+    old = OldState(step=two.step, params=two.params, batch_stats=two.batch_stats,
                         opt_state=two.opt_state, masks=two.prune.masks, hard=two.prune.hard,
                         method_state={"calls": two.prune.calls}, rng=two.rng)
     old_mgr = make_checkpoint_manager(tmp_path / "old")
