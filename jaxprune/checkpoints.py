@@ -487,7 +487,8 @@ def load_preempt(directory: str | os.PathLike, target: Any, *,
         raise ValueError(f"{path / 'meta.json'} holds no JSON object")
     ckptr = ocp.StandardCheckpointer()
     try:
-        stored = ckptr.metadata(path / "state").item_metadata
+        stored = ckptr.metadata(path / "state")
+        stored = getattr(stored, "item_metadata", stored)  # older orbax: the tree itself
         if stored is None or not jax.tree.leaves(getattr(stored, "tree", stored)):
             raise FileNotFoundError(f"preempted checkpoint {path} has no array metadata "
                                     "(state/_METADATA is missing or empty)")
