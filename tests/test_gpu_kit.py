@@ -98,6 +98,9 @@ def test_job_plan_order_and_filter(tmp_path):
     assert not any("resnet20" in j.config and j.kind == "prune" for j in jobs)  # not a paper row
     assert [j.name for j in kit.plan_jobs(st, ["pfec_*", "*/seed1"])] == [
         "pfec_resnet56_A_gpu", "pfec_resnet56_B_gpu"] + [f"sfp_resnet{d}_cifar10/seed1" for d in (20, 32, 56, 110)]
+    # the patterns' order is the run order; a job matched twice runs once, at its first pattern
+    assert [j.name for j in kit.plan_jobs(st, ["pfec_resnet56_A*", "sfp_resnet20_cifar10/seed0", "pfec_*"])] == [
+        "pfec_resnet56_A_gpu", "sfp_resnet20_cifar10/seed0", "pfec_resnet56_B_gpu"]
     for j in jobs:  # every config named exists
         assert (GPU.parent.parent / "jaxprune" / "configs" / f"{j.config}.py").is_file()
     cmd = kit.job_command(jobs[0], tmp_path, st, "python3")

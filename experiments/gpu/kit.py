@@ -29,7 +29,7 @@ restored); while parts are missing it stops there. The call that completes the s
 
 Environment: ``OUT`` (required), ``KIT_HOME``, ``TIME_BUDGET`` (seconds for the whole command,
 default 540), ``SMOKE=1`` (tiny schedules and subsets: the CPU rehearsal), ``KIT_JOBS``
-(comma-separated shell patterns over job names), ``KIT_BENCH`` (1 force, 0 skip),
+(comma-separated shell patterns over job names, in the order to run them), ``KIT_BENCH`` (1 force, 0 skip),
 ``KIT_BENCH_BUDGET`` (300 s), ``KIT_MIN_START`` (90 s: no run starts with less left),
 ``KIT_TERM_LEAD`` (SIGTERM 30 s before the budget's end less ``KIT_PACK_RESERVE``, 25 s),
 ``KIT_GRACE`` (SIGKILL 20 s after that), ``PYTHON``.
@@ -128,13 +128,15 @@ def settings(smoke: bool, home: Path) -> Settings:
 
 
 def plan_jobs(st: Settings, patterns: Sequence[str] = ()) -> list[Job]:
-    """The rows in order of value (pretrained rows, then the SFP table seed by seed), filtered
-    by shell ``patterns`` over the job names when given."""
+    """The rows in order of value (pretrained rows, then the SFP table seed by seed); with shell
+    ``patterns`` over the job names, only the matching jobs, ordered by the first pattern each
+    matches (so ``KIT_JOBS`` also sets the order), ties in the default order."""
     jobs = [Job(name + st.suffix, "prune", config, 0, model) for name, config, model in PRETRAINED_ROWS]
     jobs += [Job(f"{row}/seed{seed}", "row", row, seed) for seed in range(SEEDS) for row in SFP_TABLE]
-    if patterns:
-        jobs = [j for j in jobs if any(fnmatch.fnmatchcase(j.name, p) for p in patterns)]
-    return jobs
+    if not patterns:
+        return jobs
+    first = {j.name: next((i for i, p in enumerate(patterns) if fnmatch.fnmatchcase(j.name, p)), None) for j in jobs}
+    return sorted((j for j in jobs if first[j.name] is not None), key=lambda j: first[j.name])
 
 
 def run_dir(job: Job, home: Path) -> Path:
