@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxprune import validate
 
@@ -246,6 +247,41 @@ def _normalized(score: jax.Array, normalize: str | bool | None) -> jax.Array:
     return jnp.where(scale > 0, score / jnp.where(scale > 0, scale, 1.0), score)
 
 
+def global_order(scores: Mapping[str, jax.Array | np.ndarray], names: Sequence[str]):
+    """The global pruning order over the groups ``names``: indices into the concatenation of
+    ``scores[n] for n in names``, weakest first.
+
+    Each group's best channel (its argmax) comes after every other channel, so pruning any
+    prefix of at most ``total - len(names)`` channels keeps one channel per group; the rest are
+    ordered by score, ties to the lower position (a stable sort). NumPy arrays in give a NumPy
+    order (host precision: float64 scores stay float64), JAX arrays a JAX order (jittable).
+    Scores are compared as given: callers map NaN first (`nan_lowest`).
+
+    >>> global_order({"a": np.array([3., 1.]), "b": np.array([2., 5., 0.])}, ["a", "b"])
+    array([4, 1, 2, 0, 3])
+    """
+    xp = np if all(isinstance(scores[n], np.ndarray) for n in names) else jnp
+    flat = xp.concatenate([scores[n] for n in names])
+    protected = xp.concatenate([xp.arange(scores[n].shape[0]) == xp.argmax(scores[n]) for n in names])
+    return xp.lexsort((flat, protected))  # primary key last; stable -> position tie-break
+
+
+def prune_first(order, k, names: Sequence[str], sizes: Sequence[int]) -> dict:
+    """float32 keep masks of the groups ``names`` (of ``sizes`` channels) with the first ``k``
+    entries of ``order`` (`global_order`) pruned. ``k`` may be a traced int (jittable); NumPy
+    in, NumPy out, as `global_order`."""
+    xp = np if isinstance(order, np.ndarray) else jnp
+    total = int(sum(sizes))
+    if xp is np:
+        rank = np.empty(total, np.int64)
+        rank[order] = np.arange(total)
+    else:
+        rank = jnp.zeros((total,), jnp.int32).at[order].set(jnp.arange(total, dtype=jnp.int32))
+    keep = xp.where(rank < k, 0.0, 1.0).astype(xp.float32)
+    offsets = np.cumsum([0, *sizes])
+    return {n: keep[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}
+
+
 def prune_by_global_threshold(
     scores: Scores,
     rate: float,
@@ -260,6 +296,7 @@ def prune_by_global_threshold(
     uses raw scores. Each group keeps at least its highest-scoring channel (if the rate
     asks for more, the count is reduced). Ties go to group order, then channel index.
     Groups outside ``groups`` keep all channels. A NaN score ranks lowest (`nan_lowest`).
+    The order is `global_order` (which HFP's cost searches use too).
     """
     rate = _check_rate(rate)
     if normalize not in (True, False, None) + NORMALIZATIONS:
@@ -278,23 +315,8 @@ def prune_by_global_threshold(
     n = min(int(total * rate), total - len(names))
     if n == 0:
         return masks
-
-    flat = jnp.concatenate(
-        [_normalized(jnp.asarray(scores[name], jnp.float32), normalize) for name in names]
-    )
-    # Each group's best channel is sorted after everything else so it is never pruned.
-    protected = jnp.concatenate(
-        [
-            jnp.zeros(size, jnp.int32).at[jnp.argmax(scores[name])].set(1)
-            for name, size in zip(names, sizes)
-        ]
-    )
-    order = jnp.lexsort((flat, protected))  # primary key last; stable -> index tie-break
-    keep = jnp.ones(total, jnp.float32).at[order[:n]].set(0.0)
-    offset = 0
-    for name, size in zip(names, sizes):
-        masks[name] = keep[offset : offset + size]
-        offset += size
+    normalized = {name: _normalized(jnp.asarray(scores[name], jnp.float32), normalize) for name in names}
+    masks.update(prune_first(global_order(normalized, names), n, names, sizes))
     return masks
 
 

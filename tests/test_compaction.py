@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
 from flax import nnx
 
 from conftest import np_apply_masks, random_masks, random_variables, rel_err
@@ -419,3 +420,39 @@ def test_slice_tree_host_jit_and_suffix_paths():
     got = slice_tree(state, cut, match_suffix=True)
     np.testing.assert_array_equal(np.asarray(got[1].trace["a"]["kernel"]), expected)
     assert slice_tree(state, cut)[1].trace["a"]["kernel"].shape == (2, 3, 4)  # no suffix match
+
+
+@pytest.mark.parametrize("path", ["compact_bundled", "compact_traced"])
+def test_compaction_computes_at_full_float32_precision(monkeypatch, path):
+    """On a GPU, float32 convolutions default to TF32 (~1e-3 relative error), which once failed
+    the carried-constants check of an SFP ResNet-20 (error 0.0045 against a 1e-4 tolerance).
+    Both compaction paths run under ``default_matmul_precision('highest')``, whatever the
+    caller set, and the caller's setting is back afterwards."""
+    import jaxprune.compaction.model as cm
+
+    seen = []
+    original = getattr(cm, path)
+
+    def recording(*args, **kwargs):
+        seen.append(jax.config.jax_default_matmul_precision)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cm, path, recording)
+    if path == "compact_bundled":
+        model, variables, x, _ = _setup("resnet20")
+    else:  # any other Linen module: its traced program is compacted
+        model = _TwoConvs()
+        x = jnp.ones((2, 8, 8, 3))
+        variables = model.init(jax.random.PRNGKey(0), x)
+    graph = trace_linen(model, variables, x)
+    masks = random_masks(graph, seed=3)
+    with jax.default_matmul_precision("bfloat16"):
+        compact(model, variables, masks, graph, sample_input=x)
+        assert jax.config.jax_default_matmul_precision == "bfloat16"
+    assert seen == ["highest"]
+
+
+class _TwoConvs(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Conv(4, (3, 3))(nn.relu(nn.Conv(6, (3, 3))(x)))

@@ -151,6 +151,39 @@ def test_global_threshold_matches_numpy_reference_and_group_subset():
     assert {i for i in range(19) if got[i] == 0} == pruned
 
 
+def test_global_order_by_hand_numpy_and_jax_alike():
+    # a = [3, 1] (best a0 at position 0), b = [2, 5, 0] (best b1 at position 3):
+    # unprotected by score: b2 (0), a1 (1), b0 (2); then the protected by score: a0 (3), b1 (5)
+    scores = {"a": np.array([3.0, 1.0]), "b": np.array([2.0, 5.0, 0.0])}
+    order = sel.global_order(scores, ["a", "b"])
+    assert isinstance(order, np.ndarray) and order.tolist() == [4, 1, 2, 0, 3]
+    got = sel.global_order({n: jnp.asarray(v, jnp.float32) for n, v in scores.items()}, ["a", "b"])
+    assert isinstance(got, jax.Array) and got.tolist() == [4, 1, 2, 0, 3]
+    # ties go to the lower position; only the groups named are ordered, in the order named
+    assert sel.global_order({"a": np.array([1.0, 1.0, 2.0]), "z": np.array([0.0])}, ["a"]).tolist() == [0, 1, 2]
+    assert sel.global_order(scores, ["b", "a"]).tolist() == [2, 4, 0, 3, 1]
+
+
+def test_global_order_keeps_host_precision():
+    # 1 + 2^-40 and 1 + 2^-41 differ in float64 but are both 1.0 in float32: numpy in keeps them apart
+    a = np.array([1.0 + 2.0**-40, 1.0 + 2.0**-41, 2.0])
+    assert sel.global_order({"a": a}, ["a"]).tolist() == [1, 0, 2]
+    assert sel.global_order({"a": jnp.asarray(a, jnp.float32)}, ["a"]).tolist() == [0, 1, 2]
+
+
+def test_prune_first_by_hand_and_with_a_traced_count():
+    order = np.array([4, 1, 2, 0, 3])
+    masks = sel.prune_first(order, 3, ["a", "b"], [2, 3])  # positions 4, 1, 2 pruned
+    assert masks["a"].tolist() == [1.0, 0.0] and masks["b"].tolist() == [0.0, 1.0, 0.0]
+    assert masks["a"].dtype == np.float32 and isinstance(masks["a"], np.ndarray)
+    fn = jax.jit(lambda k: sel.prune_first(jnp.asarray(order), k, ["a", "b"], [2, 3]))
+    for k in range(6):
+        want = sel.prune_first(order, k, ["a", "b"], [2, 3])
+        got = fn(jnp.int32(k))
+        assert all(np.array_equal(got[n], want[n]) for n in want), k
+    assert fn._cache_size() == 1  # one trace for every count
+
+
 def test_jit_does_not_recompile_when_scores_change():
     traces = {"rate": 0, "rates": 0, "global": 0}
 

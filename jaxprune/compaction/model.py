@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+
 from jaxprune.compaction.bundled import compact_bundled, is_bundled
 from jaxprune.compaction.plan import CompactResult
 from jaxprune.compaction.program_model import compact_traced
@@ -35,8 +37,21 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
     ``training=False``; a Linen ``train`` argument defaults to False) for a model compacted
     from its program: the compact model's ``apply`` and `jaxprune.save_compact` pass them on
     every call. A bundled model takes none.
+
+    Compaction computes at full float32 precision (``jax.default_matmul_precision('highest')``),
+    also where float32 matmuls default to TF32 (NVIDIA GPUs); the compact model then runs at
+    whatever precision its caller sets.
     """
     check_hard_masks(masks, what="compact's masks")
+    # The carried constants and the checks against the masked model are float32 arithmetic:
+    # on a GPU, float32 convolutions and matmuls default to TF32 (~1e-3 relative error).
+    with jax.default_matmul_precision("highest"):
+        return _compact(model, variables, masks, graph, align, keep_constants=keep_constants,
+                        sample_input=sample_input, **call_kwargs)
+
+
+def _compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
+             align: int, *, keep_constants: bool, sample_input: Any, **call_kwargs: Any) -> CompactResult:
     if is_bundled(model):
         if call_kwargs:
             raise ValueError(f"compact got keyword arguments {sorted(call_kwargs)} for a bundled "

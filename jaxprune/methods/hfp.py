@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import criteria, flops, validate
+from jaxprune import criteria, flops, selection, validate
 from jaxprune.graph import PruningGraph
 from jaxprune.masks import init_masks
 from jaxprune.methods.sfp import (check_exclude, harden, is_excluded,
@@ -319,9 +319,7 @@ class HFP:
         total = sum(sizes)
         max_pruned = total - len(names)
         flat = jnp.concatenate([norm[n] for n in names])
-        protected = jnp.concatenate([jnp.arange(s) == jnp.argmax(norm[n])
-                                     for n, s in zip(names, sizes)])
-        order = jnp.argsort(jnp.where(protected, jnp.inf, flat), stable=True)
+        order = selection.global_order(norm, names)
         vals = flat[order]
         gid = jnp.asarray(np.repeat(np.arange(len(names)), sizes))[order]
         onehot = (gid[:, None] == jnp.arange(len(names))[None, :]).astype(jnp.float32)
@@ -340,13 +338,7 @@ class HFP:
         hi = vals[jnp.minimum(k, total - 1)]
         boundary = jnp.where(k == 0, vals[0], 0.5 * (lo + hi))
         tau = (boundary - self.margin * self.temperature).astype(jnp.float32)
-        rank = jnp.zeros((total,), jnp.int32).at[order].set(jnp.arange(total, dtype=jnp.int32))
-        keep_flat = jnp.where(rank < k, 0.0, 1.0).astype(jnp.float32)
-        keep, off = {}, 0
-        for n, s in zip(names, sizes):
-            keep[n] = keep_flat[off:off + s]
-            off += s
-        return tau, keep
+        return tau, selection.prune_first(order, k, names, sizes)
 
     def tilt_ratios(self, graph: PruningGraph, names: Sequence[str]) -> np.ndarray:
         """``r_g``: MACs share over params share of one channel of each group (exact, at the
@@ -373,12 +365,6 @@ class HFP:
         norm = {n: v / max(v.max(), 1e-12) for n, v in gates.items()}
         sizes = [graph.groups[n].size for n in names]
         total, max_pruned = sum(sizes), sum(sizes) - len(names)
-        flat = np.concatenate([norm[n] for n in names])
-        protected = np.zeros(total, bool)
-        off = 0
-        for n, s in zip(names, sizes):
-            protected[off + int(np.argmax(norm[n]))] = True
-            off += s
         both = b.target_macs is not None and b.target_params is not None
         if self.balance and both:
             ratios = np.repeat(self.tilt_ratios(graph, names), sizes)
@@ -387,24 +373,21 @@ class HFP:
         else:
             ratios, betas = np.ones(total), [0.0]
 
+        flat = np.concatenate([norm[n] for n in names])
         offsets = np.cumsum([0] + sizes)
 
         def masks_for(order, k):
-            keep = np.ones(total, np.float32)
-            keep[order[:k]] = 0.0
+            kept = selection.prune_first(order, k, names, sizes)
             if not self.width.exact:  # per group, the kept count the width policy allows
                 rank = np.empty(total, np.int64)
                 rank[order] = np.arange(total)  # position in the pruning order (low = weak)
                 for i, (n, s) in enumerate(zip(names, sizes)):
-                    seg = slice(offsets[i], offsets[i + 1])
-                    kept = int(keep[seg].sum())
-                    want = self.width.kept(s, max(kept, 1), n)
-                    by_strength = np.argsort(-rank[seg], kind="stable")  # strongest first
-                    keep[seg] = 0.0
-                    keep[offsets[i] + by_strength[:want]] = 1.0
+                    want = self.width.kept(s, max(int(kept[n].sum()), 1), n)
+                    by_strength = np.argsort(-rank[offsets[i]:offsets[i + 1]], kind="stable")  # strongest first
+                    kept[n] = np.zeros(s, np.float32)
+                    kept[n][by_strength[:want]] = 1.0
             out = {n: np.ones(g.size, np.float32) for n, g in graph.groups.items()}
-            for i, n in enumerate(names):
-                out[n] = keep[offsets[i]:offsets[i + 1]]
+            out.update(kept)
             return out
 
         def slacks(macs, params):
@@ -413,8 +396,8 @@ class HFP:
             return sm, sp
 
         def solve(beta):
-            key = np.where(protected, np.inf, flat * ratios ** beta)
-            order = np.argsort(key, kind="stable")
+            key = flat * ratios ** beta  # one factor per group: each group's best stays its best
+            order = selection.global_order({n: key[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}, names)
             lo, hi = 0, max_pruned
             if not self._meets(b, *self._exact(graph, masks_for(order, hi))):
                 raise ValueError("HFP targets unreachable with one channel per gated group")
