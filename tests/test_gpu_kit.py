@@ -108,14 +108,16 @@ def test_job_plan_order_and_filter(tmp_path):
     assert "--config.dtype=bfloat16" in cmd and "--config.steps_per_call=0" in cmd
 
 
-def test_recorded_in_repo_needs_a_gpu_paper_record(tmp_path):
+def test_recorded_in_repo_needs_a_paper_record_of_that_seed(tmp_path):
     st = kit.settings(False, tmp_path)
     job = kit.Job("sfp_resnet20_cifar10/seed1", "row", "sfp_resnet20_cifar10", 1)
     row = tmp_path / "experiments" / "results" / "sfp_resnet20_cifar10"
     row.mkdir(parents=True)
-    (row / "seed1.json").write_text(json.dumps({"seed": 1, "schedule": "paper", "device": "cpu:cpu x1"}))
-    assert not kit.recorded_in_repo(job, tmp_path, st)
-    (row / "seed1.gpu.json").write_text(json.dumps({"seed": 1, "schedule": "paper", "device": "gpu:NVIDIA H200 x1"}))
+    (row / "seed1.json").write_text(json.dumps({"seed": 1, "schedule": "short (3 epochs)", "device": "cpu:cpu x1"}))
+    (row / "seed0.gpu.json").write_text(json.dumps({"seed": 0, "schedule": "paper", "device": "gpu:NVIDIA H200 x1"}))
+    assert not kit.recorded_in_repo(job, tmp_path, st)  # a short schedule, another seed
+    # a paper-schedule record counts from any device (a GPU-trained row finished on the CPU)
+    (row / "seed1.gpu.json").write_text(json.dumps({"seed": 1, "schedule": "paper", "device": "cpu:cpu x1"}))
     assert kit.recorded_in_repo(job, tmp_path, st)
     assert not kit.recorded_in_repo(job, tmp_path, kit.settings(True, tmp_path))  # smoke never
     pre = kit.Job("pfec_resnet56_A_gpu", "prune", "pfec_resnet56_cifar10_A", 0, "resnet56")

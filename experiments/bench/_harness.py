@@ -106,9 +106,19 @@ def report(text: str, argv: Sequence[str] | None, append: str, load_at_start: st
 
 
 def block(x: Any) -> Any:
+    """Waits until ``x`` (any pytree) is computed, and copies its small arrays (at most 1024
+    elements: losses, metrics) to the host: a copy cannot complete before the computation that
+    produces the array, so a timing ends after the device's work even where readiness events
+    return early. (A GPU table once showed one-step-per-call training 45x faster than the same
+    steps in one call: the timer had stopped at dispatch.)"""
     import jax
+    import numpy as np
 
-    return jax.block_until_ready(x)
+    x = jax.block_until_ready(x)
+    for leaf in jax.tree.leaves(x):
+        if isinstance(leaf, jax.Array) and leaf.size <= 1024:
+            np.asarray(jax.device_get(leaf))
+    return x
 
 
 def interleave(fns: Mapping[str, Callable[[], Any]], repeats: int, inner: int = 1,

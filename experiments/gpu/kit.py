@@ -144,8 +144,9 @@ def run_dir(job: Job, home: Path) -> Path:
 
 
 def recorded_in_repo(job: Job, repo: Path, st: Settings) -> bool:
-    """Whether the repository already holds this job's finished record from a GPU (full mode
-    only: smoke records never go into the repository)."""
+    """Whether the repository already holds this job's finished record on the paper's schedule,
+    from any device (a row trained on the GPU may be finished here; a short-schedule record
+    does not count), in full mode only: smoke records never go into the repository."""
     if st.smoke:
         return False
     if job.kind == "prune":
@@ -156,7 +157,7 @@ def recorded_in_repo(job: Job, repo: Path, st: Settings) -> bool:
             rec = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if rec.get("seed") == job.seed and rec.get("schedule") == "paper" and str(rec.get("device", "")).startswith("gpu"):
+        if rec.get("seed") == job.seed and rec.get("schedule") == "paper":
             return True
     return False
 
