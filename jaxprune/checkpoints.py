@@ -333,6 +333,8 @@ class CorruptCheckpointError(ValueError):
 
 
 def first_line(e: BaseException, limit: int = 240) -> str:
+    """The first line of ``e``'s message (its type name when empty), cut to ``limit`` characters:
+    the one-line form of an error."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 

@@ -54,6 +54,7 @@ def _print_record(rec: dict) -> None:
 
 
 def cmd_train(args, overrides) -> int:
+    """`jaxprune train`: one run from a config (`jaxprune.experiment.run`)."""
     from jaxprune.experiment import run
 
     cfg = _config_from(args, overrides)
@@ -67,6 +68,7 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_compact(args, overrides) -> int:
+    """`jaxprune compact`: the compact model of a run's checkpoint (`jaxprune.commands.compact`)."""
     from jaxprune.commands.compact import compact_run
 
     rec = compact_run(args.run_dir, which=args.checkpoint)
@@ -84,6 +86,7 @@ def cmd_compact(args, overrides) -> int:
 
 
 def cmd_eval(args, overrides) -> int:
+    """`jaxprune eval`: a run's or a saved model's accuracy on the full test set."""
     from jaxprune.commands.evaluate import evaluate_path
 
     res = evaluate_path(args.path, data_dir=args.data_dir, test_subset=args.test_subset)
@@ -96,6 +99,8 @@ def cmd_eval(args, overrides) -> int:
 
 
 def cmd_import(args, overrides) -> int:
+    """`jaxprune import`: trained weights from an ``.npz`` into a run directory a run can start
+    from."""
     from jaxprune.commands.import_weights import import_weights
 
     path = import_weights(args.model, args.state_dict, args.workdir, mean=tuple(args.mean or ()),
@@ -106,6 +111,8 @@ def cmd_import(args, overrides) -> int:
 
 
 def cmd_bench_widths(args, overrides) -> int:
+    """`jaxprune bench-widths`: the latency table of a model's prunable widths
+    (`jaxprune.width_bench`)."""
     import jax
     import jax.numpy as jnp
 
@@ -135,6 +142,7 @@ def cmd_bench_widths(args, overrides) -> int:
 
 
 def cmd_info(args, overrides) -> int:
+    """`jaxprune info`: a model's groups, widths and costs."""
     from jaxprune.commands.info import model_info
 
     print(model_info(args.target, input_size=args.input_size, residual=args.residual))
@@ -142,6 +150,8 @@ def cmd_info(args, overrides) -> int:
 
 
 def cmd_quickstart(args, overrides) -> int:
+    """`jaxprune quickstart`: the offline demo (train, prune, compact, compare) on the bundled
+    digits."""
     from jaxprune.quickstart import quickstart
 
     quickstart(args.workdir, epochs=args.epochs, progress=not args.no_progress)
@@ -159,6 +169,7 @@ IMAGENET_HOWTO = (
 
 
 def cmd_data(args, overrides) -> int:
+    """`jaxprune data`: downloads and checks a data set (`jaxprune.download`)."""
     if args.dataset == "imagenet2012":
         print(IMAGENET_HOWTO)
         return 0
@@ -181,6 +192,7 @@ def _version() -> str:
 
 
 def cmd_sensitivity(args, overrides) -> int:
+    """`jaxprune sensitivity`: PFEC's per-layer pruning sensitivity of a trained model."""
     from jaxprune.commands.sensitivity import sensitivity_run
 
     cfg = _config_from(args, overrides)
@@ -191,6 +203,7 @@ def cmd_sensitivity(args, overrides) -> int:
 
 
 def cmd_report(args, overrides) -> int:
+    """`jaxprune report`: the results table of run records (printed; written with ``--out``)."""
     from jaxprune.report import load_records, report_text, write_report
 
     if not Path(args.records).is_dir():
@@ -209,7 +222,7 @@ def cmd_report(args, overrides) -> int:
 
 
 _FLAGS_HELP = ("leave XLA_FLAGS as they are (default: add jaxprune.perf.RECOMMENDED_CPU_FLAGS, "
-               "XLA:CPU settings that made the ResNet-56 train step about 2x faster here; "
+               "XLA:CPU settings that speed up the CPU train step, more the deeper the model; "
                "see BENCHMARKS.md)")
 
 
@@ -233,6 +246,7 @@ OVERRIDES_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxprune`` command line: one subcommand per ``cmd_*`` function."""
     p = argparse.ArgumentParser(prog="jaxprune", description="Structured filter pruning for Flax CNNs.",
                                 epilog=OVERRIDES_HELP)
     p.add_argument("--version", action="version", version=f"jaxprune {_version()}")
@@ -378,6 +392,7 @@ def _write_failed_line(command: str, failed) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``jaxprune`` command line on ``argv``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_absl()
     overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]

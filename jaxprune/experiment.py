@@ -347,6 +347,17 @@ def _train_and_finish(s: Setup, state: train_step.TrainState, config: ml_collect
     return record
 
 
+def trained_on(history: list) -> dict[str, int]:
+    """Epochs trained per device (`jaxprune.parallel.device_label`) from a run's epoch records,
+    in the order first seen; a run resumed on another machine lists both. Epochs recorded
+    before the records named their device count under ``'unrecorded'``."""
+    out: dict[str, int] = {}
+    for rec in history:
+        key = str(rec.get("device", "unrecorded")) if isinstance(rec, dict) else "unrecorded"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
 def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
            history: list | None = None, save: bool = True, which: str = "final",
            compact_dir: str = "compact") -> dict:
@@ -403,7 +414,8 @@ def finish(s: Setup, state: train_step.TrainState, workdir: Path, preprocess, *,
         "macs_reduction_conv_fc": 1 - pruned_cost["macs_conv_fc"] / dense_cost["macs_conv_fc"],
         "params_reduction": 1 - pruned_cost["params"] / dense_cost["params"],
         "widths": {k: len(v) for k, v in res.keep_out.items()},
-        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind} x{jax.device_count()}",
+        "device": parallel.device_label(),  # where this record was made (compaction, evaluation)
+        "trained_on": trained_on(history or []),
         "host": platform.node(),
         "paper": s.config.paper.to_dict(),
         "normalization": {"mean": list(ds.mean), "std": list(ds.std)},

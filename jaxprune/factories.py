@@ -153,6 +153,7 @@ def is_own_model(config: ml_collections.ConfigDict) -> bool:
 
 
 def is_bundled(model: Any) -> bool:
+    """Whether ``model`` follows the bundled models' ``keep_out``/``keep_in`` contract."""
     return hasattr(model, "keep_out")
 
 

@@ -53,6 +53,13 @@ def maybe_initialize_distributed() -> bool:
                                num_processes=num, process_id=pid)
     return True
 
+def device_label() -> str:
+    """The devices this process computes on, as run records name them:
+    ``'<platform>:<device kind> x<global device count>'`` (e.g. ``'gpu:NVIDIA H200 x1'``)."""
+    d = jax.devices()[0]
+    return f"{d.platform}:{d.device_kind} x{jax.device_count()}"
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices, all hosts)."""
     devs = list(jax.devices() if devices is None else devices)

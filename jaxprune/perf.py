@@ -26,10 +26,8 @@ The bundled residual models end every block with one (`jaxprune.models.materiali
 it, XLA:CPU's fusion duplicates the residual stream's elementwise chain into every consumer
 that reads it in another layout, recomputing the stream from the start of its stage in every
 weight-gradient transpose, so the train step's cost grows quadratically with the blocks per
-stage. Barriers change no value. With the flag the train step got 2.07-2.09x faster for
-ResNet-56 and 2.38-2.50x for ResNet-110 (1.24-1.33x ResNet-20; two runs on 2 threads), and its
-CPU time per MAC stopped growing with depth (`torch_vs_jax.py --sections scaling`;
-BENCHMARKS.md). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
+stage. Barriers change no value. With the flag the train step's CPU time per MAC stops growing
+with depth (speeds: BENCHMARKS.md, `torch_vs_jax.py --sections scaling`). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
 output in `jaxprune.models.materialize` (or ``jax.lax.optimization_barrier``).
 
 ``--xla_disable_hlo_passes`` is not CPU-only: where jax will run on a GPU or TPU

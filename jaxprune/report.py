@@ -195,8 +195,7 @@ def summarize(name: str, cfg: Mapping | None, records: Sequence[dict]) -> list[d
         line["acc_half"] = sum(halves) / len(halves) if halves else None
         devices = []
         for r in recs:
-            if r.get("device") and r["device"] not in devices:
-                devices.append(str(r["device"]))
+            devices += [d for d in record_devices(r) if d not in devices]
         line["device"] = ", ".join(devices) if devices else DASH
         if line.get("formula") is None:
             vals = [r["sfp_formula_macs_reduction"] for r in recs if r.get("sfp_formula_macs_reduction")]
@@ -221,7 +220,16 @@ def unavailable_reason(dataset: str) -> str | None:
     return None
 
 
+def record_devices(record: Mapping) -> list[str]:
+    """The devices a run record's epochs trained on (``trained_on``, where its epoch records name
+    them), else the one device that made the record (``device``)."""
+    trained = [str(d) for d in (record.get("trained_on") or {}) if d != "unrecorded"]
+    return trained or ([str(record["device"])] if record.get("device") else [])
+
+
 def format_acc(line: Mapping) -> str:
+    """A report line's accuracy cell: ``mean ± std`` in percent over its seeds, or the not-run /
+    missing mark."""
     if line.get("not_run") or line.get("acc_mean") is None:
         return NOT_RUN if line.get("schedule") == NOT_RUN else DASH
     m, s = line["acc_mean"], line.get("acc_std")
@@ -314,6 +322,8 @@ _COLORS = {"dense": "black", "sfp": "tab:blue", "asfp": "tab:cyan", "srfp": "tab
 
 
 def plot_groups(lines: Iterable[Mapping]) -> "OrderedDict[tuple[str, str], list[Mapping]]":
+    """The report lines to plot, grouped by ``(dataset, model)``, one line per ``(row, schedule)``
+    (the first seen), in order."""
     groups: OrderedDict[tuple[str, str], list[Mapping]] = OrderedDict()
     seen = set()
     for ln in lines:

@@ -249,7 +249,8 @@ def make_train_step(model: Any, graph: Any, optimizer: optax.GradientTransformat
     # Only the big, never-aliased part of the state is donated: methods routinely put the same
     # array in `masks` and `hard`, and XLA refuses to donate one buffer twice.
     # Straight-line code, the same program as a one-step `make_train_chunk` (XLA:CPU runs the
-    # convolutions of a loop body, even a one-trip one, ~35x slower).
+    # convolutions of a loop body, even a one-trip one, far slower:
+    # experiments/bench/records/loop_body_cpu.txt).
     def fn(big, small, images, labels):
         return train_step(TrainState(*big, *small), images, labels, model=model, graph=graph,
                           optimizer=optimizer, pruner=pruner, augment=augment,
@@ -321,8 +322,9 @@ def make_train_chunk(model: Any, graph: Any, optimizer: optax.GradientTransforma
 
     ``steps > 1`` is a rolled loop, which XLA compiles differently from straight-line code: it
     agrees with stepping one by one to float rounding, not bitwise; a given chunk size is
-    deterministic. XLA:CPU runs convolutions inside a loop body about 35x slower (measured:
-    ResNet-20, batch 128, 118 -> 3 img/s), so `fit` uses one-step chunks there by default.
+    deterministic. XLA:CPU runs convolutions inside a loop body far slower
+    (``experiments/bench/records/loop_body_cpu.txt``), so `fit` uses one-step chunks there by
+    default.
     """
     if steps < 1:
         raise ValueError(f"steps={steps}: expected a positive integer")

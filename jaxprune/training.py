@@ -23,8 +23,8 @@ from jax.sharding import Mesh
 
 from jaxprune import train_step as _ts
 from jaxprune.evaluation import Preprocess, is_stream, evaluate, make_eval_fn, put_eval_data
-from jaxprune.parallel import (check_batch, process_rows, make_mesh, put_replicated, replicate,
-                               shard_batch)
+from jaxprune.parallel import (check_batch, device_label, process_rows, make_mesh, put_replicated,
+                               replicate, shard_batch)
 from jaxprune.pruner import Pruner
 from jaxprune.train_step import Augment, TrainState, chunk_steps
 
@@ -460,6 +460,7 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, pruner, graph, mesh, 
                       masks=state.masks if normalised else None)
         record.update(test_accuracy=ev["accuracy"], test_top5=ev["top5"], test_loss=ev["loss"])
     record["epoch_time_s"] = time.perf_counter() - t0
+    record["device"] = device_label()  # a run may resume elsewhere (GPU window, then CPU)
     history = history + [record]
     if checkpoint_manager is not None:
         # the next steps donate the state's buffers: the asynchronous write gets its own copy

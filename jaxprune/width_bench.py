@@ -118,6 +118,8 @@ def cache_path(model_name: str, batch_shape: tuple[int, ...], root: str | os.Pat
 
 
 def save_table(path: str | os.PathLike, table: Mapping[str, Mapping[int, float]], meta: Mapping) -> Path:
+    """Writes a latency table (group -> width -> seconds) with its ``meta`` to ``path`` as JSON,
+    atomically (temporary file, then rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"meta": dict(meta), "table": {g: {str(w): t for w, t in row.items()} for g, row in table.items()}}

@@ -63,6 +63,11 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     assert rec["masked_accuracy"] == rec["compact_accuracy"]
     assert rec["compact"]["macs_conv"] < rec["dense"]["macs_conv"]
     assert (work / "metrics.jsonl").read_text().count("\n") == 2
+    from jaxprune.parallel import device_label
+
+    epochs = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [e["device"] for e in epochs] == [device_label()] * 2  # each epoch names its device
+    assert rec["trained_on"] == {device_label(): 2} and rec["device"] == device_label()
     assert any((work / "tb").iterdir())
 
     assert cli.main(["compact", str(work)]) == 0

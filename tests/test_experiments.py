@@ -462,6 +462,29 @@ def _table_line(md: str, row: str, schedule: str | None = None) -> list[str]:
     raise AssertionError(f"no table line for {row} {schedule}")
 
 
+def test_trained_on_counts_epochs_per_device_and_the_report_shows_them(tmp_path):
+    from jaxprune import report
+    from jaxprune.experiment import trained_on
+
+    # 3 epochs on a GPU, 1 from before epochs named their device, 1 resumed on the CPU
+    history = [{"epoch": i, "device": "gpu:NVIDIA H200 x1"} for i in range(3)]
+    history += [{"epoch": 3}, {"epoch": 4, "device": "cpu:cpu x1"}]
+    assert trained_on(history) == {"gpu:NVIDIA H200 x1": 3, "unrecorded": 1, "cpu:cpu x1": 1}
+    assert list(trained_on(history)) == ["gpu:NVIDIA H200 x1", "unrecorded", "cpu:cpu x1"]
+    assert trained_on([]) == {}
+    # the report's device column: where the epochs trained, else where the record was made
+    assert report.record_devices({"device": "cpu:cpu x1", "trained_on": {"gpu:NVIDIA H200 x1": 200}}) == [
+        "gpu:NVIDIA H200 x1"]
+    assert report.record_devices({"device": "cpu:cpu x1", "trained_on": {"unrecorded": 5}}) == ["cpu:cpu x1"]
+    assert report.record_devices({"device": "cpu:cpu x1"}) == ["cpu:cpu x1"] and report.record_devices({}) == []
+    records = tmp_path / "records"
+    _write_records(records, [_fake_record("sfp_resnet56_cifar10", 0, 0.92, device="cpu:cpu x1",
+                                          trained_on={"gpu:NVIDIA H200 x1": 199, "cpu:cpu x1": 1}),
+                             _fake_record("sfp_resnet56_cifar10", 1, 0.93, device="gpu:NVIDIA H200 x1")])
+    md = report.write_report(records, tmp_path / "RESULTS.md").read_text()
+    assert _table_line(md, "sfp_resnet56_cifar10", "paper")[-1] == "gpu:NVIDIA H200 x1, cpu:cpu x1"
+
+
 def test_report_lists_every_row_and_computes_mean_and_std(tmp_path):
     from jaxprune import report
 

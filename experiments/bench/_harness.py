@@ -110,7 +110,7 @@ def block(x: Any) -> Any:
     elements: losses, metrics) to the host: a copy cannot complete before the computation that
     produces the array, so a timing ends after the device's work even where readiness events
     return early. (A GPU table once showed one-step-per-call training 45x faster than the same
-    steps in one call: the timer had stopped at dispatch.)"""
+    steps in one call, faster than the device runs them.)"""
     import jax
     import numpy as np
 

@@ -163,6 +163,8 @@ def _reduce(t, eqn, ins, outs, bad: bool):
 
 
 def reduce_sum(t, eqn, ins, outs):
+    """Rule for ``reduce_sum``: a sum over the channel axis is recorded as a statistic
+    (`Tracer.sums`); other axes pass channels through."""
     # A sum over channels is a mean, a variance or a normalisation statistic (LayerNorm,
     # GroupNorm, RMSNorm, channel means, softmax over channels): removing channels changes
     # its count, so the compact model would compute something else. Recorded in ``t.sums``:

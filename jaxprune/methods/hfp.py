@@ -20,8 +20,8 @@ interpretation of methods.md, with the choices below.
 - **Threshold rule (tau).** ``tau`` is a global threshold over the normalised scores, held in
   the state's ``tau`` and updated at ``init`` and at every epoch end (jittable, float32):
   first the hard threshold ``tau_hard`` that meets the targets on the current scores is found
-  (prune the globally lowest normalised scores, each group's best channel protected, until
-  both targets are met; ``tau_hard`` is the midpoint between the last pruned and the first
+  (prune the globally lowest normalised scores in `selection.global_order`, each group's best
+  channel protected, until both targets are met; ``tau_hard`` is the midpoint between the last pruned and the first
   kept score), then ``tau = tau_hard - margin * temperature`` (``margin = 2``: a channel at the
   hard boundary counts ``sigmoid(2) = 0.88``). So the soft complexity tracks the targets from
   above: the channels the hard pruning would keep count (almost) fully, the ones it would
@@ -32,8 +32,8 @@ interpretation of methods.md, with the choices below.
   below the target, and the penalty would never act. The state's ``masks`` hold the selection at
   ``tau_hard`` as information (params are never modified during training; ``hard`` stays 1).
 - **Final hard pruning (finalize).** Host side, exact integer costs (``flops.count``): with
-  the channels ordered by normalised score (each group's best channel last, never pruned, so
-  no group reaches zero channels), the smallest prefix whose removal meets BOTH targets is
+  the channels ordered by normalised score (`selection.global_order`, in float64: each
+  group's best channel last, never pruned, so no group reaches zero channels), the smallest prefix whose removal meets BOTH targets is
   pruned: both at or under target, the binding one to within one channel. With
   ``balance=True`` and both targets given, if the other target is more than ``tolerance``
   (0.5% of the dense figure) under its target, the order is tilted layer-wise,
