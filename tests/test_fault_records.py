@@ -63,6 +63,16 @@ def _truncate_largest(folder: Path) -> None:
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
+def _truncate_array_data(folder: Path) -> None:
+    """Halves every array data file (OCDBT's ``d/`` files) under ``folder``: whichever arrays a
+    reader asks for (``restore_weights`` reads only params and BN statistics, which need not be in
+    the largest file), the read fails."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files, f"no array data files under {folder}"
+    for p in files:
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
 def _hashes(root: Path, names: tuple[str, ...]) -> dict:
     out = {}
     for n in names:
@@ -119,7 +129,7 @@ def test_a_start_or_sensitivity_from_a_damaged_run_records_the_step_it_used(run2
     from jaxprune.experiment import load_trained as ck_load_trained
 
     src = _copy(run2, tmp_path)
-    _truncate_largest(src / "checkpoints" / "2" / "state")
+    _truncate_array_data(src / "checkpoints" / "2" / "state")
     """Both read the weights with `load_trained` (a healthy run's ``weights_from`` in
     sensitivity.json: `test_cli.py::test_train_compact_eval_info_on_tiny_config`)."""
     used = {"checkpoint_step": 1, "newest_step": 2}
