@@ -24,6 +24,11 @@ and run interleaved (A B C A B C ...) so that load drift hits all alike; each sa
 ``runs_bf16``): e.g. ``--variants plain,chunk_bf16,runs_bf16 --chunk 1,0`` is the bfloat16 table
 of one step vs a whole epoch per call and of 1 vs R runs together.
 
+On an accelerator, a chunk row timed more than twice as fast per step as the same program with
+more steps per call is marked suspect and listed under the table (`implausible_chunks`): there
+fewer steps per call mostly adds dispatches. Not on CPU, where XLA runs a loop body's
+convolutions far slower than straight-line code, so one step per call is really faster there.
+
 XLA_FLAGS: `jaxprune.perf.RECOMMENDED_CPU_FLAGS` on CPU, as the training commands use.
 Dispatches per epoch are counted by wrapping the jitted callables; host copies of images per
 epoch are 0 for the resident variants (`fit` runs its steps under
@@ -185,6 +190,30 @@ def contestants(name: str, steps: int, batch: int, runs: int, variants: tuple[st
     return out, counts
 
 
+def implausible_chunks(step_seconds: dict[str, float], slack: float = 0.5) -> dict[str, str]:
+    """The chunk variants timed more than ``1 / slack`` times faster per step than the same
+    program with MORE steps per call (`contestants`' labels ``... (K steps/call)``, compared
+    within one dtype and run count). On an accelerator more steps per call mostly removes
+    dispatches, so such a time did not wait for the device (not for XLA:CPU, whose loop bodies
+    run slower: `main` checks accelerators only). ``step_seconds``: label -> median seconds per
+    step; returns label -> why."""
+    import re
+
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for label in step_seconds:
+        m = re.fullmatch(r"(jaxprune chunk.*)\((\d+) steps/call\)", label)
+        if m:
+            groups.setdefault(m.group(1), []).append((int(m.group(2)), label))
+    out = {}
+    for members in groups.values():
+        for k, label in members:
+            for k2, other in members:
+                if k2 > k and step_seconds[label] < slack * step_seconds[other]:
+                    out[label] = (f"{step_seconds[label] * 1e3:.3f} ms per step at {k} steps/call, "
+                                  f"faster than {step_seconds[other] * 1e3:.3f} ms at {k2} steps/call")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet20,resnet56")
@@ -218,19 +247,25 @@ def main(argv=None) -> int:
     H.disable_compilation_cache()
     from jaxprune.training import auto_steps_per_call
 
-    rows = []
+    rows, notes = [], []
     for name in args.models.split(","):
         ks = tuple(auto_steps_per_call() if c == -1 else c for c in chunks)
         fns, counts = contestants(name, args.steps, args.batch, args.runs, variants, ks)
         first = len(rows)
         times = H.interleave(fns, repeats=args.repeats)
+        import jax
+
+        suspects = {} if jax.default_backend() == "cpu" else implausible_chunks(
+            {label: H.median(ts) / args.steps for label, ts in times.items()})
+        notes += [f"{name}, {label}: {why}" for label, why in suspects.items()]
         ref = next(iter(times))  # the ratios' reference: plain flax when it runs, else the first
         base = H.median(times[ref])
         for label, ts in times.items():
             med = H.median(ts)
             images = args.batch * args.steps * (args.runs if "together" in label else 1)
             ref_images = args.batch * args.steps * (args.runs if "together" in ref else 1)
-            rows.append(f"| {name} | {label} | {images / med:.0f} | "
+            mark = " (suspect, see below)" if label in suspects else ""
+            rows.append(f"| {name} | {label}{mark} | {images / med:.0f} | "
                         f"{base * images / (med * ref_images):.2f} | {counts[label]} | "
                         f"{H.spread(ts)} |")
         print("\n".join(rows[first:]), file=sys.stderr, flush=True)  # progress, model by model
@@ -239,7 +274,8 @@ def main(argv=None) -> int:
         f"{args.batch}, median of {args.repeats} interleaved repeats)", "",
         f"| model | variant | images/s | images/s vs {'plain flax' if 'plain' in variants else 'the first variant'} "
         "| dispatches / epoch | spread |",
-        "|---|---|---|---|---|---|", *rows])
+        "|---|---|---|---|---|---|", *rows,
+        *(["", "Suspect rows (not valid measurements):", *[f"- {n}" for n in notes]] if notes else [])])
     H.report(text, argv, args.append, load)
     return 0
 
