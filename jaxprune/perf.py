@@ -27,7 +27,8 @@ it, XLA:CPU's fusion duplicates the residual stream's elementwise chain into eve
 that reads it in another layout, recomputing the stream from the start of its stage in every
 weight-gradient transpose, so the train step's cost grows quadratically with the blocks per
 stage. Barriers change no value. With the flag the train step's CPU time per MAC stops growing
-with depth (speeds: BENCHMARKS.md, `torch_vs_jax.py --sections scaling`). The gradients are bitwise the same (tested). Users' own residual models get the same by wrapping each block's
+with depth (speeds: BENCHMARKS.md, `torch_vs_jax.py --sections scaling`). The gradients are
+bitwise the same (tested). Users' own residual models get the same by wrapping each block's
 output in `jaxprune.models.materialize` (or ``jax.lax.optimization_barrier``).
 
 ``--xla_disable_hlo_passes`` is not CPU-only: where jax will run on a GPU or TPU

@@ -262,7 +262,8 @@ def global_order(scores: Mapping[str, jax.Array | np.ndarray], names: Sequence[s
     """
     xp = np if all(isinstance(scores[n], np.ndarray) for n in names) else jnp
     flat = xp.concatenate([scores[n] for n in names])
-    protected = xp.concatenate([xp.arange(scores[n].shape[0]) == xp.argmax(scores[n]) for n in names])
+    protected = xp.concatenate([xp.arange(scores[n].shape[0]) == xp.argmax(scores[n])
+                                for n in names])
     return xp.lexsort((flat, protected))  # primary key last; stable -> position tie-break
 
 
@@ -315,7 +316,8 @@ def prune_by_global_threshold(
     n = min(int(total * rate), total - len(names))
     if n == 0:
         return masks
-    normalized = {name: _normalized(jnp.asarray(scores[name], jnp.float32), normalize) for name in names}
+    normalized = {name: _normalized(jnp.asarray(scores[name], jnp.float32), normalize)
+                  for name in names}
     masks.update(prune_first(global_order(normalized, names), n, names, sizes))
     return masks
 

@@ -51,7 +51,8 @@ def compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: Pruning
 
 
 def _compact(model: Any, variables: Any, masks: Mapping[str, Any], graph: PruningGraph,
-             align: int, *, keep_constants: bool, sample_input: Any, **call_kwargs: Any) -> CompactResult:
+             align: int, *, keep_constants: bool, sample_input: Any,
+             **call_kwargs: Any) -> CompactResult:
     if is_bundled(model):
         if call_kwargs:
             raise ValueError(f"compact got keyword arguments {sorted(call_kwargs)} for a bundled "

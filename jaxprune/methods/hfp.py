@@ -18,23 +18,24 @@ interpretation of methods.md, with the choices below.
 - **Penalty.** ``lam * (relu(MACs / target_macs - 1) + relu(Params / target_params - 1))``
   (a term is left out when its target is not set); zero, with zero gradient, under target.
 - **Threshold rule (tau).** ``tau`` is a global threshold over the normalised scores, held in
-  the state's ``tau`` and updated at ``init`` and at every epoch end (jittable, float32):
-  first the hard threshold ``tau_hard`` that meets the targets on the current scores is found
-  (prune the globally lowest normalised scores in `selection.global_order`, each group's best
-  channel protected, until both targets are met; ``tau_hard`` is the midpoint between the last pruned and the first
-  kept score), then ``tau = tau_hard - margin * temperature`` (``margin = 2``: a channel at the
-  hard boundary counts ``sigmoid(2) = 0.88``). So the soft complexity tracks the targets from
-  above: the channels the hard pruning would keep count (almost) fully, the ones it would
-  remove still count while their score is near the boundary, and the penalty is active until
-  they have been pushed well below it (the scores polarise, the hard pruning then removes
+  the state's ``tau`` and updated at ``init`` and at every epoch end (jittable, float32): first
+  the hard threshold ``tau_hard`` that meets the targets on the current scores is found (prune
+  the globally lowest normalised scores in `selection.global_order`, each group's best channel
+  protected, until both targets are met; ``tau_hard`` is the midpoint between the last pruned
+  and the first kept score), then ``tau = tau_hard - margin * temperature`` (``margin = 2``: a
+  channel at the hard boundary counts ``sigmoid(2) = 0.88``). So the soft complexity tracks the
+  targets from above: the channels the hard pruning would keep count (almost) fully, the ones it
+  would remove still count while their score is near the boundary, and the penalty is active
+  until they have been pushed well below it (the scores polarise, the hard pruning then removes
   channels that no longer matter). Centring the sigmoid at ``tau_hard`` itself would make the
   smoothed count of clustered scores (BN scales all near 1 when training from scratch) fall
   below the target, and the penalty would never act. The state's ``masks`` hold the selection at
   ``tau_hard`` as information (params are never modified during training; ``hard`` stays 1).
 - **Final hard pruning (finalize).** Host side, exact integer costs (``flops.count``): with
   the channels ordered by normalised score (`selection.global_order`, in float64: each
-  group's best channel last, never pruned, so no group reaches zero channels), the smallest prefix whose removal meets BOTH targets is
-  pruned: both at or under target, the binding one to within one channel. With
+  group's best channel last, never pruned, so no group reaches zero channels), the smallest
+  prefix whose removal meets BOTH targets is pruned: both at or under target, the binding one
+  to within one channel. With
   ``balance=True`` and both targets given, if the other target is more than ``tolerance``
   (0.5% of the dense figure) under its target, the order is tilted layer-wise,
   ``key_c = norm_c * r_g ** beta`` with ``r_g`` the group's MACs-per-channel share over its
@@ -383,7 +384,8 @@ class HFP:
                 rank[order] = np.arange(total)  # position in the pruning order (low = weak)
                 for i, (n, s) in enumerate(zip(names, sizes)):
                     want = self.width.kept(s, max(int(kept[n].sum()), 1), n)
-                    by_strength = np.argsort(-rank[offsets[i]:offsets[i + 1]], kind="stable")  # strongest first
+                    # strongest first
+                    by_strength = np.argsort(-rank[offsets[i]:offsets[i + 1]], kind="stable")
                     kept[n] = np.zeros(s, np.float32)
                     kept[n][by_strength[:want]] = 1.0
             out = {n: np.ones(g.size, np.float32) for n, g in graph.groups.items()}
@@ -397,7 +399,8 @@ class HFP:
 
         def solve(beta):
             key = flat * ratios ** beta  # one factor per group: each group's best stays its best
-            order = selection.global_order({n: key[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}, names)
+            order = selection.global_order(
+                {n: key[offsets[i]:offsets[i + 1]] for i, n in enumerate(names)}, names)
             lo, hi = 0, max_pruned
             if not self._meets(b, *self._exact(graph, masks_for(order, hi))):
                 raise ValueError("HFP targets unreachable with one channel per gated group")
