@@ -289,7 +289,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, progre
 def _run(config: ml_collections.ConfigDict, workdir: Path, lock: Any, t0: float, *,
          progress: bool, model: Any, data: Any, allow_schedule_change: bool) -> dict:
     """`run` once the run directory is locked."""
-    changes = check_resume(workdir, config, allow_schedule_change=allow_schedule_change)
+    changes = check_resume(workdir, config, allow_schedule_change=allow_schedule_change,
+                           weights_digest_of=lambda path: load_trained(path)[2]["sha256"])
     s = setup(config, data, model)
     ds = s.dataset
     x = jnp.zeros((1,) + ds.image_shape, jnp.float32)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxprune import config as config_lib
 from jaxprune.factories import data_spec, make_model
@@ -38,13 +40,27 @@ def variables_target(config: ml_collections.ConfigDict) -> Any:
     return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(config.seed), x, train=False), x)
 
 
+def weights_digest(variables: Any) -> str:
+    """SHA-256 of a model's ``params`` and ``batch_stats``: each leaf's key path, dtype, shape and
+    bytes, in key order. The identity of a pretrained start, whichever directory holds it."""
+    tree = {"params": variables.get("params", {}), "batch_stats": variables.get("batch_stats", {})}
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
+                             key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, Any, dict]:
     """``(config, variables, weights_from)`` of a trained model directory: a run directory (the
     params and batch statistics of its newest readable training checkpoint, read against
     `variables_target` of the config recorded with it) or a directory written by ``jaxprune
     import`` (its dense ``compact/`` model). The weights are checked (`check_weights`).
     ``weights_from`` says which: ``{'checkpoint_step': k, 'newest_step': n}`` (``k < n``: it
-    fell back past a damaged step) or ``{'compact': dir}``."""
+    fell back past a damaged step) or ``{'compact': dir}``, with the weights' `weights_digest`
+    under ``'sha256'``."""
     from jaxprune.artifact import load
     from jaxprune.checkpoints import check_weights, restore_weights
     from jaxprune.resume import run_config
@@ -62,14 +78,15 @@ def load_trained(path: str | os.PathLike) -> tuple[ml_collections.ConfigDict, An
         variables, step = restore_weights(ckpts, target,
                                           warn=lambda m: print(f"warning: {m}", flush=True))
         newest = max(int(c.name) for c in ckpts.iterdir() if c.name.isdigit())
-        return cfg, variables, {"checkpoint_step": int(step), "newest_step": newest}
+        return cfg, variables, {"checkpoint_step": int(step), "newest_step": newest,
+                                "sha256": weights_digest(variables)}
     if (p / "compact").is_dir():
         model, variables, _ = load(p / "compact")
         if getattr(model, "keep_out", None):
             raise ValueError(f"{str(p)!r} holds a pruned (compact) model; a pretrained start needs "
                              "the dense weights")
         check_weights(variables, what=f"the trained model in {str(p / 'compact')!r}")
-        return cfg, variables, {"compact": str(p / "compact")}
+        return cfg, variables, {"compact": str(p / "compact"), "sha256": weights_digest(variables)}
     raise FileNotFoundError(f"{str(p)!r} holds neither a training checkpoint nor a compact model")
 
 

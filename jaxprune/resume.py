@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ml_collections
 
@@ -79,25 +79,48 @@ def _changed(old: dict, new: dict, keys: tuple[str, ...]) -> dict[str, list]:
     return out
 
 
+def started_from(workdir: Path) -> str | None:
+    """The digest of the trained weights the run in ``workdir`` started from, as its
+    ``start.json`` records it (`jaxprune.pretrained.weights_digest`); None when it records none
+    (no pretrained start, or a run recorded before digests were)."""
+    start = Path(workdir) / "start.json"
+    if not start.is_file():
+        return None
+    return json.loads(start.read_text()).get("weights_from", {}).get("sha256")
+
+
 def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
-                 allow_schedule_change: bool = False) -> dict:
+                 allow_schedule_change: bool = False,
+                 weights_digest_of: Callable[[str], str] | None = None) -> dict:
     """Compares ``config`` with the run already in ``workdir`` (`run_config`: the config
     recorded with its newest checkpoint, else its ``config.json``), if any.
 
     A change of model, data, seed, method or anything else in `RESUME_FIXED` is refused
-    (ValueError naming the first key with its old and new value); a change of the schedule
-    (`RESUME_SCHEDULE`) too, unless ``allow_schedule_change``. Returns ``{key: [old, new]}``
-    of the allowed changes (dotted keys)."""
+    (ValueError naming the first key with its old and new value), except a ``pretrained``
+    directory whose weights have the digest the run started from (`started_from`), given
+    ``weights_digest_of(path)``: the run moved, say trained on a GPU machine and finished on
+    another. A change of the schedule (`RESUME_SCHEDULE`) is refused unless
+    ``allow_schedule_change``. Returns ``{key: [old, new]}`` of the allowed changes (dotted
+    keys)."""
     ref = run_config(workdir)
     if ref is None:
         return {}
     old = config_lib.with_defaults(ref[0])
     new = config_lib.with_defaults(config.to_dict())
     fixed = _changed(old, new, RESUME_FIXED)
+    moved, why = {}, ""
+    if "pretrained" in fixed and old.get("pretrained") and new.get("pretrained") and weights_digest_of:
+        recorded = started_from(workdir)
+        if recorded is None:
+            why = "; its start.json records no digest of the weights to compare"
+        elif weights_digest_of(new["pretrained"]) == recorded:  # the same weights, moved
+            moved = {"pretrained": fixed.pop("pretrained")}
+        else:
+            why = f"; {new['pretrained']!r} holds other weights than the run started from"
     if fixed:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(fixed.items())[:3])
         raise ValueError(f"{workdir} holds a run with another {', '.join(fixed)} ({shown}; recorded "
-                         f"in {ref[1]}); refusing to resume it: use another --workdir")
+                         f"in {ref[1]}{why}); refusing to resume it: use another --workdir")
     sched = _changed(old, new, RESUME_SCHEDULE)
     if sched and not allow_schedule_change:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(sched.items())[:3])
@@ -105,7 +128,7 @@ def check_resume(workdir: Path, config: ml_collections.ConfigDict, *,
                          f"{ref[1]}); "
                          "pass --allow-schedule-change to resume it with the new one (recorded in "
                          "config_changes.jsonl), or use another --workdir")
-    return sched
+    return {**moved, **sched}
 
 
 def undo_refused_start(workdir: Path, created: bool, before: dict[str, bytes | None]) -> None:

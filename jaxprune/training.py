@@ -320,9 +320,11 @@ def fit(
         checkpoint_manager.apply_retention()  # steps a kill before Orbax's clean-up left behind
 
     stop = _StopSignals()
+    timer_stopped = None  # when the previous epoch's `epoch_time_s` ended
     with stop:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
+            between = None if timer_stopped is None else t0 - timer_stopped
             first = resume_step if epoch == start_epoch else 0
             bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{epochs}",
                        disable=not (progress and main_process and sys.stderr.isatty()),
@@ -350,7 +352,8 @@ def fit(
                 eval_fn=eval_fn, eval_data=eval_data,
                 checkpoint_manager=checkpoint_manager, config=config,
                 method_name=method_name, metrics_writer=metrics_writer,
-                show=progress and main_process, epochs=epochs)
+                show=progress and main_process, epochs=epochs, between=between)
+            timer_stopped = t0 + history[-1]["epoch_time_s"]
             if stop.received:  # the last epoch too: what follows it (compaction) is skipped
                 saved = "no checkpoint manager: nothing was saved"
                 if checkpoint_manager is not None:  # still ignoring a repeated SIGTERM
@@ -439,10 +442,20 @@ def _preempt(signal_name: str, manager: Any, state: TrainState, epoch: int,
     raise Preempted(f"stopped by {signal_name} at {where}; {saved}; rerun the same command to resume")
 
 
+# the keys of an epoch record that are wall-clock times (they differ between identical runs)
+TIMING_KEYS = ("epoch_time_s", "between_epochs_s")
+
+
 def _end_epoch(state, history, step_metrics, epoch, t0, *, pruner, graph, mesh, eval_fn,
-               eval_data, checkpoint_manager, config, method_name, metrics_writer, show, epochs):
+               eval_data, checkpoint_manager, config, method_name, metrics_writer, show, epochs,
+               between=None):
     """End of an epoch: finiteness check, the method's re-selection, evaluation, an
-    asynchronous checkpoint (which supersedes a preempted one once committed), metrics."""
+    asynchronous checkpoint (which supersedes a preempted one once committed), metrics.
+
+    The record's `TIMING_KEYS`: ``epoch_time_s`` (training, re-selection and evaluation) and,
+    from a run's (or resumed run's) second epoch on, ``between_epochs_s`` (``between``: from
+    the previous epoch's timer stop to this epoch's start, the previous checkpoint save and
+    records)."""
     from jaxprune.checkpoints import save_checkpoint
 
     train = _mean_metrics(step_metrics)
@@ -460,6 +473,8 @@ def _end_epoch(state, history, step_metrics, epoch, t0, *, pruner, graph, mesh, 
                       masks=state.masks if normalised else None)
         record.update(test_accuracy=ev["accuracy"], test_top5=ev["top5"], test_loss=ev["loss"])
     record["epoch_time_s"] = time.perf_counter() - t0
+    if between is not None:
+        record["between_epochs_s"] = between
     record["device"] = device_label()  # a run may resume elsewhere (GPU window, then CPU)
     history = history + [record]
     if checkpoint_manager is not None:
@@ -496,5 +511,5 @@ def epoch_line(record: dict, epochs: int, kept: tuple[int, int] | None = None) -
     return "  ".join(parts)
 
 
-__all__ = ["fit", "FitOptions", "check_finite", "auto_steps_per_call", "DivergenceError", "Preempted",
-           "SecondInterrupt"]
+__all__ = ["fit", "FitOptions", "TIMING_KEYS", "check_finite", "auto_steps_per_call", "DivergenceError",
+           "Preempted", "SecondInterrupt"]

@@ -152,3 +152,11 @@ def tiny_config_source(**changes: Any) -> str:
              "    c = base_config()"]
     lines += [f"    c.{k} = {v!r}" for k, v in values.items()]
     return "\n".join(lines + ["    return c", ""])
+
+
+def untimed(records: Any) -> list[dict]:
+    """Epoch records without their wall-clock times (`jaxprune.training.TIMING_KEYS`): what two
+    runs that computed the same things must agree on."""
+    from jaxprune.training import TIMING_KEYS
+
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

@@ -115,7 +115,10 @@ def test_train_compact_eval_info_on_tiny_config(tiny_config, tmp_path, capsys):
     half.mkdir()
     settings = json.loads((sens / "sensitivity.json").read_text())
     newest = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
-    assert settings["weights_from"] == {"checkpoint_step": newest, "newest_step": newest}
+    from jaxprune.pretrained import load_trained, weights_digest
+
+    digest = weights_digest(load_trained(work)[1])
+    assert settings["weights_from"] == {"checkpoint_step": newest, "newest_step": newest, "sha256": digest}
     keys = ("checkpoint", "model", "convs", "test_images", "rates", "batch_size", "normalization")
     before = dict({k: settings[k] for k in keys}, checkpoint=str(work.resolve()))
     (half / "sensitivity.partial.json").write_text(json.dumps(before))

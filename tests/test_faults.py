@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config_source
+from conftest import tiny_config_source, untimed
 from jaxprune import augment, cli, evaluation, optim, train_step, training
 from jaxprune.compaction import compact
 from jaxprune.graph import trace_linen
@@ -334,8 +334,7 @@ def test_sigterm_stops_saves_and_the_rerun_resumes_exactly(tmp_path, monkeypatch
     b, mb = _final_state(work)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
-    assert strip(ma["history"]) == strip(mb["history"])
+    assert untimed(ma["history"]) == untimed(mb["history"])
     assert not (work / "checkpoints" / "preempt").exists()
 
 
@@ -419,10 +418,6 @@ def unraisables():
         sys.unraisablehook = before
 
 
-def _strip_times(records):
-    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in records]
-
-
 @pytest.fixture(scope="module")
 def disk_ref(tmp_path_factory):
     """A clean 2-epoch run to compare the runs that hit a full disk with."""
@@ -483,8 +478,8 @@ def test_a_full_disk_mid_run_is_one_line_keeps_what_was_good_and_the_rerun_resum
     # what was good is intact: the config, epoch 1's record, the last committed checkpoint
     assert json.loads((work / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
     ref_lines = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
-    assert _strip_times([json.loads((work / "metrics.jsonl").read_text().splitlines()[0])]) == \
-        _strip_times(ref_lines[:1])
+    assert untimed([json.loads((work / "metrics.jsonl").read_text().splitlines()[0])]) == \
+        untimed(ref_lines[:1])
     steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == (1 if where == "checkpoint" else 2), steps
     assert not (work / "result.json").exists() and not (work / "compact").exists()
@@ -495,9 +490,9 @@ def test_a_full_disk_mid_run_is_one_line_keeps_what_was_good_and_the_rerun_resum
     b, mb = _final_state(work)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert _strip_times(ma["history"]) == _strip_times(mb["history"])
+    assert untimed(ma["history"]) == untimed(mb["history"])
     lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
-    assert _strip_times(lines) == _strip_times(ref_lines)
+    assert untimed(lines) == untimed(ref_lines)
     rec_a, rec_b = (json.loads((w / "result.json").read_text()) for w in (ref, work))
     assert {k: v for k, v in rec_a.items() if k != "wall_time_s"} == \
         {k: v for k, v in rec_b.items() if k != "wall_time_s"}
@@ -664,3 +659,67 @@ def test_random_sigkills_then_resume_reproduce_the_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     epochs = [json.loads(x)["epoch"] for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
+
+
+def test_weights_digest_names_the_weights_not_their_container():
+    from jaxprune.pretrained import weights_digest
+
+    a = {"params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": np.ones(2, np.float32)},
+         "batch_stats": {"bn": {"mean": np.zeros(3, np.float32)}}, "other": {"x": np.ones(1)}}
+    # key order, array kind and collections other than params / batch stats do not matter
+    b = {"batch_stats": {"bn": {"mean": jnp.zeros(3)}},
+         "params": {"b": jnp.ones(2), "conv": {"kernel": jnp.arange(6.0).reshape(2, 3)}}}
+    assert weights_digest(a) == weights_digest(b)
+    for changed in (lambda t: t["params"]["conv"]["kernel"].__setitem__((1, 2), 5.5),  # a value
+                    lambda t: t["params"].__setitem__("b", np.ones(2, np.float16)),  # a dtype
+                    lambda t: t["params"]["conv"].__setitem__("kernel", np.arange(6.0, dtype=np.float32)
+                                                              .reshape(3, 2))):  # a shape
+        c = jax.tree.map(np.array, b)
+        changed(c)
+        assert weights_digest(c) != weights_digest(b)
+
+
+def test_a_run_resumes_with_its_pretrained_weights_in_another_directory(tiny_config, trained_run, tmp_path,
+                                                                        capsys):
+    """A run moved between machines finds its pretrained start under another path: resumed when
+    the directory holds the same weights (by digest, recorded in start.json), refused otherwise,
+    and the directory then left as it was."""
+    import shutil
+
+    from jaxprune import artifact
+    from jaxprune.pretrained import load_trained, weights_digest
+
+    work = tmp_path / "pruned"
+
+    def prune(pretrained):
+        return cli.main(["prune", str(pretrained), "--config", str(tiny_config), "--workdir", str(work),
+                         "--no-progress"])
+
+    from jaxprune.resume import started_from
+
+    assert started_from(work) is None  # no run there yet
+    assert prune(trained_run) == 0
+    _, variables, _ = load_trained(trained_run)
+    assert started_from(work) == weights_digest(variables)  # as start.json records it
+    assert started_from(trained_run) is None  # trained from scratch
+
+    moved = tmp_path / "elsewhere" / "good"
+    shutil.copytree(trained_run, moved)
+    assert prune(moved) == 0
+    [rec] = [json.loads(x) for x in (work / "config_changes.jsonl").read_text().splitlines()]
+    assert rec["changes"] == {"pretrained": [str(trained_run), str(moved)]}
+    assert json.loads((work / "config.json").read_text())["pretrained"] == str(moved)
+
+    other = tmp_path / "other"  # same model, other weights
+    other.mkdir()
+    shutil.copy(trained_run / "config.json", other / "config.json")
+    model = get_model("resnet20", num_classes=10)
+    artifact.save_compact(other / "compact", model, model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8, 8, 3))),
+                          {"input_shape": [8, 8, 3], "dataset": "digits"})
+    before = snapshot(work)
+    capsys.readouterr()
+    assert prune(other) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "another pretrained" in err, err
+    assert f"{str(other)!r} holds other weights than the run started from" in err, err
+    assert snapshot(work) == before

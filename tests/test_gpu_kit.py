@@ -144,6 +144,18 @@ def _run(home: Path, rel: str, finished: bool, ckpt_bytes: int = 10) -> Path:
     return run
 
 
+def test_epochs_done_counts_epochs_and_takes_medians_of_both_timings(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert kit.epochs_done(run) == (0, 0, None, None)
+    (run / "config.json").write_text(json.dumps({"epochs": 200}))
+    recs = [{"epoch": 0, "epoch_time_s": 28.6}, {"epoch": 1, "epoch_time_s": 2.0, "between_epochs_s": 1.1},
+            {"epoch": 2, "epoch_time_s": 2.1, "between_epochs_s": 0.9}, {"epoch": 3, "epoch_time_s": 1.9}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"epoch": 4, "epo')
+    # 4 whole lines (a torn last line is not an epoch); medians: upper middle of the sorted values
+    assert kit.epochs_done(run) == (4, 200, 2.1, 1.1)
+
+
 def test_resume_paths_keep_the_latest_checkpoint_of_unfinished_runs(tmp_path):
     run = _run(tmp_path, "pretrained/a", finished=False)
     (run / "checkpoints" / "preempt").mkdir()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
 from jaxprune import augment, evaluation, optim, parallel, train_step, training as tr
 from jaxprune.checkpoints import make_checkpoint_manager
 from jaxprune.graph import trace_linen
@@ -374,7 +375,35 @@ def test_maybe_initialize_distributed_env(monkeypatch):
 
 # ----------------------------------------------------------------------------- fit / resume
 
+def test_records_time_the_epoch_and_the_work_between_epochs(tiny):
+    """``epoch_time_s`` times training, re-selection and evaluation; ``between_epochs_s`` the
+    time from one epoch's timer stop to the next epoch's start (checkpoint save, records): here
+    a metrics writer that takes 0.5 s, which ``epoch_time_s`` must not contain."""
+    import time
+
+    from conftest import untimed
+
+    model, graph = tiny
+    train, test = _batch(32, seed=6), _batch(16, seed=7)
+    opt = optim.make_optimizer(optim.step_schedule(3, base_lr=0.1, boundaries=(1, 2), factor=0.5))
+    fresh = train_step.create_train_state(model, graph, jax.random.PRNGKey(11), train[0], opt)
+    opts = dict(epochs=3, batch_size=16, seed=3, augment=AUGMENT, preprocess=PREPROCESS, progress=False,
+                mesh=parallel.make_mesh(jax.devices()[:1]))
+    fast = tr.fit(model, graph, ToyPrune().pruner(graph, 3), fresh, opt, train, test, tr.FitOptions(**opts))[1]
+    slow = tr.fit(model, graph, ToyPrune().pruner(graph, 3), fresh, opt, train, test,
+                  tr.FitOptions(metrics_writer=lambda r: time.sleep(0.5), **opts))[1]
+    assert set(tr.TIMING_KEYS) == {"epoch_time_s", "between_epochs_s"}
+    for hist in (fast, slow):
+        assert "between_epochs_s" not in hist[0]  # nothing came before the run's first epoch
+        assert all(r["epoch_time_s"] > 0 and r["between_epochs_s"] >= 0 for r in hist[1:])
+    assert all(r["between_epochs_s"] >= 0.5 for r in slow[1:])
+    assert all(s["epoch_time_s"] < f["epoch_time_s"] + 0.5 for f, s in zip(fast[1:], slow[1:]))
+    assert untimed(slow) == untimed(fast)
+
+
 def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
+    from conftest import untimed
+
     model, graph = tiny
     epochs, bs = 3, 16
     train = _batch(48, seed=6)
@@ -408,13 +437,12 @@ def test_fit_resume_is_bitwise_identical(tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert int(resumed.step) == 9 and int(resumed.prune.calls) == 3 and int(resumed.prune.count) == 3
     assert np.all(np.asarray(resumed.params["conv1"]["kernel"][..., 0]) == 0)
-    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
-    assert strip(hist_resumed) == strip(hist_full)
+    assert untimed(hist_resumed) == untimed(hist_full)
     # a finished run resumes to "nothing left to do"
     again, hist_again = tr.fit(model, graph, crash(0), fresh, opt, train, test,
                                tr.FitOptions(checkpoint_manager=make_checkpoint_manager(tmp_path / "b"),
                                              **common))
-    assert strip(hist_again) == strip(hist_full)
+    assert untimed(hist_again) == untimed(hist_full)
     with pytest.raises(ValueError, match="total_epochs"):
         tr.fit(model, graph, toy(), fresh, opt, train, test,
                tr.FitOptions(**dict(common, epochs=2)))
@@ -425,6 +453,7 @@ def test_a_checkpoint_of_the_older_layout_resumes_exactly(tiny, tmp_path):
     and a ``method_state`` dict at the top of the train state) resumes under today's code: its
     masks, hard set and method state land in the pruner's state, the epoch count comes from the
     checkpoint's meta, and the continuation equals the uninterrupted run bitwise."""
+    from conftest import untimed
     from tests.test_checkpoints import OldState  # the older layout, written out by hand
     from jaxprune.checkpoints import restore_checkpoint, save_checkpoint
 
@@ -468,5 +497,4 @@ def test_a_checkpoint_of_the_older_layout_resumes_exactly(tiny, tmp_path):
     assert int(resumed.prune.count) == 3 and int(resumed.prune.calls) == 3
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    strip = lambda h: [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in h]  # noqa: E731
-    assert strip(hist_resumed) == strip(hist_full)
+    assert untimed(hist_resumed) == untimed(hist_full)

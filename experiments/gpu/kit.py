@@ -448,9 +448,10 @@ def run_until(cmd: list[str], env: dict, stop_at: float, grace: float, log: Log)
     return proc.returncode, stopped
 
 
-def epochs_done(run: Path) -> tuple[int, int, float | None]:
-    """(epochs in metrics.jsonl, planned epochs, median epoch_time_s) of a run directory."""
-    n, times, planned = 0, [], 0
+def epochs_done(run: Path) -> tuple[int, int, float | None, float | None]:
+    """(epochs in metrics.jsonl, planned epochs, median ``epoch_time_s``, median
+    ``between_epochs_s``: the checkpoint save and records between epochs) of a run directory."""
+    n, planned, times = 0, 0, {"epoch_time_s": [], "between_epochs_s": []}
     if (run / "metrics.jsonl").is_file():
         for line in (run / "metrics.jsonl").read_text().splitlines():
             try:
@@ -458,12 +459,13 @@ def epochs_done(run: Path) -> tuple[int, int, float | None]:
             except json.JSONDecodeError:
                 continue
             n += 1
-            if isinstance(rec.get("epoch_time_s"), (int, float)):
-                times.append(float(rec["epoch_time_s"]))
+            for key, values in times.items():
+                if isinstance(rec.get(key), (int, float)):
+                    values.append(float(rec[key]))
     if (run / "config.json").is_file():
         planned = int(json.loads((run / "config.json").read_text()).get("epochs", 0))
-    times.sort()
-    return n, planned, (round(times[len(times) // 2], 2) if times else None)
+    median = lambda v: round(sorted(v)[len(v) // 2], 2) if v else None  # noqa: E731
+    return n, planned, median(times["epoch_time_s"]), median(times["between_epochs_s"])
 
 
 def job_env(home: Path) -> dict:
@@ -551,14 +553,16 @@ def main() -> int:
                            "--workdir", str(imp), *NORM], env, end - lead, grace, log)
         t = time.time()
         rc, stopped = run_until(job_command(job, home, st, python), env, end - lead, grace, log)
-        done, planned, epoch_s = epochs_done(run_dir(job, home))
+        done, planned, epoch_s, between_s = epochs_done(run_dir(job, home))
         finished = (run_dir(job, home) / "result.json").is_file()
         state = "finished" if finished else ("stopped at the deadline (resumes next window)" if stopped else f"failed (exit {rc})")
         failures = failures + 1 if state.startswith("failed") else 0
         status["jobs"].append({"name": job.name, "status": state, "rc": rc, "seconds": round(time.time() - t),
-                               "epochs": f"{done}/{planned}", "median_epoch_s": epoch_s})
+                               "epochs": f"{done}/{planned}", "median_epoch_s": epoch_s,
+                               "median_between_epochs_s": between_s})
         log(f"{job.name}: {state}; epochs {done}/{planned}; median epoch "
-            + (f"{epoch_s:.1f} s" if epoch_s is not None else "-"))
+            + (f"{epoch_s:.1f} s" if epoch_s is not None else "-")
+            + (f", {between_s:.2f} s between epochs (checkpoint, records)" if between_s is not None else ""))
 
     # 3. pack
     runs_pre = home / "runs" / "pretrained"

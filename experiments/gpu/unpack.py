@@ -130,8 +130,10 @@ def main(argv=None) -> int:
     for b in status.get("bench", []):
         print(f"  bench {' '.join(b['cmd'][-6:])}: {b['status']}")
     for j in status.get("jobs", []):
+        between = j.get("median_between_epochs_s")
         print(f"  {j['name']}: {j['status']}" + (f", epochs {j['epochs']}, median epoch {j.get('median_epoch_s')} s"
-                                                 if "epochs" in j else ""))
+                                                 if "epochs" in j else "")
+              + (f", {between} s between epochs" if between is not None else ""))
     if status.get("resume", {}).get("checkpoints_left_out"):
         print("  checkpoints left out (those runs restart): " + ", ".join(status["resume"]["checkpoints_left_out"]))
     print("\n" + status["tables"])
